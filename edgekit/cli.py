@@ -1,0 +1,197 @@
+"""The `edgekit` command: parses arguments, calls the Python API, prints, and maps errors to exit codes.
+
+Exit codes: 0 built and verified; 1 built but a gate failed; 2 bad input or usage; 3 a stage failed.
+Set EDGEKIT_DEBUG=1 to see the traceback behind a one-line error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from typing import Any
+
+from edgekit.errors import EdgekitError, UsageError
+
+BUILD_EXAMPLES = """\
+examples:
+  edgekit build mobilenet_v2 --target raspberry-pi-5
+  edgekit build ./fish.pth --arch mobilenet_v3_small --num-classes 12 \\
+      --target jetson --calib ./photos/ --eval ./labelled/ --precision fp16
+  edgekit build model.onnx --target x86-64 --max-top1-drop 0.5 --json
+
+data folders:
+  --calib and --eval take folders of images (searched recursively). Labels for top-1
+  come from the --eval layout: a folder per class (class index = sorted folder names,
+  or the order in classes.txt), or ImageNet synset file names (n01440764_tench.JPEG).
+  Without --eval, every 4th calibration image is held out for verification.
+
+exit codes:
+  0 built and verified   1 a gate failed   2 bad input or usage   3 a stage failed
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse exits 2 too; keep its message to one line
+        self.print_usage(sys.stderr)
+        raise UsageError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    from edgekit import __version__
+
+    parser = _Parser(prog="edgekit", description="Turn a trained model into a small, fast, verified artifact "
+                     "for one edge device.")
+    parser.add_argument("--version", action="version", version=f"edgekit {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    b = commands.add_parser("build", help="build and verify an artifact for a target",
+                            description="Load, export, convert, verify on held-out images, and write "
+                            "the artifact with report.json and manifest.json.",
+                            epilog=BUILD_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    b.add_argument("model", help="a model name (mobilenet_v2, efficientnet_lite0), a .pth state dict, or an .onnx file")
+    b.add_argument("--target", "-t", required=True, help="device name or alias (see `edgekit targets`) or a .toml")
+    model = b.add_argument_group("model")
+    model.add_argument("--arch", help="architecture of a state dict (a torchvision classifier name)")
+    model.add_argument("--num-classes", type=int, help="classes of a state dict (default: read from its weights)")
+    model.add_argument("--input-size", type=int, help="square input side in pixels (default 224)")
+    data = b.add_argument_group("data")
+    data.add_argument("--calib", help="calibration images (default: the set shipped in calibration/)")
+    data.add_argument("--eval", help="held-out images for verification, labelled by folder or file name")
+    data.add_argument("--eval-limit", type=int, help="verify on at most this many images (default 200)")
+    stages = b.add_argument_group("stages")
+    stages.add_argument("--recipe", help="recipe .toml: stages, parameters and gates (flags override it)")
+    stages.add_argument("--precision", choices=["fp32", "fp16"], help="artifact precision (default: the target's)")
+    stages.add_argument("--format", choices=["onnx"], help="artifact format (default: the target's)")
+    stages.add_argument("--opset", type=int, help="ONNX opset (default: the target runtime's)")
+    stages.add_argument("--runs", type=int, help="timed inferences for host latency (default 50)")
+    stages.add_argument("--threads", type=int, help="threads for host latency (default: the target's, capped by cores)")
+    stages.add_argument("--seed", type=int, help="random seed recorded in the manifest (default 0)")
+    gates = b.add_argument_group("gates (default: the target's budgets)")
+    gates.add_argument("--max-top1-drop", type=float, help="most top-1 points the artifact may lose (needs labels)")
+    gates.add_argument("--min-agreement", type=float, help="least top-1 agreement with the original, 0..1")
+    gates.add_argument("--max-size-mb", type=float, help="largest artifact in MB")
+    gates.add_argument("--max-latency-ms", type=float, help="slowest target latency (estimated unless measured there)")
+    output = b.add_argument_group("output")
+    output.add_argument("--out", "-o", help="artifact folder (default: dist/<name>-<target>)")
+    output.add_argument("--no-cache", action="store_true", help="do not read or write the array cache")
+    output.add_argument("--json", action="store_true", help="print report.json to stdout")
+    output.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+
+    t = commands.add_parser("targets", help="list device profiles",
+                            description="Device profiles from targets/*.toml: peaks, bandwidth, runtime, defaults.")
+    t.add_argument("--json", action="store_true", help="print the profiles as JSON")
+
+    i = commands.add_parser("inspect", help="parameters, MACs, weight bytes and a per-layer table",
+                            description="Analyze a model without building: the figures come from its ONNX graph.")
+    i.add_argument("model", help="a model name, a .pth state dict (with --arch), or an .onnx file")
+    i.add_argument("--arch", help="architecture of a state dict")
+    i.add_argument("--num-classes", type=int, help="classes of a state dict (default: read from its weights)")
+    i.add_argument("--input-size", type=int, help="square input side in pixels (default 224)")
+    i.add_argument("--top", type=int, default=20, help="layers to list, by MACs (0: all; default 20)")
+    i.add_argument("--json", action="store_true", help="print the full analysis as JSON")
+    return parser
+
+
+def _build(args: argparse.Namespace) -> int:
+    from edgekit.pipeline import build
+
+    result = build(
+        args.model, args.target, calib=args.calib, eval=args.eval, recipe=args.recipe,
+        precision=args.precision, format=args.format, arch=args.arch, num_classes=args.num_classes,
+        input_size=args.input_size, out=args.out, use_cache=not args.no_cache, quiet=args.quiet,
+        overrides={
+            "export.opset": args.opset, "verify.runs": args.runs, "verify.threads": args.threads,
+            "verify.eval_limit": args.eval_limit, "seed": args.seed, "gates.max_top1_drop_pt": args.max_top1_drop,
+            "gates.min_top1_agreement": args.min_agreement, "gates.max_size_mb": args.max_size_mb,
+            "gates.max_latency_ms": args.max_latency_ms,
+        },
+    )
+    report = result.report
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        host, est = report["latency_ms"]["measured_host"], report["latency_ms"]["estimated_target"]
+        est_text = f"{est['ms']:.2f} ms ({est['bound']}-bound)" if est.get("ms") is not None else "n/a"
+        print(f"{result.out}/{report['artifact']['file']}  {report['artifact']['precision']}  "
+              f"{report['size_bytes'] / 1e6:.2f} MB  agreement {report['top1_agreement']:.3f}  "
+              f"host p50 {host['p50']:.2f} ms (measured)  {report['target']['name']} {est_text} (estimated)")
+    if result.failed_gates:
+        reasons = "; ".join(f"{g['name']} {g['value']:.4g} vs limit {g['limit']:g}" for g in result.failed_gates)
+        print(f"edgekit: gate failed: {reasons}", file=sys.stderr)
+    return result.exit_code
+
+
+def _console() -> Any:
+    """Tables as wide as they need when stdout is a file or a pipe, not the 80 columns rich assumes."""
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 200)
+
+
+def _targets(args: argparse.Namespace) -> int:
+    from edgekit.targets import builtin_targets
+
+    targets = builtin_targets()
+    if args.json:
+        print(json.dumps([t.model_dump() for t in targets], indent=2))
+        return 0
+    from rich.table import Table
+
+    table = Table("target", "aliases", "kind", "runtimes (preferred first)", "fp32 GF", "fp16 GF", "int8 GOPS",
+                  "GB/s", "RAM MB", "default", title="edgekit targets")
+
+    def num(value: float | None) -> str:
+        return "-" if value is None else f"{value:g}"
+
+    for t in targets:
+        runtimes = ", ".join(f"{r.name} ({r.format})" for r in t.runtimes)
+        fmt = t.default("classifier", "format") or t.runtimes[0].format
+        default = f"{t.default('classifier', 'precision') or 'fp32'} {fmt}"
+        table.add_row(t.name, ", ".join(t.aliases), t.kind, runtimes, num(t.compute.fp32_gflops),
+                      num(t.compute.fp16_gflops), num(t.compute.int8_gops), num(t.memory.bandwidth_gbps),
+                      num(t.memory.ram_mb), default)
+    _console().print(table)
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from edgekit.pipeline import inspect
+
+    analysis = inspect(args.model, arch=args.arch, num_classes=args.num_classes, input_size=args.input_size)
+    if args.json:
+        print(json.dumps(analysis, indent=2))
+        return 0
+    from rich.table import Table
+
+    layers = sorted(analysis["layers"], key=lambda layer: -layer["macs"])
+    shown = layers if args.top == 0 else layers[: args.top]
+    table = Table("layer", "op", "MMACs", "params", "output", title=(
+        f"{analysis['model']}  {analysis['params'] / 1e6:.3f} M params  {analysis['macs'] / 1e6:.1f} M MACs  "
+        f"weights {analysis['weight_bytes'] / 1e6:.2f} MB  "
+        f"activation peak {analysis['activation_peak_bytes'] / 1e6:.2f} MB"
+    ))
+    for layer in shown:
+        table.add_row(layer["name"], layer["op"], f"{layer['macs'] / 1e6:.2f}", str(layer["params"]),
+                      "x".join(map(str, layer["output_shape"])))
+    _console().print(table)
+    if len(shown) < len(layers):
+        print(f"({len(layers) - len(shown)} more layers; --top 0 lists all)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+        return {"build": _build, "targets": _targets, "inspect": _inspect}[args.command](args)
+    except EdgekitError as err:
+        if os.environ.get("EDGEKIT_DEBUG"):
+            traceback.print_exc()
+        print(f"edgekit: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("edgekit: interrupted", file=sys.stderr)
+        return 130
+

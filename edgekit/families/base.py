@@ -1,0 +1,73 @@
+"""What every family adapter provides: the only family-aware code in edgekit lives behind this interface."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import onnx
+    import torch
+
+
+@dataclass
+class LoadOptions:
+    """What the user said about the model beyond its path (`--arch`, `--num-classes`, `--input-size`)."""
+
+    arch: str | None = None
+    num_classes: int | None = None
+    input_size: int | None = None
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for the pipeline: a torch module, or an ONNX graph when the input was ONNX."""
+
+    name: str
+    family: str
+    source: str
+    input_shape: tuple[int, ...]
+    preprocess: dict[str, Any]
+    fingerprint: str = field(repr=False)
+    module: torch.nn.Module | None = field(default=None, repr=False)
+    onnx_model: onnx.ModelProto | None = field(default=None, repr=False)
+    source_file: Path | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_torch(self) -> bool:
+        return self.module is not None
+
+
+@dataclass
+class Samples:
+    """Preprocessed inputs (one row per file) and their labels where the folder has them."""
+
+    inputs: np.ndarray
+    files: list[str]
+    labels: np.ndarray | None = None
+    label_source: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+class Family(Protocol):
+    name: str
+
+    def claims(self, source: object, options: LoadOptions) -> bool:
+        """True when this family recognises the model source."""
+
+    def load(self, source: object, options: LoadOptions) -> LoadedModel:
+        """Load the model; bad input raises UsageError."""
+
+    def samples(self, model: LoadedModel, files: list[Path], root: Path | None) -> Samples:
+        """Preprocess files the way the model expects; labels from `root`'s layout where it has them."""
+
+    def compare(
+        self, reference: np.ndarray, artifact: np.ndarray, labels: np.ndarray | None
+    ) -> dict[str, Any]:
+        """Task metrics of the artifact against the reference outputs (and labels, if any)."""

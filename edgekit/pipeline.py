@@ -1,0 +1,283 @@
+"""The build: load → data → export → analyze → quantize → verify → report, timed and shown as it runs.
+
+This module wires passes, family adapters, runtimes and reports together; none of them knows
+about the others or about the CLI. Inputs are checked before any long work starts, and the
+artifact folder appears only when it is complete.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgekit import __version__, families
+from edgekit.cache import ArrayCache, default_cache_dir
+from edgekit.data import file_sha256, files_digest, list_images, split_held_out
+from edgekit.errors import UsageError
+from edgekit.families.base import LoadedModel, LoadOptions, Samples
+from edgekit.passes.analyze import analyze
+from edgekit.passes.export import export_onnx, set_metadata
+from edgekit.passes.quantize import to_precision
+from edgekit.progress import Progress
+from edgekit.recipe import Recipe, load_recipe, resolve, with_overrides
+from edgekit.report.manifest import output_hashes, package_versions
+from edgekit.report.write import publish, staging_folder, write_json
+from edgekit.resources import resource_dir
+from edgekit.runtimes.onnxruntime import OnnxRuntimeRunner
+from edgekit.targets import Target, load_target
+from edgekit.verify.estimate import roofline
+from edgekit.verify.gates import check_gates
+from edgekit.verify.latency import measure
+
+ARTIFACT = "model.onnx"
+
+
+@dataclass
+class BuildResult:
+    out: Path
+    report: dict[str, Any]
+
+    @property
+    def failed_gates(self) -> list[dict[str, Any]]:
+        return [g for g in self.report["gates"] if g["status"] == "failed"]
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed_gates else 0
+
+
+@dataclass
+class _DataPlan:
+    calib_dir: Path
+    calib_files: list[Path]
+    eval_root: Path
+    eval_files: list[Path]
+    eval_source: str
+
+
+def _plan_data(calib: str | Path | None, eval_dir: str | Path | None, limit: int) -> _DataPlan:
+    """Check the data folders up front; without --eval, every 4th calibration image is held out."""
+    calib_dir = Path(calib) if calib else resource_dir("calibration") / "images"
+    calib_files = list_images(calib_dir, "calibration")
+    if eval_dir:
+        root, held, source = Path(eval_dir), list_images(Path(eval_dir), "evaluation"), str(eval_dir)
+    else:
+        calib_files, held = split_held_out(calib_files)
+        if not held:
+            raise UsageError(f"{calib_dir} has {len(calib_files)} images: too few to hold a quarter out; pass --eval")
+        root, source = calib_dir, f"held-out quarter of {calib_dir}"
+    return _DataPlan(calib_dir, calib_files, root, held[:limit], source)
+
+
+def _samples(adapter: families.Family, model: LoadedModel, files: list[Path], root: Path,
+             cache: ArrayCache) -> Samples:
+    key = {"kind": "samples", "family": adapter.name, "files": files_digest(files, root),
+           "preprocess": model.preprocess, "num_classes": model.details.get("num_classes")}
+
+    def compute() -> dict[str, np.ndarray]:
+        samples = adapter.samples(model, files, root)
+        arrays = {"inputs": samples.inputs, "files": np.array(samples.files)}
+        if samples.labels is not None:
+            arrays.update(labels=samples.labels, label_source=np.array(samples.label_source))
+        return arrays
+
+    arrays = cache.get_or_compute(key, compute)
+    return Samples(
+        inputs=arrays["inputs"], files=[str(f) for f in arrays["files"]], labels=arrays.get("labels"),
+        label_source=str(arrays["label_source"]) if "label_source" in arrays else None,
+    )
+
+
+def _reference_outputs(model: LoadedModel, graph_bytes: bytes, samples: Samples, threads: int,
+                       cache: ArrayCache) -> np.ndarray:
+    """The original model's outputs: torch for torch models, onnxruntime FP32 for ONNX inputs."""
+    key = {"kind": "reference", "model": model.fingerprint, "inputs": _digest(samples.inputs)}
+
+    def compute() -> dict[str, np.ndarray]:
+        if not model.is_torch:
+            return {"outputs": OnnxRuntimeRunner(graph_bytes, threads).run(samples.inputs)}
+        import torch
+
+        torch.set_num_threads(threads)
+        with torch.no_grad():
+            chunks = np.array_split(samples.inputs, max(1, len(samples) // 16))
+            batches = [model.module(torch.from_numpy(chunk)) for chunk in chunks]
+        return {"outputs": torch.cat(batches).float().numpy()}
+
+    return cache.get_or_compute(key, compute)["outputs"]
+
+
+def _digest(array: np.ndarray) -> str:
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def _io_spec(runner: OnnxRuntimeRunner) -> dict[str, list[dict[str, Any]]]:
+    def spec(values: list[Any]) -> list[dict[str, Any]]:
+        return [{"name": v.name, "shape": v.shape, "dtype": v.type.removeprefix("tensor(").rstrip(")")} for v in values]
+
+    return {"inputs": spec(runner.session.get_inputs()), "outputs": spec(runner.session.get_outputs())}
+
+
+def build(
+    model: object,
+    target: str | Path | Target,
+    *,
+    calib: str | Path | None = None,
+    eval: str | Path | None = None,
+    recipe: str | Path | Recipe | None = None,
+    precision: str | None = None,
+    format: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    arch: str | None = None,
+    num_classes: int | None = None,
+    input_size: int | None = None,
+    family: str | None = None,
+    out: str | Path | None = None,
+    use_cache: bool = True,
+    quiet: bool = False,
+) -> BuildResult:
+    """Build a verified artifact of `model` for `target`; bad input raises UsageError, a broken stage StageError.
+
+    `overrides` takes dotted recipe keys (`{"gates.max_size_mb": 4}`); `precision` and `format`
+    are shorthands for the most common two.
+    """
+    progress = Progress(quiet)
+    device = target if isinstance(target, Target) else load_target(target)
+    options = LoadOptions(arch=arch, num_classes=num_classes, input_size=input_size)
+    adapter = families.resolve(model, options, family)
+    recipe_file = Path(recipe) if isinstance(recipe, (str, Path)) else None
+    base = recipe if isinstance(recipe, Recipe) else load_recipe(recipe_file) if recipe_file else Recipe()
+    base = with_overrides(base, {"quantize.precision": precision, "export.format": format, **(overrides or {})})
+    plan = resolve(base, device, adapter.name)
+    data = _plan_data(calib, eval, plan.verify.eval_limit)
+    threads = min(plan.verify.threads, os.cpu_count() or 1)
+    runtime = device.runtime_for(plan.export.format)
+    notes = [f"verified in onnxruntime on this host's CPU; on {device.name} the artifact runs in {runtime.name}"]
+    if plan.quantize.precision not in runtime.precisions:
+        notes.append(f"{plan.quantize.precision} is not among {device.name}'s fast precisions "
+                     f"({', '.join(runtime.precisions)})")
+    if plan.quantize.precision in ("fp32", "fp16"):
+        notes.append(f"{plan.quantize.precision} needs no calibration: the {len(data.calib_files)} calibration "
+                     "images are recorded in the manifest and serve int8 builds")
+    if threads < plan.verify.threads:
+        notes.append(f"host latency uses {threads} threads (this host's cores); the target uses {plan.verify.threads}")
+
+    import torch
+
+    torch.manual_seed(plan.seed)
+    with progress.stage("load") as record:
+        loaded = adapter.load(model, options)
+        record["note"] = Path(loaded.source).name if loaded.source_file else loaded.source
+    out_dir = Path(out) if out else Path("dist") / f"{loaded.name}-{device.name}"
+    cache = ArrayCache(default_cache_dir() if use_cache else None)
+    staging = staging_folder(out_dir)
+    try:
+        report = _run_stages(progress, adapter, loaded, device, plan, data, threads, cache, staging, notes)
+        (staging / "recipe.toml").write_text(plan.to_toml())
+        write_json(staging / "report.json", report)
+        write_json(staging / "manifest.json", {
+            "edgekit": __version__,
+            "inputs": {
+                "model": {"source": loaded.source, "sha256": loaded.fingerprint},
+                "calibration": {"path": str(data.calib_dir), "files": len(data.calib_files),
+                                "sha256": files_digest(data.calib_files, data.calib_dir)},
+                "eval": {"path": data.eval_source, "files": len(data.eval_files),
+                         "sha256": files_digest(data.eval_files, data.eval_root)},
+                "target": {"name": device.name, "sha256": device.sha256},
+                "recipe_file": {"path": str(recipe_file), "sha256": file_sha256(recipe_file)} if recipe_file else None,
+            },
+            "load_options": asdict(options),
+            "recipe": plan.model_dump(),
+            "seed": plan.seed,
+            "packages": package_versions(),
+            "platform": platform.platform(),
+            "outputs": output_hashes(staging, [ARTIFACT, "recipe.toml", "report.json"]),
+        })
+        publish(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return BuildResult(out=out_dir, report=report)
+
+
+def _run_stages(progress: Progress, adapter: families.Family, loaded: LoadedModel, device: Target, plan: Recipe,
+                data: _DataPlan, threads: int, cache: ArrayCache, staging: Path, notes: list[str]) -> dict[str, Any]:
+    with progress.stage("data") as record:
+        samples = _samples(adapter, loaded, data.eval_files, data.eval_root, cache)
+        record["note"] = f"{len(samples)} held-out images, labels: {samples.label_source or 'none'}"
+    if loaded.is_torch:
+        with progress.stage("export", note=f"onnx opset {plan.export.opset}"):
+            graph = export_onnx(loaded.module, loaded.input_shape, plan.export.opset)
+    else:
+        graph = loaded.onnx_model
+        progress.skip("export", "input is ONNX: torch-only stages do not apply")
+        notes.append("input is ONNX: export and torch-only stages were skipped")
+    with progress.stage("analyze") as record:
+        reference_analysis = analyze(graph)
+        record["note"] = f"{reference_analysis.params / 1e6:.2f} M params, {reference_analysis.macs / 1e6:.1f} M MACs"
+    precision = plan.quantize.precision
+    with progress.stage("quantize", note=precision):
+        artifact = to_precision(graph, precision)
+        set_metadata(artifact, {
+            "edgekit.version": __version__, "edgekit.family": adapter.name, "edgekit.target": device.name,
+            "edgekit.precision": precision, "edgekit.preprocess": loaded.preprocess,
+        })
+        artifact_bytes = artifact.SerializeToString(deterministic=True)
+        (staging / ARTIFACT).write_bytes(artifact_bytes)
+    artifact_analysis = analyze(artifact)
+    with progress.stage("verify") as record:
+        runner = OnnxRuntimeRunner(artifact_bytes, threads)
+        reference = _reference_outputs(loaded, graph.SerializeToString(), samples, threads, cache)
+        outputs = np.concatenate([
+            runner.run(row[None]) for row in progress.track(samples.inputs, len(samples), "artifact on held-out images")
+        ])
+        accuracy = adapter.compare(reference, outputs, samples.labels)
+        latency = {
+            "measured_host": measure(runner, samples.inputs[0], plan.verify.warmup, plan.verify.runs),
+            "estimated_target": roofline(artifact_analysis, device, precision),
+        }
+        record["note"] = (f"agreement {accuracy['top1_agreement']:.3f}, "
+                          f"host p50 {latency['measured_host']['p50']:.2f} ms")
+    report: dict[str, Any] = {
+        "edgekit_version": __version__,
+        "status": "ok",
+        "model": {"name": loaded.name, "family": adapter.name, "source": loaded.source, **loaded.details,
+                  "preprocess": loaded.preprocess},
+        "target": {"name": device.name, "description": device.description, "runtime": device.runtime_for(
+            plan.export.format).name, "format": plan.export.format},
+        "artifact": {"file": ARTIFACT, "format": plan.export.format, "precision": precision,
+                     "opset": plan.export.opset, "size_bytes": len(artifact_bytes),
+                     "sha256": file_sha256(staging / ARTIFACT), **_io_spec(runner)},
+        "size_bytes": len(artifact_bytes),
+        **{k: accuracy.get(k) for k in ("top1_agreement", "top1_drop_pt", "top1_reference", "top1_artifact")},
+        "accuracy": {**accuracy, "eval_source": data.eval_source, "label_source": samples.label_source},
+        "latency_ms": latency,
+        "analysis": {"reference": reference_analysis.to_dict(),
+                     "artifact": artifact_analysis.to_dict(layers=False)},
+        "stages": progress.stages,
+        "notes": notes,
+        "cache": {"hits": cache.hits, "misses": cache.misses, "dir": str(cache.root) if cache.root else None},
+    }
+    report["gates"] = check_gates(plan.gates, report)
+    if any(g["status"] == "failed" for g in report["gates"]):
+        report["status"] = "gate_failed"
+    return report
+
+
+def inspect(model: object, *, arch: str | None = None, num_classes: int | None = None,
+            input_size: int | None = None, family: str | None = None) -> dict[str, Any]:
+    """Parameters, MACs, weight bytes, activation memory and the per-layer table, without building."""
+    options = LoadOptions(arch=arch, num_classes=num_classes, input_size=input_size)
+    adapter = families.resolve(model, options, family)
+    loaded = adapter.load(model, options)
+    graph = export_onnx(loaded.module, loaded.input_shape, 17) if loaded.is_torch else loaded.onnx_model
+    return {"model": loaded.name, "family": adapter.name, "input_shape": list(loaded.input_shape),
+            **analyze(graph).to_dict()}

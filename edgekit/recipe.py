@@ -1,0 +1,107 @@
+"""Recipes: the stages of a build, their parameters, and the gates the artifact must pass.
+
+A recipe file (TOML) may leave anything unset; `resolve` fills the gaps from the target's
+per-family defaults and budgets, so the resolved recipe saved beside the artifact says exactly
+what ran.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edgekit.errors import UsageError
+from edgekit.passes.quantize import SUPPORTED as SUPPORTED_PRECISIONS
+from edgekit.targets import Budgets, Format, Precision, Target, describe_errors
+
+EXPORTABLE_FORMATS = ("onnx",)
+DEFAULT_OPSET = 17
+
+
+class _Stage(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class QuantizeStage(_Stage):
+    precision: Precision | None = None
+
+
+class ExportStage(_Stage):
+    format: Format | None = None
+    opset: int | None = Field(default=None, ge=11, le=23)
+
+
+class VerifyStage(_Stage):
+    eval_limit: int = Field(default=200, gt=0, description="held-out images at most")
+    warmup: int = Field(default=10, ge=0)
+    runs: int = Field(default=50, gt=0, description="timed inferences")
+    threads: int | None = Field(default=None, gt=0, description="default: the target's threads, capped by this host")
+
+
+class Recipe(_Stage):
+    seed: int = 0
+    quantize: QuantizeStage = QuantizeStage()
+    export: ExportStage = ExportStage()
+    verify: VerifyStage = VerifyStage()
+    gates: Budgets = Budgets()
+
+    def to_toml(self) -> str:
+        import tomli_w
+
+        return tomli_w.dumps(self.model_dump(exclude_none=True))
+
+
+def _validate(data: dict[str, Any], where: str) -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise UsageError(f"{where}: {describe_errors(err.errors())}") from None
+
+
+def load_recipe(path: Path) -> Recipe:
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"recipe file not found: {path}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise UsageError(f"{path}: not valid TOML ({err})") from None
+    return _validate(data, str(path))
+
+
+def with_overrides(recipe: Recipe, overrides: dict[str, Any]) -> Recipe:
+    """The recipe with dotted keys ('quantize.precision') replaced; None values leave a key alone."""
+    data = recipe.model_dump()
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        *section, key = dotted.split(".")
+        (data[section[0]] if section else data)[key] = value
+    return _validate(data, "options")
+
+
+def resolve(recipe: Recipe, target: Target, family: str) -> Recipe:
+    """Every unset field filled from the target; refuses combinations this build cannot produce."""
+    fmt = recipe.export.format or target.default(family, "format") or target.runtimes[0].format
+    runtime = target.runtime_for(fmt)
+    if runtime is None:
+        takes = ", ".join(sorted({r.format for r in target.runtimes}))
+        raise UsageError(f"{target.name} does not run {fmt} models (it takes: {takes})")
+    if fmt not in EXPORTABLE_FORMATS:
+        raise UsageError(
+            f"{target.name} takes {fmt} ({runtime.name}); this edgekit exports {', '.join(EXPORTABLE_FORMATS)} only"
+        )
+    precision = recipe.quantize.precision or target.default(family, "precision") or "fp32"
+    if precision not in SUPPORTED_PRECISIONS:
+        raise UsageError(
+            f"precision {precision} is not supported by this edgekit (supported: {', '.join(SUPPORTED_PRECISIONS)})"
+        )
+    gates = {k: v for k, v in recipe.gates.model_dump().items() if v is not None}
+    return with_overrides(recipe, {
+        "quantize.precision": precision,
+        "export.format": fmt,
+        "export.opset": recipe.export.opset or runtime.opset or DEFAULT_OPSET,
+        "verify.threads": recipe.verify.threads or target.compute.threads,
+    }).model_copy(update={"gates": target.budgets.model_copy(update=gates)})

@@ -1,0 +1,47 @@
+"""Run ONNX artifacts in onnxruntime on this host's CPU, with the thread count fixed and no spinning.
+
+Spinning threads distort timings on a shared machine, and an unset thread count measures the
+host rather than the target, so both are always set.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from edgekit.errors import StageError
+
+
+class OnnxRuntimeRunner:
+    def __init__(self, model_bytes: bytes, threads: int) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime raises its own exception types for unloadable graphs
+            first = str(err).strip().splitlines()[0]
+            raise StageError(f"onnxruntime cannot load the artifact: {first}") from err
+        self.input_name = self.session.get_inputs()[0].name
+        self.description = f"onnxruntime {ort.__version__} CPUExecutionProvider, {threads} threads"
+
+    def run(self, inputs: np.ndarray) -> np.ndarray:
+        rows = [self.session.run(None, {self.input_name: row[None]})[0] for row in inputs]
+        return np.concatenate(rows).astype(np.float32)
+
+    def time(self, sample: np.ndarray, warmup: int, runs: int) -> list[float]:
+        feed = {self.input_name: sample[None]}
+        for _ in range(warmup):
+            self.session.run(None, feed)
+        timings = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            self.session.run(None, feed)
+            timings.append((time.perf_counter() - start) * 1000)
+        return timings

@@ -1,0 +1,160 @@
+"""Target profiles: one TOML file per device, validated, with a source for every device number.
+
+Numbers about devices live in `targets/*.toml`, never in code. A user passes a name, an alias
+or a path to their own file; schema errors name the file, the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from edgekit.errors import UsageError
+from edgekit.resources import resource_dir
+
+Precision = Literal["fp32", "fp16", "int8"]
+Format = Literal["onnx", "tflite"]
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Runtime(_Strict):
+    """One way the device runs a model: an engine, the file format it takes, the precisions it runs fast."""
+
+    name: str = Field(description="engine on the device, e.g. tensorrt, onnxruntime, litert, edgetpu")
+    format: Format
+    opset: int | None = Field(default=None, description="highest ONNX opset the engine takes")
+    precisions: list[Precision] = Field(min_length=1, description="precisions this engine runs fast")
+
+
+class Compute(_Strict):
+    cores: int = Field(gt=0, description="CPU cores on the device")
+    threads: int = Field(gt=0, description="threads a deployed model should use")
+    fp32_gflops: float | None = Field(default=None, gt=0)
+    fp16_gflops: float | None = Field(default=None, gt=0)
+    int8_gops: float | None = Field(default=None, gt=0)
+
+    def peak_gops(self, precision: Precision) -> float | None:
+        return {"fp32": self.fp32_gflops, "fp16": self.fp16_gflops, "int8": self.int8_gops}[precision]
+
+
+class Memory(_Strict):
+    bandwidth_gbps: float = Field(gt=0, description="DRAM (or link) bandwidth in GB/s")
+    ram_mb: float = Field(gt=0, description="memory a model may use, MB")
+
+
+class Constraints(_Strict):
+    static_shapes: bool = True
+    max_tensor_rank: int | None = Field(default=None, gt=0)
+    op_allowlist: list[str] = Field(default_factory=list, description="empty: any op")
+
+
+class Budgets(_Strict):
+    """Gates a build must pass for this device unless the recipe says otherwise."""
+
+    max_top1_drop_pt: float | None = Field(default=None, ge=0)
+    min_top1_agreement: float | None = Field(default=None, ge=0, le=1)
+    max_size_mb: float | None = Field(default=None, gt=0)
+    max_latency_ms: float | None = Field(default=None, gt=0)
+
+
+class FamilyDefaults(_Strict):
+    precision: Precision | None = None
+    format: Format | None = None
+
+
+class Target(_Strict):
+    name: str
+    aliases: list[str] = Field(default_factory=list)
+    description: str
+    kind: Literal["cpu", "gpu", "npu", "tpu", "mcu"]
+    runtimes: list[Runtime] = Field(min_length=1, description="preferred first")
+    compute: Compute
+    memory: Memory
+    constraints: Constraints = Constraints()
+    budgets: Budgets = Budgets()
+    defaults: dict[str, FamilyDefaults] = Field(
+        default_factory=dict, description='per family ("classifier", …), "*" for all'
+    )
+    sources: dict[str, str] = Field(description="dotted key -> where the number comes from")
+    sha256: str = Field(default="", description="of the profile file, for the manifest")
+
+    @model_validator(mode="after")
+    def _every_number_has_a_source(self) -> Target:
+        missing = [key for key in self.device_numbers() if key not in self.sources]
+        if missing:
+            raise ValueError(f"no entry in [sources] for {', '.join(missing)}")
+        return self
+
+    def device_numbers(self) -> dict[str, float]:
+        """Every numeric fact about the device, keyed as in the TOML ('compute.fp32_gflops')."""
+        numbers: dict[str, float] = {}
+        for section in ("compute", "memory", "constraints"):
+            for key, value in getattr(self, section).model_dump().items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    numbers[f"{section}.{key}"] = value
+        for i, runtime in enumerate(self.runtimes):
+            if runtime.opset is not None:
+                numbers[f"runtimes.{i}.opset"] = runtime.opset
+        return numbers
+
+    def runtime_for(self, fmt: Format) -> Runtime | None:
+        return next((r for r in self.runtimes if r.format == fmt), None)
+
+    def default(self, family: str, key: str) -> str | None:
+        """A recipe default for this family on this device: the family's entry, else '*'."""
+        for scope in (family, "*"):
+            value = getattr(self.defaults.get(scope, FamilyDefaults()), key)
+            if value is not None:
+                return value
+        return None
+
+
+def describe_errors(errors: list[dict]) -> str:
+    parts = []
+    for err in errors:
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        got = err.get("input")
+        got_text = "" if isinstance(got, dict) or got is None else f", got {got!r}"
+        parts.append(f"{key}: {err['msg'].lower()}{got_text}")
+    return "; ".join(parts)
+
+
+def load_target_file(path: Path) -> Target:
+    """Read and validate one profile; any problem is a UsageError naming the file and the key."""
+    try:
+        raw = path.read_bytes()
+        data = tomllib.loads(raw.decode("utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"target file not found: {path}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise UsageError(f"{path}: not valid TOML ({err})") from None
+    data["sha256"] = hashlib.sha256(raw).hexdigest()
+    try:
+        return Target.model_validate(data)
+    except ValidationError as err:
+        raise UsageError(f"{path}: {describe_errors(err.errors())}") from None
+
+
+def builtin_targets() -> list[Target]:
+    return [load_target_file(p) for p in sorted(resource_dir("targets").glob("*.toml"))]
+
+
+def load_target(spec: str | Path) -> Target:
+    """A target by name, alias, or path to a user's own `.toml`."""
+    text = str(spec)
+    if text.endswith(".toml") or "/" in text:
+        return load_target_file(Path(text))
+    targets = builtin_targets()
+    by_name = {alias: t for t in targets for alias in (t.name, *t.aliases)}
+    if text in by_name:
+        return by_name[text]
+    near = difflib.get_close_matches(text, list(by_name), n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(near)}?" if near else ""
+    raise UsageError(f"unknown target {text!r}{hint} (`edgekit targets` lists them)")
