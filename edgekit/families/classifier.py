@@ -88,10 +88,12 @@ def _read_state_dict(path: Path) -> dict[str, Any]:
 
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise UsageError(
-            f"{path} holds Python objects, not plain weights; save `model.state_dict()` instead"
-        ) from None
+    except pickle.UnpicklingError as err:
+        if "Unsupported global" in str(err):  # a class or function the file wants run at load time
+            raise UsageError(
+                f"{path} holds Python objects, not plain weights; save `model.state_dict()` instead"
+            ) from None
+        raise UsageError(f"{path} is not a readable torch checkpoint (not a pickle of tensors)") from None
     except (RuntimeError, EOFError, ValueError, OSError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UsageError(f"{path} is not a readable torch checkpoint ({first})") from None
@@ -112,19 +114,16 @@ def _infer_num_classes(state: dict[str, Any], arch: str) -> int:
 
 
 def _load_weights(module: torch.nn.Module, state: dict[str, Any], path: Path, arch: str) -> None:
-    result = module.load_state_dict(state, strict=False)
-    mismatched = [
-        k for k, v in module.state_dict().items() if k in state and state[k].shape != v.shape
-    ]
-    if result.missing_keys or result.unexpected_keys or mismatched:
-        problems = []
-        if result.missing_keys:
-            problems.append(f"{len(result.missing_keys)} missing (e.g. {result.missing_keys[0]})")
-        if result.unexpected_keys:
-            problems.append(f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[0]})")
-        if mismatched:
-            problems.append(f"{len(mismatched)} of another shape (e.g. {mismatched[0]})")
+    expected = module.state_dict()
+    kinds = {
+        "missing": [k for k in expected if k not in state],
+        "unexpected": [k for k in state if k not in expected],
+        "of another shape": [k for k, v in expected.items() if k in state and state[k].shape != v.shape],
+    }
+    problems = [f"{len(keys)} {kind} (e.g. {keys[0]})" for kind, keys in kinds.items() if keys]
+    if problems:
         raise UsageError(f"{path} does not fit --arch {arch}: {', '.join(problems)} keys")
+    module.load_state_dict(state)
 
 
 def _module_fingerprint(module: torch.nn.Module) -> str:

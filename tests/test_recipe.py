@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from edgekit.errors import UsageError
+from edgekit.recipe import Recipe, load_recipe, resolve, with_overrides
+from edgekit.targets import load_target
+
+
+def test_defaults_come_from_family_and_target() -> None:
+    jetson = resolve(Recipe(), load_target("jetson"), "classifier")
+    assert (jetson.quantize.precision, jetson.export.format, jetson.export.opset) == ("fp16", "onnx", 17)
+    assert jetson.verify.threads == 6
+    assert jetson.gates.max_top1_drop_pt == 1.0
+    pi = resolve(Recipe(), load_target("raspberry-pi-5"), "classifier")
+    assert pi.quantize.precision == "fp32" and pi.verify.threads == 4
+
+
+def test_file_then_flags_override(tmp_path: Path) -> None:
+    path = tmp_path / "r.toml"
+    path.write_text('[quantize]\nprecision = "fp32"\n[gates]\nmax_size_mb = 3.5\n[verify]\nruns = 7\n')
+    recipe = with_overrides(load_recipe(path), {"verify.runs": 9, "gates.max_top1_drop_pt": None, "seed": 3})
+    plan = resolve(recipe, load_target("jetson"), "classifier")
+    assert plan.quantize.precision == "fp32"  # the file beats the target default
+    assert plan.verify.runs == 9 and plan.seed == 3  # flags beat the file
+    assert plan.gates.max_size_mb == 3.5 and plan.gates.min_top1_agreement == 0.95  # target budget fills the rest
+    assert tomllib.loads(plan.to_toml())["quantize"]["precision"] == "fp32"
+
+
+def test_bad_recipe_names_file_and_key(tmp_path: Path) -> None:
+    path = tmp_path / "r.toml"
+    path.write_text("[verify]\nrunz = 3\n")
+    with pytest.raises(UsageError, match=r"r\.toml: verify\.runz: extra inputs"):
+        load_recipe(path)
+    path.write_text('[quantize]\nprecision = "int3"\n')
+    with pytest.raises(UsageError, match=r"quantize\.precision: input should be 'fp32', 'fp16' or 'int8'"):
+        load_recipe(path)
+
+
+def test_refuses_what_this_build_cannot_produce() -> None:
+    with pytest.raises(UsageError, match="coral-edgetpu takes tflite"):
+        resolve(Recipe(), load_target("coral"), "classifier")
+    with pytest.raises(UsageError, match="x86-64 does not run tflite"):
+        resolve(with_overrides(Recipe(), {"export.format": "tflite"}), load_target("x86-64"), "classifier")
+    with pytest.raises(UsageError, match="precision int8 is not supported"):
+        resolve(with_overrides(Recipe(), {"quantize.precision": "int8"}), load_target("x86-64"), "classifier")
