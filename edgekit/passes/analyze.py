@@ -79,11 +79,23 @@ def _node_macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int:
     return 0
 
 
+def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Shapes of every tensor. onnxruntime's symbolic inference also folds the Shape/Slice/Concat chains
+    exporters emit for padding computed at run time, where onnx's own inference stops."""
+    import onnx
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    try:
+        return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    except Exception:  # it refuses some graphs (unknown custom ops); onnx's inference is the fallback
+        return onnx.shape_inference.infer_shapes(model)
+
+
 def analyze(model: onnx.ModelProto) -> Analysis:
     """Parameters, MACs, weight bytes and activation memory of an ONNX graph, with a per-node table."""
     import onnx
 
-    inferred = onnx.shape_inference.infer_shapes(model)
+    inferred = _infer_shapes(model)
     weights = _constants(inferred)
     float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
                    onnx.TensorProto.DOUBLE, onnx.TensorProto.INT8, onnx.TensorProto.UINT8,
