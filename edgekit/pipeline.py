@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import platform
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from edgekit.passes.quantize import to_precision
 from edgekit.progress import Progress
 from edgekit.recipe import Recipe, load_recipe, resolve, with_overrides
 from edgekit.report.manifest import output_hashes, package_versions
-from edgekit.report.write import publish, staging_folder, write_json
+from edgekit.report.write import staged, write_json
 from edgekit.resources import resource_dir
 from edgekit.runtimes.onnxruntime import OnnxRuntimeRunner
 from edgekit.targets import Target, load_target
@@ -178,8 +177,7 @@ def build(
         record["note"] = Path(loaded.source).name if loaded.source_file else loaded.source
     out_dir = Path(out) if out else Path("dist") / f"{loaded.name}-{device.name}"
     cache = ArrayCache(default_cache_dir() if use_cache else None)
-    staging = staging_folder(out_dir)
-    try:
+    with staged(out_dir) as staging:
         report = _run_stages(progress, adapter, loaded, device, plan, data, threads, cache, staging, notes)
         (staging / "recipe.toml").write_text(plan.to_toml())
         write_json(staging / "report.json", report)
@@ -201,10 +199,6 @@ def build(
             "platform": platform.platform(),
             "outputs": output_hashes(staging, [ARTIFACT, "recipe.toml", "report.json"]),
         })
-        publish(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return BuildResult(out=out_dir, report=report)
 
 

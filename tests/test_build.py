@@ -13,6 +13,7 @@ import torch
 from edgekit import build
 from edgekit.cli import main
 from edgekit.data import file_sha256
+from edgekit.errors import UsageError
 from edgekit.passes.export import export_onnx
 
 FAST = {"verify.runs": 5, "verify.warmup": 1}
@@ -184,3 +185,32 @@ def test_targets_and_inspect_commands(capsys, mobilenet_v3_pth: Path) -> None:
     analysis = json.loads(out)
     assert analysis["params"] == pytest.approx(1.52e6, rel=0.02) and analysis["macs"] > 5e7
     assert sum(layer["macs"] for layer in analysis["layers"]) == analysis["macs"]
+
+
+def test_graph_the_runtime_cannot_load_exits_3(capsys, photos: Path, tmp_path: Path) -> None:
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("Frobnicate", ["input"], ["output"], domain="com.example")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 3])])
+    path = tmp_path / "custom.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                      helper.make_opsetid("com.example", 1)]), str(path))
+    code, out, err = _run(capsys, "build", str(path), "--target", "x86-64", "--calib", str(photos), "-q")
+    assert code == 3 and out == ""
+    assert err.strip() == ("edgekit: onnxruntime cannot load the artifact: [ONNXRuntimeError] : 1 : FAIL : "
+                           "Fatal error: com.example:Frobnicate(-1) is not a registered function/op")
+    assert _leftovers() == []
+
+
+def test_out_folder_rules(capsys, tiny_model: torch.nn.Module, photos: Path) -> None:
+    mine = Path("mine")
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("do not delete")
+    with pytest.raises(UsageError, match="mine exists and is not an edgekit artifact folder"):
+        build(tiny_model, "x86-64", calib=photos, input_size=32, out=mine, overrides=FAST, quiet=True)
+    assert (mine / "thesis.txt").read_text() == "do not delete"
+    first = build(tiny_model, "x86-64", calib=photos, input_size=32, out="again", overrides=FAST, quiet=True)
+    (first.out / "stale.txt").write_text("from an older build")
+    second = build(tiny_model, "x86-64", calib=photos, input_size=32, out="again", overrides=FAST, quiet=True)
+    assert not (second.out / "stale.txt").exists() and (second.out / "model.onnx").is_file()
