@@ -25,3 +25,9 @@ class GateFailed(EdgekitError):
     """The artifact was built and verified, but a gate (accuracy, size, latency) did not hold."""
 
     exit_code = 1
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (libraries put the useful part there), or its type name."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

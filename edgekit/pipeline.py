@@ -118,6 +118,10 @@ def _digest(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
 
 
+def _opset(graph: Any) -> int:
+    return next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))
+
+
 def _io_spec(runner: OnnxRuntimeRunner) -> dict[str, list[dict[str, Any]]]:
     def spec(values: list[Any]) -> list[dict[str, Any]]:
         return [{"name": v.name, "shape": v.shape, "dtype": v.type.removeprefix("tensor(").rstrip(")")} for v in values]
@@ -214,6 +218,9 @@ def _run_stages(progress: Progress, adapter: families.Family, loaded: LoadedMode
         graph = loaded.onnx_model
         progress.skip("export", "input is ONNX: torch-only stages do not apply")
         notes.append("input is ONNX: export and torch-only stages were skipped")
+        if _opset(graph) > plan.export.opset:
+            notes.append(f"the input ONNX uses opset {_opset(graph)}; {device.name}'s runtime is profiled for "
+                         f"opset {plan.export.opset} and may refuse newer ops")
     with progress.stage("analyze") as record:
         reference_analysis = analyze(graph)
         record["note"] = f"{reference_analysis.params / 1e6:.2f} M params, {reference_analysis.macs / 1e6:.1f} M MACs"
@@ -248,7 +255,7 @@ def _run_stages(progress: Progress, adapter: families.Family, loaded: LoadedMode
         "target": {"name": device.name, "description": device.description, "runtime": device.runtime_for(
             plan.export.format).name, "format": plan.export.format},
         "artifact": {"file": ARTIFACT, "format": plan.export.format, "precision": precision,
-                     "opset": plan.export.opset, "size_bytes": len(artifact_bytes),
+                     "opset": _opset(artifact), "size_bytes": len(artifact_bytes),
                      "sha256": file_sha256(staging / ARTIFACT), **_io_spec(runner)},
         "size_bytes": len(artifact_bytes),
         **{k: accuracy.get(k) for k in ("top1_agreement", "top1_drop_pt", "top1_reference", "top1_artifact")},

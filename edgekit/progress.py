@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 from rich.console import Console
 
-from edgekit.errors import EdgekitError, StageError
+from edgekit.errors import EdgekitError, StageError, first_line
 
 T = TypeVar("T")
 
@@ -39,8 +39,7 @@ class Progress:
             raise
         except Exception as err:
             self._close(record, start, "failed")
-            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            raise StageError(f"stage {name} failed: {type(err).__name__}: {first}") from err
+            raise StageError(f"stage {name} failed: {type(err).__name__}: {first_line(err)}") from err
         self._close(record, start, "ran")
         extra = f"  [dim]{record['note']}[/]" if record.get("note") else ""
         self.console.print(f"[green]✓[/] {name:<10} {record['seconds']:6.2f} s{extra}")

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgekit.data import file_sha256
-from edgekit.errors import UsageError
+from edgekit.errors import UsageError, first_line
 from edgekit.families.base import LoadedModel, LoadOptions, Samples
 from edgekit.resources import imagenet_synsets
 
@@ -95,8 +95,7 @@ def _read_state_dict(path: Path) -> dict[str, Any]:
             ) from None
         raise UsageError(f"{path} is not a readable torch checkpoint (not a pickle of tensors)") from None
     except (RuntimeError, EOFError, ValueError, OSError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UsageError(f"{path} is not a readable torch checkpoint ({first})") from None
+        raise UsageError(f"{path} is not a readable torch checkpoint ({first_line(err)})") from None
     for wrapper in ("state_dict", "model_state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
@@ -190,8 +189,7 @@ class ClassifierFamily:
             model = onnx.load(str(path))
             onnx.checker.check_model(model)
         except Exception as err:  # onnx raises DecodeError, ValidationError, … for a broken file
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise UsageError(f"{path} is not a valid ONNX model ({first})") from None
+            raise UsageError(f"{path} is not a valid ONNX model ({first_line(err)})") from None
         inputs = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
         if len(inputs) != 1:
             raise UsageError(f"{path} has {len(inputs)} inputs; a classifier takes one image tensor")

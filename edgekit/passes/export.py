@@ -12,7 +12,7 @@ import json
 import warnings
 from typing import TYPE_CHECKING, Any
 
-from edgekit.errors import StageError
+from edgekit.errors import StageError, first_line
 
 if TYPE_CHECKING:
     import onnx
@@ -37,8 +37,7 @@ def export_onnx(module: torch.nn.Module, input_shape: tuple[int, ...], opset: in
                 input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], do_constant_folding=True,
             )
     except Exception as err:  # the exporter raises many types; the first line names the unsupported op
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise StageError(f"ONNX export failed at opset {opset}: {first}") from err
+        raise StageError(f"ONNX export failed at opset {opset}: {first_line(err)}") from err
     return onnx.load_from_string(buffer.getvalue())
 
 

@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from edgekit.errors import StageError
+from edgekit.errors import StageError, first_line
 
 
 class OnnxRuntimeRunner:
@@ -26,8 +26,7 @@ class OnnxRuntimeRunner:
         try:
             self.session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
         except Exception as err:  # onnxruntime raises its own exception types for unloadable graphs
-            first = str(err).strip().splitlines()[0]
-            raise StageError(f"onnxruntime cannot load the artifact: {first}") from err
+            raise StageError(f"onnxruntime cannot load the artifact: {first_line(err)}") from err
         self.input_name = self.session.get_inputs()[0].name
         self.description = f"onnxruntime {ort.__version__} CPUExecutionProvider, {threads} threads"
 
