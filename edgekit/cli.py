@@ -119,7 +119,8 @@ def _build(args: argparse.Namespace) -> int:
               f"{report['size_bytes'] / 1e6:.2f} MB  agreement {report['top1_agreement']:.3f}  "
               f"host p50 {host['p50']:.2f} ms (measured)  {report['target']['name']} {est_text} (estimated)")
     if result.failed_gates:
-        reasons = "; ".join(f"{g['name']} {g['value']:.4g} vs limit {g['limit']:g}" for g in result.failed_gates)
+        reasons = "; ".join(f"{g['name']} {g['value']:.4g} vs limit {g['limit']:g} ({g['basis']})"
+                            for g in result.failed_gates)
         print(f"edgekit: gate failed: {reasons}", file=sys.stderr)
     return result.exit_code
 
