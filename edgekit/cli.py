@@ -63,7 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     data.add_argument("--eval-limit", type=int, help="verify on at most this many images (default 200)")
     stages = b.add_argument_group("stages")
     stages.add_argument("--recipe", help="recipe .toml: stages, parameters and gates (flags override it)")
-    stages.add_argument("--precision", choices=["fp32", "fp16"], help="artifact precision (default: the target's)")
+    stages.add_argument("--precision", choices=["fp32", "fp16", "int8"],
+                        help="artifact precision (default: the target's)")
     stages.add_argument("--format", choices=["onnx"], help="artifact format (default: the target's)")
     stages.add_argument("--opset", type=int, help="ONNX opset (default: the target runtime's)")
     stages.add_argument("--runs", type=int, help="timed inferences for host latency (default 50)")

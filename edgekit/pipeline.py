@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import platform
+import tempfile
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -22,7 +24,8 @@ from edgekit.errors import UsageError
 from edgekit.families.base import LoadedModel, LoadOptions, Samples
 from edgekit.passes.analyze import analyze
 from edgekit.passes.export import export_onnx, set_metadata
-from edgekit.passes.quantize import to_precision
+from edgekit.passes.int8 import Int8Quantizer, Int8Scheme, accuracy_aware
+from edgekit.passes.quantize import to_fp16
 from edgekit.progress import Progress
 from edgekit.recipe import Recipe, load_recipe, resolve, with_overrides
 from edgekit.report.manifest import output_hashes, package_versions
@@ -31,8 +34,11 @@ from edgekit.resources import resource_dir
 from edgekit.runtimes.onnxruntime import OnnxRuntimeRunner
 from edgekit.targets import Target, load_target
 from edgekit.verify.estimate import roofline
-from edgekit.verify.gates import check_gates
+from edgekit.verify.gates import accuracy_holds, check_gates
 from edgekit.verify.latency import measure
+
+if TYPE_CHECKING:
+    import onnx
 
 ARTIFACT = "model.onnx"
 
@@ -225,18 +231,24 @@ def _run_stages(progress: Progress, adapter: families.Family, loaded: LoadedMode
         reference_analysis = analyze(graph)
         record["note"] = f"{reference_analysis.params / 1e6:.2f} M params, {reference_analysis.macs / 1e6:.1f} M MACs"
     precision = plan.quantize.precision
-    with progress.stage("quantize", note=precision):
-        artifact = to_precision(graph, precision)
-        set_metadata(artifact, {
-            "edgekit.version": __version__, "edgekit.family": adapter.name, "edgekit.target": device.name,
-            "edgekit.precision": precision, "edgekit.preprocess": loaded.preprocess,
-        })
-        artifact_bytes = artifact.SerializeToString(deterministic=True)
-        (staging / ARTIFACT).write_bytes(artifact_bytes)
+    reference = _reference_outputs(loaded, graph.SerializeToString(), samples, threads, cache)
+    quantization = None
+    if precision == "int8":
+        artifact, quantization = _int8(progress, adapter, loaded, graph, plan, data, samples, reference, threads,
+                                       cache)
+    else:
+        with progress.stage("quantize", note=precision):
+            artifact = to_fp16(graph) if precision == "fp16" else graph
+    metadata = {"edgekit.version": __version__, "edgekit.family": adapter.name, "edgekit.target": device.name,
+                "edgekit.precision": precision, "edgekit.preprocess": loaded.preprocess}
+    if quantization:
+        metadata["edgekit.quantization"] = {k: quantization[k] for k in ("scheme", "kept_float", "calibration")}
+    set_metadata(artifact, metadata)
+    artifact_bytes = artifact.SerializeToString(deterministic=True)
+    (staging / ARTIFACT).write_bytes(artifact_bytes)
     artifact_analysis = analyze(artifact)
     with progress.stage("verify") as record:
         runner = OnnxRuntimeRunner(artifact_bytes, threads)
-        reference = _reference_outputs(loaded, graph.SerializeToString(), samples, threads, cache)
         outputs = np.concatenate([
             runner.run(row[None]) for row in progress.track(samples.inputs, len(samples), "artifact on held-out images")
         ])
@@ -261,16 +273,65 @@ def _run_stages(progress: Progress, adapter: families.Family, loaded: LoadedMode
         **{k: accuracy.get(k) for k in ("top1_agreement", "top1_drop_pt", "top1_reference", "top1_artifact")},
         "accuracy": {**accuracy, "eval_source": data.eval_source, "label_source": samples.label_source},
         "latency_ms": latency,
+        "quantization": quantization,
         "analysis": {"reference": reference_analysis.to_dict(),
                      "artifact": artifact_analysis.to_dict(layers=False)},
         "stages": progress.stages,
         "notes": notes,
         "cache": {"hits": cache.hits, "misses": cache.misses, "dir": str(cache.root) if cache.root else None},
     }
-    report["gates"] = check_gates(plan.gates, report)
+    report["gates"] = check_gates(
+        plan.gates, top1_drop_pt=report["top1_drop_pt"], top1_agreement=report["top1_agreement"],
+        size_bytes=report["size_bytes"], latency_ms=latency["estimated_target"].get("ms"),
+        latency_basis=f"estimated: {device.name}",
+    )
     if any(g["status"] == "failed" for g in report["gates"]):
         report["status"] = "gate_failed"
     return report
+
+
+def _int8(progress: Progress, adapter: families.Family, loaded: LoadedModel, graph: onnx.ModelProto, plan: Recipe,
+          data: _DataPlan, samples: Samples, reference: np.ndarray, threads: int,
+          cache: ArrayCache) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """Calibrated INT8, sensitivity-ranked, with layers kept in float until the accuracy gates hold."""
+    settings = plan.quantize
+    scheme = Int8Scheme(settings.activations, settings.calibration, settings.bias_correction)
+    calib_files = data.calib_files[: settings.calib_limit]
+    calibration = _samples(adapter, loaded, calib_files, data.calib_dir, cache).inputs
+    calib_digest = files_digest(calib_files, data.calib_dir)
+    scratch = tempfile.TemporaryDirectory()  # holds the calibration ranges when the cache is off
+    ranges = cache.path({"kind": "int8-ranges", "model": loaded.fingerprint, "calibration": calib_digest,
+                         "preprocess": loaded.preprocess, "method": scheme.calibration}, ".json",
+                        fallback=Path(scratch.name) / "ranges.json")
+    quantizer = Int8Quantizer(graph, calibration, scheme, ranges, threads)
+    with progress.stage("sensitivity") as record:
+        probe = calibration[: settings.sensitivity_images]
+        table = quantizer.sensitivity(probe, progress=lambda xs: progress.track(xs, len(xs), "layers quantized alone"))
+        record["note"] = f"{len(table)} layers, each quantized alone"
+
+    def evaluate(model: onnx.ModelProto) -> dict[str, Any]:
+        model_bytes = model.SerializeToString()
+        runner = OnnxRuntimeRunner(model_bytes, threads)
+        metrics = adapter.compare(reference, runner.run(samples.inputs), samples.labels)
+        return {k: metrics.get(k) for k in ("top1_agreement", "top1_drop_pt")} | {
+            "size_bytes": len(model_bytes), "host_p50_ms": measure(runner, samples.inputs[0], 3, 20)["p50"]}
+
+    with progress.stage("quantize", note="int8") as record:
+        artifact, steps = accuracy_aware(
+            quantizer, [row["layer"] for row in table], evaluate, partial(accuracy_holds, plan.gates),
+            settings.max_float_layers, progress=lambda xs: progress.track(xs, len(xs), "bias correction"),
+        )
+        record["note"] = f"{len(steps[-1]['kept_float'])} layers kept in float after {len(steps)} tries"
+    scratch.cleanup()
+    return artifact, {
+        "scheme": scheme.describe() | {"activations_for": plan.export.format},
+        "calibration": {"images": len(calib_files), "sha256": calib_digest, "path": str(data.calib_dir)},
+        "kept_float": steps[-1]["kept_float"],
+        "max_float_layers": settings.max_float_layers,
+        "steps": steps,
+        "decided_on": "the held-out images, against the accuracy gates",
+        "sensitivity": table,
+    }
 
 
 def inspect(model: object, *, arch: str | None = None, num_classes: int | None = None,

@@ -14,8 +14,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edgekit.errors import UsageError
+from edgekit.passes.int8 import Calibration
 from edgekit.passes.quantize import SUPPORTED as SUPPORTED_PRECISIONS
-from edgekit.targets import Budgets, Format, Precision, Target, describe_errors
+from edgekit.targets import Budgets, Format, Int8Activations, Precision, Target, describe_errors
 
 EXPORTABLE_FORMATS = ("onnx",)
 DEFAULT_OPSET = 17
@@ -27,6 +28,13 @@ class _Stage(BaseModel):
 
 class QuantizeStage(_Stage):
     precision: Precision | None = None
+    # int8 only
+    activations: Int8Activations | None = Field(default=None, description="default: what the target runtime takes")
+    calibration: Calibration = "mean-minmax"
+    bias_correction: bool = True
+    calib_limit: int = Field(default=128, gt=0, description="calibration images at most")
+    sensitivity_images: int = Field(default=32, gt=0, description="calibration images the per-layer probe runs on")
+    max_float_layers: int = Field(default=8, ge=0, description="most layers the accuracy gate may keep in float")
 
 
 class ExportStage(_Stage):
@@ -101,6 +109,7 @@ def resolve(recipe: Recipe, target: Target, family: str) -> Recipe:
     gates = {k: v for k, v in recipe.gates.model_dump().items() if v is not None}
     return with_overrides(recipe, {
         "quantize.precision": precision,
+        "quantize.activations": recipe.quantize.activations or runtime.int8_activations,
         "export.format": fmt,
         "export.opset": recipe.export.opset or runtime.opset or DEFAULT_OPSET,
         "verify.threads": recipe.verify.threads or target.compute.threads,

@@ -19,6 +19,7 @@ from edgekit.resources import resource_dir
 
 Precision = Literal["fp32", "fp16", "int8"]
 Format = Literal["onnx", "tflite"]
+Int8Activations = Literal["uint8", "int8-symmetric"]
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -31,6 +32,9 @@ class Runtime(_Strict):
     format: Format
     opset: int | None = Field(default=None, description="highest ONNX opset the engine takes")
     precisions: list[Precision] = Field(min_length=1, description="precisions this engine runs fast")
+    int8_activations: Int8Activations = Field(
+        default="uint8", description="uint8 (asymmetric: onnxruntime, LiteRT) or int8-symmetric (TensorRT)"
+    )
 
 
 class Compute(_Strict):

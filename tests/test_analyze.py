@@ -5,7 +5,7 @@ from torch import nn
 
 from edgekit.passes.analyze import analyze
 from edgekit.passes.export import export_onnx
-from edgekit.passes.quantize import to_precision
+from edgekit.passes.quantize import to_fp16
 
 
 class ConvLinear(nn.Module):
@@ -37,6 +37,6 @@ def test_macs_params_bytes_match_hand_counts() -> None:
 
 def test_fp16_halves_weight_bytes_and_keeps_macs() -> None:
     graph = export_onnx(ConvLinear().eval(), (1, 3, 16, 16), 17)
-    fp32, fp16 = analyze(graph), analyze(to_precision(graph, "fp16"))
+    fp32, fp16 = analyze(graph), analyze(to_fp16(graph))
     assert fp16.macs == fp32.macs and fp16.params == fp32.params
     assert abs(fp16.weight_bytes - fp32.weight_bytes / 2) < 64

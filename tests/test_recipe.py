@@ -45,5 +45,11 @@ def test_refuses_what_this_build_cannot_produce() -> None:
         resolve(Recipe(), load_target("coral"), "classifier")
     with pytest.raises(UsageError, match="x86-64 does not run tflite"):
         resolve(with_overrides(Recipe(), {"export.format": "tflite"}), load_target("x86-64"), "classifier")
-    with pytest.raises(UsageError, match="precision int8 is not supported"):
-        resolve(with_overrides(Recipe(), {"quantize.precision": "int8"}), load_target("x86-64"), "classifier")
+
+
+def test_int8_activation_form_follows_the_target_runtime() -> None:
+    int8 = with_overrides(Recipe(), {"quantize.precision": "int8"})
+    assert resolve(int8, load_target("jetson"), "classifier").quantize.activations == "int8-symmetric"
+    assert resolve(int8, load_target("raspberry-pi-5"), "classifier").quantize.activations == "uint8"
+    mine = with_overrides(int8, {"quantize.activations": "int8-symmetric"})
+    assert resolve(mine, load_target("x86-64"), "classifier").quantize.activations == "int8-symmetric"

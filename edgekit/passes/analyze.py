@@ -123,6 +123,8 @@ def analyze(model: onnx.ModelProto) -> Analysis:
             params=sum(params_of(name) for name in node.input), output_shape=shapes.get(node.output[0], []),
         ))
 
+    for name in _fused_by_qdq(graph):
+        sizes[name] = 0
     weight_bytes = sum(prod(t.dims) * _itemsize(t.data_type) for t in weights.values())
     params = sum(params_of(name) for name in weights)
     produced = [o for node in graph.node if node.op_type != "Constant" for o in node.output if o in sizes]
@@ -131,6 +133,18 @@ def analyze(model: onnx.ModelProto) -> Analysis:
         activation_bytes=sum(sizes[name] for name in produced),
         activation_peak_bytes=_activation_peak(graph, sizes, set(weights)), layers=layers,
     )
+
+
+def _fused_by_qdq(graph: onnx.GraphProto) -> set[str]:
+    """Float tensors a QDQ graph never materialises on an INT8 runtime: DequantizeLinear outputs (fused into
+    their consumers) and tensors read only by QuantizeLinear (fused into their producers)."""
+    readers: dict[str, list[str]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node.op_type)
+    fused = {o for node in graph.node if node.op_type == "DequantizeLinear" for o in node.output}
+    fused |= {name for name, ops in readers.items() if set(ops) == {"QuantizeLinear"}}
+    return fused
 
 
 def _activation_peak(graph: onnx.GraphProto, sizes: dict[str, int], constants: set[str]) -> int:

@@ -7,6 +7,7 @@ host rather than the target, so both are always set.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -33,6 +34,11 @@ class OnnxRuntimeRunner:
     def run(self, inputs: np.ndarray) -> np.ndarray:
         rows = [self.session.run(None, {self.input_name: row[None]})[0] for row in inputs]
         return np.concatenate(rows).astype(np.float32)
+
+    def stream(self, inputs: np.ndarray, names: list[str]) -> Iterator[list[np.ndarray]]:
+        """The named output tensors for each sample in turn (for statistics too large to stack)."""
+        for row in inputs:
+            yield self.session.run(names, {self.input_name: row[None]})
 
     def time(self, sample: np.ndarray, warmup: int, runs: int) -> list[float]:
         feed = {self.input_name: sample[None]}

@@ -6,20 +6,18 @@ from typing import Any
 
 from edgekit.targets import Budgets
 
+ACCURACY_GATES = ("max_top1_drop_pt", "min_top1_agreement")
 
-def check_gates(gates: Budgets, report: dict[str, Any]) -> list[dict[str, Any]]:
+
+def check_gates(gates: Budgets, *, top1_drop_pt: float | None, top1_agreement: float | None,
+                size_bytes: int | None = None, latency_ms: float | None = None,
+                latency_basis: str = "") -> list[dict[str, Any]]:
     """One entry per set gate: status passed, failed or not_checked (with the reason)."""
-    latency = report["latency_ms"]
-    on_device = latency.get("measured_device")
-    latency_value, latency_basis = (
-        (on_device["p50"], on_device["label"]) if on_device
-        else (latency["estimated_target"].get("ms"), f"estimated: {report['target']['name']}")
-    )
     checks = {
-        "max_top1_drop_pt": (report.get("top1_drop_pt"), "held-out labels", "no labels in the held-out set"),
-        "min_top1_agreement": (report.get("top1_agreement"), "held-out images vs the original", ""),
-        "max_size_mb": (report["size_bytes"] / 1e6, "artifact file", ""),
-        "max_latency_ms": (latency_value, latency_basis, "no latency figure for the target"),
+        "max_top1_drop_pt": (top1_drop_pt, "held-out labels", "no labels in the held-out set"),
+        "min_top1_agreement": (top1_agreement, "held-out images vs the original", "no agreement measured"),
+        "max_size_mb": (None if size_bytes is None else size_bytes / 1e6, "artifact file", "no artifact size"),
+        "max_latency_ms": (latency_ms, latency_basis, "no latency figure for the target"),
     }
     results = []
     for name, limit in gates.model_dump().items():
@@ -34,3 +32,11 @@ def check_gates(gates: Budgets, report: dict[str, Any]) -> list[dict[str, Any]]:
             entry["status"] = "passed" if passed else "failed"
         results.append(entry)
     return results
+
+
+def accuracy_holds(gates: Budgets, metrics: dict[str, Any]) -> bool:
+    """Whether the accuracy gates that can be checked on `metrics` pass (size and latency are not judged)."""
+    accuracy_only = Budgets(**{k: v for k, v in gates.model_dump().items() if k in ACCURACY_GATES})
+    results = check_gates(accuracy_only, top1_drop_pt=metrics.get("top1_drop_pt"),
+                          top1_agreement=metrics.get("top1_agreement"))
+    return all(r["status"] != "failed" for r in results)

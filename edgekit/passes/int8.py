@@ -1,0 +1,272 @@
+"""Static INT8 in QDQ form: onnxruntime's quantizer does the rounding; edgekit chooses, corrects and checks.
+
+- Weights per channel, symmetric int8; activations calibrated on real images, as uint8 (what
+  onnxruntime and LiteRT run fastest on CPUs) or symmetric int8 (what TensorRT requires).
+- Calibration ranges are computed once per (graph, images, method) and cached: every later
+  quantization of the same graph (sensitivity probes, layers kept in float) reuses them.
+- Empirical bias correction (Nagel et al., "Data-Free Quantization", §4.2): quantization shifts
+  the mean of each layer's output; layer by layer, in graph order, the per-channel mean of the
+  quantized output on calibration images is brought back to the float one through the int32 bias.
+- Sensitivity: each layer quantized alone, the output's noise-to-signal ratio against float.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from edgekit.runtimes.onnxruntime import OnnxRuntimeRunner
+
+if TYPE_CHECKING:
+    import onnx
+
+QUANTIZABLE = ("Conv", "Gemm", "MatMul", "ConvTranspose")
+Calibration = Literal["mean-minmax", "minmax", "entropy", "percentile"]
+
+
+@dataclass(frozen=True)
+class Int8Scheme:
+    activations: Literal["uint8", "int8-symmetric"]
+    calibration: Calibration = "mean-minmax"
+    bias_correction: bool = True
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "format": "QDQ",
+            "weights": "int8, symmetric, per output channel",
+            "activations": "uint8, asymmetric, per tensor" if self.activations == "uint8"
+            else "int8, symmetric, per tensor",
+            "calibration": self.calibration,
+            "bias_correction": self.bias_correction,
+            "engine": "onnxruntime.quantization",
+        }
+
+
+class Int8Quantizer:
+    """One graph, one calibration set, one scheme: quantizations that differ only in which layers stay float."""
+
+    def __init__(self, model: onnx.ModelProto, calibration: np.ndarray, scheme: Int8Scheme, ranges: Path,
+                 threads: int) -> None:
+        self.prepared = _prepare(model)
+        self.calibration = calibration
+        self.scheme = scheme
+        self.ranges = ranges
+        self.threads = threads
+
+    def layers(self) -> list[str]:
+        return [node.name for node in self.prepared.graph.node if node.op_type in QUANTIZABLE]
+
+    def quantize(self, exclude: tuple[str, ...] = (), only: tuple[str, ...] | None = None,
+                 progress: Callable[[list[Any]], Any] = iter) -> onnx.ModelProto:
+        """The QDQ graph with `exclude` kept float (or only `only` quantized), bias-corrected if the scheme says."""
+        import onnx
+        from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+        self._calibrate()
+        symmetric = self.scheme.activations == "int8-symmetric"
+        with tempfile.TemporaryDirectory() as tmp:
+            source, target = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
+            onnx.save(self.prepared, str(source))
+            logging.disable(logging.WARNING)  # the quantizer logs advice on every call; the report says what ran
+            try:
+                quantize_static(
+                    str(source), str(target), _Reader(self.prepared.graph.input[0].name, self.calibration),
+                    quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8,
+                    activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
+                    calibrate_method=self._method(),
+                    nodes_to_quantize=list(only) if only is not None else None, nodes_to_exclude=list(exclude),
+                    calibration_cache_path=str(self.ranges),
+                    extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True},
+                )
+            finally:
+                logging.disable(logging.NOTSET)
+            quantized = onnx.load(str(target))
+        _float_outputs(quantized)
+        if self.scheme.bias_correction and only is None:
+            correct_bias(quantized, self.prepared, self.calibration, self.threads, progress)
+        return quantized
+
+    def _method(self) -> Any:
+        from onnxruntime.quantization import CalibrationMethod
+
+        return {"mean-minmax": CalibrationMethod.MinMax, "minmax": CalibrationMethod.MinMax,
+                "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile,
+                }[self.scheme.calibration]
+
+    def _calibrate(self) -> None:
+        """Activation ranges, computed once and stored where onnxruntime's quantizer reads its cache.
+
+        `mean-minmax` averages each tensor's per-image min and max instead of taking the extremes
+        over all images: one outlier image no longer stretches a range that every image pays for."""
+        import onnx
+        from onnxruntime.quantization import TensorsData, create_calibrator, save_tensors_data
+
+        if self.ranges.is_file():
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            source = Path(tmp) / "in.onnx"
+            onnx.save(self.prepared, str(source))
+            calibrator = create_calibrator(source, augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                                           calibrate_method=self._method())
+            calibrator.collect_data(_Reader(self.prepared.graph.input[0].name, self.calibration))
+            ranges = calibrator.compute_data()
+            if self.scheme.calibration == "mean-minmax":
+                names = list(ranges.data)
+                runner = OnnxRuntimeRunner(_with_outputs(self.prepared, names), self.threads)
+                extremes = np.array([[(o.min(), o.max()) for o in outputs]
+                                     for outputs in runner.stream(self.calibration, names)])
+                low, high = extremes.mean(axis=0).T
+                ranges = TensorsData(self._method(), {
+                    name: (np.array([min(lo, 0.0)], np.float32), np.array([max(hi, 0.0)], np.float32))
+                    for name, lo, hi in zip(names, low, high, strict=True)
+                })
+            partial = Path(tmp) / "ranges.json"
+            save_tensors_data(ranges, partial)
+            self.ranges.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(partial, self.ranges)
+
+    def sensitivity(self, inputs: np.ndarray, progress: Callable[[list[str]], Any] = iter) -> list[dict[str, Any]]:
+        """Each layer quantized alone: the output's noise-to-signal ratio and top-1 changes, worst first."""
+        ops = {node.name: node.op_type for node in self.prepared.graph.node}
+        reference = OnnxRuntimeRunner(self.prepared.SerializeToString(), self.threads).run(inputs)
+        signal = float((reference.astype(np.float64) ** 2).sum())
+        rows = []
+        for name in progress(self.layers()):
+            model = self.quantize(only=(name,))
+            outputs = OnnxRuntimeRunner(model.SerializeToString(), self.threads).run(inputs)
+            noise = float(((outputs - reference).astype(np.float64) ** 2).sum())
+            rows.append({
+                "layer": name, "op": ops[name], "nsr": noise / signal,
+                "top1_changed": float((outputs.argmax(1) != reference.argmax(1)).mean()),
+            })
+        return sorted(rows, key=lambda row: -row["nsr"])
+
+
+def _float_outputs(model: onnx.ModelProto) -> None:
+    """Drop the Quantize/Dequantize pair the quantizer puts on graph outputs: rounding the logits to 8 bits
+    only breaks near-ties, and every runtime returns float outputs anyway."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    for output in model.graph.output:
+        dequantize = producers.get(output.name)
+        if dequantize is None or dequantize.op_type != "DequantizeLinear":
+            continue
+        quantize = producers.get(dequantize.input[0])
+        if quantize is None or quantize.op_type != "QuantizeLinear":
+            continue
+        source = producers.get(quantize.input[0])
+        if source is None:
+            continue
+        source.output[list(source.output).index(quantize.input[0])] = output.name
+        model.graph.node.remove(dequantize)
+        model.graph.node.remove(quantize)
+
+
+def _prepare(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnxruntime's pre-processing (shape inference, graph optimisation) that its quantizer expects."""
+    import onnx
+    from onnxruntime.quantization import quant_pre_process
+
+    with tempfile.TemporaryDirectory() as tmp:
+        source, target = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
+        onnx.save(model, str(source))
+        quant_pre_process(str(source), str(target))
+        return onnx.load(str(target))
+
+
+class _Reader:
+    """Feeds calibration samples one by one, as onnxruntime's calibrators read them."""
+
+    def __init__(self, input_name: str, inputs: np.ndarray) -> None:
+        self.rows = iter([{input_name: row[None]} for row in inputs])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self.rows, None)
+
+
+def _with_outputs(model: onnx.ModelProto, names: list[str]) -> bytes:
+    import onnx
+    from onnx import helper
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    del copy.graph.output[:]
+    copy.graph.output.extend(helper.make_empty_tensor_value_info(name) for name in names)
+    return copy.SerializeToString()
+
+
+def channel_means(model: onnx.ModelProto, names: list[str], inputs: np.ndarray, threads: int) -> list[np.ndarray]:
+    """Per-channel (axis 1) mean of each named tensor over `inputs`."""
+    totals: list[np.ndarray] | None = None
+    runner = OnnxRuntimeRunner(_with_outputs(model, names), threads)
+    for outputs in runner.stream(inputs, names):
+        means = [o.mean(axis=tuple(i for i in range(o.ndim) if i != 1)) for o in outputs]
+        totals = means if totals is None else [t + m for t, m in zip(totals, means, strict=True)]
+    assert totals is not None
+    return [t / len(inputs) for t in totals]
+
+
+def correct_bias(quantized: onnx.ModelProto, prepared: onnx.ModelProto, inputs: np.ndarray, threads: int,
+                 progress: Callable[[list[Any]], Any] = iter) -> int:
+    """Empirical bias correction in place, layer by layer in graph order; returns the layers corrected.
+
+    The mean is compared where the next layer reads it: after the output's Quantize/Dequantize
+    (which also applies any ReLU/clip the quantizer folded into its range) against the float graph's
+    tensor of the same name (after that activation)."""
+    from onnx import numpy_helper
+
+    producers = {out: node for node in quantized.graph.node for out in node.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in quantized.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    initializers = {t.name: t for t in quantized.graph.initializer}
+    float_tensors = {out for node in prepared.graph.node for out in node.output}
+
+    def as_read(name: str) -> str:
+        """The tensor the next layer reads: through QuantizeLinear -> DequantizeLinear where there is one."""
+        for op in ("QuantizeLinear", "DequantizeLinear"):
+            follower = next((n for n in readers.get(name, []) if n.op_type == op), None)
+            if follower is None:
+                return name
+            name = follower.output[0]
+        return name
+
+    layers = [
+        node for node in quantized.graph.node
+        if node.op_type in QUANTIZABLE and len(node.input) > 2 and node.output[0] in float_tensors
+        and getattr(producers.get(node.input[2]), "op_type", None) == "DequantizeLinear"
+    ]
+    if not layers:
+        return 0
+    targets = channel_means(prepared, [node.output[0] for node in layers], inputs, threads)
+    for node, target in progress(list(zip(layers, targets, strict=True))):
+        (current,) = channel_means(quantized, [as_read(node.output[0])], inputs, threads)
+        dequantize = producers[node.input[2]]
+        bias = initializers[dequantize.input[0]]
+        scale = numpy_helper.to_array(initializers[dequantize.input[1]]).astype(np.float64)
+        values = numpy_helper.to_array(bias).astype(np.int64) + np.round((target - current) / scale).astype(np.int64)
+        bias.CopyFrom(numpy_helper.from_array(np.clip(values, -(2**31), 2**31 - 1).astype(np.int32), bias.name))
+    return len(layers)
+
+
+def accuracy_aware(quantizer: Int8Quantizer, order: list[str], evaluate: Callable[[onnx.ModelProto], dict[str, Any]],
+                   holds: Callable[[dict[str, Any]], bool], bound: int,
+                   progress: Callable[[list[Any]], Any] = iter) -> tuple[onnx.ModelProto, list[dict[str, Any]]]:
+    """Quantize everything; while the accuracy gates fail, keep the next most sensitive layer in float,
+    up to `bound` layers. Returns the last model and every step's layers and metrics."""
+    kept: list[str] = []
+    steps = []
+    while True:
+        model = quantizer.quantize(exclude=tuple(kept), progress=progress)
+        metrics = evaluate(model)
+        steps.append({"kept_float": list(kept), **metrics})
+        if holds(metrics) or len(kept) >= min(bound, len(order)):
+            return model, steps
+        kept.append(order[len(kept)])

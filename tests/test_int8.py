@@ -1,0 +1,137 @@
+"""INT8: calibrated QDQ, per-layer sensitivity, layers kept in float until the gate holds, and what is recorded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from edgekit import build
+from edgekit.cli import main
+from edgekit.data import files_digest
+from edgekit.passes.export import export_onnx
+from edgekit.passes.int8 import Int8Quantizer, Int8Scheme
+
+FAST = {"verify.runs": 3, "verify.warmup": 1}
+
+
+class OneBadLayer(nn.Module):
+    """conv2 carries huge weights that only ever meet zeros: harmless in float, ruinous in int8 (every other
+    weight of each output channel rounds to zero), so conv2 is the layer the sensitivity pass must find."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.fc = nn.Linear(16, 4)
+        with torch.no_grad():
+            self.conv1.weight[0] = 0
+            self.conv1.bias[0] = -1  # channel 0 of conv1's output is 0 after the ReLU, for every input
+            self.conv2.weight[:, 0] = 50.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = torch.relu(self.conv1(x))
+        return self.fc(torch.relu(self.conv2(hidden)).mean((2, 3)))
+
+
+@pytest.fixture
+def many_photos(tmp_path: Path) -> Path:
+    from .conftest import PHOTOS
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for path in PHOTOS[::4]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    return folder
+
+
+def test_sensitive_layer_is_found_and_kept_in_float(many_photos: Path) -> None:
+    result = build(OneBadLayer(), "x86-64", precision="int8", calib=many_photos, input_size=32, out="o",
+                   overrides={**FAST, "gates.min_top1_agreement": 0.8}, quiet=True)
+    quantization = result.report["quantization"]
+    table = quantization["sensitivity"]
+    assert table[0]["layer"] == "/conv2/Conv" and table[0]["nsr"] > 5 * table[1]["nsr"]
+    first, last = quantization["steps"][0], quantization["steps"][-1]
+    assert first["kept_float"] == [] and first["top1_agreement"] < 0.8  # fully quantized, the gate fails
+    assert quantization["kept_float"] == ["/conv2/Conv"] == last["kept_float"]
+    assert result.exit_code == 0 and result.report["top1_agreement"] >= 0.8
+    assert all({"size_bytes", "host_p50_ms"} <= step.keys() for step in quantization["steps"])
+    graph = onnx.load(str(result.out / "model.onnx"))
+    conv2 = next(n for n in graph.graph.node if n.name == "/conv2/Conv")
+    producers = {o: n.op_type for n in graph.graph.node for o in n.output}
+    assert producers.get(conv2.input[1]) != "DequantizeLinear"  # its weights stayed float
+    assert sum(n.op_type == "QuantizeLinear" for n in graph.graph.node) > 0  # the rest is int8
+
+
+def test_report_and_artifact_record_scheme_exclusions_and_calibration(many_photos: Path) -> None:
+    result = build(OneBadLayer(), "jetson", precision="int8", calib=many_photos, input_size=32,
+                   overrides={**FAST, "gates.min_top1_agreement": 0.8}, quiet=True)
+    quantization = json.loads((result.out / "report.json").read_text())["quantization"]
+    assert quantization["scheme"]["activations"] == "int8, symmetric, per tensor"  # TensorRT's form
+    assert quantization["scheme"]["weights"] == "int8, symmetric, per output channel"
+    assert quantization["scheme"]["calibration"] == "mean-minmax" and quantization["scheme"]["bias_correction"]
+    calib_files = sorted(many_photos.iterdir())
+    calib_part = [f for f in calib_files if f not in calib_files[3::4]]
+    assert quantization["calibration"] == {"images": len(calib_part), "path": str(many_photos),
+                                           "sha256": files_digest(calib_part, many_photos)}
+    graph = onnx.load(str(result.out / "model.onnx"))
+    metadata = json.loads({p.key: p.value for p in graph.metadata_props}["edgekit.quantization"])
+    assert metadata["kept_float"] == quantization["kept_float"] and metadata["calibration"]["sha256"]
+    initializers = {t.name: numpy_helper.to_array(t) for t in graph.graph.initializer}
+    zero_points = [initializers[n.input[2]] for n in graph.graph.node if n.op_type == "QuantizeLinear"]
+    assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points)  # symmetric
+    assert graph.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    producers = {o: n.op_type for n in graph.graph.node for o in n.output}
+    assert producers[graph.graph.output[0].name] == "Gemm"  # logits are not rounded to 8 bits
+
+
+def test_gate_that_cannot_be_met_exits_1(capsys, many_photos: Path, tmp_path: Path) -> None:
+    model = tmp_path / "bad.onnx"
+    onnx.save(export_onnx(OneBadLayer().eval(), (1, 3, 32, 32), 17), str(model))
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text("[quantize]\nprecision = \"int8\"\nmax_float_layers = 0\n[verify]\nruns = 3\n")
+    code = main(["build", str(model), "--target", "x86-64", "--calib", str(many_photos), "--recipe", str(recipe),
+                 "--min-agreement", "0.8", "--out", "gated", "-q"])
+    _, err = capsys.readouterr()
+    assert code == 1 and "gate failed: min_top1_agreement" in err
+    report = json.loads(Path("gated/report.json").read_text())
+    assert report["status"] == "gate_failed" and report["quantization"]["kept_float"] == []
+    assert len(report["quantization"]["steps"]) == 1 and report["quantization"]["max_float_layers"] == 0
+
+
+def test_int8_bytes_are_reproducible_through_the_ranges_cache(tiny_model: nn.Module, photos: Path) -> None:
+    hashes = set()
+    for i in range(2):
+        result = build(tiny_model, "x86-64", precision="int8", calib=photos, input_size=32, out=f"b{i}",
+                       overrides=FAST, quiet=True)
+        hashes.add(result.report["artifact"]["sha256"])
+    assert len(hashes) == 1
+    assert len(list(Path("cache").glob("*.json"))) == 1  # one calibration, reused by the second build
+
+
+def test_mean_minmax_ranges_sit_inside_the_extremes(tiny_model: nn.Module, photos: Path, tmp_path: Path) -> None:
+    from edgekit.families.base import LoadOptions
+    from edgekit.families.classifier import ClassifierFamily
+
+    family = ClassifierFamily()
+    loaded = family.load(tiny_model, LoadOptions(input_size=32))
+    inputs = family.samples(loaded, sorted(photos.iterdir()), None).inputs
+    graph = export_onnx(tiny_model, (1, 3, 32, 32), 17)
+    ranges = {}
+    for method in ("minmax", "mean-minmax"):
+        path = tmp_path / f"{method}.json"
+        Int8Quantizer(graph, inputs, Int8Scheme("uint8", method, False), path, 1).quantize()
+        ranges[method] = {k: (v["lowest"]["data"][0], v["highest"]["data"][0])
+                          for k, v in json.loads(path.read_text())["data"].items()}
+    assert ranges["minmax"].keys() == ranges["mean-minmax"].keys()
+    narrower = [ranges["minmax"][k][0] <= lo <= hi <= ranges["minmax"][k][1] for k, (lo, hi)
+                in ranges["mean-minmax"].items()]
+    assert all(narrower)
+    assert any(ranges["mean-minmax"][k][1] < ranges["minmax"][k][1] for k in ranges["minmax"])
