@@ -67,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="artifact precision (default: the target's)")
     stages.add_argument("--format", choices=["onnx"], help="artifact format (default: the target's)")
     stages.add_argument("--opset", type=int, help="ONNX opset (default: the target runtime's)")
+    stages.add_argument("--max-float-layers", type=int,
+                        help="int8: most layers the accuracy gates may keep in float (default 8)")
     stages.add_argument("--runs", type=int, help="timed inferences for host latency (default 50)")
     stages.add_argument("--threads", type=int, help="threads for host latency (default: the target's, capped by cores)")
     stages.add_argument("--seed", type=int, help="random seed recorded in the manifest (default 0)")
@@ -104,7 +106,8 @@ def _build(args: argparse.Namespace) -> int:
         precision=args.precision, format=args.format, arch=args.arch, num_classes=args.num_classes,
         input_size=args.input_size, out=args.out, use_cache=not args.no_cache, quiet=args.quiet,
         overrides={
-            "export.opset": args.opset, "verify.runs": args.runs, "verify.threads": args.threads,
+            "export.opset": args.opset, "quantize.max_float_layers": args.max_float_layers,
+            "verify.runs": args.runs, "verify.threads": args.threads,
             "verify.eval_limit": args.eval_limit, "seed": args.seed, "gates.max_top1_drop_pt": args.max_top1_drop,
             "gates.min_top1_agreement": args.min_agreement, "gates.max_size_mb": args.max_size_mb,
             "gates.max_latency_ms": args.max_latency_ms,

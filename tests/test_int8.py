@@ -61,6 +61,7 @@ def test_sensitive_layer_is_found_and_kept_in_float(many_photos: Path) -> None:
     first, last = quantization["steps"][0], quantization["steps"][-1]
     assert first["kept_float"] == [] and first["top1_agreement"] < 0.8  # fully quantized, the gate fails
     assert quantization["kept_float"] == ["/conv2/Conv"] == last["kept_float"]
+    assert quantization["scheme"]["bias"] == "int32" and quantization["scheme"]["activations"].startswith("uint8")
     assert result.exit_code == 0 and result.report["top1_agreement"] >= 0.8
     assert all({"size_bytes", "host_p50_ms"} <= step.keys() for step in quantization["steps"])
     graph = onnx.load(str(result.out / "model.onnx"))
@@ -87,6 +88,8 @@ def test_report_and_artifact_record_scheme_exclusions_and_calibration(many_photo
     initializers = {t.name: numpy_helper.to_array(t) for t in graph.graph.initializer}
     zero_points = [initializers[n.input[2]] for n in graph.graph.node if n.op_type == "QuantizeLinear"]
     assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points)  # symmetric
+    assert not any(v.dtype == np.int32 for v in initializers.values())  # TensorRT takes float biases
+    assert quantization["scheme"]["bias"] == "float"
     assert graph.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     producers = {o: n.op_type for n in graph.graph.node for o in n.output}
     assert producers[graph.graph.output[0].name] == "Gemm"  # logits are not rounded to 8 bits

@@ -33,9 +33,15 @@ Calibration = Literal["mean-minmax", "minmax", "entropy", "percentile"]
 
 @dataclass(frozen=True)
 class Int8Scheme:
+    """`int8-symmetric` is TensorRT's form: zero points of 0 and float biases (its parser takes int8 Q/DQ only)."""
+
     activations: Literal["uint8", "int8-symmetric"]
     calibration: Calibration = "mean-minmax"
     bias_correction: bool = True
+
+    @property
+    def int32_bias(self) -> bool:
+        return self.activations == "uint8"
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -43,6 +49,7 @@ class Int8Scheme:
             "weights": "int8, symmetric, per output channel",
             "activations": "uint8, asymmetric, per tensor" if self.activations == "uint8"
             else "int8, symmetric, per tensor",
+            "bias": "int32" if self.int32_bias else "float",
             "calibration": self.calibration,
             "bias_correction": self.bias_correction,
             "engine": "onnxruntime.quantization",
@@ -83,7 +90,8 @@ class Int8Quantizer:
                     calibrate_method=self._method(),
                     nodes_to_quantize=list(only) if only is not None else None, nodes_to_exclude=list(exclude),
                     calibration_cache_path=str(self.ranges),
-                    extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True},
+                    extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True,
+                                   "QuantizeBias": self.scheme.int32_bias},
                 )
             finally:
                 logging.disable(logging.NOTSET)
@@ -238,21 +246,38 @@ def correct_bias(quantized: onnx.ModelProto, prepared: onnx.ModelProto, inputs: 
             name = follower.output[0]
         return name
 
+    def quantized_weights(node: onnx.NodeProto) -> bool:
+        return getattr(producers.get(node.input[1]), "op_type", None) == "DequantizeLinear"
+
+    def bias_of(node: onnx.NodeProto) -> tuple[onnx.TensorProto, np.ndarray | None] | None:
+        """The bias tensor and, when it is int32 behind a DequantizeLinear, its scale."""
+        if len(node.input) < 3:
+            return None
+        if node.input[2] in initializers:
+            return initializers[node.input[2]], None
+        dequantize = producers.get(node.input[2])
+        if dequantize is None or dequantize.op_type != "DequantizeLinear":
+            return None
+        return initializers[dequantize.input[0]], numpy_helper.to_array(initializers[dequantize.input[1]])
+
     layers = [
         node for node in quantized.graph.node
-        if node.op_type in QUANTIZABLE and len(node.input) > 2 and node.output[0] in float_tensors
-        and getattr(producers.get(node.input[2]), "op_type", None) == "DequantizeLinear"
+        if node.op_type in QUANTIZABLE and quantized_weights(node) and bias_of(node) is not None
+        and node.output[0] in float_tensors
     ]
     if not layers:
         return 0
     targets = channel_means(prepared, [node.output[0] for node in layers], inputs, threads)
     for node, target in progress(list(zip(layers, targets, strict=True))):
         (current,) = channel_means(quantized, [as_read(node.output[0])], inputs, threads)
-        dequantize = producers[node.input[2]]
-        bias = initializers[dequantize.input[0]]
-        scale = numpy_helper.to_array(initializers[dequantize.input[1]]).astype(np.float64)
-        values = numpy_helper.to_array(bias).astype(np.int64) + np.round((target - current) / scale).astype(np.int64)
-        bias.CopyFrom(numpy_helper.from_array(np.clip(values, -(2**31), 2**31 - 1).astype(np.int32), bias.name))
+        bias, scale = bias_of(node)
+        values = numpy_helper.to_array(bias)
+        if scale is None:
+            corrected = (values + (target - current)).astype(values.dtype)
+        else:
+            steps = np.round((target - current) / scale.astype(np.float64)).astype(np.int64)
+            corrected = np.clip(values.astype(np.int64) + steps, -(2**31), 2**31 - 1).astype(np.int32)
+        bias.CopyFrom(numpy_helper.from_array(corrected, bias.name))
     return len(layers)
 
 
