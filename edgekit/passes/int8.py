@@ -174,6 +174,9 @@ def _float_outputs(model: onnx.ModelProto) -> None:
         source.output[list(source.output).index(quantize.input[0])] = output.name
         model.graph.node.remove(dequantize)
         model.graph.node.remove(quantize)
+    used = {name for node in model.graph.node for name in node.input}
+    for tensor in [t for t in model.graph.initializer if t.name not in used]:
+        model.graph.initializer.remove(tensor)  # the pair's scale and zero point
 
 
 def _prepare(model: onnx.ModelProto) -> onnx.ModelProto:
