@@ -65,7 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     stages.add_argument("--recipe", help="recipe .toml: stages, parameters and gates (flags override it)")
     stages.add_argument("--precision", choices=["fp32", "fp16", "int8"],
                         help="artifact precision (default: the target's)")
-    stages.add_argument("--format", choices=["onnx"], help="artifact format (default: the target's)")
+    stages.add_argument("--format", choices=["onnx", "tflite"], help="artifact format (default: the target's)")
+    stages.add_argument("--int8-mode", choices=["static", "dynamic"],
+                        help="tflite int8: full-integer, calibrated (static, default) or dynamic-range")
     stages.add_argument("--opset", type=int, help="ONNX opset (default: the target runtime's)")
     stages.add_argument("--max-float-layers", type=int,
                         help="int8: most layers the accuracy gates may keep in float (default 8)")
@@ -107,6 +109,7 @@ def _build(args: argparse.Namespace) -> int:
         input_size=args.input_size, out=args.out, use_cache=not args.no_cache, quiet=args.quiet,
         overrides={
             "export.opset": args.opset, "quantize.max_float_layers": args.max_float_layers,
+            "quantize.int8_mode": args.int8_mode,
             "verify.runs": args.runs, "verify.threads": args.threads,
             "verify.eval_limit": args.eval_limit, "seed": args.seed, "gates.max_top1_drop_pt": args.max_top1_drop,
             "gates.min_top1_agreement": args.min_agreement, "gates.max_size_mb": args.max_size_mb,

@@ -7,8 +7,10 @@ artifact folder appears only when it is complete.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -20,27 +22,28 @@ import numpy as np
 from edgekit import __version__, families
 from edgekit.cache import ArrayCache, default_cache_dir
 from edgekit.data import file_sha256, files_digest, list_images, split_held_out
-from edgekit.errors import UsageError
+from edgekit.errors import StageError, UsageError
 from edgekit.families.base import LoadedModel, LoadOptions, Samples
 from edgekit.passes.analyze import analyze
 from edgekit.passes.export import export_onnx, set_metadata
 from edgekit.passes.int8 import Int8Quantizer, Int8Scheme, accuracy_aware
 from edgekit.passes.quantize import to_fp16
+from edgekit.passes.tflite import ConverterFailed, convert_tflite, io_details, tflite_precision
 from edgekit.progress import Progress
 from edgekit.recipe import Recipe, load_recipe, resolve, with_overrides
 from edgekit.report.manifest import output_hashes, package_versions
 from edgekit.report.write import staged, write_json
 from edgekit.resources import resource_dir
+from edgekit.runtimes.litert import LiteRtRunner
 from edgekit.runtimes.onnxruntime import OnnxRuntimeRunner
 from edgekit.targets import Target, load_target
 from edgekit.verify.estimate import roofline
 from edgekit.verify.gates import accuracy_holds, check_gates
 from edgekit.verify.latency import measure
+from edgekit.verify.ops import op_placement
 
 if TYPE_CHECKING:
     import onnx
-
-ARTIFACT = "model.onnx"
 
 
 @dataclass
@@ -169,7 +172,8 @@ def build(
     data = _plan_data(calib, eval, plan.verify.eval_limit)
     threads = min(plan.verify.threads, os.cpu_count() or 1)
     runtime = device.runtime_for(plan.export.format)
-    notes = [f"verified in onnxruntime on this host's CPU; on {device.name} the artifact runs in {runtime.name}"]
+    host_runtime = "LiteRT" if plan.export.format == "tflite" else "onnxruntime"
+    notes = [f"verified in {host_runtime} on this host's CPU; on {device.name} the artifact runs in {runtime.name}"]
     if plan.quantize.precision not in runtime.precisions:
         notes.append(f"{plan.quantize.precision} is not among {device.name}'s fast precisions "
                      f"({', '.join(runtime.precisions)})")
@@ -187,39 +191,58 @@ def build(
         record["note"] = Path(loaded.source).name if loaded.source_file else loaded.source
     out_dir = Path(out) if out else Path("dist") / f"{loaded.name}-{device.name}"
     cache = ArrayCache(default_cache_dir() if use_cache else None)
-    with staged(out_dir) as staging:
-        report = _run_stages(progress, adapter, loaded, device, plan, data, threads, cache, staging, notes)
-        (staging / "recipe.toml").write_text(plan.to_toml())
-        write_json(staging / "report.json", report)
-        write_json(staging / "manifest.json", {
-            "edgekit": __version__,
-            "inputs": {
-                "model": {"source": loaded.source, "sha256": loaded.fingerprint},
-                "calibration": {"path": str(data.calib_dir), "files": len(data.calib_files),
-                                "sha256": files_digest(data.calib_files, data.calib_dir)},
-                "eval": {"path": data.eval_source, "files": len(data.eval_files),
-                         "sha256": files_digest(data.eval_files, data.eval_root)},
-                "target": {"name": device.name, "sha256": device.sha256},
-                "recipe_file": {"path": str(recipe_file), "sha256": file_sha256(recipe_file)} if recipe_file else None,
-            },
-            "load_options": asdict(options),
-            "recipe": plan.model_dump(),
-            "seed": plan.seed,
-            "packages": package_versions(),
-            "platform": platform.platform(),
-            "outputs": output_hashes(staging, [ARTIFACT, "recipe.toml", "report.json"]),
-        })
+    try:
+        with staged(out_dir) as staging:
+            report = _run_stages(progress, adapter, loaded, device, plan, data, threads, cache, staging, notes)
+            (staging / "recipe.toml").write_text(plan.to_toml())
+            write_json(staging / "report.json", report)
+            write_json(staging / "manifest.json", _manifest(loaded, data, device, recipe_file, options, plan, staging,
+                                                            report["artifact"]["file"]))
+    except ConverterFailed as err:
+        log = out_dir / "converter.log"  # alone in the folder: nothing there looks like a finished build
+        shutil.rmtree(out_dir, ignore_errors=True)
+        out_dir.mkdir(parents=True)
+        log.write_text(err.log)
+        raise StageError(f"{err} (full log: {log})") from err
     return BuildResult(out=out_dir, report=report)
+
+
+def _manifest(loaded: LoadedModel, data: _DataPlan, device: Target, recipe_file: Path | None, options: LoadOptions,
+              plan: Recipe, staging: Path, artifact_file: str) -> dict[str, Any]:
+    """What went in and came out, by sha256, and the software that did it: nothing time-dependent."""
+    return {
+        "edgekit": __version__,
+        "inputs": {
+            "model": {"source": loaded.source, "sha256": loaded.fingerprint},
+            "calibration": {"path": str(data.calib_dir), "files": len(data.calib_files),
+                            "sha256": files_digest(data.calib_files, data.calib_dir)},
+            "eval": {"path": data.eval_source, "files": len(data.eval_files),
+                     "sha256": files_digest(data.eval_files, data.eval_root)},
+            "target": {"name": device.name, "sha256": device.sha256},
+            "recipe_file": {"path": str(recipe_file), "sha256": file_sha256(recipe_file)} if recipe_file else None,
+        },
+        "load_options": asdict(options),
+        "recipe": plan.model_dump(),
+        "seed": plan.seed,
+        "packages": package_versions(),
+        "platform": platform.platform(),
+        "outputs": output_hashes(staging, [artifact_file, "recipe.toml", "report.json"]),
+    }
 
 
 def _run_stages(progress: Progress, adapter: families.Family, loaded: LoadedModel, device: Target, plan: Recipe,
                 data: _DataPlan, threads: int, cache: ArrayCache, staging: Path, notes: list[str]) -> dict[str, Any]:
+    if plan.export.format == "tflite" and not loaded.is_torch:
+        raise UsageError("TFLite export converts torch models; an ONNX input builds to --format onnx")
     with progress.stage("data") as record:
         samples = _samples(adapter, loaded, data.eval_files, data.eval_root, cache)
         record["note"] = f"{len(samples)} held-out images, labels: {samples.label_source or 'none'}"
+    tflite = plan.export.format == "tflite"
     if loaded.is_torch:
-        with progress.stage("export", note=f"onnx opset {plan.export.opset}"):
+        note = "tflite via litert-torch, onnx graph for analysis" if tflite else f"onnx opset {plan.export.opset}"
+        with progress.stage("export", note=note):
             graph = export_onnx(loaded.module, loaded.input_shape, plan.export.opset)
+            float_tflite = convert_tflite(loaded.module, loaded.input_shape) if tflite else b""
     else:
         graph = loaded.onnx_model
         progress.skip("export", "input is ONNX: torch-only stages do not apply")
@@ -233,22 +256,31 @@ def _run_stages(progress: Progress, adapter: families.Family, loaded: LoadedMode
     precision = plan.quantize.precision
     reference = _reference_outputs(loaded, graph.SerializeToString(), samples, threads, cache)
     quantization = None
-    if precision == "int8":
-        artifact, quantization = _int8(progress, adapter, loaded, graph, plan, data, samples, reference, threads,
-                                       cache)
+    if tflite:
+        artifact_bytes, quantization = _tflite(progress, adapter, loaded, float_tflite, plan, data, cache)
+        artifact_analysis = dataclasses.replace(
+            reference_analysis, weight_bytes=len(artifact_bytes),
+            activation_bytes=reference_analysis.activation_bytes // (4 if precision == "int8" else 1))
+        notes.append("TFLite artifacts carry no edgekit metadata: report.json holds the preprocessing")
     else:
-        with progress.stage("quantize", note=precision):
-            artifact = to_fp16(graph) if precision == "fp16" else graph
-    metadata = {"edgekit.version": __version__, "edgekit.family": adapter.name, "edgekit.target": device.name,
-                "edgekit.precision": precision, "edgekit.preprocess": loaded.preprocess}
-    if quantization:
-        metadata["edgekit.quantization"] = {k: quantization[k] for k in ("scheme", "kept_float", "calibration")}
-    set_metadata(artifact, metadata)
-    artifact_bytes = artifact.SerializeToString(deterministic=True)
-    (staging / ARTIFACT).write_bytes(artifact_bytes)
-    artifact_analysis = analyze(artifact)
+        if precision == "int8":
+            artifact, quantization = _int8(progress, adapter, loaded, graph, plan, data, samples, reference,
+                                           threads, cache)
+        else:
+            with progress.stage("quantize", note=precision):
+                artifact = to_fp16(graph) if precision == "fp16" else graph
+        metadata = {"edgekit.version": __version__, "edgekit.family": adapter.name, "edgekit.target": device.name,
+                    "edgekit.precision": precision, "edgekit.preprocess": loaded.preprocess}
+        if quantization:
+            metadata["edgekit.quantization"] = {k: quantization[k] for k in ("scheme", "kept_float", "calibration")}
+        set_metadata(artifact, metadata)
+        artifact_bytes = artifact.SerializeToString(deterministic=True)
+        artifact_analysis = analyze(artifact)
+    artifact_file = f"model.{plan.export.format}"
+    (staging / artifact_file).write_bytes(artifact_bytes)
+    ops = op_placement(artifact_bytes, device) if tflite else None
     with progress.stage("verify") as record:
-        runner = OnnxRuntimeRunner(artifact_bytes, threads)
+        runner = (LiteRtRunner if tflite else OnnxRuntimeRunner)(artifact_bytes, threads)
         outputs = np.concatenate([
             runner.run(row[None]) for row in progress.track(samples.inputs, len(samples), "artifact on held-out images")
         ])
@@ -266,14 +298,16 @@ def _run_stages(progress: Progress, adapter: families.Family, loaded: LoadedMode
                   "preprocess": loaded.preprocess},
         "target": {"name": device.name, "description": device.description, "runtime": device.runtime_for(
             plan.export.format).name, "format": plan.export.format},
-        "artifact": {"file": ARTIFACT, "format": plan.export.format, "precision": precision,
-                     "opset": _opset(artifact), "size_bytes": len(artifact_bytes),
-                     "sha256": file_sha256(staging / ARTIFACT), **_io_spec(runner)},
+        "artifact": {"file": artifact_file, "format": plan.export.format, "precision": precision,
+                     **({} if tflite else {"opset": _opset(artifact)}), "size_bytes": len(artifact_bytes),
+                     "sha256": file_sha256(staging / artifact_file),
+                     **(io_details(artifact_bytes) if tflite else _io_spec(runner))},
         "size_bytes": len(artifact_bytes),
         **{k: accuracy.get(k) for k in ("top1_agreement", "top1_drop_pt", "top1_reference", "top1_artifact")},
         "accuracy": {**accuracy, "eval_source": data.eval_source, "label_source": samples.label_source},
         "latency_ms": latency,
         "quantization": quantization,
+        "ops": ops,
         "analysis": {"reference": reference_analysis.to_dict(),
                      "artifact": artifact_analysis.to_dict(layers=False)},
         "stages": progress.stages,
@@ -283,11 +317,46 @@ def _run_stages(progress: Progress, adapter: families.Family, loaded: LoadedMode
     report["gates"] = check_gates(
         plan.gates, top1_drop_pt=report["top1_drop_pt"], top1_agreement=report["top1_agreement"],
         size_bytes=report["size_bytes"], latency_ms=latency["estimated_target"].get("ms"),
-        latency_basis=f"estimated: {device.name}",
+        latency_basis=f"estimated: {device.name}", fallback_ops=ops["fallback_count"] if ops else None,
     )
+    if ops and ops["fallback_count"]:
+        first = ops["first_fallback"]
+        notes.append(f"{ops['fallback_count']} of {ops['ops']} ops fall back to the CPU on {device.name} "
+                     f"({', '.join(ops['fallback_ops'])}); the first is op {first['index']} {first['op']}")
     if any(g["status"] == "failed" for g in report["gates"]):
         report["status"] = "gate_failed"
     return report
+
+
+def _calibration(adapter: families.Family, loaded: LoadedModel, plan: Recipe, data: _DataPlan,
+                 cache: ArrayCache) -> tuple[np.ndarray, dict[str, Any]]:
+    """The calibration images as model inputs, and how the report names them."""
+    files = data.calib_files[: plan.quantize.calib_limit]
+    inputs = _samples(adapter, loaded, files, data.calib_dir, cache).inputs
+    return inputs, {"images": len(files), "sha256": files_digest(files, data.calib_dir), "path": str(data.calib_dir)}
+
+
+def _tflite(progress: Progress, adapter: families.Family, loaded: LoadedModel, float_model: bytes, plan: Recipe,
+            data: _DataPlan, cache: ArrayCache) -> tuple[bytes, dict[str, Any] | None]:
+    """The TFLite artifact at the recipe's precision; full-integer INT8 is calibrated like the ONNX path."""
+    precision = plan.quantize.precision
+    dynamic = precision == "int8" and plan.quantize.int8_mode == "dynamic"
+    mode = "int8-dynamic" if dynamic else precision
+    calibration, record = (_calibration(adapter, loaded, plan, data, cache) if mode == "int8"
+                           else (None, None))
+    with progress.stage("quantize", note=mode):
+        artifact = tflite_precision(float_model, mode, calibration)
+    if precision != "int8":
+        return artifact, None
+    return artifact, {
+        "scheme": {"format": "TFLite", "engine": "ai-edge-quantizer", "weights": "int8, symmetric, per output channel",
+                   "activations": "float, quantized at run time per tensor" if dynamic
+                   else "int8, asymmetric, per tensor (int8 input and output)",
+                   "calibration": None if dynamic else "mean-minmax"},
+        "calibration": record,
+        "kept_float": [],
+        "decided_on": "every op quantized: full-integer targets (Edge TPU, Ethos-U) run no float op",
+    }
 
 
 def _int8(progress: Progress, adapter: families.Family, loaded: LoadedModel, graph: onnx.ModelProto, plan: Recipe,
@@ -296,9 +365,8 @@ def _int8(progress: Progress, adapter: families.Family, loaded: LoadedModel, gra
     """Calibrated INT8, sensitivity-ranked, with layers kept in float until the accuracy gates hold."""
     settings = plan.quantize
     scheme = Int8Scheme(settings.activations, settings.calibration, settings.bias_correction)
-    calib_files = data.calib_files[: settings.calib_limit]
-    calibration = _samples(adapter, loaded, calib_files, data.calib_dir, cache).inputs
-    calib_digest = files_digest(calib_files, data.calib_dir)
+    calibration, calib_record = _calibration(adapter, loaded, plan, data, cache)
+    calib_digest = calib_record["sha256"]
     scratch = tempfile.TemporaryDirectory()  # holds the calibration ranges when the cache is off
     ranges = cache.path({"kind": "int8-ranges", "model": loaded.fingerprint, "calibration": calib_digest,
                          "preprocess": loaded.preprocess, "method": scheme.calibration}, ".json",
@@ -325,7 +393,7 @@ def _int8(progress: Progress, adapter: families.Family, loaded: LoadedModel, gra
     scratch.cleanup()
     return artifact, {
         "scheme": scheme.describe() | {"activations_for": plan.export.format},
-        "calibration": {"images": len(calib_files), "sha256": calib_digest, "path": str(data.calib_dir)},
+        "calibration": calib_record,
         "kept_float": steps[-1]["kept_float"],
         "max_float_layers": settings.max_float_layers,
         "steps": steps,

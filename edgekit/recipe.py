@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -18,7 +18,7 @@ from edgekit.passes.int8 import Calibration
 from edgekit.passes.quantize import SUPPORTED as SUPPORTED_PRECISIONS
 from edgekit.targets import Budgets, Format, Int8Activations, Precision, Target, describe_errors
 
-EXPORTABLE_FORMATS = ("onnx",)
+EXPORTABLE_FORMATS = ("onnx", "tflite")
 DEFAULT_OPSET = 17
 
 
@@ -35,6 +35,8 @@ class QuantizeStage(_Stage):
     calib_limit: int = Field(default=128, gt=0, description="calibration images at most")
     sensitivity_images: int = Field(default=32, gt=0, description="calibration images the per-layer probe runs on")
     max_float_layers: int = Field(default=8, ge=0, description="most layers the accuracy gate may keep in float")
+    int8_mode: Literal["static", "dynamic"] = Field(
+        default="static", description="tflite: full-integer (calibrated) or dynamic-range int8")
 
 
 class ExportStage(_Stage):
@@ -102,6 +104,8 @@ def resolve(recipe: Recipe, target: Target, family: str) -> Recipe:
             f"{target.name} takes {fmt} ({runtime.name}); this edgekit exports {', '.join(EXPORTABLE_FORMATS)} only"
         )
     precision = recipe.quantize.precision or target.default(family, "precision") or "fp32"
+    if recipe.quantize.int8_mode == "dynamic" and fmt != "tflite":
+        raise UsageError("dynamic-range int8 is a TFLite precision; use --format tflite")
     if precision not in SUPPORTED_PRECISIONS:
         raise UsageError(
             f"precision {precision} is not supported by this edgekit (supported: {', '.join(SUPPORTED_PRECISIONS)})"

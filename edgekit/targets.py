@@ -66,6 +66,9 @@ class Budgets(_Strict):
     min_top1_agreement: float | None = Field(default=None, ge=0, le=1)
     max_size_mb: float | None = Field(default=None, gt=0)
     max_latency_ms: float | None = Field(default=None, gt=0)
+    on_cpu_fallback: Literal["fail", "warn"] | None = Field(
+        default=None, description="TFLite ops the target's accelerator cannot run: fail the build or warn"
+    )
 
 
 class FamilyDefaults(_Strict):

@@ -121,7 +121,7 @@ def _leftovers() -> list[str]:
 
 
 @pytest.mark.parametrize("case", ["missing", "corrupt", "wrong_arch", "empty_calib", "unknown_target", "pickle",
-                                  "coral_format", "bad_flag"])
+                                  "jetson_tflite", "bad_flag"])
 def test_bad_input_exits_2_with_one_line(capsys, case: str, mobilenet_v3_pth: Path, photos: Path,
                                          tmp_path: Path) -> None:
     corrupt = tmp_path / "corrupt.pth"
@@ -136,7 +136,8 @@ def test_bad_input_exits_2_with_one_line(capsys, case: str, mobilenet_v3_pth: Pa
         "missing": "model file not found", "corrupt": "not a readable torch checkpoint",
         "wrong_arch": "does not fit --arch resnet18", "empty_calib": "holds no images",
         "unknown_target": "did you mean jetson", "pickle": "holds Python objects, not plain weights",
-        "coral_format": "coral-edgetpu takes tflite", "bad_flag": "invalid choice: 'int4'",
+        "jetson_tflite": "jetson-orin-nano does not run tflite models (it takes: onnx)",
+        "bad_flag": "invalid choice: 'int4'",
     }[case]
     if case == "missing":
         model = str(tmp_path / "nope.pth")
@@ -150,8 +151,8 @@ def test_bad_input_exits_2_with_one_line(capsys, case: str, mobilenet_v3_pth: Pa
         target = "jetsn"
     elif case == "pickle":
         model = str(pickled)
-    elif case == "coral_format":
-        target = "coral"
+    elif case == "jetson_tflite":
+        target, extra = "jetson", [*extra, "--format", "tflite"]
     elif case == "bad_flag":
         extra += ["--precision", "int4"]
     code, out, err = _run(capsys, "build", model, "--target", target, "--calib", str(photos), *extra)

@@ -25,7 +25,9 @@ def test_quick_start_build_on_raspberry_pi_5(capsys: pytest.CaptureFixture[str])
     assert report["analysis"]["reference"]["macs"] == pytest.approx(300.8e6, rel=0.01)
     assert report["analysis"]["reference"]["params"] == pytest.approx(3.49e6, rel=0.01)
     assert report["size_bytes"] == pytest.approx(14.0e6, rel=0.02)
-    assert (folder / "manifest.json").is_file() and "model.onnx" in out
+    assert report["artifact"]["format"] == "tflite"  # the Pi's preferred runtime is LiteRT
+    assert report["artifact"]["inputs"][0]["shape"] == [1, 224, 224, 3]  # NHWC, as LiteRT apps feed it
+    assert (folder / "manifest.json").is_file() and "model.tflite" in out
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "imagenet-sample").is_dir(), reason="../shared/data/imagenet-sample is absent")

@@ -41,8 +41,10 @@ def test_bad_recipe_names_file_and_key(tmp_path: Path) -> None:
 
 
 def test_refuses_what_this_build_cannot_produce() -> None:
-    with pytest.raises(UsageError, match="coral-edgetpu takes tflite"):
-        resolve(Recipe(), load_target("coral"), "classifier")
+    with pytest.raises(UsageError, match=r"coral-edgetpu does not run onnx models \(it takes: tflite\)"):
+        resolve(with_overrides(Recipe(), {"export.format": "onnx"}), load_target("coral"), "classifier")
+    with pytest.raises(UsageError, match="dynamic-range int8 is a TFLite precision"):
+        resolve(with_overrides(Recipe(), {"quantize.int8_mode": "dynamic"}), load_target("x86-64"), "classifier")
     with pytest.raises(UsageError, match="x86-64 does not run tflite"):
         resolve(with_overrides(Recipe(), {"export.format": "tflite"}), load_target("x86-64"), "classifier")
 

@@ -50,7 +50,7 @@ def test_user_profile_by_path(tmp_path: Path) -> None:
     (('"memory.ram_mb" = "product brief: 8 GB variant"\n', ""),
      r"board\.toml: .*no entry in \[sources\] for memory\.ram_mb"),
     (('format = "onnx"\nopset', 'format = "pt"\nopset'),
-     r"board\.toml: runtimes\.0\.format: input should be 'onnx' or 'tflite'"),
+     r"board\.toml: runtimes\.1\.format: input should be 'onnx' or 'tflite'"),
     (("cores = 4", "cores = 0"), r"board\.toml: compute\.cores: input should be greater than 0"),
 ])
 def test_schema_errors_name_file_key_and_expectation(tmp_path: Path, edit: tuple[str, str], expected: str) -> None:

@@ -13,7 +13,8 @@ from typing import Any
 
 from edgekit.data import file_sha256
 
-PACKAGES = ("edgekit", "torch", "torchvision", "onnx", "onnxruntime", "numpy", "pillow", "pydantic")
+PACKAGES = ("edgekit", "torch", "torchvision", "onnx", "onnxruntime", "litert-torch", "ai-edge-litert",
+            "ai-edge-quantizer", "numpy", "pillow", "pydantic")
 
 
 def package_versions() -> dict[str, str]:

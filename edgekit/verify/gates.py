@@ -11,13 +11,14 @@ ACCURACY_GATES = ("max_top1_drop_pt", "min_top1_agreement")
 
 def check_gates(gates: Budgets, *, top1_drop_pt: float | None, top1_agreement: float | None,
                 size_bytes: int | None = None, latency_ms: float | None = None,
-                latency_basis: str = "") -> list[dict[str, Any]]:
+                latency_basis: str = "", fallback_ops: int | None = None) -> list[dict[str, Any]]:
     """One entry per set gate: status passed, failed or not_checked (with the reason)."""
     checks = {
         "max_top1_drop_pt": (top1_drop_pt, "held-out labels", "no labels in the held-out set"),
         "min_top1_agreement": (top1_agreement, "held-out images vs the original", "no agreement measured"),
         "max_size_mb": (None if size_bytes is None else size_bytes / 1e6, "artifact file", "no artifact size"),
         "max_latency_ms": (latency_ms, latency_basis, "no latency figure for the target"),
+        "on_cpu_fallback": (fallback_ops, "ops outside the target's op rules", "no op check for this format"),
     }
     results = []
     for name, limit in gates.model_dump().items():
@@ -27,6 +28,8 @@ def check_gates(gates: Budgets, *, top1_drop_pt: float | None, top1_agreement: f
         entry: dict[str, Any] = {"name": name, "limit": limit, "value": value, "basis": basis}
         if value is None:
             entry.update(status="not_checked", reason=missing)
+        elif name == "on_cpu_fallback":
+            entry["status"] = "passed" if value == 0 else "failed" if limit == "fail" else "warned"
         else:
             passed = value >= limit if name.startswith("min_") else value <= limit
             entry["status"] = "passed" if passed else "failed"

@@ -1,0 +1,114 @@
+"""Export to TFLite: litert-torch converts the torch module, ai-edge-quantizer sets its precision.
+
+litert-torch is the converter because it installs beside torch without TensorFlow (onnx2tf needs
+TensorFlow 2.19 and pins onnx/onnxruntime/numpy below this stack's). Images go in NHWC, the
+layout LiteRT, NNAPI and the Edge TPU expect, so the wrapper transposes at the input.
+
+Precisions: `fp32`; `fp16` (fp16 weights, float compute); `int8-dynamic` (int8 weights, float
+activations quantized on the fly); `int8` (full integer: int8 weights and activations, int8 input
+and output, calibrated with the same per-image mean of min/max ranges the ONNX path uses).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edgekit.errors import StageError, first_line
+
+if TYPE_CHECKING:
+    import torch
+
+SIGNATURE = "serving_default"
+
+
+class ConverterFailed(StageError):
+    """The converter's own reason on the first line; its full output travels in `log`."""
+
+    def __init__(self, message: str, log: str) -> None:
+        super().__init__(message)
+        self.log = log
+
+
+def convert_tflite(module: torch.nn.Module, input_shape: tuple[int, ...]) -> bytes:
+    """`module` (NCHW) as a float TFLite flatbuffer with an NHWC input."""
+    import litert_torch
+    import torch
+
+    batch, channels, height, width = input_shape
+    log = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            warnings.simplefilter("ignore")
+            wrapped = litert_torch.to_channel_last_io(module.eval(), args=[0]).eval()
+            model = litert_torch.convert(wrapped, (torch.zeros(batch, height, width, channels),))
+            return bytes(model.model_content())
+    except Exception as err:  # the converter raises from torch.export, MLIR and flatbuffer layers alike
+        raise ConverterFailed(f"TFLite conversion failed: {type(err).__name__}: {first_line(err)}",
+                              f"{log.getvalue()}\n{type(err).__name__}: {err}") from err
+
+
+def tflite_precision(float_model: bytes, precision: str, calibration: np.ndarray | None = None) -> bytes:
+    """The float model at `precision` (fp32, fp16, int8-dynamic, int8); int8 needs NCHW calibration images."""
+    if precision == "fp32":
+        return float_model
+    from ai_edge_quantizer import algorithm_manager, qtyping, quantizer, recipe
+
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if precision == "int8-dynamic":
+            engine = quantizer.Quantizer(float_model, recipe.dynamic_wi8_afp32())
+            return bytes(engine.quantize().quantized_model)
+        if precision == "fp16":
+            engine = quantizer.Quantizer(float_model)
+            engine.update_quantization_recipe(
+                regex=".*", operation_name=qtyping.TFLOperationName.ALL_SUPPORTED,
+                algorithm_key=algorithm_manager.AlgorithmName.FLOAT_CASTING,
+                op_config=qtyping.OpQuantizationConfig(
+                    weight_tensor_config=qtyping.TensorQuantizationConfig(
+                        num_bits=16, dtype=qtyping.TensorDataType.FLOAT),
+                    compute_precision=qtyping.ComputePrecision.FLOAT, explicit_dequantize=True),
+            )
+            return bytes(engine.quantize().quantized_model)
+        if precision != "int8" or calibration is None:
+            raise ValueError(f"no TFLite recipe for {precision}")
+        engine = quantizer.Quantizer(float_model, recipe.static_wi8_ai8())
+        input_name = _input_name(float_model)
+        rows = [{input_name: row[None].transpose(0, 2, 3, 1)} for row in calibration]
+        per_image = [engine.calibrate({SIGNATURE: [row]}) for row in rows]
+        ranges = {
+            tensor: {key: np.mean([stats[tensor][key] for stats in per_image], axis=0) for key in per_image[0][tensor]}
+            for tensor in per_image[0]
+        }
+        return bytes(engine.quantize(ranges).quantized_model)
+
+
+def _input_name(model: bytes) -> str:
+    from ai_edge_litert.interpreter import Interpreter
+
+    return Interpreter(model_content=model).get_signature_list()[SIGNATURE]["inputs"][0]
+
+
+def io_details(model: bytes) -> dict[str, list[dict[str, Any]]]:
+    """Names, shapes, dtypes and quantization of the model's inputs and outputs: what an app needs to call it."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=model)
+
+    def describe(details: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        rows = []
+        for d in details:
+            scale, zero_point = d["quantization"]
+            row = {"name": d["name"], "shape": [int(x) for x in d["shape"]], "dtype": np.dtype(d["dtype"]).name}
+            if scale:
+                row["quantization"] = {"scale": float(scale), "zero_point": int(zero_point)}
+            rows.append(row)
+        return rows
+
+    return {"inputs": describe(interpreter.get_input_details()),
+            "outputs": describe(interpreter.get_output_details())}

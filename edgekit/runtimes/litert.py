@@ -1,0 +1,62 @@
+"""Run TFLite artifacts in LiteRT (ai-edge-litert) on this host, XNNPACK on, threads fixed.
+
+Samples arrive NCHW float as everywhere in edgekit; this runner transposes them to the NHWC the
+artifact takes, quantizes them when its input is integer and dequantizes integer outputs, the
+same arithmetic an app does with the scale and zero point in the report.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from edgekit.errors import StageError, first_line
+
+
+class LiteRtRunner:
+    def __init__(self, model_bytes: bytes, threads: int) -> None:
+        import ai_edge_litert
+        from ai_edge_litert.interpreter import Interpreter
+
+        try:
+            self.interpreter = Interpreter(model_content=model_bytes, num_threads=threads)
+            self.interpreter.allocate_tensors()
+        except Exception as err:  # LiteRT raises RuntimeError/ValueError for unloadable models
+            raise StageError(f"LiteRT cannot load the artifact: {first_line(err)}") from err
+        self.input = self.interpreter.get_input_details()[0]
+        self.output = self.interpreter.get_output_details()[0]
+        version = getattr(ai_edge_litert, "__version__", "")
+        self.description = f"LiteRT (ai-edge-litert {version}) XNNPACK, {threads} threads".replace(" )", ")")
+
+    def _feed(self, sample: np.ndarray) -> np.ndarray:
+        data = sample[None].transpose(0, 2, 3, 1)
+        dtype = np.dtype(self.input["dtype"])
+        if dtype.kind in "iu":
+            scale, zero_point = self.input["quantization"]
+            info = np.iinfo(dtype)
+            data = np.clip(np.round(data / scale + zero_point), info.min, info.max)
+        return data.astype(dtype)
+
+    def _invoke(self, data: np.ndarray) -> np.ndarray:
+        self.interpreter.set_tensor(self.input["index"], data)
+        self.interpreter.invoke()
+        result = self.interpreter.get_tensor(self.output["index"])
+        if np.dtype(self.output["dtype"]).kind in "iu":
+            scale, zero_point = self.output["quantization"]
+            return (result.astype(np.float32) - zero_point) * scale
+        return result.astype(np.float32)
+
+    def run(self, inputs: np.ndarray) -> np.ndarray:
+        return np.concatenate([self._invoke(self._feed(row)) for row in inputs])
+
+    def time(self, sample: np.ndarray, warmup: int, runs: int) -> list[float]:
+        data = self._feed(sample)
+        for _ in range(warmup):
+            self._invoke(data)
+        timings = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            self._invoke(data)
+            timings.append((time.perf_counter() - start) * 1000)
+        return timings
