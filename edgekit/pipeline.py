@@ -232,12 +232,12 @@ def _manifest(loaded: LoadedModel, data: _DataPlan, device: Target, recipe_file:
 
 def _run_stages(progress: Progress, adapter: families.Family, loaded: LoadedModel, device: Target, plan: Recipe,
                 data: _DataPlan, threads: int, cache: ArrayCache, staging: Path, notes: list[str]) -> dict[str, Any]:
-    if plan.export.format == "tflite" and not loaded.is_torch:
+    tflite = plan.export.format == "tflite"
+    if tflite and not loaded.is_torch:
         raise UsageError("TFLite export converts torch models; an ONNX input builds to --format onnx")
     with progress.stage("data") as record:
         samples = _samples(adapter, loaded, data.eval_files, data.eval_root, cache)
         record["note"] = f"{len(samples)} held-out images, labels: {samples.label_source or 'none'}"
-    tflite = plan.export.format == "tflite"
     if loaded.is_torch:
         note = "tflite via litert-torch, onnx graph for analysis" if tflite else f"onnx opset {plan.export.opset}"
         with progress.stage("export", note=note):
@@ -255,7 +255,6 @@ def _run_stages(progress: Progress, adapter: families.Family, loaded: LoadedMode
         record["note"] = f"{reference_analysis.params / 1e6:.2f} M params, {reference_analysis.macs / 1e6:.1f} M MACs"
     precision = plan.quantize.precision
     reference = _reference_outputs(loaded, graph.SerializeToString(), samples, threads, cache)
-    quantization = None
     if tflite:
         artifact_bytes, quantization = _tflite(progress, adapter, loaded, float_tflite, plan, data, cache)
         artifact_analysis = dataclasses.replace(
@@ -263,17 +262,8 @@ def _run_stages(progress: Progress, adapter: families.Family, loaded: LoadedMode
             activation_bytes=reference_analysis.activation_bytes // (4 if precision == "int8" else 1))
         notes.append("TFLite artifacts carry no edgekit metadata: report.json holds the preprocessing")
     else:
-        if precision == "int8":
-            artifact, quantization = _int8(progress, adapter, loaded, graph, plan, data, samples, reference,
-                                           threads, cache)
-        else:
-            with progress.stage("quantize", note=precision):
-                artifact = to_fp16(graph) if precision == "fp16" else graph
-        metadata = {"edgekit.version": __version__, "edgekit.family": adapter.name, "edgekit.target": device.name,
-                    "edgekit.precision": precision, "edgekit.preprocess": loaded.preprocess}
-        if quantization:
-            metadata["edgekit.quantization"] = {k: quantization[k] for k in ("scheme", "kept_float", "calibration")}
-        set_metadata(artifact, metadata)
+        artifact, quantization = _onnx_artifact(progress, adapter, loaded, device, graph, plan, data, samples,
+                                                reference, threads, cache)
         artifact_bytes = artifact.SerializeToString(deterministic=True)
         artifact_analysis = analyze(artifact)
     artifact_file = f"model.{plan.export.format}"
@@ -326,6 +316,26 @@ def _run_stages(progress: Progress, adapter: families.Family, loaded: LoadedMode
     if any(g["status"] == "failed" for g in report["gates"]):
         report["status"] = "gate_failed"
     return report
+
+
+def _onnx_artifact(progress: Progress, adapter: families.Family, loaded: LoadedModel, device: Target,
+                   graph: onnx.ModelProto, plan: Recipe, data: _DataPlan, samples: Samples, reference: np.ndarray,
+                   threads: int, cache: ArrayCache) -> tuple[onnx.ModelProto, dict[str, Any] | None]:
+    """The ONNX graph at the recipe's precision, with edgekit's metadata (preprocessing, quantization) inside."""
+    precision = plan.quantize.precision
+    quantization = None
+    if precision == "int8":
+        artifact, quantization = _int8(progress, adapter, loaded, graph, plan, data, samples, reference, threads,
+                                       cache)
+    else:
+        with progress.stage("quantize", note=precision):
+            artifact = to_fp16(graph) if precision == "fp16" else graph
+    metadata = {"edgekit.version": __version__, "edgekit.family": adapter.name, "edgekit.target": device.name,
+                "edgekit.precision": precision, "edgekit.preprocess": loaded.preprocess}
+    if quantization:
+        metadata["edgekit.quantization"] = {k: quantization[k] for k in ("scheme", "kept_float", "calibration")}
+    set_metadata(artifact, metadata)
+    return artifact, quantization
 
 
 def _calibration(adapter: families.Family, loaded: LoadedModel, plan: Recipe, data: _DataPlan,
