@@ -30,7 +30,7 @@ class QuantizeStage(_Stage):
     precision: Precision | None = None
     # int8 only
     activations: Int8Activations | None = Field(default=None, description="default: what the target runtime takes")
-    calibration: Calibration = "mean-minmax"
+    calibration: Calibration = "mse"
     bias_correction: bool = True
     calib_limit: int = Field(default=128, gt=0, description="calibration images at most")
     sensitivity_images: int = Field(default=32, gt=0, description="calibration images the per-layer probe runs on")

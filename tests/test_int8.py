@@ -77,7 +77,7 @@ def test_report_and_artifact_record_scheme_exclusions_and_calibration(many_photo
     quantization = json.loads((result.out / "report.json").read_text())["quantization"]
     assert quantization["scheme"]["activations"] == "int8, symmetric, per tensor"  # TensorRT's form
     assert quantization["scheme"]["weights"] == "int8, symmetric, per output channel"
-    assert quantization["scheme"]["calibration"] == "mean-minmax" and quantization["scheme"]["bias_correction"]
+    assert quantization["scheme"]["calibration"] == "mse" and quantization["scheme"]["bias_correction"]
     calib_files = sorted(many_photos.iterdir())
     calib_part = [f for f in calib_files if f not in calib_files[3::4]]
     assert quantization["calibration"] == {"images": len(calib_part), "path": str(many_photos),
@@ -119,7 +119,9 @@ def test_int8_bytes_are_reproducible_through_the_ranges_cache(tiny_model: nn.Mod
     assert len(list(Path("cache").glob("*.json"))) == 1  # one calibration, reused by the second build
 
 
-def test_mean_minmax_ranges_sit_inside_the_extremes(tiny_model: nn.Module, photos: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", ["mean-minmax", "mse"])
+def test_robust_ranges_sit_inside_the_extremes(method: str, tiny_model: nn.Module, photos: Path,
+                                               tmp_path: Path) -> None:
     from edgekit.families.base import LoadOptions
     from edgekit.families.classifier import ClassifierFamily
 
@@ -128,13 +130,25 @@ def test_mean_minmax_ranges_sit_inside_the_extremes(tiny_model: nn.Module, photo
     inputs = family.samples(loaded, sorted(photos.iterdir()), None).inputs
     graph = export_onnx(tiny_model, (1, 3, 32, 32), 17)
     ranges = {}
-    for method in ("minmax", "mean-minmax"):
-        path = tmp_path / f"{method}.json"
-        Int8Quantizer(graph, inputs, Int8Scheme("uint8", method, False), path, 1).quantize()
-        ranges[method] = {k: (v["lowest"]["data"][0], v["highest"]["data"][0])
-                          for k, v in json.loads(path.read_text())["data"].items()}
-    assert ranges["minmax"].keys() == ranges["mean-minmax"].keys()
-    narrower = [ranges["minmax"][k][0] <= lo <= hi <= ranges["minmax"][k][1] for k, (lo, hi)
-                in ranges["mean-minmax"].items()]
+    for name in ("minmax", method):
+        path = tmp_path / f"{name}.json"
+        Int8Quantizer(graph, inputs, Int8Scheme("uint8", name, False), path, 1).quantize()
+        ranges[name] = {k: (v["lowest"]["data"][0], v["highest"]["data"][0])
+                        for k, v in json.loads(path.read_text())["data"].items()}
+    assert ranges["minmax"].keys() == ranges[method].keys()
+    narrower = [ranges["minmax"][k][0] - 1e-6 <= lo <= hi <= ranges["minmax"][k][1] + 1e-6
+                for k, (lo, hi) in ranges[method].items()]
     assert all(narrower)
-    assert any(ranges["mean-minmax"][k][1] < ranges["minmax"][k][1] for k in ranges["minmax"])
+    assert any(ranges[method][k][1] < ranges["minmax"][k][1] - 1e-6 for k in ranges["minmax"])
+
+
+def test_mse_clip_matches_the_known_optimum_for_laplace_tails() -> None:
+    """For Laplace(0, b) values the 8-bit MSE-optimal clip is about 9.9 b (Banner et al., ACIQ); the extremes
+    of 100k samples sit near 12 b, so the chosen range must be clipped inside them, near the optimum."""
+    from edgekit.passes.int8 import _best_clip
+
+    values = np.random.default_rng(0).laplace(0, 1, 100_000)
+    low, high = _best_clip(values, symmetric=False)
+    assert values.min() < low < -8 and 8 < high < values.max()
+    bound_low, bound_high = _best_clip(values, symmetric=True)
+    assert bound_low == -bound_high and 8 < bound_high < max(-values.min(), values.max())
