@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, TypeVar
 
 from rich.console import Console
@@ -21,6 +21,7 @@ T = TypeVar("T")
 class Progress:
     def __init__(self, quiet: bool = False) -> None:
         self.console = Console(stderr=True, quiet=quiet, highlight=False)
+        self.live = self.console.is_terminal and not quiet  # spinners and bars only where someone watches
         self.stages: list[dict[str, Any]] = []
         self._status: Any = None
 
@@ -32,7 +33,7 @@ class Progress:
             record["note"] = note
         start = time.perf_counter()
         try:
-            with self.console.status(f"{name}…") as self._status:
+            with self.console.status(f"{name}…") if self.live else nullcontext() as self._status:
                 yield record
         except EdgekitError:
             self._close(record, start, "failed")
@@ -53,10 +54,10 @@ class Progress:
         self.stages.append({"name": name, "status": "skipped", "seconds": 0.0, "note": reason})
         self.console.print(f"[dim]- {name:<10} skipped: {reason}[/]")
 
-    def note(self, message: str) -> None:
-        self.console.print(f"  {message}")
-
     def track(self, items: Iterable[T], total: int, description: str) -> Iterator[T]:
+        if not self.live:
+            yield from items
+            return
         from rich.progress import BarColumn, MofNCompleteColumn, TimeRemainingColumn
         from rich.progress import Progress as Bar
 

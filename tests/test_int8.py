@@ -109,6 +109,23 @@ def test_gate_that_cannot_be_met_exits_1(capsys, many_photos: Path, tmp_path: Pa
     assert len(report["quantization"]["steps"]) == 1 and report["quantization"]["max_float_layers"] == 0
 
 
+def test_int8_bytes_are_reproducible_across_processes(tiny_model: nn.Module, photos: Path, tmp_path: Path) -> None:
+    """Separate processes with different hash seeds and no cache: set and dict orders must not leak into bytes."""
+    import os
+    import subprocess
+    import sys
+
+    model = tmp_path / "tiny.onnx"
+    onnx.save(export_onnx(tiny_model, (1, 3, 32, 32), 17), str(model))
+    hashes = set()
+    for seed in ("1", "2"):
+        subprocess.run([sys.executable, "-m", "edgekit", "build", str(model), "--target", "x86-64", "--precision",
+                        "int8", "--calib", str(photos), "--runs", "2", "--no-cache", "-q", "--out", f"p{seed}"],
+                       check=True, env={**os.environ, "PYTHONHASHSEED": seed}, capture_output=True)
+        hashes.add(json.loads(Path(f"p{seed}/report.json").read_text())["artifact"]["sha256"])
+    assert len(hashes) == 1
+
+
 def test_int8_bytes_are_reproducible_through_the_ranges_cache(tiny_model: nn.Module, photos: Path) -> None:
     hashes = set()
     for i in range(2):
@@ -145,10 +162,10 @@ def test_robust_ranges_sit_inside_the_extremes(method: str, tiny_model: nn.Modul
 def test_mse_clip_matches_the_known_optimum_for_laplace_tails() -> None:
     """For Laplace(0, b) values the 8-bit MSE-optimal clip is about 9.9 b (Banner et al., ACIQ); the extremes
     of 100k samples sit near 12 b, so the chosen range must be clipped inside them, near the optimum."""
-    from edgekit.passes.int8 import _best_clip
+    from edgekit.passes.int8 import mse_clip
 
     values = np.random.default_rng(0).laplace(0, 1, 100_000)
-    low, high = _best_clip(values, symmetric=False)
+    low, high = mse_clip(values, symmetric=False)
     assert values.min() < low < -8 and 8 < high < values.max()
-    bound_low, bound_high = _best_clip(values, symmetric=True)
+    bound_low, bound_high = mse_clip(values, symmetric=True)
     assert bound_low == -bound_high and 8 < bound_high < max(-values.min(), values.max())

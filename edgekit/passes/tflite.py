@@ -78,14 +78,35 @@ def tflite_precision(float_model: bytes, precision: str, calibration: np.ndarray
         if precision != "int8" or calibration is None:
             raise ValueError(f"no TFLite recipe for {precision}")
         engine = quantizer.Quantizer(float_model, recipe.static_wi8_ai8())
-        input_name = _input_name(float_model)
-        rows = [{input_name: row[None].transpose(0, 2, 3, 1)} for row in calibration]
-        per_image = [engine.calibrate({SIGNATURE: [row]}) for row in rows]
-        ranges = {
-            tensor: {key: np.mean([stats[tensor][key] for stats in per_image], axis=0) for key in per_image[0][tensor]}
-            for tensor in per_image[0]
-        }
+        images = calibration.transpose(0, 2, 3, 1)
+        ranges = engine.calibrate({SIGNATURE: [{_input_name(float_model): images[:1]}]})
+        for tensor, (low, high) in _mse_ranges(float_model, list(ranges), images).items():
+            ranges[tensor]["min"] = np.full_like(ranges[tensor]["min"], low)
+            ranges[tensor]["max"] = np.full_like(ranges[tensor]["max"], high)
         return bytes(engine.quantize(ranges).quantized_model)
+
+
+def _mse_ranges(model: bytes, names: list[str], images: np.ndarray, per_image: int = 512) -> dict[str, tuple]:
+    """MSE-optimal clipped range of each named activation over the calibration images (the ONNX path's rule)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from edgekit.passes.int8 import mse_clip
+
+    interpreter = Interpreter(model_content=model, experimental_preserve_all_tensors=True)
+    interpreter.allocate_tensors()
+    index = {t["name"]: t["index"] for t in interpreter.get_tensor_details()}
+    wanted = sorted(name for name in names if name in index)  # a fixed order: the same draws every build
+    source = interpreter.get_input_details()[0]["index"]
+    rng = np.random.default_rng(0)
+    drawn: dict[str, list[np.ndarray]] = {name: [] for name in wanted}
+    for image in images:
+        interpreter.set_tensor(source, image[None])
+        interpreter.invoke()
+        for name in wanted:
+            flat = interpreter.get_tensor(index[name]).ravel()
+            drawn[name].append(flat[rng.integers(0, flat.size, per_image)])
+    return {name: mse_clip(np.concatenate(values).astype(np.float64), symmetric=False)
+            for name, values in drawn.items()}
 
 
 def _input_name(model: bytes) -> str:
