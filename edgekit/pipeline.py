@@ -362,7 +362,7 @@ def _tflite(progress: Progress, adapter: families.Family, loaded: LoadedModel, f
         "scheme": {"format": "TFLite", "engine": "ai-edge-quantizer", "weights": "int8, symmetric, per output channel",
                    "activations": "float, quantized at run time per tensor" if dynamic
                    else "int8, asymmetric, per tensor (int8 input and output)",
-                   "calibration": None if dynamic else "mean-minmax"},
+                   "calibration": None if dynamic else "mse"},
         "calibration": record,
         "kept_float": [],
         "decided_on": "every op quantized: full-integer targets (Edge TPU, Ethos-U) run no float op",
