@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -171,14 +171,20 @@ def _mse_range(model: onnx.ModelProto, names: list[str], inputs: np.ndarray, thr
                symmetric: bool, per_image: int = 2000) -> list[tuple[float, float]]:
     """For each tensor, the clipped range whose 8-bit quantization has the least squared error on a sample
     of its values (`per_image` drawn from each calibration image, seeded: the same images give the same ranges)."""
-    rng = np.random.default_rng(0)
     runner = OnnxRuntimeRunner(_with_outputs(model, names), threads)
-    drawn: list[list[np.ndarray]] = [[] for _ in names]
-    for outputs in runner.stream(inputs, names):
-        for values, tensor in zip(drawn, outputs, strict=True):
+    return [mse_clip(values, symmetric) for values in draw_values(runner.stream(inputs, names), per_image)]
+
+
+def draw_values(stream: Iterable[list[np.ndarray]], per_image: int) -> list[np.ndarray]:
+    """A seeded sample of `per_image` values of each tensor from each image's list of tensors, joined per tensor."""
+    rng = np.random.default_rng(0)
+    drawn: list[list[np.ndarray]] = []
+    for tensors in stream:
+        drawn = drawn or [[] for _ in tensors]
+        for values, tensor in zip(drawn, tensors, strict=True):
             flat = tensor.ravel()
             values.append(flat[rng.integers(0, flat.size, per_image)])
-    return [mse_clip(np.concatenate(values).astype(np.float64), symmetric) for values in drawn]
+    return [np.concatenate(values).astype(np.float64) for values in drawn]
 
 
 def mse_clip(values: np.ndarray, symmetric: bool) -> tuple[float, float]:

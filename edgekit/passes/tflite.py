@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 import warnings
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -90,23 +91,22 @@ def _mse_ranges(model: bytes, names: list[str], images: np.ndarray, per_image: i
     """MSE-optimal clipped range of each named activation over the calibration images (the ONNX path's rule)."""
     from ai_edge_litert.interpreter import Interpreter
 
-    from edgekit.passes.int8 import mse_clip
+    from edgekit.passes.int8 import draw_values, mse_clip
 
     interpreter = Interpreter(model_content=model, experimental_preserve_all_tensors=True)
     interpreter.allocate_tensors()
     index = {t["name"]: t["index"] for t in interpreter.get_tensor_details()}
     wanted = sorted(name for name in names if name in index)  # a fixed order: the same draws every build
     source = interpreter.get_input_details()[0]["index"]
-    rng = np.random.default_rng(0)
-    drawn: dict[str, list[np.ndarray]] = {name: [] for name in wanted}
-    for image in images:
-        interpreter.set_tensor(source, image[None])
-        interpreter.invoke()
-        for name in wanted:
-            flat = interpreter.get_tensor(index[name]).ravel()
-            drawn[name].append(flat[rng.integers(0, flat.size, per_image)])
-    return {name: mse_clip(np.concatenate(values).astype(np.float64), symmetric=False)
-            for name, values in drawn.items()}
+
+    def stream() -> Iterator[list[np.ndarray]]:
+        for image in images:
+            interpreter.set_tensor(source, image[None])
+            interpreter.invoke()
+            yield [interpreter.get_tensor(index[name]) for name in wanted]
+
+    samples = draw_values(stream(), per_image)
+    return {name: mse_clip(values, symmetric=False) for name, values in zip(wanted, samples, strict=True)}
 
 
 def _input_name(model: bytes) -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -15,3 +17,15 @@ class Runner(Protocol):
 
     def time(self, sample: np.ndarray, warmup: int, runs: int) -> list[float]:
         """Milliseconds of `runs` single-sample inferences after `warmup` untimed ones."""
+
+
+def time_calls(call: Callable[[], Any], warmup: int, runs: int) -> list[float]:
+    """Milliseconds of each of `runs` calls, after `warmup` untimed ones."""
+    for _ in range(warmup):
+        call()
+    timings = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        call()
+        timings.append((time.perf_counter() - start) * 1000)
+    return timings

@@ -7,11 +7,10 @@ same arithmetic an app does with the scale and zero point in the report.
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
 from edgekit.errors import StageError, first_line
+from edgekit.runtimes.base import time_calls
 
 
 class LiteRtRunner:
@@ -52,11 +51,4 @@ class LiteRtRunner:
 
     def time(self, sample: np.ndarray, warmup: int, runs: int) -> list[float]:
         data = self._feed(sample)
-        for _ in range(warmup):
-            self._invoke(data)
-        timings = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            self._invoke(data)
-            timings.append((time.perf_counter() - start) * 1000)
-        return timings
+        return time_calls(lambda: self._invoke(data), warmup, runs)

@@ -6,12 +6,12 @@ host rather than the target, so both are always set.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 
 import numpy as np
 
 from edgekit.errors import StageError, first_line
+from edgekit.runtimes.base import time_calls
 
 
 class OnnxRuntimeRunner:
@@ -42,11 +42,4 @@ class OnnxRuntimeRunner:
 
     def time(self, sample: np.ndarray, warmup: int, runs: int) -> list[float]:
         feed = {self.input_name: sample[None]}
-        for _ in range(warmup):
-            self.session.run(None, feed)
-        timings = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            self.session.run(None, feed)
-            timings.append((time.perf_counter() - start) * 1000)
-        return timings
+        return time_calls(lambda: self.session.run(None, feed), warmup, runs)
