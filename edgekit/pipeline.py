@@ -378,8 +378,10 @@ def _int8(progress: Progress, adapter: families.Family, loaded: LoadedModel, gra
     calibration, calib_record = _calibration(adapter, loaded, plan, data, cache)
     calib_digest = calib_record["sha256"]
     scratch = tempfile.TemporaryDirectory()  # holds the calibration ranges when the cache is off
+    # everything the ranges depend on, the symmetric/asymmetric clip and the code that computes them included
     ranges = cache.path({"kind": "int8-ranges", "model": loaded.fingerprint, "calibration": calib_digest,
-                         "preprocess": loaded.preprocess, "method": scheme.calibration}, ".json",
+                         "preprocess": loaded.preprocess, "method": scheme.calibration,
+                         "activations": scheme.activations, "edgekit": __version__}, ".json",
                         fallback=Path(scratch.name) / "ranges.json")
     quantizer = Int8Quantizer(graph, calibration, scheme, ranges, threads)
     with progress.stage("sensitivity") as record:

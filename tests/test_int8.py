@@ -169,3 +169,17 @@ def test_mse_clip_matches_the_known_optimum_for_laplace_tails() -> None:
     assert values.min() < low < -8 and 8 < high < values.max()
     bound_low, bound_high = mse_clip(values, symmetric=True)
     assert bound_low == -bound_high and 8 < bound_high < max(-values.min(), values.max())
+
+
+def test_ranges_cache_keeps_symmetric_and_asymmetric_apart(tiny_model: nn.Module, photos: Path) -> None:
+    """A TensorRT build (symmetric ranges) must not hand its ranges to a CPU build (asymmetric) of the same model."""
+    jetson = build(tiny_model, "jetson", precision="int8", calib=photos, input_size=32, out="j", overrides=FAST,
+                   quiet=True)
+    cpu = build(tiny_model, "x86-64", precision="int8", calib=photos, input_size=32, out="x", overrides=FAST,
+                quiet=True)
+    assert len(list(Path("cache").glob("*.json"))) == 2
+    assert cpu.report["top1_agreement"] >= jetson.report["top1_agreement"] - 0.34
+    graph = onnx.load(str(cpu.out / "model.onnx"))
+    initializers = {t.name: numpy_helper.to_array(t) for t in graph.graph.initializer}
+    zero_points = [initializers[n.input[2]] for n in graph.graph.node if n.op_type == "QuantizeLinear"]
+    assert any(z.dtype == np.uint8 and z.item() != 128 for z in zero_points)  # asymmetric ranges, not [-b, b]
