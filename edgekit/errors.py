@@ -1,4 +1,7 @@
-"""Errors that carry the process exit code the CLI promises (DESIGN.md: 0 ok, 1 gate, 2 input, 3 stage)."""
+"""Errors that carry the process exit code the CLI promises (DESIGN.md: 2 bad input, 3 a stage failed).
+
+A failed gate is not an error: the artifact exists, `BuildResult.exit_code` is 1.
+"""
 
 from __future__ import annotations
 
@@ -19,12 +22,6 @@ class StageError(EdgekitError):
     """A pipeline stage failed on input that looked valid (an exporter crash, a runtime refusing the file)."""
 
     exit_code = 3
-
-
-class GateFailed(EdgekitError):
-    """The artifact was built and verified, but a gate (accuracy, size, latency) did not hold."""
-
-    exit_code = 1
 
 
 def first_line(err: BaseException) -> str:
