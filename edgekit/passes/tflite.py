@@ -6,7 +6,7 @@ layout LiteRT, NNAPI and the Edge TPU expect, so the wrapper transposes at the i
 
 Precisions: `fp32`; `fp16` (fp16 weights, float compute); `int8-dynamic` (int8 weights, float
 activations quantized on the fly); `int8` (full integer: int8 weights and activations, int8 input
-and output, calibrated with the same per-image mean of min/max ranges the ONNX path uses).
+and output, with the ONNX path's MSE-clipped ranges and empirical bias correction).
 """
 
 from __future__ import annotations
@@ -84,29 +84,99 @@ def tflite_precision(float_model: bytes, precision: str, calibration: np.ndarray
         for tensor, (low, high) in _mse_ranges(float_model, list(ranges), images).items():
             ranges[tensor]["min"] = np.full_like(ranges[tensor]["min"], low)
             ranges[tensor]["max"] = np.full_like(ranges[tensor]["max"], high)
-        return bytes(engine.quantize(ranges).quantized_model)
+        return _correct_bias(bytes(engine.quantize(ranges).quantized_model), float_model, images)
+
+
+def _every_tensor(model: bytes) -> Any:
+    """An interpreter that keeps every intermediate tensor readable: no delegate, which would fuse them away."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    interpreter = Interpreter(model_content=model, experimental_preserve_all_tensors=True,
+                              experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    interpreter.allocate_tensors()
+    return interpreter
+
+
+def _tensor_stream(model: bytes, names: list[str], images: np.ndarray) -> Iterator[list[np.ndarray]]:
+    """The named tensors (dequantized when integer) for each NHWC image in turn."""
+    interpreter = _every_tensor(model)
+    details = {t["name"]: t for t in interpreter.get_tensor_details()}
+    source = interpreter.get_input_details()[0]
+    for image in images:
+        interpreter.set_tensor(source["index"], _to_input(image[None], source))
+        interpreter.invoke()
+        yield [_dequantized(interpreter.get_tensor(details[name]["index"]), details[name]) for name in names]
+
+
+def _to_input(data: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
+    dtype = np.dtype(detail["dtype"])
+    if dtype.kind not in "iu":
+        return data.astype(dtype)
+    scale, zero_point = detail["quantization"]
+    info = np.iinfo(dtype)
+    return np.clip(np.round(data / scale + zero_point), info.min, info.max).astype(dtype)
+
+
+def _dequantized(values: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
+    if np.dtype(detail["dtype"]).kind not in "iu":
+        return values
+    scale, zero_point = detail["quantization"]
+    return (values.astype(np.float32) - zero_point) * scale
 
 
 def _mse_ranges(model: bytes, names: list[str], images: np.ndarray, per_image: int = 512) -> dict[str, tuple]:
     """MSE-optimal clipped range of each named activation over the calibration images (the ONNX path's rule)."""
-    from ai_edge_litert.interpreter import Interpreter
-
     from edgekit.passes.int8 import draw_values, mse_clip
 
-    interpreter = Interpreter(model_content=model, experimental_preserve_all_tensors=True)
-    interpreter.allocate_tensors()
-    index = {t["name"]: t["index"] for t in interpreter.get_tensor_details()}
-    wanted = sorted(name for name in names if name in index)  # a fixed order: the same draws every build
-    source = interpreter.get_input_details()[0]["index"]
-
-    def stream() -> Iterator[list[np.ndarray]]:
-        for image in images:
-            interpreter.set_tensor(source, image[None])
-            interpreter.invoke()
-            yield [interpreter.get_tensor(index[name]) for name in wanted]
-
-    samples = draw_values(stream(), per_image)
+    known = {t["name"] for t in _every_tensor(model).get_tensor_details()}
+    wanted = sorted(name for name in names if name in known)  # a fixed order: the same draws every build
+    samples = draw_values(_tensor_stream(model, wanted, images), per_image)
     return {name: mse_clip(values, symmetric=False) for name, values in zip(wanted, samples, strict=True)}
+
+
+def _correct_bias(quantized: bytes, float_model: bytes, images: np.ndarray) -> bytes:
+    """Empirical bias correction of a full-integer model, as on the ONNX path: layer by layer in graph order,
+    the per-channel mean of each conv/FC output is brought back to the float model's through its int32 bias
+    (patched in place in the flatbuffer; the model's layout does not change)."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    buffer = bytearray(quantized)
+    graph_model = schema.Model.GetRootAs(buffer, 0)
+    graph = graph_model.Subgraphs(0)
+    probe = _every_tensor(quantized)
+    names = {t["index"]: t["name"] for t in probe.get_tensor_details()}
+    layers = [op for op in probe._get_ops_details()  # LiteRT's only Python listing of a model's ops
+              if op["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
+              and len(op["inputs"]) > 2 and op["inputs"][2] >= 0]
+    outputs = [names[op["outputs"][0]] for op in layers]
+    targets = _channel_means(_tensor_stream(float_model, outputs, images))
+    for op, name, target in zip(layers, outputs, targets, strict=True):
+        (current,) = _channel_means(_tensor_stream(bytes(buffer), [name], images))
+        bias = graph.Tensors(op["inputs"][2])
+        scale = bias.Quantization().ScaleAsNumpy().astype(np.float64)
+        values = _int32_view(buffer, graph_model.Buffers(bias.Buffer()))
+        steps = np.round((target - current) / scale).astype(np.int64)
+        values[:] = np.clip(values.astype(np.int64) + steps, -(2**31), 2**31 - 1)
+    return bytes(buffer)
+
+
+def _int32_view(buffer: bytearray, stored: Any) -> np.ndarray:
+    """A writable int32 view of one flatbuffer buffer: inline data, or data placed after the flatbuffer
+    (offset and size), as large models and some quantizers write it."""
+    if stored.DataLength():
+        return stored.DataAsNumpy().view(np.int32)
+    return np.frombuffer(buffer, dtype=np.int32, count=stored.Size() // 4, offset=stored.Offset())
+
+
+def _channel_means(stream: Iterator[list[np.ndarray]]) -> list[np.ndarray]:
+    """Per-channel (last axis, NHWC) mean of each tensor over the stream."""
+    totals: list[np.ndarray] = []
+    count = 0
+    for tensors in stream:
+        means = [t.reshape(-1, t.shape[-1]).mean(axis=0, dtype=np.float64) for t in tensors]
+        totals = means if not totals else [a + b for a, b in zip(totals, means, strict=True)]
+        count += 1
+    return [t / count for t in totals]
 
 
 def _input_name(model: bytes) -> str:
