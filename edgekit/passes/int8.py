@@ -2,11 +2,12 @@
 
 - Weights per channel, symmetric int8; activations calibrated on real images, as uint8 (what
   onnxruntime and LiteRT run fastest on CPUs) or symmetric int8 (what TensorRT requires).
-- Calibration ranges are computed once per (graph, images, method) and cached: every later
-  quantization of the same graph (sensitivity probes, layers kept in float) reuses them.
+- Activation ranges are clipped to the least squared quantization error (`mse`, the default), then
+  computed once per (graph, images, method, scheme) and cached: every later quantization of the
+  same graph (sensitivity probes, layers kept in float) reuses them.
 - Empirical bias correction (Nagel et al., "Data-Free Quantization", §4.2): quantization shifts
   the mean of each layer's output; layer by layer, in graph order, the per-channel mean of the
-  quantized output on calibration images is brought back to the float one through the int32 bias.
+  quantized output on calibration images is brought back to the float one through the bias.
 - Sensitivity: each layer quantized alone, the output's noise-to-signal ratio against float.
 """
 
