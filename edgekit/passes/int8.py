@@ -264,14 +264,20 @@ def _with_outputs(model: onnx.ModelProto, names: list[str]) -> bytes:
 
 
 def channel_means(model: onnx.ModelProto, names: list[str], inputs: np.ndarray, threads: int) -> list[np.ndarray]:
-    """Per-channel (axis 1) mean of each named tensor over `inputs`."""
-    totals: list[np.ndarray] | None = None
+    """Per-channel (axis 1, NCHW) mean of each named tensor of an ONNX graph over `inputs`."""
     runner = OnnxRuntimeRunner(_with_outputs(model, names), threads)
-    for outputs in runner.stream(inputs, names):
-        means = [o.mean(axis=tuple(i for i in range(o.ndim) if i != 1)) for o in outputs]
-        totals = means if totals is None else [t + m for t, m in zip(totals, means, strict=True)]
-    assert totals is not None
-    return [t / len(inputs) for t in totals]
+    return stream_channel_means(runner.stream(inputs, names), axis=1)
+
+
+def stream_channel_means(stream: Iterable[list[np.ndarray]], axis: int) -> list[np.ndarray]:
+    """Per-channel mean (channels on `axis`) of each tensor, over every sample of the stream."""
+    totals: list[np.ndarray] = []
+    count = 0
+    for tensors in stream:
+        means = [np.moveaxis(t, axis, -1).reshape(-1, t.shape[axis]).mean(axis=0, dtype=np.float64) for t in tensors]
+        totals = means if not totals else [a + b for a, b in zip(totals, means, strict=True)]
+        count += 1
+    return [t / count for t in totals]
 
 
 def correct_bias(quantized: onnx.ModelProto, prepared: onnx.ModelProto, inputs: np.ndarray, threads: int,

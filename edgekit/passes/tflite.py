@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgekit.errors import StageError, first_line
+from edgekit.runtimes.litert import from_tensor, to_tensor
 
 if TYPE_CHECKING:
     import torch
@@ -103,25 +104,9 @@ def _tensor_stream(model: bytes, names: list[str], images: np.ndarray) -> Iterat
     details = {t["name"]: t for t in interpreter.get_tensor_details()}
     source = interpreter.get_input_details()[0]
     for image in images:
-        interpreter.set_tensor(source["index"], _to_input(image[None], source))
+        interpreter.set_tensor(source["index"], to_tensor(image[None], source))
         interpreter.invoke()
-        yield [_dequantized(interpreter.get_tensor(details[name]["index"]), details[name]) for name in names]
-
-
-def _to_input(data: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
-    dtype = np.dtype(detail["dtype"])
-    if dtype.kind not in "iu":
-        return data.astype(dtype)
-    scale, zero_point = detail["quantization"]
-    info = np.iinfo(dtype)
-    return np.clip(np.round(data / scale + zero_point), info.min, info.max).astype(dtype)
-
-
-def _dequantized(values: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
-    if np.dtype(detail["dtype"]).kind not in "iu":
-        return values
-    scale, zero_point = detail["quantization"]
-    return (values.astype(np.float32) - zero_point) * scale
+        yield [from_tensor(interpreter.get_tensor(details[name]["index"]), details[name]) for name in names]
 
 
 def _mse_ranges(model: bytes, names: list[str], images: np.ndarray, per_image: int = 512) -> dict[str, tuple]:
@@ -140,6 +125,8 @@ def _correct_bias(quantized: bytes, float_model: bytes, images: np.ndarray) -> b
     (patched in place in the flatbuffer; the model's layout does not change)."""
     from ai_edge_litert import schema_py_generated as schema
 
+    from edgekit.passes.int8 import stream_channel_means
+
     buffer = bytearray(quantized)
     graph_model = schema.Model.GetRootAs(buffer, 0)
     graph = graph_model.Subgraphs(0)
@@ -149,9 +136,9 @@ def _correct_bias(quantized: bytes, float_model: bytes, images: np.ndarray) -> b
               if op["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
               and len(op["inputs"]) > 2 and op["inputs"][2] >= 0]
     outputs = [names[op["outputs"][0]] for op in layers]
-    targets = _channel_means(_tensor_stream(float_model, outputs, images))
+    targets = stream_channel_means(_tensor_stream(float_model, outputs, images), axis=-1)
     for op, name, target in zip(layers, outputs, targets, strict=True):
-        (current,) = _channel_means(_tensor_stream(bytes(buffer), [name], images))
+        (current,) = stream_channel_means(_tensor_stream(bytes(buffer), [name], images), axis=-1)
         bias = graph.Tensors(op["inputs"][2])
         scale = bias.Quantization().ScaleAsNumpy().astype(np.float64)
         values = _int32_view(buffer, graph_model.Buffers(bias.Buffer()))
@@ -166,17 +153,6 @@ def _int32_view(buffer: bytearray, stored: Any) -> np.ndarray:
     if stored.DataLength():
         return stored.DataAsNumpy().view(np.int32)
     return np.frombuffer(buffer, dtype=np.int32, count=stored.Size() // 4, offset=stored.Offset())
-
-
-def _channel_means(stream: Iterator[list[np.ndarray]]) -> list[np.ndarray]:
-    """Per-channel (last axis, NHWC) mean of each tensor over the stream."""
-    totals: list[np.ndarray] = []
-    count = 0
-    for tensors in stream:
-        means = [t.reshape(-1, t.shape[-1]).mean(axis=0, dtype=np.float64) for t in tensors]
-        totals = means if not totals else [a + b for a, b in zip(totals, means, strict=True)]
-        count += 1
-    return [t / count for t in totals]
 
 
 def _input_name(model: bytes) -> str:

@@ -29,22 +29,12 @@ class LiteRtRunner:
         self.description = f"LiteRT (ai-edge-litert {version}) XNNPACK, {threads} threads".replace(" )", ")")
 
     def _feed(self, sample: np.ndarray) -> np.ndarray:
-        data = sample[None].transpose(0, 2, 3, 1)
-        dtype = np.dtype(self.input["dtype"])
-        if dtype.kind in "iu":
-            scale, zero_point = self.input["quantization"]
-            info = np.iinfo(dtype)
-            data = np.clip(np.round(data / scale + zero_point), info.min, info.max)
-        return data.astype(dtype)
+        return to_tensor(sample[None].transpose(0, 2, 3, 1), self.input)
 
     def _invoke(self, data: np.ndarray) -> np.ndarray:
         self.interpreter.set_tensor(self.input["index"], data)
         self.interpreter.invoke()
-        result = self.interpreter.get_tensor(self.output["index"])
-        if np.dtype(self.output["dtype"]).kind in "iu":
-            scale, zero_point = self.output["quantization"]
-            return (result.astype(np.float32) - zero_point) * scale
-        return result.astype(np.float32)
+        return from_tensor(self.interpreter.get_tensor(self.output["index"]), self.output).astype(np.float32)
 
     def run(self, inputs: np.ndarray) -> np.ndarray:
         return np.concatenate([self._invoke(self._feed(row)) for row in inputs])
@@ -52,3 +42,21 @@ class LiteRtRunner:
     def time(self, sample: np.ndarray, warmup: int, runs: int) -> list[float]:
         data = self._feed(sample)
         return time_calls(lambda: self._invoke(data), warmup, runs)
+
+
+def to_tensor(data: np.ndarray, detail: dict) -> np.ndarray:
+    """Float data in the tensor's dtype: quantized with its scale and zero point when the tensor is integer."""
+    dtype = np.dtype(detail["dtype"])
+    if dtype.kind not in "iu":
+        return data.astype(dtype)
+    scale, zero_point = detail["quantization"]
+    info = np.iinfo(dtype)
+    return np.clip(np.round(data / scale + zero_point), info.min, info.max).astype(dtype)
+
+
+def from_tensor(values: np.ndarray, detail: dict) -> np.ndarray:
+    """A tensor's values as real numbers: dequantized when the tensor is integer."""
+    if np.dtype(detail["dtype"]).kind not in "iu":
+        return values
+    scale, zero_point = detail["quantization"]
+    return (values.astype(np.float32) - zero_point) * scale
