@@ -50,9 +50,9 @@ class ArrayCache:
         os.replace(handle.name, path)
         return arrays
 
-    def path(self, key: dict[str, Any], suffix: str, fallback: Path) -> Path:
-        """A file path for a cache entry another library writes itself; `fallback` when caching is off."""
+    def path(self, key: dict[str, Any], suffix: str) -> Path | None:
+        """A file path for a cache entry another library writes itself; None when caching is off."""
         if self.root is None:
-            return fallback
+            return None
         self.root.mkdir(parents=True, exist_ok=True)
         return self.root / (hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest() + suffix)

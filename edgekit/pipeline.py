@@ -11,7 +11,6 @@ import dataclasses
 import os
 import platform
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -377,12 +376,10 @@ def _int8(progress: Progress, adapter: families.Family, loaded: LoadedModel, gra
     scheme = Int8Scheme(settings.activations, settings.calibration, settings.bias_correction)
     calibration, calib_record = _calibration(adapter, loaded, plan, data, cache)
     calib_digest = calib_record["sha256"]
-    scratch = tempfile.TemporaryDirectory()  # holds the calibration ranges when the cache is off
     # everything the ranges depend on, the symmetric/asymmetric clip and the code that computes them included
     ranges = cache.path({"kind": "int8-ranges", "model": loaded.fingerprint, "calibration": calib_digest,
                          "preprocess": loaded.preprocess, "method": scheme.calibration,
-                         "activations": scheme.activations, "edgekit": __version__}, ".json",
-                        fallback=Path(scratch.name) / "ranges.json")
+                         "activations": scheme.activations, "edgekit": __version__}, ".json")
     quantizer = Int8Quantizer(graph, calibration, scheme, ranges, threads)
     with progress.stage("sensitivity") as record:
         probe = calibration[: settings.sensitivity_images]
@@ -402,7 +399,6 @@ def _int8(progress: Progress, adapter: families.Family, loaded: LoadedModel, gra
             settings.max_float_layers, progress=lambda xs: progress.track(xs, len(xs), "bias correction"),
         )
         record["note"] = f"{len(steps[-1]['kept_float'])} layers kept in float after {len(steps)} tries"
-    scratch.cleanup()
     return artifact, {
         "scheme": scheme.describe() | {"activations_for": plan.export.format},
         "calibration": calib_record,

@@ -42,15 +42,18 @@ class Int8Scheme:
     bias_correction: bool = True
 
     @property
+    def symmetric(self) -> bool:
+        return self.activations == "int8-symmetric"
+
+    @property
     def int32_bias(self) -> bool:
-        return self.activations == "uint8"
+        return not self.symmetric
 
     def describe(self) -> dict[str, Any]:
         return {
             "format": "QDQ",
             "weights": "int8, symmetric, per output channel",
-            "activations": "uint8, asymmetric, per tensor" if self.activations == "uint8"
-            else "int8, symmetric, per tensor",
+            "activations": "int8, symmetric, per tensor" if self.symmetric else "uint8, asymmetric, per tensor",
             "bias": "int32" if self.int32_bias else "float",
             "calibration": self.calibration,
             "bias_correction": self.bias_correction,
@@ -61,12 +64,18 @@ class Int8Scheme:
 class Int8Quantizer:
     """One graph, one calibration set, one scheme: quantizations that differ only in which layers stay float."""
 
-    def __init__(self, model: onnx.ModelProto, calibration: np.ndarray, scheme: Int8Scheme, ranges: Path,
+    def __init__(self, model: onnx.ModelProto, calibration: np.ndarray, scheme: Int8Scheme, ranges: Path | None,
                  threads: int) -> None:
+        """`ranges`: where the calibration ranges are cached across builds; None keeps them for this quantizer only."""
+        import onnx
+
         self.prepared = _prepare(model)
+        self._scratch = tempfile.TemporaryDirectory()  # removed with the quantizer
+        self._source = Path(self._scratch.name) / "prepared.onnx"
+        onnx.save(self.prepared, str(self._source))  # once: every quantization and the calibration read it
         self.calibration = calibration
         self.scheme = scheme
-        self.ranges = ranges
+        self.ranges = ranges or Path(self._scratch.name) / "ranges.json"
         self.threads = threads
 
     def layers(self) -> list[str]:
@@ -79,14 +88,13 @@ class Int8Quantizer:
         from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
         self._calibrate()
-        symmetric = self.scheme.activations == "int8-symmetric"
+        symmetric = self.scheme.symmetric
         with tempfile.TemporaryDirectory() as tmp:
-            source, target = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
-            onnx.save(self.prepared, str(source))
+            target = Path(tmp) / "out.onnx"
             logging.disable(logging.WARNING)  # the quantizer logs advice on every call; the report says what ran
             try:
                 quantize_static(
-                    str(source), str(target), _Reader(self.prepared.graph.input[0].name, self.calibration),
+                    str(self._source), str(target), _Reader(self.prepared.graph.input[0].name, self.calibration),
                     quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8,
                     activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
                     calibrate_method=self._method(),
@@ -117,23 +125,19 @@ class Int8Quantizer:
         `mse` clips each tensor's range to the one that minimises the mean squared quantization
         error over a sample of its calibration values; `mean-minmax` averages each tensor's
         per-image min and max. Both stop a few outliers from stretching a range every value pays for."""
-        import onnx
         from onnxruntime.quantization import TensorsData, create_calibrator, save_tensors_data
 
         if self.ranges.is_file():
             return
         with tempfile.TemporaryDirectory() as tmp:
-            source = Path(tmp) / "in.onnx"
-            onnx.save(self.prepared, str(source))
-            calibrator = create_calibrator(source, augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+            calibrator = create_calibrator(self._source, augmented_model_path=str(Path(tmp) / "augmented.onnx"),
                                            calibrate_method=self._method())
             calibrator.collect_data(_Reader(self.prepared.graph.input[0].name, self.calibration))
             ranges = calibrator.compute_data()
             if self.scheme.calibration in ("mse", "mean-minmax"):
                 names = sorted(ranges.data)  # onnxruntime's order varies between processes; the samples must not
                 estimate = _mse_range if self.scheme.calibration == "mse" else _mean_minmax
-                symmetric = self.scheme.activations == "int8-symmetric"
-                per_tensor = estimate(self.prepared, names, self.calibration, self.threads, symmetric)
+                per_tensor = estimate(self.prepared, names, self.calibration, self.threads, self.scheme.symmetric)
                 ranges = TensorsData(self._method(), {
                     name: (np.array([min(lo, 0.0)], np.float32), np.array([max(hi, 0.0)], np.float32))
                     for name, (lo, hi) in zip(names, per_tensor, strict=True)
