@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from functools import lru_cache
 from pathlib import Path
 
 from edgekit.errors import UsageError
@@ -43,8 +44,16 @@ def files_digest(files: list[Path], root: Path) -> str:
 
 
 def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes; a build hashes its data folders for cache keys, the report and the manifest,
+    so each unchanged file (same size and modification time) is read once per process."""
+    stat = path.stat()
+    return _sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=65536)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as handle:
+    with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
