@@ -97,7 +97,32 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--input-size", type=int, help="square input side in pixels (default 224)")
     i.add_argument("--top", type=int, default=20, help="layers to list, by MACs (0: all; default 20)")
     i.add_argument("--json", action="store_true", help="print the full analysis as JSON")
+    e = commands.add_parser(
+        "estimate", help="latency of an artifact on a target, from the device model; --validate checks it here",
+        description="Estimate an artifact's latency on a target, op by op, from the device model (the target's "
+        "peaks, bandwidth and per-kernel efficiencies in targets/*.toml). --validate calibrates the model for "
+        "this host by microbenchmarks, then estimates and measures each artifact here and prints the error.",
+        epilog=ESTIMATE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    e.add_argument("artifacts", nargs="*", help="model.onnx / model.tflite files or build folders")
+    e.add_argument("--target", "-t", help="device name, alias or .toml (default: x86-64; not with --validate)")
+    e.add_argument("--validate", action="store_true", help="estimate for this host and measure here; print the error")
+    e.add_argument("--calibrate-host", metavar="OUT.toml",
+                   help="run the microbenchmarks and write this host's profile as a target file")
+    e.add_argument("--threads", type=int, default=1, help="threads for --validate and --calibrate-host (default 1)")
+    e.add_argument("--recalibrate", action="store_true", help="re-run the microbenchmarks instead of the cached ones")
+    e.add_argument("--top", type=int, default=10, help="slowest layers to list per artifact (default 10)")
+    e.add_argument("--json", action="store_true", help="print the results as JSON")
     return parser
+
+
+ESTIMATE_EXAMPLES = """\
+examples:
+  edgekit estimate dist/mobilenet_v2-jetson-orin-nano --target jetson
+  edgekit estimate dist/*/model.onnx --validate --threads 2
+  edgekit estimate --calibrate-host my-host.toml --threads 2   # then: edgekit build ... --target my-host.toml
+
+every figure is labelled: `estimated` from the device model, `measured: host` from a run here.
+"""
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -190,10 +215,70 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _estimate(args: argparse.Namespace) -> int:
+    from edgekit.cache import ArrayCache, default_cache_dir
+    from edgekit.progress import Progress
+    from edgekit.targets import load_target
+    from edgekit.verify.estimate import estimate
+    from edgekit.verify.validate import analyze_artifact, artifact_file, host_profile, profile_toml, validate
+
+    if not args.artifacts and not args.calibrate_host:
+        raise UsageError("name one or more artifacts, or --calibrate-host OUT.toml")
+    if args.validate and args.target:
+        raise UsageError("--validate estimates for this host; it takes no --target")
+    if args.threads < 1:
+        raise UsageError("--threads must be at least 1")
+    paths = [artifact_file(path) for path in args.artifacts]  # every path checked before any long work
+    progress = Progress(args.json)
+    results: dict[str, Any] = {}
+    if args.validate or args.calibrate_host:
+        with progress.stage("calibrate", note=f"microbenchmarks, {args.threads} threads"):
+            profile = host_profile(args.threads, ArrayCache(default_cache_dir()), args.recalibrate,
+                                   progress=lambda xs: progress.track(xs, len(xs), "kernels"))
+        if args.calibrate_host:
+            with open(args.calibrate_host, "w") as out:
+                out.write(profile_toml(profile))
+            results["profile"] = args.calibrate_host
+    if args.validate:
+        with progress.stage("validate", note=f"{len(paths)} artifacts"):
+            results["validation"] = validate(paths, profile, args.threads,
+                                             progress=lambda xs: progress.track(xs, len(xs), "artifacts"))
+    elif paths:
+        target = load_target(args.target or "x86-64")
+        results["estimates"] = [{"artifact": str(path), "target": target.name,
+                                 **estimate(analyze_artifact(path), target, top=args.top)} for path in paths]
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    from rich.table import Table
+
+    if "profile" in results:
+        print(f"wrote {results['profile']}: {profile.description}")
+    for row in results.get("estimates", []):
+        table = Table("layer", "op", "class", "precision", "ms", "bound", title=(
+            f"{row['artifact']} on {row['target']}: {row['ms']:.3f} ms (estimated, {row['bound']}-bound, "
+            f"{row['ops']} ops)"))
+        for layer in row["layers"]:
+            table.add_row(layer["name"], layer["op"], layer["class"], layer["precision"], f"{layer['ms']:.4f}",
+                          layer["bound"])
+        _console().print(table)
+    if "validation" in results:
+        report = results["validation"]
+        table = Table("artifact", "format", "estimated ms", "measured ms (host)", "error", title=(
+            f"device model vs measurement: {report['host']}, {report['threads']} threads"))
+        for row in report["models"]:
+            table.add_row(row["artifact"], row["format"], f"{row['estimated_ms']:.3f}", f"{row['measured_ms']:.3f}",
+                          f"{row['error'] * 100:+.1f}%")
+        _console().print(table)
+        print(f"median absolute error: {report['median_abs_error'] * 100:.1f}% over {len(report['models'])} artifacts")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
-        return {"build": _build, "targets": _targets, "inspect": _inspect}[args.command](args)
+        commands = {"build": _build, "targets": _targets, "inspect": _inspect, "estimate": _estimate}
+        return commands[args.command](args)
     except EdgekitError as err:
         if os.environ.get("EDGEKIT_DEBUG"):
             traceback.print_exc()

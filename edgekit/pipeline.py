@@ -7,7 +7,6 @@ artifact folder appears only when it is complete.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import platform
 import shutil
@@ -23,7 +22,7 @@ from edgekit.cache import ArrayCache, default_cache_dir
 from edgekit.data import file_sha256, files_digest, list_images, split_held_out
 from edgekit.errors import StageError, UsageError
 from edgekit.families.base import LoadedModel, LoadOptions, Samples
-from edgekit.passes.analyze import analyze
+from edgekit.passes.analyze import analyze, analyze_tflite
 from edgekit.passes.export import export_onnx, set_metadata
 from edgekit.passes.int8 import Int8Quantizer, Int8Scheme, accuracy_aware
 from edgekit.passes.quantize import to_fp16
@@ -36,7 +35,7 @@ from edgekit.resources import resource_dir
 from edgekit.runtimes.litert import LiteRtRunner
 from edgekit.runtimes.onnxruntime import OnnxRuntimeRunner
 from edgekit.targets import Target, load_target
-from edgekit.verify.estimate import roofline
+from edgekit.verify.estimate import estimate
 from edgekit.verify.gates import accuracy_holds, check_gates
 from edgekit.verify.latency import measure
 from edgekit.verify.ops import op_placement
@@ -256,9 +255,7 @@ def _run_stages(progress: Progress, adapter: families.Family, loaded: LoadedMode
     reference = _reference_outputs(loaded, graph.SerializeToString(), samples, threads, cache)
     if tflite:
         artifact_bytes, quantization = _tflite(progress, adapter, loaded, float_tflite, plan, data, cache)
-        artifact_analysis = dataclasses.replace(
-            reference_analysis, weight_bytes=len(artifact_bytes),
-            activation_bytes=reference_analysis.activation_bytes // (4 if precision == "int8" else 1))
+        artifact_analysis = analyze_tflite(artifact_bytes)
         notes.append("TFLite artifacts carry no edgekit metadata: report.json holds the preprocessing")
     else:
         artifact, quantization = _onnx_artifact(progress, adapter, loaded, device, graph, plan, data, samples,
@@ -276,7 +273,7 @@ def _run_stages(progress: Progress, adapter: families.Family, loaded: LoadedMode
         accuracy = adapter.compare(reference, outputs, samples.labels)
         latency = {
             "measured_host": measure(runner, samples.inputs[0], plan.verify.warmup, plan.verify.runs),
-            "estimated_target": roofline(artifact_analysis, device, precision),
+            "estimated_target": estimate(artifact_analysis, device),
         }
         record["note"] = (f"agreement {accuracy['top1_agreement']:.3f}, "
                           f"host p50 {latency['measured_host']['p50']:.2f} ms")

@@ -71,6 +71,43 @@ class Budgets(_Strict):
     )
 
 
+OpClass = Literal["conv", "depthwise", "grouped", "gemm", "gemv", "elementwise"]
+
+
+class KernelRate(_Strict):
+    """One measured kernel: the efficiency a layer of this class, precision and shape reaches on the device."""
+
+    op_class: OpClass
+    precision: Precision
+    reduction: int = Field(gt=0, description="multiply-accumulates per output value (Cin/groups x kernel area)")
+    outputs: int = Field(gt=0, description="output values")
+    efficiency: float = Field(gt=0, le=1)
+
+
+class LatencyModel(_Strict):
+    """How close to its peaks the device gets, per kind of kernel: the device model's data (verify/estimate)."""
+
+    node_overhead_us: float = Field(ge=0, description="fixed cost of launching one kernel")
+    efficiency: dict[OpClass, float] = Field(
+        description="fraction of the compute peak each kernel class reaches (elementwise: of the bandwidth)")
+    int8_efficiency: dict[OpClass, float] = Field(
+        default_factory=dict, description="the same for int8 kernels where it differs (default: efficiency)")
+    memory_efficiency: float = Field(gt=0, le=1, description="fraction of the bandwidth streaming kernels reach")
+    on_chip_weights_mb: float | None = Field(
+        default=None, gt=0, description="weights up to this size stay on the accelerator and are not streamed")
+    activations_on_chip: bool = Field(
+        default=False, description="intermediate tensors stay on the accelerator; only the graph's I/O moves")
+    kernels: list[KernelRate] = Field(
+        default_factory=list, description="measured kernels: a layer takes the efficiency of the nearest in shape")
+
+    @model_validator(mode="after")
+    def _fractions(self) -> LatencyModel:
+        bad = [k for k, v in {**self.efficiency, **self.int8_efficiency}.items() if not 0 < v <= 1]
+        if bad:
+            raise ValueError(f"efficiency of {', '.join(bad)} must be in (0, 1]")
+        return self
+
+
 class FamilyDefaults(_Strict):
     precision: Precision | None = None
     format: Format | None = None
@@ -86,6 +123,7 @@ class Target(_Strict):
     memory: Memory
     constraints: Constraints = Constraints()
     budgets: Budgets = Budgets()
+    latency: LatencyModel | None = Field(default=None, description="without it, estimates are a plain roofline")
     defaults: dict[str, FamilyDefaults] = Field(
         default_factory=dict, description='per family ("classifier", …), "*" for all'
     )
@@ -106,6 +144,16 @@ class Target(_Strict):
             for key, value in getattr(self, section).model_dump().items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     numbers[f"{section}.{key}"] = value
+        if self.latency is not None:
+            for key, value in self.latency.model_dump().items():
+                if key == "kernels":  # one source covers the table of measured kernels
+                    if value:
+                        numbers["latency.kernels"] = len(value)
+                    continue
+                items = value.items() if isinstance(value, dict) else [(None, value)]
+                for name, number in items:
+                    if isinstance(number, (int, float)) and not isinstance(number, bool):
+                        numbers[f"latency.{key}" + (f".{name}" if name else "")] = number
         for i, runtime in enumerate(self.runtimes):
             if runtime.opset is not None:
                 numbers[f"runtimes.{i}.opset"] = runtime.opset

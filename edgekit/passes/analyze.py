@@ -17,11 +17,18 @@ if TYPE_CHECKING:
 
 @dataclass
 class LayerStats:
+    """One node as a runtime runs it: its work, the bytes it moves, and the class of kernel it needs."""
+
     name: str
     op: str
     macs: int
     params: int
     output_shape: list[int]
+    # conv, depthwise, grouped, gemm, gemv (one row: weight-streaming), elementwise, data, fused (no kernel)
+    op_class: str = "elementwise"
+    precision: str = "fp32"  # of its arithmetic: the stored weights' type, else its input's
+    weight_bytes: int = 0
+    activation_bytes: int = 0  # activations read and written, at the width the runtime stores them
 
 
 @dataclass
@@ -79,6 +86,50 @@ def _node_macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int:
     return 0
 
 
+_WEIGHTED = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+_PRECISION = {1: "fp32", 10: "fp16", 16: "fp16", 3: "int8", 2: "int8"}  # onnx.TensorProto element types
+# what every runtime edgekit targets folds into the producing conv/matmul/add: no kernel of its own
+_FUSABLE = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "Tanh", "BatchNormalization"}
+# ops QDQ-aware runtimes (onnxruntime, TensorRT) run in int8 or move without converting: Q/DQ beside them fold
+_INT8_KERNELS = {"Conv", "ConvTranspose", "MatMul", "Gemm", "Add", "Mul", "Sigmoid", "LeakyRelu", "GlobalAveragePool",
+                 "AveragePool", "MaxPool", "Concat", "Softmax", "Reshape", "Transpose", "Flatten", "Squeeze",
+                 "Unsqueeze", "Split", "Slice", "Resize", "Gather", "Relu", "Clip", "QuantizeLinear",
+                 "DequantizeLinear"}
+_DATA = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Shape", "Gather", "Concat", "Slice",
+         "ConstantOfShape", "Cast"}
+
+
+def _op_class(node: onnx.NodeProto, producers: dict[str, onnx.NodeProto], readers: dict[str, list[Any]],
+              shapes: dict[str, list[int]]) -> str:
+    """The kind of kernel a runtime runs for `node`, which sets how close to peak it gets."""
+    op = node.op_type
+    if op in ("QuantizeLinear", "DequantizeLinear"):
+        # folded into the int8 kernel beside it; next to an op with no int8 kernel it converts a whole tensor
+        partners = [producers.get(node.input[0])] if op == "QuantizeLinear" else readers.get(node.output[0], [])
+        return "fused" if all(p is None or p.op_type in _INT8_KERNELS for p in partners) else "elementwise"
+    if op in ("Conv", "ConvTranspose"):
+        group = next((attr.i for attr in node.attribute if attr.name == "group"), 1)
+        channels = (shapes.get(node.input[0]) or [0, 0])[1]
+        return "conv" if group == 1 else "depthwise" if group == channels else "grouped"
+    if op in ("Gemm", "MatMul"):
+        return _matrix_class(shapes.get(node.output[0], []))
+    if op in _FUSABLE and len(readers.get(node.input[0], [])) == 1:
+        source = node.input[0]
+        while source in producers and producers[source].op_type in ("QuantizeLinear", "DequantizeLinear"):
+            source = producers[source].input[0]
+        producer = producers.get(source)
+        if producer is not None and producer.op_type in (*_WEIGHTED, "Add") and len(readers.get(source, [])) == 1:
+            return "fused"
+    if op in _DATA:
+        return "data"
+    return "elementwise"
+
+
+def _matrix_class(output_shape: list[int]) -> str:
+    """A product with one output row reads every weight once per row: it streams weights (gemv), not computes."""
+    return "gemv" if output_shape and prod(output_shape[:-1]) == 1 else "gemm"
+
+
 def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """Shapes of every tensor. onnxruntime's symbolic inference also folds the Shape/Slice/Concat chains
     exporters emit for padding computed at run time, where onnx's own inference stops."""
@@ -114,52 +165,127 @@ def analyze(model: onnx.ModelProto) -> Analysis:
         tensor = weights.get(name)
         return prod(tensor.dims) if tensor is not None and tensor.data_type in float_types else 0
 
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.value_info, *graph.output]}
+    types.update({name: t.data_type for name, t in weights.items()})
+    producers = {out: node for node in graph.node for out in node.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+
+    def stored(name: str) -> str:
+        """The tensor a runtime actually holds for `name`: QDQ pairs fold into their neighbours, so a
+        DequantizeLinear output is its quantized input, and a tensor only QuantizeLinear reads is written
+        quantized."""
+        node = producers.get(name)
+        if node is not None and node.op_type == "DequantizeLinear":
+            return node.input[0]
+        quantizers = readers.get(name, [])
+        if quantizers and all(n.op_type == "QuantizeLinear" for n in quantizers):
+            return quantizers[0].output[0]
+        return name
+
     layers = []
     for node in graph.node:
         if node.op_type == "Constant":
             continue
+        sources = [stored(name) for name in node.input if name]
+        held = [name for name in sources if name in weights]
+        moved = [name for name in sources if name not in weights] + [stored(name) for name in node.output]
+        arithmetic = held[0] if held and node.op_type in _WEIGHTED else (sources[0] if sources else "")
         layers.append(LayerStats(
             name=node.name or node.output[0], op=node.op_type, macs=_node_macs(node, shapes),
             params=sum(params_of(name) for name in node.input), output_shape=shapes.get(node.output[0], []),
+            op_class="fused" if len(held) == len(sources) else _op_class(node, producers, readers, shapes),
+            precision=_PRECISION.get(types.get(arithmetic, 0), "fp32"),
+            weight_bytes=sum(prod(weights[name].dims) * _itemsize(weights[name].data_type) for name in held),
+            activation_bytes=sum(sizes.get(name, 0) for name in moved),
         ))
 
-    for name in _fused_by_qdq(graph):
+    for name in [name for name in sizes if stored(name) != name]:  # float tensors an INT8 runtime never holds
         sizes[name] = 0
-    weight_bytes = sum(prod(t.dims) * _itemsize(t.data_type) for t in weights.values())
-    params = sum(params_of(name) for name in weights)
-    produced = [o for node in graph.node if node.op_type != "Constant" for o in node.output if o in sizes]
+    nodes = [node for node in graph.node if node.op_type != "Constant"]
     return Analysis(
-        params=params, macs=sum(layer.macs for layer in layers), weight_bytes=weight_bytes,
-        activation_bytes=sum(sizes[name] for name in produced),
-        activation_peak_bytes=_activation_peak(graph, sizes, set(weights)), layers=layers,
+        params=sum(params_of(name) for name in weights), macs=sum(layer.macs for layer in layers),
+        weight_bytes=sum(prod(t.dims) * _itemsize(t.data_type) for t in weights.values()),
+        activation_bytes=sum(sizes.get(o, 0) for node in nodes for o in node.output),
+        activation_peak_bytes=_activation_peak([(n.input, n.output) for n in nodes],
+                                               [v.name for v in graph.input if v.name not in weights],
+                                               [v.name for v in graph.output], sizes),
+        layers=layers,
     )
 
 
-def _fused_by_qdq(graph: onnx.GraphProto) -> set[str]:
-    """Float tensors a QDQ graph never materialises on an INT8 runtime: DequantizeLinear outputs (fused into
-    their consumers) and tensors read only by QuantizeLinear (fused into their producers)."""
-    readers: dict[str, list[str]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node.op_type)
-    fused = {o for node in graph.node if node.op_type == "DequantizeLinear" for o in node.output}
-    fused |= {name for name, ops in readers.items() if set(ops) == {"QuantizeLinear"}}
-    return fused
+_TFLITE_CLASS = {"CONV_2D": "conv", "TRANSPOSE_CONV": "conv", "DEPTHWISE_CONV_2D": "depthwise",
+                 "RESHAPE": "data", "SQUEEZE": "data", "EXPAND_DIMS": "data"}
 
 
-def _activation_peak(graph: onnx.GraphProto, sizes: dict[str, int], constants: set[str]) -> int:
-    """Most activation bytes alive at once when nodes run in graph order (a tensor lives until its last reader)."""
-    nodes = [n for n in graph.node if n.op_type != "Constant"]
-    last_use: dict[str, int] = {}
-    for step, node in enumerate(nodes):
-        for name in node.input:
+def analyze_tflite(model: bytes) -> Analysis:
+    """The same analysis for a TFLite flatbuffer, read through LiteRT: activations are fused into their ops
+    already, and a DEQUANTIZE of stored weights (fp16 models) is folded when the interpreter is prepared."""
+    import numpy as np
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=model)
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    ops = interpreter._get_ops_details()  # LiteRT's only Python listing of a model's ops
+    inputs = [d["index"] for d in interpreter.get_input_details()]
+    produced = {i for op in ops for i in op["outputs"]}
+    weights = {i for op in ops for i in op["inputs"] if i >= 0 and i not in produced and i not in inputs}
+    shapes = {i: [int(d) for d in t["shape"]] for i, t in tensors.items()}
+    sizes = {i: prod(shapes[i]) * np.dtype(t["dtype"]).itemsize for i, t in tensors.items()}
+    folded = {op["outputs"][0]: op["inputs"][0] for op in ops
+              if op["op_name"] == "DEQUANTIZE" and op["inputs"][0] in weights}
+
+    layers = []
+    for op in ops:
+        name, ins = op["op_name"], [i for i in op["inputs"] if i >= 0]
+        held = [folded.get(i, i) for i in ins if i in weights or i in folded]
+        out = shapes[op["outputs"][0]]
+        macs = 0
+        if held and name in ("CONV_2D", "FULLY_CONNECTED", "BATCH_MATMUL"):
+            macs = prod(out) * prod(shapes[held[0]][1:] if name == "CONV_2D" else shapes[held[0]][-1:])
+        elif held and name == "DEPTHWISE_CONV_2D":
+            macs = prod(out) * prod(shapes[held[0]][1:3])
+        elif held and name == "TRANSPOSE_CONV":
+            macs = prod(shapes[ins[-1]]) * prod(shapes[held[0]][:3])
+        arithmetic = held[0] if held else (ins[0] if ins else None)
+        dtype = np.dtype(tensors[arithmetic]["dtype"]).name if arithmetic is not None else "float32"
+        layers.append(LayerStats(
+            name=tensors[op["outputs"][0]]["name"], op=name, macs=macs,
+            params=sum(prod(shapes[i]) for i in held), output_shape=out,
+            op_class="fused" if op["outputs"][0] in folded else _matrix_class(out)
+            if name in ("FULLY_CONNECTED", "BATCH_MATMUL") else _TFLITE_CLASS.get(name, "elementwise"),
+            precision={"int8": "int8", "uint8": "int8", "float16": "fp16"}.get(dtype, "fp32"),
+            weight_bytes=sum(sizes[i] for i in held),
+            activation_bytes=sum(sizes[i] for i in [*ins, *op["outputs"]] if i not in weights and i not in folded),
+        ))
+    for index in folded:
+        sizes[index] = 0
+    return Analysis(
+        params=sum(prod(shapes[i]) for i in weights if np.dtype(tensors[i]["dtype"]).kind in "fiu"),
+        macs=sum(layer.macs for layer in layers), weight_bytes=sum(sizes[i] for i in weights),
+        activation_bytes=sum(sizes[i] for i in produced),
+        activation_peak_bytes=_activation_peak([(op["inputs"], op["outputs"]) for op in ops], inputs,
+                                               [d["index"] for d in interpreter.get_output_details()], sizes),
+        layers=layers,
+    )
+
+
+def _activation_peak(steps: list[tuple[Any, Any]], inputs: list[Any], outputs: list[Any],
+                     sizes: dict[Any, int]) -> int:
+    """Most activation bytes alive at once when (inputs, outputs) steps run in order (a tensor lives until its
+    last reader); constants are not in `inputs` and are never produced, so they never count."""
+    last_use: dict[Any, int] = {}
+    for step, (reads, _) in enumerate(steps):
+        for name in reads:
             last_use[name] = step
-    for value in graph.output:
-        last_use[value.name] = len(nodes)
-    live = {v.name: sizes.get(v.name, 0) for v in graph.input if v.name not in constants}
+    for name in outputs:
+        last_use[name] = len(steps)
+    live = {name: sizes.get(name, 0) for name in inputs}
     peak = sum(live.values())
-    for step, node in enumerate(nodes):
-        for name in node.output:
+    for step, (_, writes) in enumerate(steps):
+        for name in writes:
             live[name] = sizes.get(name, 0)
         peak = max(peak, sum(live.values()))
         live = {name: size for name, size in live.items() if last_use.get(name, -1) > step}

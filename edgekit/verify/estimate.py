@@ -1,37 +1,89 @@
-"""A first latency estimate for the target: a roofline over the whole graph.
+"""The device model: a latency estimate for the target, op by op, from the exported graph.
 
-Compute time is 2·MACs over the target's peak at the artifact's precision; memory time is the
-bytes moved (weights read once, every activation written and read once) over its bandwidth;
-the estimate is the larger. It ignores per-op efficiency and overheads, so it is a lower bound
-that says which resource bounds the model, and the report labels it `estimated`.
+Each op costs a fixed launch overhead plus the larger of its compute time (2·MACs over the
+target's peak at the op's precision, scaled by how efficiently that kind of kernel reaches it)
+and its memory time (weights and activations moved, over the achievable bandwidth). Ops a
+runtime folds into their neighbours (activations after a conv, QDQ pairs, constant subgraphs)
+cost nothing. Every number comes from the target's TOML (`[compute]`, `[memory]`, `[latency]`),
+so the same code estimates a Jetson, a Coral and this host, and `edgekit estimate --validate`
+checks it against measurements here. The result is labelled `estimated`.
 """
 
 from __future__ import annotations
 
+from math import log, prod
 from typing import Any
 
-from edgekit.passes.analyze import Analysis
+from edgekit.passes.analyze import Analysis, LayerStats
 from edgekit.targets import Target
 
 
-def roofline(analysis: Analysis, target: Target, precision: str) -> dict[str, Any]:
-    peak_precision = precision
-    peak = target.compute.peak_gops(precision)
-    if peak is None:  # the device has no fast path at this precision: it runs at its fp32 rate
-        peak_precision, peak = "fp32", target.compute.fp32_gflops
-    if peak is None:
-        return {"label": "estimated", "ms": None, "reason": f"{target.name} lists no {precision} or fp32 peak"}
-    bytes_moved = analysis.weight_bytes + 2 * analysis.activation_bytes
-    compute_ms = 2 * analysis.macs / (peak * 1e9) * 1e3
-    memory_ms = bytes_moved / (target.memory.bandwidth_gbps * 1e9) * 1e3
+def estimate(analysis: Analysis, target: Target, top: int | None = None) -> dict[str, Any]:
+    """Estimated milliseconds for one inference on `target`, with every layer's (or the `top` slowest).
+
+    Compute classes (conv, depthwise, grouped, gemm, gemv) scale the compute peak by their efficiency;
+    elementwise ops, which compute next to nothing, scale the bandwidth by theirs."""
+    model = target.latency
+    bandwidth = target.memory.bandwidth_gbps * 1e9 * (model.memory_efficiency if model else 1.0)
+    resident = (model.on_chip_weights_mb or 0) * 1e6 if model else 0.0
+    rows, compute_total, memory_total = [], 0.0, 0.0
+    for layer in analysis.layers:
+        if layer.op_class == "fused":
+            continue
+        peak_precision, peak = _peak(target, layer.precision)
+        if peak is None:
+            return {"label": "estimated", "ms": None,
+                    "reason": f"{target.name} lists no {layer.precision} or fp32 peak"}
+        efficiency = _efficiency(target, layer)
+        compute_s = 2 * layer.macs / (peak * 1e9 * efficiency) if layer.macs else 0.0
+        streamed = max(0.0, layer.weight_bytes - resident)
+        resident = max(0.0, resident - layer.weight_bytes)  # the accelerator caches weights in graph order
+        moved = streamed + (0 if model and model.activations_on_chip else layer.activation_bytes)
+        memory_s = moved / (bandwidth * (efficiency if layer.op_class == "elementwise" else 1.0))
+        overhead_s = (model.node_overhead_us if model else 0.0) * 1e-6
+        compute_total += compute_s
+        memory_total += memory_s
+        rows.append({"name": layer.name, "op": layer.op, "class": layer.op_class, "precision": peak_precision,
+                     "ms": (overhead_s + max(compute_s, memory_s)) * 1e3,
+                     "bound": "compute" if compute_s >= memory_s else "memory"})
+    if model and model.activations_on_chip and analysis.layers:  # the graph's input and output cross the link
+        io = analysis.layers[0].activation_bytes + analysis.layers[-1].activation_bytes
+        rows.append({"name": "graph input and output", "op": "transfer", "class": "io", "precision": "-",
+                     "ms": io / bandwidth * 1e3, "bound": "memory"})
+    total = sum(row["ms"] for row in rows)
+    slowest = sorted(rows, key=lambda row: -row["ms"])[:top]  # None: all
     return {
         "label": "estimated",
-        "ms": round(max(compute_ms, memory_ms), 4),
-        "bound": "compute" if compute_ms >= memory_ms else "memory",
-        "compute_ms": round(compute_ms, 4),
-        "memory_ms": round(memory_ms, 4),
-        "peak_gops": peak,
-        "peak_precision": peak_precision,
-        "bandwidth_gbps": target.memory.bandwidth_gbps,
-        "method": "roofline: max(2*MACs/peak, (weight bytes + 2*activation bytes)/bandwidth), no op efficiency",
+        "ms": round(total, 4),
+        "bound": "compute" if compute_total >= memory_total else "memory",
+        "compute_ms": round(compute_total * 1e3, 4),
+        "memory_ms": round(memory_total * 1e3, 4),
+        "ops": len(rows),
+        "layers": [{**row, "ms": round(row["ms"], 4)} for row in slowest],
+        "method": ("per op: overhead + max(2*MACs / (peak * class efficiency), bytes moved / bandwidth), summed "
+                   "(elementwise ops: bytes / (bandwidth * their efficiency)); "
+                   f"numbers from {target.name}'s profile" if model else
+                   f"roofline per op (no [latency] section in {target.name}'s profile: no efficiencies, no overhead)"),
     }
+
+
+def _peak(target: Target, precision: str) -> tuple[str, float | None]:
+    """The peak an op of this precision runs at: the device's rate for it, else its fp32 rate."""
+    peak = target.compute.peak_gops(precision)
+    return (precision, peak) if peak is not None else ("fp32", target.compute.fp32_gflops)
+
+
+def _efficiency(target: Target, layer: LayerStats) -> float:
+    """The nearest measured kernel's efficiency (in reduction depth and output size, on log scales), else the
+    class's."""
+    model = target.latency
+    if model is None:
+        return 1.0
+    outputs = prod(layer.output_shape) if layer.output_shape else 0
+    measured = [k for k in model.kernels if k.op_class == layer.op_class and k.precision == layer.precision]
+    if measured and layer.macs and outputs:
+        reduction = layer.macs / outputs
+        nearest = min(measured, key=lambda k: abs(log(k.reduction / reduction)) + abs(log(k.outputs / outputs)))
+        return nearest.efficiency
+    table = {**model.efficiency, **model.int8_efficiency} if layer.precision == "int8" else model.efficiency
+    return table.get(layer.op_class, 1.0)

@@ -1,0 +1,118 @@
+"""Estimate artifacts for a target, and hold the device model against this host's measurements.
+
+`host_profile` calibrates the device model for this CPU by microbenchmarks (cached per CPU,
+runtime version and thread count); `validate` estimates each artifact with that profile, measures
+it in its runtime, and reports the error per model and its median. Calibration and validation
+share no model: the microbenchmarks are single kernels, the validated artifacts whole networks.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgekit import __version__
+from edgekit.cache import ArrayCache
+from edgekit.errors import UsageError
+from edgekit.passes.analyze import Analysis, analyze, analyze_tflite
+from edgekit.runtimes.base import Runner
+from edgekit.targets import Target
+from edgekit.verify.estimate import estimate
+from edgekit.verify.latency import host_description
+from edgekit.verify.microbench import host_target, measure_host
+
+FORMATS = {".onnx": "onnx", ".tflite": "tflite"}
+
+
+def artifact_file(path: str | Path) -> Path:
+    """The model file of an artifact: the file itself, or the model.onnx / model.tflite in a build folder."""
+    path = Path(path)
+    if path.is_dir():
+        found = [path / f"model{suffix}" for suffix in FORMATS if (path / f"model{suffix}").is_file()]
+        if not found:
+            raise UsageError(f"{path} holds no model.onnx or model.tflite")
+        return found[0]
+    if not path.is_file():
+        raise UsageError(f"artifact not found: {path}")
+    if path.suffix not in FORMATS:
+        raise UsageError(f"{path}: an artifact is an .onnx or .tflite file (or a build folder)")
+    return path
+
+
+def analyze_artifact(path: Path) -> Analysis:
+    data = path.read_bytes()
+    if FORMATS[path.suffix] == "tflite":
+        return analyze_tflite(data)
+    import onnx
+
+    return analyze(onnx.load_from_string(data))
+
+
+def runner_for(model: bytes, fmt: str, threads: int) -> Runner:
+    from edgekit.runtimes.litert import LiteRtRunner
+    from edgekit.runtimes.onnxruntime import OnnxRuntimeRunner
+
+    return (LiteRtRunner if fmt == "tflite" else OnnxRuntimeRunner)(model, threads)
+
+
+def host_profile(threads: int, cache: ArrayCache, refresh: bool = False,
+                 progress: Callable[[list[Any]], Iterable[Any]] = iter) -> Target:
+    """This host's device model, from microbenchmarks run once per CPU, onnxruntime version and thread count."""
+    import onnxruntime
+
+    key = {"kind": "host-microbenchmarks", "host": host_description(), "onnxruntime": onnxruntime.__version__,
+           "threads": threads, "edgekit": __version__}
+    path = cache.path(key, ".json")
+    if path is not None and path.exists() and not refresh:
+        return host_target(json.loads(path.read_text()))
+    measured = measure_host(threads, progress=progress)
+    if path is not None:
+        path.write_text(json.dumps(measured, indent=2))
+    return host_target(measured)
+
+
+def _sample(runner: Runner, fmt: str) -> np.ndarray:
+    """A random single input (without the batch axis) in the layout the runner takes: NCHW for images."""
+    if fmt == "tflite":
+        detail = runner.input
+        shape = list(detail["shape"][1:])
+        shape = [shape[-1], *shape[:-1]] if len(shape) == 3 else shape
+    else:
+        shape = [d if isinstance(d, int) else 1 for d in runner.session.get_inputs()[0].shape[1:]]
+    return np.random.default_rng(0).random(shape, dtype=np.float32)
+
+
+def measure_artifact(path: Path, threads: int, runs: int = 30, repeats: int = 3) -> float:
+    """Best of `repeats` medians of `runs` timed inferences, in the artifact's runtime on this host."""
+    fmt = FORMATS[path.suffix]
+    runner = runner_for(path.read_bytes(), fmt, threads)
+    sample = _sample(runner, fmt)
+    return min(statistics.median(runner.time(sample, warmup=5, runs=runs)) for _ in range(repeats))
+
+
+def validate(paths: list[Path], profile: Target, threads: int,
+             progress: Callable[[list[Path]], Iterable[Path]] = iter) -> dict[str, Any]:
+    """Estimate vs measurement for each artifact on this host, and the median absolute error."""
+    rows = []
+    for path in progress(paths):
+        estimated = estimate(analyze_artifact(path), profile)["ms"]
+        measured = measure_artifact(path, threads)
+        rows.append({"artifact": str(path), "format": FORMATS[path.suffix], "estimated_ms": round(estimated, 4),
+                     "measured_ms": round(measured, 4), "error": round((estimated - measured) / measured, 4)})
+    return {
+        "host": host_description(), "threads": threads, "profile": profile.description, "models": rows,
+        "median_abs_error": round(statistics.median(abs(row["error"]) for row in rows), 4) if rows else None,
+        "note": "estimates use the host profile calibrated by onnxruntime microbenchmarks; measured: host",
+    }
+
+
+def profile_toml(target: Target) -> str:
+    """A profile as a target file users can pass to `--target` and edit."""
+    import tomli_w
+
+    return tomli_w.dumps(target.model_dump(exclude_none=True, exclude={"sha256"}))
