@@ -79,11 +79,43 @@ def _parser() -> argparse.ArgumentParser:
     gates.add_argument("--min-agreement", type=float, help="least top-1 agreement with the original, 0..1")
     gates.add_argument("--max-size-mb", type=float, help="largest artifact in MB")
     gates.add_argument("--max-latency-ms", type=float, help="slowest target latency (estimated unless measured there)")
+    remote = b.add_argument_group("real device (an `edgekit agent` on the board)")
+    remote.add_argument("--device", metavar="URL", help="also verify on the device: http://board:8765")
+    remote.add_argument("--device-token", help="the agent's token (default: $EDGEKIT_AGENT_TOKEN)")
     output = b.add_argument_group("output")
     output.add_argument("--out", "-o", help="artifact folder (default: dist/<name>-<target>)")
     output.add_argument("--no-cache", action="store_true", help="do not read or write the array cache")
     output.add_argument("--json", action="store_true", help="print report.json to stdout")
     output.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+
+    v = commands.add_parser(
+        "verify", help="verify a built artifact on a real device through its agent",
+        description="Send a built artifact to an `edgekit agent` on the device, run it there on the held-out "
+        "inputs recreated from manifest.json, compare its outputs with the original model's, and add the "
+        "device's figures (labelled `measured: <device>`) and gate results to report.json.",
+        epilog="example:\n  edgekit agent --port 8765                    # on the board (prints its token)\n"
+        "  EDGEKIT_AGENT_TOKEN=... edgekit verify dist/mobilenet_v2-raspberry-pi-5 --device http://pi:8765\n\n"
+        "exit codes: 0 verified, gates hold   1 a gate failed   2 bad input   3 the device run failed",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    v.add_argument("artifact", help="a build folder (dist/<name>-<target>)")
+    v.add_argument("--device", required=True, metavar="URL", help="the agent: http://board:8765")
+    v.add_argument("--device-token", help="the agent's token (default: $EDGEKIT_AGENT_TOKEN)")
+    v.add_argument("--json", action="store_true", help="print the updated report.json")
+    v.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+
+    a = commands.add_parser(
+        "agent", help="serve verification requests on a device (run this on the board)",
+        description="Run artifacts sent by `edgekit build/verify --device` in this device's onnxruntime and "
+        "LiteRT, one job at a time per runtime, and answer with outputs and latency. Requests need the token; "
+        "only ONNX and TFLite models and plain arrays are accepted, nothing touches the filesystem.")
+    a.add_argument("--port", type=int, default=8765, help="port to listen on (default 8765)")
+    a.add_argument("--host", default="0.0.0.0", help="address to listen on (default all)")
+    a.add_argument("--token", help="shared token, 8+ characters (default: $EDGEKIT_AGENT_TOKEN, else a new one)")
+    a.add_argument("--name", help="device name in reports (default: the host name)")
+    a.add_argument("--max-mb", type=float, default=256, help="largest request in MB (default 256)")
+    a.add_argument("--queue", type=int, default=64, help="jobs waiting per runtime before refusing (default 64)")
+    a.add_argument("--job-timeout", type=float, default=300, help="seconds one job may run (default 300)")
+    a.add_argument("--quiet", "-q", action="store_true", help="no request log")
 
     t = commands.add_parser("targets", help="list device profiles",
                             description="Device profiles from targets/*.toml: peaks, bandwidth, runtime, defaults.")
@@ -132,6 +164,7 @@ def _build(args: argparse.Namespace) -> int:
         args.model, args.target, calib=args.calib, eval=args.eval, recipe=args.recipe,
         precision=args.precision, format=args.format, arch=args.arch, num_classes=args.num_classes,
         input_size=args.input_size, out=args.out, use_cache=not args.no_cache, quiet=args.quiet,
+        device_url=args.device, device_token=args.device_token,
         overrides={
             "export.opset": args.opset, "quantize.max_float_layers": args.max_float_layers,
             "quantize.int8_mode": args.int8_mode,
@@ -141,8 +174,13 @@ def _build(args: argparse.Namespace) -> int:
             "gates.max_latency_ms": args.max_latency_ms,
         },
     )
+    return _finish(result, args.json)
+
+
+def _finish(result: Any, as_json: bool) -> int:
+    """Print a build's one-line summary (or its report) and any failed gate; the exit code."""
     report = result.report
-    if args.json:
+    if as_json:
         print(json.dumps(report, indent=2))
     else:
         host, est = report["latency_ms"]["measured_host"], report["latency_ms"]["estimated_target"]
@@ -150,11 +188,42 @@ def _build(args: argparse.Namespace) -> int:
         print(f"{result.out}/{report['artifact']['file']}  {report['artifact']['precision']}  "
               f"{report['size_bytes'] / 1e6:.2f} MB  agreement {report['top1_agreement']:.3f}  "
               f"host p50 {host['p50']:.2f} ms (measured)  {report['target']['name']} {est_text} (estimated)")
+        if "device" in report:
+            on_device = report["device"]
+            print(f"on {on_device['name']}: agreement {on_device['accuracy']['top1_agreement']:.3f}  "
+                  f"p50 {on_device['latency_ms']['p50']:.2f} ms ({on_device['latency_ms']['label']}, "
+                  f"{on_device['runtime']})")
     if result.failed_gates:
         reasons = "; ".join(f"{g['name']} {g['value']:.4g} vs limit {g['limit']:g} ({g['basis']})"
                             for g in result.failed_gates)
         print(f"edgekit: gate failed: {reasons}", file=sys.stderr)
     return result.exit_code
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from edgekit.pipeline import verify
+
+    return _finish(verify(args.artifact, args.device, device_token=args.device_token, quiet=args.quiet), args.json)
+
+
+def _agent(args: argparse.Namespace) -> int:
+    import secrets
+
+    from edgekit.agent.server import serve
+    from edgekit.runtimes.remote import TOKEN_ENV
+
+    token = args.token or os.environ.get(TOKEN_ENV)
+    if token is None:
+        token = secrets.token_urlsafe(24)
+        print(f"edgekit agent: token {token}  (clients: {TOKEN_ENV}={token})", file=sys.stderr)
+    if len(token) < 8:
+        raise UsageError("the agent's token must have at least 8 characters")
+    try:
+        serve(args.host, args.port, token, name=args.name, max_mb=args.max_mb, queue_size=args.queue,
+              job_timeout=args.job_timeout, quiet=args.quiet)
+    except OSError as err:
+        raise UsageError(f"cannot listen on {args.host}:{args.port}: {err.strerror or err}") from None
+    return 0
 
 
 def _console() -> Any:
@@ -277,7 +346,8 @@ def _estimate(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
-        commands = {"build": _build, "targets": _targets, "inspect": _inspect, "estimate": _estimate}
+        commands = {"build": _build, "verify": _verify, "agent": _agent, "targets": _targets, "inspect": _inspect,
+                    "estimate": _estimate}
         return commands[args.command](args)
     except EdgekitError as err:
         if os.environ.get("EDGEKIT_DEBUG"):

@@ -7,6 +7,7 @@ artifact folder appears only when it is complete.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shutil
@@ -34,6 +35,7 @@ from edgekit.report.write import staged, write_json
 from edgekit.resources import resource_dir
 from edgekit.runtimes.litert import LiteRtRunner
 from edgekit.runtimes.onnxruntime import OnnxRuntimeRunner
+from edgekit.runtimes.remote import RemoteDevice
 from edgekit.targets import Target, load_target
 from edgekit.verify.estimate import estimate
 from edgekit.verify.gates import accuracy_holds, check_gates
@@ -65,6 +67,7 @@ class _DataPlan:
     eval_root: Path
     eval_files: list[Path]
     eval_source: str
+    eval_dir: Path | None  # None: held out of the calibration folder
 
 
 def _plan_data(calib: str | Path | None, eval_dir: str | Path | None, limit: int) -> _DataPlan:
@@ -78,7 +81,7 @@ def _plan_data(calib: str | Path | None, eval_dir: str | Path | None, limit: int
         if not held:
             raise UsageError(f"{calib_dir} has {len(calib_files)} images: too few to hold a quarter out; pass --eval")
         root, source = calib_dir, f"held-out quarter of {calib_dir}"
-    return _DataPlan(calib_dir, calib_files, root, held[:limit], source)
+    return _DataPlan(calib_dir, calib_files, root, held[:limit], source, Path(eval_dir) if eval_dir else None)
 
 
 def _samples(adapter: families.Family, model: LoadedModel, files: list[Path], root: Path,
@@ -153,13 +156,17 @@ def build(
     out: str | Path | None = None,
     use_cache: bool = True,
     quiet: bool = False,
+    device_url: str | None = None,
+    device_token: str | None = None,
 ) -> BuildResult:
     """Build a verified artifact of `model` for `target`; bad input raises UsageError, a broken stage StageError.
 
     `overrides` takes dotted recipe keys (`{"gates.max_size_mb": 4}`); `precision` and `format`
-    are shorthands for the most common two.
+    are shorthands for the most common two. With `device_url` (an `edgekit agent`), the artifact is also
+    verified on that device, and its figures decide the gates.
     """
     progress = Progress(quiet)
+    remote = _reach(device_url, device_token)
     device = target if isinstance(target, Target) else load_target(target)
     options = LoadOptions(arch=arch, num_classes=num_classes, input_size=input_size)
     adapter = families.resolve(model, options, family)
@@ -191,11 +198,13 @@ def build(
     cache = ArrayCache(default_cache_dir() if use_cache else None)
     try:
         with staged(out_dir) as staging:
-            report = _run_stages(progress, adapter, loaded, device, plan, data, threads, cache, staging, notes)
+            report = _run_stages(progress, adapter, loaded, device, plan, data, threads, cache, staging, notes,
+                                 remote)
             (staging / "recipe.toml").write_text(plan.to_toml())
             write_json(staging / "report.json", report)
-            write_json(staging / "manifest.json", _manifest(loaded, data, device, recipe_file, options, plan, staging,
-                                                            report["artifact"]["file"]))
+            given = str(model) if isinstance(model, (str, Path)) else None
+            write_json(staging / "manifest.json", _manifest(loaded, given, data, device, recipe_file, options, plan,
+                                                            staging, report["artifact"]["file"]))
     except ConverterFailed as err:
         log = out_dir / "converter.log"  # alone in the folder: nothing there looks like a finished build
         shutil.rmtree(out_dir, ignore_errors=True)
@@ -205,16 +214,17 @@ def build(
     return BuildResult(out=out_dir, report=report)
 
 
-def _manifest(loaded: LoadedModel, data: _DataPlan, device: Target, recipe_file: Path | None, options: LoadOptions,
-              plan: Recipe, staging: Path, artifact_file: str) -> dict[str, Any]:
+def _manifest(loaded: LoadedModel, given: str | None, data: _DataPlan, device: Target, recipe_file: Path | None,
+              options: LoadOptions, plan: Recipe, staging: Path, artifact_file: str) -> dict[str, Any]:
     """What went in and came out, by sha256, and the software that did it: nothing time-dependent."""
     return {
         "edgekit": __version__,
         "inputs": {
-            "model": {"source": loaded.source, "sha256": loaded.fingerprint},
+            "model": {"given": given, "source": loaded.source, "sha256": loaded.fingerprint},
             "calibration": {"path": str(data.calib_dir), "files": len(data.calib_files),
                             "sha256": files_digest(data.calib_files, data.calib_dir)},
-            "eval": {"path": data.eval_source, "files": len(data.eval_files),
+            "eval": {"path": data.eval_source, "dir": str(data.eval_dir) if data.eval_dir else None,
+                     "files": len(data.eval_files),
                      "sha256": files_digest(data.eval_files, data.eval_root)},
             "target": {"name": device.name, "sha256": device.sha256},
             "recipe_file": {"path": str(recipe_file), "sha256": file_sha256(recipe_file)} if recipe_file else None,
@@ -229,7 +239,8 @@ def _manifest(loaded: LoadedModel, data: _DataPlan, device: Target, recipe_file:
 
 
 def _run_stages(progress: Progress, adapter: families.Family, loaded: LoadedModel, device: Target, plan: Recipe,
-                data: _DataPlan, threads: int, cache: ArrayCache, staging: Path, notes: list[str]) -> dict[str, Any]:
+                data: _DataPlan, threads: int, cache: ArrayCache, staging: Path, notes: list[str],
+                remote: RemoteDevice | None) -> dict[str, Any]:
     tflite = plan.export.format == "tflite"
     if tflite and not loaded.is_torch:
         raise UsageError("TFLite export converts torch models; an ONNX input builds to --format onnx")
@@ -300,18 +311,98 @@ def _run_stages(progress: Progress, adapter: families.Family, loaded: LoadedMode
         "notes": notes,
         "cache": {"hits": cache.hits, "misses": cache.misses, "dir": str(cache.root) if cache.root else None},
     }
-    report["gates"] = check_gates(
-        plan.gates, top1_drop_pt=report["top1_drop_pt"], top1_agreement=report["top1_agreement"],
-        size_bytes=report["size_bytes"], latency_ms=latency["estimated_target"].get("ms"),
-        latency_basis=f"estimated: {device.name}", fallback_ops=ops["fallback_count"] if ops else None,
-    )
+    if remote:
+        _on_device(report, progress, remote, adapter, artifact_bytes, samples, reference, plan, data.eval_source)
+    _judge(report, plan)
     if ops and ops["fallback_count"]:
         first = ops["first_fallback"]
         notes.append(f"{ops['fallback_count']} of {ops['ops']} ops fall back to the CPU on {device.name} "
                      f"({', '.join(ops['fallback_ops'])}); the first is op {first['index']} {first['op']}")
-    if any(g["status"] == "failed" for g in report["gates"]):
-        report["status"] = "gate_failed"
     return report
+
+
+def _judge(report: dict[str, Any], plan: Recipe) -> None:
+    """Check the gates: on the real device's figures where it verified the artifact, else the host's accuracy and
+    the target's estimated latency."""
+    on_device = report.get("device")
+    accuracy = on_device["accuracy"] if on_device else report["accuracy"]
+    latency, basis = ((on_device["latency_ms"]["p50"], on_device["latency_ms"]["label"]) if on_device else
+                      (report["latency_ms"]["estimated_target"].get("ms"), f"estimated: {report['target']['name']}"))
+    ops = report.get("ops")
+    report["gates"] = check_gates(
+        plan.gates, top1_drop_pt=accuracy.get("top1_drop_pt"), top1_agreement=accuracy.get("top1_agreement"),
+        size_bytes=report["size_bytes"], latency_ms=latency, latency_basis=basis,
+        fallback_ops=ops["fallback_count"] if ops else None,
+    )
+    report["status"] = "gate_failed" if any(g["status"] == "failed" for g in report["gates"]) else "ok"
+
+
+def _reach(url: str | None, token: str | None) -> RemoteDevice | None:
+    """The device's agent, asked once before any long work so a wrong URL or token fails at once."""
+    if url is None:
+        return None
+    remote = RemoteDevice(url, token)
+    remote.info()
+    return remote
+
+
+def _on_device(report: dict[str, Any], progress: Progress, remote: RemoteDevice, adapter: families.Family,
+               artifact: bytes, samples: Samples, reference: np.ndarray, plan: Recipe, eval_source: str) -> None:
+    """Run the artifact on the device with the held-out inputs, compare it with the reference as on the host, and
+    put the device's figures in the report (labelled `measured: <device>`)."""
+    with progress.stage("device", note=remote.url) as record:
+        outputs, info = remote.verify(artifact, report["artifact"]["format"], samples.inputs, plan.verify.threads,
+                                      plan.verify.warmup, plan.verify.runs)
+        accuracy = adapter.compare(reference, outputs, samples.labels)
+        record["note"] = (f"{info['device']}: agreement {accuracy['top1_agreement']:.3f}, "
+                          f"p50 {info['latency_ms']['p50']:.2f} ms")
+    report["device"] = {"name": info["device"], "url": remote.url, "runtime": info["runtime"],
+                        "sha256": info["sha256"], "seconds": info["seconds"],
+                        "accuracy": {**accuracy, "eval_source": eval_source}, "latency_ms": info["latency_ms"]}
+    report["latency_ms"]["measured_device"] = info["latency_ms"]
+
+
+def verify(folder: str | Path, device_url: str, *, device_token: str | None = None, use_cache: bool = True,
+           quiet: bool = False) -> BuildResult:
+    """Verify a built artifact folder on a real device through its agent: the held-out inputs and the reference
+    are recreated from the manifest, and report.json gains the device's figures and its gate results."""
+    folder = Path(folder)
+    try:
+        report = json.loads((folder / "report.json").read_text())
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError) as err:
+        raise UsageError(f"{folder} is not an edgekit artifact folder ({err})") from None
+    artifact = folder / report["artifact"]["file"]
+    if not artifact.is_file() or file_sha256(artifact) != report["artifact"]["sha256"]:
+        raise UsageError(f"{artifact} is missing or changed since it was built; rebuild it")
+    progress = Progress(quiet)
+    remote = _reach(device_url, device_token)
+    plan = Recipe.model_validate(manifest["recipe"])
+    inputs = manifest["inputs"]
+    given = inputs["model"].get("given")
+    if given is None:
+        raise UsageError(f"{folder} was built from a Python object: verify it with edgekit.build(..., device_url=...)")
+    options = LoadOptions(**manifest["load_options"])
+    adapter = families.resolve(given, options, report["model"]["family"])
+    with progress.stage("load") as record:
+        loaded = adapter.load(given, options)
+        record["note"] = loaded.name
+    if loaded.fingerprint != inputs["model"]["sha256"]:
+        raise UsageError(f"{given} changed since the artifact was built; rebuild it")
+    data = _plan_data(inputs["calibration"]["path"], inputs["eval"]["dir"], plan.verify.eval_limit)
+    cache = ArrayCache(default_cache_dir() if use_cache else None)
+    with progress.stage("data") as record:
+        samples = _samples(adapter, loaded, data.eval_files, data.eval_root, cache)
+        threads = min(plan.verify.threads, os.cpu_count() or 1)
+        graph = b"" if loaded.is_torch else loaded.onnx_model.SerializeToString()
+        reference = _reference_outputs(loaded, graph, samples, threads, cache)
+        record["note"] = f"{len(samples)} held-out images, reference outputs"
+    _on_device(report, progress, remote, adapter, artifact.read_bytes(), samples, reference, plan, data.eval_source)
+    _judge(report, plan)
+    write_json(folder / "report.json", report)
+    manifest["outputs"] = output_hashes(folder, list(manifest["outputs"]))
+    write_json(folder / "manifest.json", manifest)
+    return BuildResult(out=folder, report=report)
 
 
 def _onnx_artifact(progress: Progress, adapter: families.Family, loaded: LoadedModel, device: Target,

@@ -43,3 +43,27 @@ def test_fp16_on_labelled_imagenet_sample(capsys: pytest.CaptureFixture[str], tm
     assert report["accuracy"]["label_source"] == "imagenet synsets"
     assert report["top1_reference"] >= 0.7  # these images score high on stock weights (see the data README)
     assert abs(report["top1_drop_pt"]) <= 5 and report["top1_agreement"] >= 0.95
+
+
+def test_mobilenet_v2_verified_by_an_agent_on_loopback(capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from edgekit.agent.server import Agent
+
+    agent = Agent(("127.0.0.1", 0), "loopback-token", name="loopback-board", quiet=True)
+    threading.Thread(target=agent.serve_forever, daemon=True).start()
+    monkeypatch.setenv("EDGEKIT_AGENT_TOKEN", "loopback-token")
+    try:
+        code = main(["build", "mobilenet_v2", "--target", "x86-64", "--eval-limit", "8", "--runs", "5", "--device",
+                     f"http://127.0.0.1:{agent.server_address[1]}", "-q"])
+    finally:
+        agent.shutdown()
+        agent.server_close()
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    report = json.loads(Path("dist/mobilenet_v2-x86-64/report.json").read_text())
+    device = report["device"]
+    assert device["latency_ms"]["label"] == "measured: loopback-board" and device["latency_ms"]["p50"] > 0
+    assert device["accuracy"]["top1_agreement"] == 1.0 and device["accuracy"]["eval_images"] == 8
+    assert device["sha256"] == report["artifact"]["sha256"] and "on loopback-board" in out

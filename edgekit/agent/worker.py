@@ -1,0 +1,95 @@
+"""Runs verification jobs on the board: one worker process per runtime, fed one job at a time.
+
+A job that hangs or crashes its runtime takes only its worker process with it: the lane kills it
+at the timeout and starts a fresh one, and the next job in the queue runs there.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import queue
+import threading
+from concurrent.futures import Future
+from typing import Any
+
+import numpy as np
+
+from edgekit.agent.protocol import Job, Refused
+
+
+def run_job(job: Job) -> tuple[np.ndarray, dict[str, Any]]:
+    """Outputs for every input row and timings of single inferences, in the runtime the format names."""
+    from edgekit.runtimes.litert import LiteRtRunner
+    from edgekit.runtimes.onnxruntime import OnnxRuntimeRunner
+
+    runner = (LiteRtRunner if job.format == "tflite" else OnnxRuntimeRunner)(job.model, job.threads)
+    outputs = runner.run(job.inputs)
+    timings = runner.time(job.inputs[0], job.warmup, job.runs)
+    return outputs, {"runtime": runner.description, "timings_ms": [round(t, 4) for t in timings]}
+
+
+def _serve(connection: Any) -> None:  # the worker process: jobs in, results or the error's message out
+    from edgekit.errors import first_line
+
+    while True:
+        job = connection.recv()
+        try:
+            connection.send(("ok", run_job(job)))
+        except Exception as err:  # the runtime's own error types: reported to the client, the worker lives on
+            connection.send(("error", f"{type(err).__name__}: {first_line(err)}"))
+
+
+class Lane:
+    """One runtime's bounded queue and worker: jobs run one at a time, in arrival order; a full queue refuses
+    (503) rather than loses a job, and a job past `timeout` seconds is answered 504 and its worker replaced."""
+
+    def __init__(self, name: str, capacity: int, timeout: float) -> None:
+        self.name = name
+        self.timeout = timeout
+        self.jobs: queue.Queue[tuple[Job, Future]] = queue.Queue(maxsize=capacity)
+        self._context = multiprocessing.get_context("spawn")  # no inherited server sockets or threads
+        self._start_worker()
+        threading.Thread(target=self._dispatch, name=f"lane-{name}", daemon=True).start()
+
+    def _start_worker(self) -> None:
+        self._connection, child = self._context.Pipe()
+        self._process = self._context.Process(target=_serve, args=(child,), name=f"edgekit-{self.name}", daemon=True)
+        self._process.start()
+        child.close()
+
+    def submit(self, job: Job) -> Future:
+        future: Future = Future()
+        try:
+            self.jobs.put_nowait((job, future))
+        except queue.Full:
+            raise Refused(503, f"the {self.name} queue is full ({self.jobs.maxsize} jobs); retry later") from None
+        return future
+
+    def _dispatch(self) -> None:
+        while True:
+            job, future = self.jobs.get()
+            try:
+                self._connection.send(job)
+                if not self._connection.poll(self.timeout):
+                    self._restart()
+                    future.set_exception(Refused(504, f"the job ran past {self.timeout:g} s; its worker was restarted"))
+                    continue
+                status, payload = self._connection.recv()
+            except (EOFError, OSError, BrokenPipeError):  # the worker died (a runtime crash)
+                self._restart()
+                future.set_exception(Refused(500, "the runtime crashed on this model; its worker was restarted"))
+                continue
+            if status == "ok":
+                future.set_result(payload)
+            else:
+                future.set_exception(Refused(422, f"the runtime refused the model: {payload}"))
+
+    def _restart(self) -> None:
+        self._process.kill()
+        self._process.join()
+        self._connection.close()
+        self._start_worker()
+
+    def close(self) -> None:
+        self._process.kill()
+        self._process.join()

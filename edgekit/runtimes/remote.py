@@ -1,0 +1,69 @@
+"""Run an artifact on a real device through its `edgekit agent`: send it, run it there, get outputs and timings.
+
+The device's answers come back in the same form as this host's (outputs stacked per input, timings
+in milliseconds), so verification compares them with the reference exactly as it does for the host.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import urllib.error
+import urllib.request
+from typing import Any
+
+import numpy as np
+
+from edgekit.agent.protocol import API, Job, encode, read_result
+from edgekit.errors import StageError, UsageError
+
+TOKEN_ENV = "EDGEKIT_AGENT_TOKEN"
+
+
+class RemoteDevice:
+    def __init__(self, url: str, token: str | None = None, timeout: float = 900) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise UsageError(f"--device takes the agent's URL (http://board:8765), got {url!r}")
+        self.url = url.rstrip("/")
+        self.token = token or os.environ.get(TOKEN_ENV)
+        if not self.token:
+            raise UsageError(f"the agent at {self.url} needs its token: --device-token or {TOKEN_ENV}")
+        self.timeout = timeout
+        self._info: dict[str, Any] | None = None
+
+    def _call(self, path: str, body: bytes | None = None) -> bytes:
+        request = urllib.request.Request(f"{self.url}{API}/{path}", data=body, method="POST" if body else "GET",
+                                         headers={"Authorization": f"Bearer {self.token}",
+                                                  "Content-Type": "application/octet-stream"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                return response.read()
+        except urllib.error.HTTPError as err:
+            try:
+                reason = json.loads(err.read()).get("error", err.reason)
+            except ValueError:
+                reason = err.reason
+            kind = UsageError if err.code in (401, 404, 413) else StageError
+            raise kind(f"agent at {self.url} answered {err.code}: {reason}") from None
+        except (urllib.error.URLError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            raise StageError(f"cannot reach the agent at {self.url}: {reason}") from None
+
+    def info(self) -> dict[str, Any]:
+        self._info = json.loads(self._call("info"))
+        return self._info
+
+    def verify(self, model: bytes, fmt: str, inputs: np.ndarray, threads: int, warmup: int,
+               runs: int) -> tuple[np.ndarray, dict[str, Any]]:
+        """The artifact's outputs for every input row on the device, and the device's latency figures."""
+        digest = hashlib.sha256(model).hexdigest()
+        body = encode(Job(fmt, digest, threads, warmup, runs, model, inputs))
+        limit = (self._info or self.info())["max_bytes"]
+        if len(body) > limit:  # said here: the agent refuses it unread, which a client sees as a broken pipe
+            raise UsageError(f"the artifact and its {len(inputs)} inputs are {len(body) / 1e6:.1f} MB, over the "
+                             f"agent's {limit / 1e6:g} MB limit (agent --max-mb)")
+        outputs, info = read_result(self._call("verify", body))
+        if info.get("sha256") != digest:
+            raise StageError(f"the agent at {self.url} ran a different artifact (sha256 {info.get('sha256')})")
+        return outputs, info
