@@ -115,6 +115,8 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--max-mb", type=float, default=256, help="largest request in MB (default 256)")
     a.add_argument("--queue", type=int, default=64, help="jobs waiting per runtime before refusing (default 64)")
     a.add_argument("--job-timeout", type=float, default=300, help="seconds one job may run (default 300)")
+    a.add_argument("--emulated", action="store_true",
+                   help="running under emulation (tools/emulate-aarch64.sh): latencies are labelled emulated")
     a.add_argument("--quiet", "-q", action="store_true", help="no request log")
 
     t = commands.add_parser("targets", help="list device profiles",
@@ -220,7 +222,7 @@ def _agent(args: argparse.Namespace) -> int:
         raise UsageError("the agent's token must have at least 8 characters")
     try:
         serve(args.host, args.port, token, name=args.name, max_mb=args.max_mb, queue_size=args.queue,
-              job_timeout=args.job_timeout, quiet=args.quiet)
+              job_timeout=args.job_timeout, quiet=args.quiet, emulated=args.emulated)
     except OSError as err:
         raise UsageError(f"cannot listen on {args.host}:{args.port}: {err.strerror or err}") from None
     return 0

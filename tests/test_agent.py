@@ -196,3 +196,19 @@ def test_full_queue_refuses_and_a_hung_job_times_out() -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_an_emulated_agent_labels_its_timings_and_gates_use_the_estimate(tiny_model: nn.Module,
+                                                                        photos: Path) -> None:
+    server = Agent(("127.0.0.1", 0), TOKEN, name="qemu-aarch64", emulated=True, quiet=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        report = edgekit.build(tiny_model, "raspberry-pi-5", format="onnx", calib=photos, device_url=url_of(server),
+                               device_token=TOKEN, overrides={"gates.max_latency_ms": 1000.0}, quiet=True).report
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert report["latency_ms"]["emulated_device"]["label"] == "emulated: qemu-aarch64"
+    assert "measured_device" not in report["latency_ms"]
+    latency_gate = next(g for g in report["gates"] if g["name"] == "max_latency_ms")
+    assert latency_gate["basis"] == "estimated: raspberry-pi-5"

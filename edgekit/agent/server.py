@@ -31,7 +31,8 @@ class Agent(ThreadingHTTPServer):
     request_queue_size = 128  # a burst of clients waits in the backlog rather than being reset
 
     def __init__(self, address: tuple[str, int], token: str, *, name: str | None = None, max_mb: float = 256,
-                 queue_size: int = 64, job_timeout: float = 300, read_timeout: float = 60, quiet: bool = False) -> None:
+                 queue_size: int = 64, job_timeout: float = 300, read_timeout: float = 60, quiet: bool = False,
+                 emulated: bool = False) -> None:
         if len(token) < 8:
             raise ValueError("the agent's token must have at least 8 characters")
         self.token = token.encode()
@@ -40,6 +41,7 @@ class Agent(ThreadingHTTPServer):
         self.job_timeout = job_timeout
         self.read_timeout = read_timeout
         self.quiet = quiet
+        self.emulated = emulated  # under qemu: outputs are the ARM runtime's, timings are not the device's
         self.lanes = {"onnx": Lane("onnxruntime", queue_size, job_timeout),
                       "tflite": Lane("litert", queue_size, job_timeout)}
         super().__init__(address, _Handler)
@@ -58,7 +60,7 @@ class Agent(ThreadingHTTPServer):
             "machine": platform.machine(), "runtimes": {"onnxruntime": version("onnxruntime"),
                                                         "litert": version("ai-edge-litert"),
                                                         "trtexec": shutil.which("trtexec")},
-            "max_bytes": self.max_bytes, "job_timeout_s": self.job_timeout,
+            "emulated": self.emulated, "max_bytes": self.max_bytes, "job_timeout_s": self.job_timeout,
             "queued": {lane.name: lane.jobs.qsize() for lane in self.lanes.values()},
         }
 
@@ -139,7 +141,8 @@ class _Handler(BaseHTTPRequestHandler):
         timings = np.array(info.pop("timings_ms"))
         info.update({
             "device": self.server.name, "sha256": job.sha256, "seconds": round(time.perf_counter() - queued, 3),
-            "latency_ms": {"label": f"measured: {self.server.name}", "p50": round(float(np.percentile(timings, 50)), 4),
+            "latency_ms": {"label": f"{'emulated' if self.server.emulated else 'measured'}: {self.server.name}",
+                           "p50": round(float(np.percentile(timings, 50)), 4),
                            "p90": round(float(np.percentile(timings, 90)), 4), "min": round(float(timings.min()), 4),
                            "runs": job.runs, "warmup": job.warmup, "runtime": info["runtime"],
                            "device": self.server.name, "machine": platform.machine()},

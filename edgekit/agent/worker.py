@@ -7,6 +7,7 @@ at the timeout and starts a fresh one, and the next job in the queue runs there.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import queue
 import threading
 from concurrent.futures import Future
@@ -15,6 +16,8 @@ from typing import Any
 import numpy as np
 
 from edgekit.agent.protocol import Job, Refused
+
+PYTHON_ENV = "EDGEKIT_WORKER_PYTHON"  # the command that starts this Python, where it is not sys.executable
 
 
 def run_job(job: Job) -> tuple[np.ndarray, dict[str, Any]]:
@@ -48,6 +51,8 @@ class Lane:
         self.timeout = timeout
         self.jobs: queue.Queue[tuple[Job, Future]] = queue.Queue(maxsize=capacity)
         self._context = multiprocessing.get_context("spawn")  # no inherited server sockets or threads
+        if os.environ.get(PYTHON_ENV):  # an interpreter that must be started through a wrapper (qemu emulation)
+            self._context.set_executable(os.environ[PYTHON_ENV])
         self._start_worker()
         threading.Thread(target=self._dispatch, name=f"lane-{name}", daemon=True).start()
 
