@@ -39,6 +39,13 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+def _device_arguments(group: Any, required: bool) -> None:
+    also = "" if required else " (also verify there)"
+    group.add_argument("--device", required=required, metavar="URL",
+                       help=f"the device's `edgekit agent`: http://board:8765{also}")
+    group.add_argument("--device-token", help="the agent's token (default: $EDGEKIT_AGENT_TOKEN)")
+
+
 def _parser() -> argparse.ArgumentParser:
     from edgekit import __version__
 
@@ -79,9 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     gates.add_argument("--min-agreement", type=float, help="least top-1 agreement with the original, 0..1")
     gates.add_argument("--max-size-mb", type=float, help="largest artifact in MB")
     gates.add_argument("--max-latency-ms", type=float, help="slowest target latency (estimated unless measured there)")
-    remote = b.add_argument_group("real device (an `edgekit agent` on the board)")
-    remote.add_argument("--device", metavar="URL", help="also verify on the device: http://board:8765")
-    remote.add_argument("--device-token", help="the agent's token (default: $EDGEKIT_AGENT_TOKEN)")
+    _device_arguments(b.add_argument_group("real device (an `edgekit agent` on the board)"), required=False)
     output = b.add_argument_group("output")
     output.add_argument("--out", "-o", help="artifact folder (default: dist/<name>-<target>)")
     output.add_argument("--no-cache", action="store_true", help="do not read or write the array cache")
@@ -98,8 +103,7 @@ def _parser() -> argparse.ArgumentParser:
         "exit codes: 0 verified, gates hold   1 a gate failed   2 bad input   3 the device run failed",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     v.add_argument("artifact", help="a build folder (dist/<name>-<target>)")
-    v.add_argument("--device", required=True, metavar="URL", help="the agent: http://board:8765")
-    v.add_argument("--device-token", help="the agent's token (default: $EDGEKIT_AGENT_TOKEN)")
+    _device_arguments(v, required=True)
     v.add_argument("--json", action="store_true", help="print the updated report.json")
     v.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
 
