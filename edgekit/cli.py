@@ -192,11 +192,11 @@ def _finish(result: Any, as_json: bool) -> int:
         host, est = report["latency_ms"]["measured_host"], report["latency_ms"]["estimated_target"]
         est_text = f"{est['ms']:.2f} ms ({est['bound']}-bound)" if est.get("ms") is not None else "n/a"
         print(f"{result.out}/{report['artifact']['file']}  {report['artifact']['precision']}  "
-              f"{report['size_bytes'] / 1e6:.2f} MB  agreement {report['top1_agreement']:.3f}  "
+              f"{report['size_bytes'] / 1e6:.2f} MB  {report['accuracy']['summary']}  "
               f"host p50 {host['p50']:.2f} ms (measured)  {report['target']['name']} {est_text} (estimated)")
         if "device" in report:
             on_device = report["device"]
-            print(f"on {on_device['name']}: agreement {on_device['accuracy']['top1_agreement']:.3f}  "
+            print(f"on {on_device['name']}: {on_device['accuracy']['summary']}  "
                   f"p50 {on_device['latency_ms']['p50']:.2f} ms ({on_device['latency_ms']['label']}, "
                   f"{on_device['runtime']})")
     if result.failed_gates:

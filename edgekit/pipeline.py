@@ -46,6 +46,11 @@ if TYPE_CHECKING:
     import onnx
 
 
+# the accuracy figures a report and the int8 search carry at their top level, for every family
+_HEADLINE = ("top1_agreement", "top1_drop_pt", "top1_reference", "top1_artifact", "map50_95_reference",
+             "map50_95_artifact", "map50_95_drop_pt", "map50_reference", "map50_artifact", "box_agreement")
+
+
 @dataclass
 class BuildResult:
     out: Path
@@ -286,8 +291,7 @@ def _run_stages(progress: Progress, adapter: families.Family, loaded: LoadedMode
             "measured_host": measure(runner, samples.inputs[0], plan.verify.warmup, plan.verify.runs),
             "estimated_target": estimate(artifact_analysis, device),
         }
-        record["note"] = (f"agreement {accuracy['top1_agreement']:.3f}, "
-                          f"host p50 {latency['measured_host']['p50']:.2f} ms")
+        record["note"] = f"{accuracy['summary']}, host p50 {latency['measured_host']['p50']:.2f} ms"
     report: dict[str, Any] = {
         "edgekit_version": __version__,
         "status": "ok",
@@ -300,7 +304,7 @@ def _run_stages(progress: Progress, adapter: families.Family, loaded: LoadedMode
                      "sha256": file_sha256(staging / artifact_file),
                      **(io_details(artifact_bytes) if tflite else _io_spec(runner))},
         "size_bytes": len(artifact_bytes),
-        **{k: accuracy.get(k) for k in ("top1_agreement", "top1_drop_pt", "top1_reference", "top1_artifact")},
+        **{k: v for k, v in accuracy.items() if k in _HEADLINE},
         "accuracy": {**accuracy, "eval_source": data.eval_source, "label_source": samples.label_source},
         "latency_ms": latency,
         "quantization": quantization,
@@ -331,8 +335,7 @@ def _judge(report: dict[str, Any], plan: Recipe) -> None:
                       (report["latency_ms"]["estimated_target"].get("ms"), f"estimated: {report['target']['name']}"))
     ops = report.get("ops")
     report["gates"] = check_gates(
-        plan.gates, top1_drop_pt=accuracy.get("top1_drop_pt"), top1_agreement=accuracy.get("top1_agreement"),
-        size_bytes=report["size_bytes"], latency_ms=latency, latency_basis=basis,
+        plan.gates, accuracy, size_bytes=report["size_bytes"], latency_ms=latency, latency_basis=basis,
         fallback_ops=ops["fallback_count"] if ops else None,
     )
     report["status"] = "gate_failed" if any(g["status"] == "failed" for g in report["gates"]) else "ok"
@@ -355,8 +358,7 @@ def _on_device(report: dict[str, Any], progress: Progress, remote: RemoteDevice,
         outputs, info = remote.verify(artifact, report["artifact"]["format"], samples.inputs, plan.verify.threads,
                                       plan.verify.warmup, plan.verify.runs)
         accuracy = adapter.compare(reference, outputs, samples.labels)
-        record["note"] = (f"{info['device']}: agreement {accuracy['top1_agreement']:.3f}, "
-                          f"p50 {info['latency_ms']['p50']:.2f} ms")
+        record["note"] = f"{info['device']}: {accuracy['summary']}, p50 {info['latency_ms']['p50']:.2f} ms"
     report["device"] = {"name": info["device"], "url": remote.url, "runtime": info["runtime"],
                         "sha256": info["sha256"], "seconds": info["seconds"],
                         "accuracy": {**accuracy, "eval_source": eval_source}, "latency_ms": info["latency_ms"]}
@@ -480,7 +482,7 @@ def _int8(progress: Progress, adapter: families.Family, loaded: LoadedModel, gra
         model_bytes = model.SerializeToString()
         runner = OnnxRuntimeRunner(model_bytes, threads)
         metrics = adapter.compare(reference, runner.run(samples.inputs), samples.labels)
-        return {k: metrics.get(k) for k in ("top1_agreement", "top1_drop_pt")} | {
+        return {k: v for k, v in metrics.items() if k in _HEADLINE} | {
             "size_bytes": len(model_bytes), "host_p50_ms": measure(runner, samples.inputs[0], 3, 20)["p50"]}
 
     with progress.stage("quantize", note="int8") as record:

@@ -64,6 +64,7 @@ class Budgets(_Strict):
 
     max_top1_drop_pt: float | None = Field(default=None, ge=0)
     min_top1_agreement: float | None = Field(default=None, ge=0, le=1)
+    max_map_drop_pt: float | None = Field(default=None, ge=0, description="detectors: mAP50-95 points lost")
     max_size_mb: float | None = Field(default=None, gt=0)
     max_latency_ms: float | None = Field(default=None, gt=0)
     on_cpu_fallback: Literal["fail", "warn"] | None = Field(

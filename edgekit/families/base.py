@@ -70,4 +70,5 @@ class Family(Protocol):
     def compare(
         self, reference: np.ndarray, artifact: np.ndarray, labels: np.ndarray | None
     ) -> dict[str, Any]:
-        """Task metrics of the artifact against the reference outputs (and labels, if any)."""
+        """Task metrics of the artifact against the reference outputs (and labels, if any), with a one-line
+        `summary` for progress and the command's output."""

@@ -231,11 +231,13 @@ class ClassifierFamily:
             "eval_images": len(reference),
             "top1_agreement": float((ref_top1 == art_top1).mean()),
             "max_abs_output_diff": float(np.abs(reference - artifact).max()),
+            "top1_reference": None, "top1_artifact": None, "top1_drop_pt": None,  # without labels
         }
         if labels is not None:
             metrics["top1_reference"] = float((ref_top1 == labels).mean())
             metrics["top1_artifact"] = float((art_top1 == labels).mean())
             metrics["top1_drop_pt"] = round(100 * (metrics["top1_reference"] - metrics["top1_artifact"]), 4)
+        metrics["summary"] = f"agreement {metrics['top1_agreement']:.3f}"
         return metrics
 
 

@@ -6,23 +6,29 @@ from typing import Any
 
 from edgekit.targets import Budgets
 
-ACCURACY_GATES = ("max_top1_drop_pt", "min_top1_agreement")
+# accuracy gate -> (the family metric it reads, what that metric is measured on, why it can be missing)
+ACCURACY_GATES = {
+    "max_top1_drop_pt": ("top1_drop_pt", "held-out labels", "no labels in the held-out set"),
+    "min_top1_agreement": ("top1_agreement", "held-out images vs the original", "no agreement measured"),
+    "max_map_drop_pt": ("map50_95_drop_pt", "held-out boxes (mAP50-95)", "no boxes in the held-out set"),
+}
 
 
-def check_gates(gates: Budgets, *, top1_drop_pt: float | None, top1_agreement: float | None,
-                size_bytes: int | None = None, latency_ms: float | None = None,
-                latency_basis: str = "", fallback_ops: int | None = None) -> list[dict[str, Any]]:
-    """One entry per set gate: status passed, failed or not_checked (with the reason)."""
-    checks = {
-        "max_top1_drop_pt": (top1_drop_pt, "held-out labels", "no labels in the held-out set"),
-        "min_top1_agreement": (top1_agreement, "held-out images vs the original", "no agreement measured"),
+def check_gates(gates: Budgets, metrics: dict[str, Any], *, size_bytes: int | None = None,
+                latency_ms: float | None = None, latency_basis: str = "",
+                fallback_ops: int | None = None) -> list[dict[str, Any]]:
+    """One entry per set gate: status passed, failed or not_checked (with the reason). An accuracy gate whose
+    metric the model's family does not measure (top-1 for a detector) is left out."""
+    checks = {name: (metrics.get(key), basis, missing) for name, (key, basis, missing) in ACCURACY_GATES.items()
+              if key in metrics}
+    checks |= {
         "max_size_mb": (None if size_bytes is None else size_bytes / 1e6, "artifact file", "no artifact size"),
         "max_latency_ms": (latency_ms, latency_basis, "no latency figure for the target"),
         "on_cpu_fallback": (fallback_ops, "ops outside the target's op rules", "no op check for this format"),
     }
     results = []
     for name, limit in gates.model_dump().items():
-        if limit is None:
+        if limit is None or name not in checks:
             continue
         value, basis, missing = checks[name]
         entry: dict[str, Any] = {"name": name, "limit": limit, "value": value, "basis": basis}
@@ -40,6 +46,4 @@ def check_gates(gates: Budgets, *, top1_drop_pt: float | None, top1_agreement: f
 def accuracy_holds(gates: Budgets, metrics: dict[str, Any]) -> bool:
     """Whether the accuracy gates that can be checked on `metrics` pass (size and latency are not judged)."""
     accuracy_only = Budgets(**{k: v for k, v in gates.model_dump().items() if k in ACCURACY_GATES})
-    results = check_gates(accuracy_only, top1_drop_pt=metrics.get("top1_drop_pt"),
-                          top1_agreement=metrics.get("top1_agreement"))
-    return all(r["status"] != "failed" for r in results)
+    return all(r["status"] != "failed" for r in check_gates(accuracy_only, metrics))
