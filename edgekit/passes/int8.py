@@ -77,9 +77,15 @@ class Int8Quantizer:
         self.scheme = scheme
         self.ranges = ranges or Path(self._scratch.name) / "ranges.json"
         self.threads = threads
+        self.always_float: tuple[str, ...] = ()
+
+    def keep_float(self, names: list[str]) -> None:
+        """Nodes (of `prepared`) no quantization of this graph touches: the family's known INT8 breakers."""
+        self.always_float = tuple(names)
 
     def layers(self) -> list[str]:
-        return [node.name for node in self.prepared.graph.node if node.op_type in QUANTIZABLE]
+        return [node.name for node in self.prepared.graph.node
+                if node.op_type in QUANTIZABLE and node.name not in self.always_float]
 
     def quantize(self, exclude: tuple[str, ...] = (), only: tuple[str, ...] | None = None,
                  progress: Callable[[list[Any]], Any] = iter) -> onnx.ModelProto:
@@ -98,7 +104,8 @@ class Int8Quantizer:
                     quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8,
                     activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
                     calibrate_method=self._method(),
-                    nodes_to_quantize=list(only) if only is not None else None, nodes_to_exclude=list(exclude),
+                    nodes_to_quantize=list(only) if only is not None else None,
+                    nodes_to_exclude=[*self.always_float, *exclude],
                     calibration_cache_path=str(self.ranges),
                     extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True,
                                    "QuantizeBias": self.scheme.int32_bias},
@@ -148,7 +155,8 @@ class Int8Quantizer:
             shutil.move(partial, self.ranges)
 
     def sensitivity(self, inputs: np.ndarray, progress: Callable[[list[str]], Any] = iter) -> list[dict[str, Any]]:
-        """Each layer quantized alone: the output's noise-to-signal ratio and top-1 changes, worst first."""
+        """Each layer quantized alone: the output's noise-to-signal ratio (and top-1 changes for score vectors),
+        worst first."""
         ops = {node.name: node.op_type for node in self.prepared.graph.node}
         reference = OnnxRuntimeRunner(self.prepared.SerializeToString(), self.threads).run(inputs)
         signal = float((reference.astype(np.float64) ** 2).sum())
@@ -157,10 +165,10 @@ class Int8Quantizer:
             model = self.quantize(only=(name,))
             outputs = OnnxRuntimeRunner(model.SerializeToString(), self.threads).run(inputs)
             noise = float(((outputs - reference).astype(np.float64) ** 2).sum())
-            rows.append({
-                "layer": name, "op": ops[name], "nsr": noise / signal,
-                "top1_changed": float((outputs.argmax(1) != reference.argmax(1)).mean()),
-            })
+            row = {"layer": name, "op": ops[name], "nsr": noise / signal}
+            if reference.ndim == 2:  # one score vector per sample: how often the top class moves
+                row["top1_changed"] = float((outputs.argmax(1) != reference.argmax(1)).mean())
+            rows.append(row)
         return sorted(rows, key=lambda row: -row["nsr"])
 
 

