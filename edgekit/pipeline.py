@@ -472,7 +472,7 @@ def _int8(progress: Progress, adapter: families.Family, loaded: LoadedModel, gra
     ranges = cache.path({"kind": "int8-ranges", "model": loaded.fingerprint, "calibration": calib_digest,
                          "preprocess": loaded.preprocess, "method": scheme.calibration,
                          "activations": scheme.activations, "edgekit": __version__}, ".json")
-    quantizer = Int8Quantizer(graph, calibration, scheme, ranges, threads)
+    quantizer = Int8Quantizer(graph, calibration, scheme, ranges, threads, settings.bias_correction_images)
     quantizer.keep_float(adapter.int8_float_nodes(quantizer.prepared))
     with progress.stage("sensitivity") as record:
         probe = calibration[: settings.sensitivity_images]

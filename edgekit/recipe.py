@@ -34,6 +34,8 @@ class QuantizeStage(_Stage):
     bias_correction: bool = True
     calib_limit: int = Field(default=128, gt=0, description="calibration images at most")
     sensitivity_images: int = Field(default=32, gt=0, description="calibration images the per-layer probe runs on")
+    bias_correction_images: int = Field(
+        default=128, gt=0, description="calibration images bias correction reads (it runs the model once per layer)")
     max_float_layers: int = Field(default=8, ge=0, description="most layers the accuracy gate may keep in float")
     int8_mode: Literal["static", "dynamic"] = Field(
         default="static", description="tflite: full-integer (calibrated) or dynamic-range int8")

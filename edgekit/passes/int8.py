@@ -65,8 +65,9 @@ class Int8Quantizer:
     """One graph, one calibration set, one scheme: quantizations that differ only in which layers stay float."""
 
     def __init__(self, model: onnx.ModelProto, calibration: np.ndarray, scheme: Int8Scheme, ranges: Path | None,
-                 threads: int) -> None:
-        """`ranges`: where the calibration ranges are cached across builds; None keeps them for this quantizer only."""
+                 threads: int, bias_images: int | None = None) -> None:
+        """`ranges`: where the calibration ranges are cached across builds; None keeps them for this quantizer only.
+        `bias_images`: the first this many calibration images serve bias correction (default: all)."""
         import onnx
 
         self.prepared = _prepare(model)
@@ -78,6 +79,7 @@ class Int8Quantizer:
         self.ranges = ranges or Path(self._scratch.name) / "ranges.json"
         self.threads = threads
         self.always_float: tuple[str, ...] = ()
+        self.bias_images = bias_images or len(calibration)
 
     def keep_float(self, names: list[str]) -> None:
         """Nodes (of `prepared`) no quantization of this graph touches: the family's known INT8 breakers."""
@@ -115,7 +117,7 @@ class Int8Quantizer:
             quantized = onnx.load(str(target))
         _float_outputs(quantized)
         if self.scheme.bias_correction and only is None:
-            correct_bias(quantized, self.prepared, self.calibration, self.threads, progress)
+            correct_bias(quantized, self.prepared, self.calibration[: self.bias_images], self.threads, progress)
         return quantized
 
     def _method(self) -> Any:
