@@ -209,7 +209,7 @@ def build(
             write_json(staging / "report.json", report)
             given = str(model) if isinstance(model, (str, Path)) else None
             write_json(staging / "manifest.json", _manifest(loaded, given, data, device, recipe_file, options, plan,
-                                                            staging, report["artifact"]["file"]))
+                                                            staging, report["artifact"]["file"], report["deploy"]))
     except ConverterFailed as err:
         log = out_dir / "converter.log"  # alone in the folder: nothing there looks like a finished build
         shutil.rmtree(out_dir, ignore_errors=True)
@@ -220,7 +220,8 @@ def build(
 
 
 def _manifest(loaded: LoadedModel, given: str | None, data: _DataPlan, device: Target, recipe_file: Path | None,
-              options: LoadOptions, plan: Recipe, staging: Path, artifact_file: str) -> dict[str, Any]:
+              options: LoadOptions, plan: Recipe, staging: Path, artifact_file: str,
+              deploy: dict[str, str] | None) -> dict[str, Any]:
     """What went in and came out, by sha256, and the software that did it: nothing time-dependent."""
     return {
         "edgekit": __version__,
@@ -240,6 +241,7 @@ def _manifest(loaded: LoadedModel, given: str | None, data: _DataPlan, device: T
         "packages": package_versions(),
         "platform": platform.platform(),
         "outputs": output_hashes(staging, [artifact_file, "recipe.toml", "report.json"]),
+        "deploy": deploy,
     }
 
 
@@ -308,6 +310,7 @@ def _run_stages(progress: Progress, adapter: families.Family, loaded: LoadedMode
         "accuracy": {**accuracy, "eval_source": data.eval_source, "label_source": samples.label_source},
         "latency_ms": latency,
         "quantization": quantization,
+        "deploy": _deploy(device.runtime_for(plan.export.format).name, precision, artifact_file),
         "ops": ops,
         "analysis": {"reference": reference_analysis.to_dict(),
                      "artifact": artifact_analysis.to_dict(layers=False)},
@@ -323,6 +326,15 @@ def _run_stages(progress: Progress, adapter: families.Family, loaded: LoadedMode
         notes.append(f"{ops['fallback_count']} of {ops['ops']} ops fall back to the CPU on {device.name} "
                      f"({', '.join(ops['fallback_ops'])}); the first is op {first['index']} {first['op']}")
     return report
+
+
+def _deploy(runtime: str, precision: str, artifact_file: str) -> dict[str, str] | None:
+    """How the device's engine takes the artifact, where it needs a step of its own (TensorRT builds an engine)."""
+    if runtime != "tensorrt":
+        return None
+    flags = {"int8": " --int8 --fp16", "fp16": " --fp16"}.get(precision, "")  # QDQ: explicit int8, float layers fp16
+    return {"command": f"trtexec --onnx={artifact_file}{flags} --saveEngine=model.engine",
+            "note": "run on the Jetson: TensorRT engines are specific to the GPU and TensorRT version"}
 
 
 def _judge(report: dict[str, Any], plan: Recipe) -> None:

@@ -215,3 +215,11 @@ def test_out_folder_rules(capsys, tiny_model: torch.nn.Module, photos: Path) -> 
     (first.out / "stale.txt").write_text("from an older build")
     second = build(tiny_model, "x86-64", calib=photos, input_size=32, out="again", overrides=FAST, quiet=True)
     assert not (second.out / "stale.txt").exists() and (second.out / "model.onnx").is_file()
+
+
+def test_jetson_build_carries_the_trtexec_command(tiny_model: torch.nn.Module, photos: Path) -> None:
+    result = build(tiny_model, "jetson-orin-nano", calib=photos, input_size=32, precision="fp16", out="out",
+                   overrides=FAST, quiet=True)
+    command = result.report["deploy"]["command"]
+    assert command == "trtexec --onnx=model.onnx --fp16 --saveEngine=model.engine"
+    assert json.loads((result.out / "manifest.json").read_text())["deploy"]["command"] == command
