@@ -38,7 +38,7 @@ from edgekit.runtimes.onnxruntime import OnnxRuntimeRunner
 from edgekit.runtimes.remote import RemoteDevice
 from edgekit.targets import Target, load_target
 from edgekit.verify.estimate import estimate
-from edgekit.verify.gates import accuracy_holds, check_gates
+from edgekit.verify.gates import accuracy_shortfall, check_gates
 from edgekit.verify.latency import measure
 from edgekit.verify.ops import op_placement
 
@@ -499,19 +499,20 @@ def _int8(progress: Progress, adapter: families.Family, loaded: LoadedModel, gra
             "size_bytes": len(model_bytes), "host_p50_ms": measure(runner, samples.inputs[0], 3, 20)["p50"]}
 
     with progress.stage("quantize", note="int8") as record:
-        artifact, steps = accuracy_aware(
-            quantizer, [row["layer"] for row in table], evaluate, partial(accuracy_holds, plan.gates),
+        artifact, steps, chosen = accuracy_aware(
+            quantizer, [row["layer"] for row in table], evaluate, partial(accuracy_shortfall, plan.gates),
             settings.max_float_layers, progress=lambda xs: progress.track(xs, len(xs), "bias correction"),
         )
-        record["note"] = f"{len(steps[-1]['kept_float'])} layers kept in float after {len(steps)} tries"
+        record["note"] = f"{len(steps[chosen]['kept_float'])} layers kept in float (try {chosen + 1} of {len(steps)})"
     return artifact, {
         "scheme": scheme.describe() | {"activations_for": plan.export.format},
         "calibration": calib_record,
-        "kept_float": steps[-1]["kept_float"],
+        "kept_float": steps[chosen]["kept_float"],
+        "chosen_step": chosen,
         "always_float": list(quantizer.always_float),
         "max_float_layers": settings.max_float_layers,
         "steps": steps,
-        "decided_on": "the held-out images, against the accuracy gates",
+        "decided_on": "the held-out images, against the accuracy gates (if none meets them: the closest)",
         "sensitivity": table,
     }
 

@@ -161,17 +161,27 @@ class Int8Quantizer:
         worst first."""
         ops = {node.name: node.op_type for node in self.prepared.graph.node}
         reference = OnnxRuntimeRunner(self.prepared.SerializeToString(), self.threads).run(inputs)
-        signal = float((reference.astype(np.float64) ** 2).sum())
         rows = []
         for name in progress(self.layers()):
             model = self.quantize(only=(name,))
             outputs = OnnxRuntimeRunner(model.SerializeToString(), self.threads).run(inputs)
-            noise = float(((outputs - reference).astype(np.float64) ** 2).sum())
-            row = {"layer": name, "op": ops[name], "nsr": noise / signal}
+            row = {"layer": name, "op": ops[name], "nsr": noise_to_signal(reference, outputs)}
             if reference.ndim == 2:  # one score vector per sample: how often the top class moves
                 row["top1_changed"] = float((outputs.argmax(1) != reference.argmax(1)).mean())
             rows.append(row)
         return sorted(rows, key=lambda row: -row["nsr"])
+
+
+def noise_to_signal(reference: np.ndarray, outputs: np.ndarray) -> float:
+    """Squared error over squared signal. For outputs with channels along axis 1 and positions after it (a
+    detector's boxes in pixels beside scores in 0-1), each channel's ratio is taken alone and averaged, so a
+    channel with small values counts as much as one with large."""
+    noise = (outputs.astype(np.float64) - reference) ** 2
+    signal = reference.astype(np.float64) ** 2
+    if reference.ndim < 3:
+        return float(noise.sum() / signal.sum())
+    axes = tuple(i for i in range(reference.ndim) if i != 1)
+    return float(np.mean(noise.sum(axis=axes) / np.maximum(signal.sum(axis=axes), 1e-12)))
 
 
 def _mean_minmax(model: onnx.ModelProto, names: list[str], inputs: np.ndarray, threads: int,
@@ -356,16 +366,21 @@ def correct_bias(quantized: onnx.ModelProto, prepared: onnx.ModelProto, inputs: 
 
 
 def accuracy_aware(quantizer: Int8Quantizer, order: list[str], evaluate: Callable[[onnx.ModelProto], dict[str, Any]],
-                   holds: Callable[[dict[str, Any]], bool], bound: int,
-                   progress: Callable[[list[Any]], Any] = iter) -> tuple[onnx.ModelProto, list[dict[str, Any]]]:
+                   shortfall: Callable[[dict[str, Any]], float], bound: int,
+                   progress: Callable[[list[Any]], Any] = iter) -> tuple[onnx.ModelProto, list[dict[str, Any]], int]:
     """Quantize everything; while the accuracy gates fail, keep the next most sensitive layer in float,
-    up to `bound` layers. Returns the last model and every step's layers and metrics."""
+    up to `bound` layers. Returns the first model that meets the gates, else the one that misses them by
+    least (the earliest of equals), every step's layers and metrics, and the chosen step's index."""
     kept: list[str] = []
-    steps = []
+    steps: list[dict[str, Any]] = []
+    best: tuple[float, int, onnx.ModelProto] | None = None
     while True:
         model = quantizer.quantize(exclude=tuple(kept), progress=progress)
         metrics = evaluate(model)
         steps.append({"kept_float": list(kept), **metrics})
-        if holds(metrics) or len(kept) >= min(bound, len(order)):
-            return model, steps
+        missed = shortfall(metrics)
+        if best is None or missed < best[0]:
+            best = (missed, len(steps) - 1, model)
+        if missed == 0 or len(kept) >= min(bound, len(order)):
+            return best[2], steps, best[1]
         kept.append(order[len(kept)])

@@ -43,7 +43,9 @@ def check_gates(gates: Budgets, metrics: dict[str, Any], *, size_bytes: int | No
     return results
 
 
-def accuracy_holds(gates: Budgets, metrics: dict[str, Any]) -> bool:
-    """Whether the accuracy gates that can be checked on `metrics` pass (size and latency are not judged)."""
+def accuracy_shortfall(gates: Budgets, metrics: dict[str, Any]) -> float:
+    """How far `metrics` miss the accuracy gates, in points summed over the gates (0: they all hold or cannot be
+    checked; size and latency are not judged). Agreement counts in percentage points."""
     accuracy_only = Budgets(**{k: v for k, v in gates.model_dump().items() if k in ACCURACY_GATES})
-    return all(r["status"] != "failed" for r in check_gates(accuracy_only, metrics))
+    missed = [r for r in check_gates(accuracy_only, metrics) if r["status"] == "failed"]
+    return sum(abs(r["value"] - r["limit"]) * (100 if r["name"].startswith("min_") else 1) for r in missed)

@@ -1,0 +1,134 @@
+"""YOLO11n on coco128, side by side in one run: edgekit FP32 and INT8 ONNX against Ultralytics' own exports.
+
+    .venv/bin/pip install -e '.[bench]' && .venv/bin/python bench/detector.py [--threads 1]
+
+Every variant runs on the same letterboxed coco128 images and is scored by the same host NMS and
+pycocotools mAP (edgekit's detector family), against the same original PyTorch model; latency is
+measured here, interleaved, min of several medians. Calibration: the shipped calibration photos
+(not coco128). Peers: Ultralytics `export(format="onnx")` run in onnxruntime, and its INT8 export
+`export(format="openvino", int8=True)` (NNCF, its calibration set coco8) run in OpenVINO. Ultralytics'
+TFLite INT8 export needs TensorFlow, which this stack does not carry: it is reported as not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+COCO = REPO.parent / "shared" / "data" / "coco128"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    if not COCO.is_dir():
+        raise SystemExit(f"{COCO} is absent: this bench needs the labelled coco128 set")
+    os.environ["YOLO_OFFLINE"] = "1"
+    import edgekit
+    from edgekit.families.base import LoadOptions
+    from edgekit.families.detector import DetectorFamily
+    from edgekit.runtimes.onnxruntime import OnnxRuntimeRunner
+
+    work = Path(tempfile.mkdtemp(prefix="edgekit-detector-bench-"))
+    images = COCO / "images" / "train2017"
+    family = DetectorFamily()
+    loaded = family.load("yolo11n", LoadOptions())
+    samples = family.samples(loaded, sorted(images.glob("*.jpg")), None)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    with torch.no_grad():
+        reference = np.concatenate([loaded.module(torch.from_numpy(batch)).numpy()
+                                    for batch in np.array_split(samples.inputs, 16)])
+
+    variants: dict[str, dict[str, Any]] = {}
+
+    def edgekit_build(name: str, **options: Any) -> None:
+        start = time.perf_counter()
+        result = edgekit.build("yolo11n", "x86-64", eval=images, calib=REPO / "calibration" / "images",
+                               out=work / name, quiet=True, overrides={"verify.threads": args.threads},
+                               **options)
+        path = result.out / "model.onnx"
+        variants[name] = {"runner": OnnxRuntimeRunner(path.read_bytes(), args.threads), "bytes": path.stat().st_size,
+                          "build_s": time.perf_counter() - start}
+
+    edgekit_build("edgekit fp32")
+    edgekit_build("edgekit int8", recipe=REPO / "examples" / "roadside" / "recipe.toml")
+
+    from ultralytics import YOLO
+
+    checkpoint = work / "yolo11n.pt"
+    shutil.copy(loaded.source, checkpoint)
+    start = time.perf_counter()
+    exported = Path(YOLO(str(checkpoint)).export(format="onnx", imgsz=640, simplify=False, verbose=False))
+    variants["ultralytics onnx"] = {"runner": OnnxRuntimeRunner(exported.read_bytes(), args.threads),
+                                    "bytes": exported.stat().st_size, "build_s": time.perf_counter() - start}
+    try:
+        start = time.perf_counter()
+        folder = Path(YOLO(str(checkpoint)).export(format="openvino", imgsz=640, int8=True, verbose=False))
+        variants["ultralytics openvino int8"] = {
+            "runner": _OpenVino(next(folder.glob("*.xml")), args.threads),
+            "bytes": sum(f.stat().st_size for f in folder.glob("*.bin")), "build_s": time.perf_counter() - start}
+    except Exception as err:  # the peer's own failure is a result, reported as such
+        print(f"ultralytics openvino int8: not run ({type(err).__name__}: {err})")
+    print("ultralytics tflite int8: not run (Ultralytics' TFLite export needs TensorFlow, not in this stack)")
+
+    rows = {}
+    for name, variant in variants.items():
+        outputs = np.concatenate([variant["runner"].run(row[None]) for row in samples.inputs])
+        rows[name] = family.compare(reference, outputs, samples.labels)
+    timings: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(args.repeats):  # interleaved: every variant sees the same machine state
+        for name, variant in variants.items():
+            timings[name].append(statistics.median(variant["runner"].time(samples.inputs[0], 3, 15)))
+    original = rows["edgekit fp32"]["map50_95_reference"]
+    print(f"\nYOLO11n on coco128 ({len(samples)} images, {len(samples.labels)} boxes); original PyTorch mAP50-95 "
+          f"{original:.4f}; host: {args.threads} thread(s), latency measured here, min of {args.repeats} "
+          "interleaved medians")
+    print(f"{'variant':28s} {'mAP50-95':>9s} {'drop pt':>8s} {'mAP50':>7s} {'MB':>6s} {'host ms':>8s} "
+          f"{'build s':>8s}")
+    for name, metrics in rows.items():
+        variant = variants[name]
+        print(f"{name:28s} {metrics['map50_95_artifact']:9.4f} {metrics['map50_95_drop_pt']:8.2f} "
+              f"{metrics['map50_artifact']:7.4f} {variant['bytes'] / 1e6:6.2f} {min(timings[name]):8.2f} "
+              f"{variant['build_s']:8.1f}")
+    edge, peer = rows["edgekit int8"], rows.get("ultralytics openvino int8")
+    if peer:
+        gain = edge["map50_95_artifact"] - peer["map50_95_artifact"]
+        print(f"edgekit int8 vs ultralytics int8: mAP50-95 {gain:+.4f}, "
+              f"speed {min(timings['ultralytics openvino int8']) / min(timings['edgekit int8']):.2f}x "
+              "(different runtimes: onnxruntime vs OpenVINO)")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+class _OpenVino:
+    """An OpenVINO IR behind the runner interface (run, time)."""
+
+    def __init__(self, xml: Path, threads: int) -> None:
+        import openvino as ov
+
+        self.compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_NUM_THREADS": threads})
+        self.request = self.compiled.create_infer_request()
+
+    def run(self, inputs: np.ndarray) -> np.ndarray:
+        return np.concatenate([self.request.infer({0: row[None]})[self.compiled.output(0)] for row in inputs])
+
+    def time(self, sample: np.ndarray, warmup: int, runs: int) -> list[float]:
+        from edgekit.runtimes.base import time_calls
+
+        return time_calls(lambda: self.request.infer({0: sample[None]}), warmup, runs)
+
+
+if __name__ == "__main__":
+    main()
