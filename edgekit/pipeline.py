@@ -29,7 +29,7 @@ from edgekit.passes.int8 import Int8Quantizer, Int8Scheme, accuracy_aware
 from edgekit.passes.quantize import to_fp16
 from edgekit.passes.tflite import ConverterFailed, convert_tflite, io_details, tflite_precision
 from edgekit.progress import Progress
-from edgekit.recipe import Recipe, load_recipe, resolve, with_overrides
+from edgekit.recipe import Recipe, load_recipe, resolve, with_defaults, with_overrides
 from edgekit.report.manifest import output_hashes, package_versions
 from edgekit.report.write import staged, write_json
 from edgekit.resources import resource_dir
@@ -177,6 +177,7 @@ def build(
     adapter = families.resolve(model, options, family)
     recipe_file = Path(recipe) if isinstance(recipe, (str, Path)) else None
     base = recipe if isinstance(recipe, Recipe) else load_recipe(recipe_file) if recipe_file else Recipe()
+    base = with_defaults(base, adapter.recipe_defaults)
     base = with_overrides(base, {"quantize.precision": precision, "export.format": format, **(overrides or {})})
     plan = resolve(base, device, adapter.name)
     data = _plan_data(calib, eval, plan.verify.eval_limit)

@@ -94,6 +94,16 @@ def with_overrides(recipe: Recipe, overrides: dict[str, Any]) -> Recipe:
     return _validate(data, "options")
 
 
+def with_defaults(recipe: Recipe, defaults: dict[str, Any]) -> Recipe:
+    """The recipe with a family's own defaults (dotted `section.key`) for the fields it does not set itself."""
+    unset = {}
+    for dotted, value in defaults.items():
+        section, key = dotted.split(".")
+        if key not in getattr(recipe, section).model_fields_set:
+            unset[dotted] = value
+    return with_overrides(recipe, unset) if unset else recipe
+
+
 def resolve(recipe: Recipe, target: Target, family: str) -> Recipe:
     """Every unset field filled from the target; refuses combinations this build cannot produce."""
     fmt = recipe.export.format or target.default(family, "format") or target.runtimes[0].format

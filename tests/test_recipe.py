@@ -55,3 +55,12 @@ def test_int8_activation_form_follows_the_target_runtime() -> None:
     assert resolve(int8, load_target("raspberry-pi-5"), "classifier").quantize.activations == "uint8"
     mine = with_overrides(int8, {"quantize.activations": "int8-symmetric"})
     assert resolve(mine, load_target("x86-64"), "classifier").quantize.activations == "int8-symmetric"
+
+
+def test_family_defaults_fill_only_what_the_recipe_leaves_unset(tmp_path) -> None:
+    from edgekit.recipe import load_recipe, with_defaults
+
+    path = tmp_path / "r.toml"
+    path.write_text("[quantize]\ncalib_limit = 16\n")
+    recipe = with_defaults(load_recipe(path), {"quantize.calib_limit": 64, "quantize.bias_correction": False})
+    assert recipe.quantize.calib_limit == 16 and recipe.quantize.bias_correction is False

@@ -57,6 +57,7 @@ class Samples:
 
 class Family(Protocol):
     name: str
+    recipe_defaults: dict[str, Any]  # dotted recipe keys this family sets unless the recipe does
 
     def claims(self, source: object, options: LoadOptions) -> bool:
         """True when this family recognises the model source."""

@@ -10,7 +10,7 @@ import hashlib
 import importlib.util
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -136,6 +136,7 @@ def _module_fingerprint(module: torch.nn.Module) -> str:
 
 class ClassifierFamily:
     name = "classifier"
+    recipe_defaults: ClassVar[dict[str, Any]] = {}
 
     def claims(self, source: object, options: LoadOptions) -> bool:
         if isinstance(source, (str, Path)):

@@ -19,7 +19,7 @@ import logging
 import os
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -68,6 +68,10 @@ def _export_form(model: torch.nn.Module) -> torch.nn.Module:
 
 class DetectorFamily:
     name = "detector"
+    # 640 px frames: fewer calibration and probe images cover the ranges; empirical bias correction, estimated
+    # on a few frames, moved YOLO11n's INT8 mAP50-95 on coco128 from 0.81 to 2.8 points below the original
+    recipe_defaults: ClassVar[dict[str, Any]] = {"quantize.bias_correction": False, "quantize.calib_limit": 64,
+                                       "quantize.sensitivity_images": 8}
 
     def claims(self, source: object, options: LoadOptions) -> bool:
         if isinstance(source, (str, Path)):
