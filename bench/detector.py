@@ -31,6 +31,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--distill-steps", type=int, default=300)
+    parser.add_argument("--distill-seconds", type=float, default=300)
     args = parser.parse_args()
     if not COCO.is_dir():
         raise SystemExit(f"{COCO} is absent: this bench needs the labelled coco128 set")
@@ -56,15 +58,19 @@ def main() -> None:
 
     def edgekit_build(name: str, **options: Any) -> None:
         start = time.perf_counter()
+        options.setdefault("overrides", {"verify.threads": args.threads})
         result = edgekit.build("yolo11n", "x86-64", eval=images, calib=REPO / "calibration" / "images",
-                               out=work / name, quiet=True, overrides={"verify.threads": args.threads},
-                               **options)
+                               out=work / name.replace(" ", "-").replace("%", ""), quiet=True, **options)
         path = result.out / "model.onnx"
         variants[name] = {"runner": OnnxRuntimeRunner(path.read_bytes(), args.threads), "bytes": path.stat().st_size,
-                          "build_s": time.perf_counter() - start}
+                          "build_s": time.perf_counter() - start, "report": result.report,
+                          "macs": result.report["analysis"]["reference"]["macs"]}
 
     edgekit_build("edgekit fp32")
     edgekit_build("edgekit int8", recipe=REPO / "examples" / "roadside" / "recipe.toml")
+    edgekit_build("edgekit pruned 30% + distilled + int8", precision="int8",
+                  overrides={"verify.threads": args.threads, "prune.ratio": 0.3, "distill.steps": args.distill_steps,
+                             "distill.seconds": args.distill_seconds})
 
     from ultralytics import YOLO
 
@@ -99,13 +105,19 @@ def main() -> None:
     print(f"\nYOLO11n on coco128 ({len(samples)} images, {len(samples.labels)} boxes); original PyTorch mAP50-95 "
           f"{original:.4f}; host: {args.threads} thread(s), latency measured here, min of {args.repeats} "
           "interleaved medians")
-    print(f"{'variant':28s} {'mAP50-95':>9s} {'drop pt':>8s} {'mAP50':>7s} {'MB':>6s} {'host ms':>8s} "
-          f"{'build s':>8s}")
+    print(f"{'variant':38s} {'mAP50-95':>9s} {'drop pt':>8s} {'mAP50':>7s} {'GMACs':>6s} {'MB':>6s} "
+          f"{'host ms':>8s} {'build s':>8s}")
     for name, metrics in rows.items():
         variant = variants[name]
-        print(f"{name:28s} {metrics['map50_95_artifact']:9.4f} {metrics['map50_95_drop_pt']:8.2f} "
-              f"{metrics['map50_artifact']:7.4f} {variant['bytes'] / 1e6:6.2f} {min(timings[name]):8.2f} "
+        macs = f"{variant['macs'] / 1e9:6.2f}" if "macs" in variant else f"{'-':>6s}"
+        print(f"{name:38s} {metrics['map50_95_artifact']:9.4f} {metrics['map50_95_drop_pt']:8.2f} "
+              f"{metrics['map50_artifact']:7.4f} {macs} {variant['bytes'] / 1e6:6.2f} {min(timings[name]):8.2f} "
               f"{variant['build_s']:8.1f}")
+    pruning = variants["edgekit pruned 30% + distilled + int8"]["report"]["pruning"]
+    taught = variants["edgekit pruned 30% + distilled + int8"]["report"]["distillation"]
+    print(f"pruning: {pruning['macs_before'] / 1e9:.2f} -> {pruning['macs_after'] / 1e9:.2f} GMACs; distillation: "
+          f"{taught['steps']} steps in {taught['seconds']} s, probe loss {taught['probe_loss_before']:.4g} -> "
+          f"{taught['probe_loss_after']:.4g}")
     edge, peer = rows["edgekit int8"], rows.get("ultralytics openvino int8")
     if peer:
         gain = edge["map50_95_artifact"] - peer["map50_95_artifact"]

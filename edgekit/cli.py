@@ -78,6 +78,10 @@ def _parser() -> argparse.ArgumentParser:
     stages.add_argument("--opset", type=int, help="ONNX opset (default: the target runtime's)")
     stages.add_argument("--max-float-layers", type=int,
                         help="int8: most layers the accuracy gates may keep in float (default 8)")
+    stages.add_argument("--prune", type=float, metavar="RATIO",
+                        help="remove this share of each prunable layer's channels (0-1; torch models)")
+    stages.add_argument("--distill-steps", type=int,
+                        help="after --prune: training steps towards the original on the calibration images")
     stages.add_argument("--runs", type=int, help="timed inferences for host latency (default 50)")
     stages.add_argument("--threads", type=int, help="threads for host latency (default: the target's, capped by cores)")
     stages.add_argument("--seed", type=int, help="random seed recorded in the manifest (default 0)")
@@ -173,7 +177,7 @@ def _build(args: argparse.Namespace) -> int:
         device_url=args.device, device_token=args.device_token,
         overrides={
             "export.opset": args.opset, "quantize.max_float_layers": args.max_float_layers,
-            "quantize.int8_mode": args.int8_mode,
+            "quantize.int8_mode": args.int8_mode, "prune.ratio": args.prune, "distill.steps": args.distill_steps,
             "verify.runs": args.runs, "verify.threads": args.threads,
             "verify.eval_limit": args.eval_limit, "seed": args.seed, "gates.max_top1_drop_pt": args.max_top1_drop,
             "gates.min_top1_agreement": args.min_agreement, "gates.max_size_mb": args.max_size_mb,

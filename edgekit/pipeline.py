@@ -24,8 +24,10 @@ from edgekit.data import file_sha256, files_digest, list_images, split_held_out
 from edgekit.errors import StageError, UsageError
 from edgekit.families.base import LoadedModel, LoadOptions, Samples
 from edgekit.passes.analyze import analyze, analyze_tflite
+from edgekit.passes.distill import distill
 from edgekit.passes.export import export_onnx, set_metadata
 from edgekit.passes.int8 import Int8Quantizer, Int8Scheme, accuracy_aware
+from edgekit.passes.prune import prune_channels
 from edgekit.passes.quantize import to_fp16
 from edgekit.passes.tflite import ConverterFailed, convert_tflite, io_details, tflite_precision
 from edgekit.progress import Progress
@@ -255,12 +257,16 @@ def _run_stages(progress: Progress, adapter: families.Family, loaded: LoadedMode
     with progress.stage("data") as record:
         samples = _samples(adapter, loaded, data.eval_files, data.eval_root, cache)
         record["note"] = f"{len(samples)} held-out images, labels: {samples.label_source or 'none'}"
+    compression: dict[str, Any] = {}
     if loaded.is_torch:
+        module = _compress(progress, adapter, loaded, plan, data, cache, compression)
         note = "tflite via litert-torch, onnx graph for analysis" if tflite else f"onnx opset {plan.export.opset}"
         with progress.stage("export", note=note):
-            graph = export_onnx(loaded.module, loaded.input_shape, plan.export.opset)
-            float_tflite = convert_tflite(loaded.module, loaded.input_shape) if tflite else b""
+            graph = export_onnx(module, loaded.input_shape, plan.export.opset)
+            float_tflite = convert_tflite(module, loaded.input_shape) if tflite else b""
     else:
+        if plan.prune.ratio or plan.distill.steps:
+            raise UsageError("pruning and distillation change a torch model; an ONNX input cannot be pruned")
         graph = loaded.onnx_model
         progress.skip("export", "input is ONNX: torch-only stages do not apply")
         notes.append("input is ONNX: export and torch-only stages were skipped")
@@ -310,6 +316,7 @@ def _run_stages(progress: Progress, adapter: families.Family, loaded: LoadedMode
         **{k: v for k, v in accuracy.items() if k in _HEADLINE},
         "accuracy": {**accuracy, "eval_source": data.eval_source, "label_source": samples.label_source},
         "latency_ms": latency,
+        **compression,
         "quantization": quantization,
         "deploy": _deploy(device.runtime_for(plan.export.format).name, precision, artifact_file),
         "ops": ops,
@@ -336,6 +343,34 @@ def _deploy(runtime: str, precision: str, artifact_file: str) -> dict[str, str] 
     flags = {"int8": " --int8 --fp16", "fp16": " --fp16"}.get(precision, "")  # QDQ: explicit int8, float layers fp16
     return {"command": f"trtexec --onnx={artifact_file}{flags} --saveEngine=model.engine",
             "note": "run on the Jetson: TensorRT engines are specific to the GPU and TensorRT version"}
+
+
+def _compress(progress: Progress, adapter: families.Family, loaded: LoadedModel, plan: Recipe, data: _DataPlan,
+              cache: ArrayCache, record: dict[str, Any]) -> Any:
+    """The module to export: the loaded one, or a pruned (and distilled) copy; the original stays the reference."""
+    if not plan.prune.ratio:
+        if plan.distill.steps:
+            raise UsageError("distillation recovers what pruning lost: set prune.ratio too")
+        return loaded.module
+    import copy
+
+    module = copy.deepcopy(loaded.module)
+    with progress.stage("prune") as note:
+        record["pruning"] = prune_channels(module, loaded.input_shape, plan.prune.ratio, adapter.prune_keep(module))
+        pruned = record["pruning"]
+        note["note"] = f"MACs {pruned['macs_before'] / 1e6:.0f} M -> {pruned['macs_after'] / 1e6:.0f} M"
+    if plan.distill.steps:
+        settings = plan.distill
+        images = _calibration(adapter, loaded, plan, data, cache)[0][: settings.images]
+        with progress.stage("distill") as note:
+            record["distillation"] = distill(
+                module, loaded.module, images, adapter.distill_targets, steps=settings.steps,
+                seconds=settings.seconds, lr=settings.lr, batch=settings.batch, seed=plan.seed,
+                progress=lambda steps, total: progress.track(steps, total, "distillation steps"))
+            done = record["distillation"]
+            note["note"] = (f"{done['steps']} steps, probe loss {done['probe_loss_before']:.4g} -> "
+                            f"{done['probe_loss_after']:.4g}")
+    return module
 
 
 def _judge(report: dict[str, Any], plan: Recipe) -> None:

@@ -41,6 +41,18 @@ class QuantizeStage(_Stage):
         default="static", description="tflite: full-integer (calibrated) or dynamic-range int8")
 
 
+class PruneStage(_Stage):
+    ratio: float = Field(default=0.0, ge=0, lt=1, description="share of each prunable layer's channels removed")
+
+
+class DistillStage(_Stage):
+    steps: int = Field(default=0, ge=0, description="training steps after pruning (0: none)")
+    seconds: float = Field(default=600, gt=0, description="wall-time bound")
+    lr: float = Field(default=1e-4, gt=0)
+    batch: int = Field(default=4, gt=0)
+    images: int = Field(default=128, gt=0, description="calibration images it trains on, at most")
+
+
 class ExportStage(_Stage):
     format: Format | None = None
     opset: int | None = Field(default=None, ge=11, le=23)
@@ -55,6 +67,8 @@ class VerifyStage(_Stage):
 
 class Recipe(_Stage):
     seed: int = 0
+    prune: PruneStage = PruneStage()
+    distill: DistillStage = DistillStage()
     quantize: QuantizeStage = QuantizeStage()
     export: ExportStage = ExportStage()
     verify: VerifyStage = VerifyStage()

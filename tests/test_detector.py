@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 import edgekit
@@ -121,3 +122,38 @@ def test_coco128_labels_are_read(tmp_path: Path) -> None:
     samples = family.samples(model, images, None)
     assert samples.labels is not None and set(samples.labels[:, 0]) <= {0, 1, 2, 3}
     assert (samples.labels[:, 2:] >= 0).all() and (samples.labels[:, 2:] <= SIZE).all()
+
+
+def settled_yolo(tmp_path: Path, family: str) -> torch.nn.Module:
+    """A tiny random YOLO whose BatchNorm statistics come from real photos, so its outputs depend on the input."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    from .conftest import settle_batchnorm
+
+    torch.manual_seed(0)
+    return settle_batchnorm(DetectionModel(str(tiny_yaml(tmp_path, family)), nc=3, verbose=False), SIZE)
+
+
+def test_pruning_and_distillation_shrink_and_recover(tmp_path: Path, boxes: Path) -> None:
+    model = settled_yolo(tmp_path, "yolo11")
+    result = edgekit.build(model, "x86-64", calib=boxes / "images", eval=boxes / "images", input_size=SIZE,
+                           overrides={**FAST, "prune.ratio": 0.3, "distill.steps": 12, "distill.batch": 4,
+                                      "distill.images": 4, "distill.lr": 1e-3}, out="out", quiet=True)
+    report = result.report
+    pruning, distillation = report["pruning"], report["distillation"]
+    assert pruning["macs_after"] < 0.8 * pruning["macs_before"] and pruning["params_after"] < pruning["params_before"]
+    assert report["analysis"]["reference"]["macs"] == pytest.approx(pruning["macs_after"], rel=0.05)
+    assert distillation["steps"] == 12 and distillation["probe_loss_after"] < distillation["probe_loss_before"]
+    assert report["artifact"]["outputs"][0]["shape"][:2] == [1, 7]  # the head's outputs are kept
+    assert report["map50_95_reference"] is not None  # verified against the unpruned original
+
+
+def test_onnx_inputs_cannot_be_pruned(tmp_path: Path, boxes: Path) -> None:
+    from edgekit.errors import UsageError
+    from edgekit.passes.export import export_onnx
+
+    graph = tmp_path / "tiny.onnx"
+    graph.write_bytes(export_onnx(settled_yolo(tmp_path, "yolov8"), (1, 3, SIZE, SIZE), 17).SerializeToString())
+    with pytest.raises(UsageError, match="cannot be pruned"):
+        edgekit.build(str(graph), "x86-64", calib=boxes / "images", family="classifier", input_size=SIZE,
+                      overrides={**FAST, "prune.ratio": 0.3}, quiet=True)

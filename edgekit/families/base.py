@@ -68,6 +68,12 @@ class Family(Protocol):
     def samples(self, model: LoadedModel, files: list[Path], root: Path | None) -> Samples:
         """Preprocess files the way the model expects; labels from `root`'s layout where it has them."""
 
+    def prune_keep(self, module: torch.nn.Module) -> list[torch.nn.Module]:
+        """Layers whose output channels structured pruning must keep."""
+
+    def distill_targets(self, module: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+        """What distillation makes the student reproduce: the family's outputs before any decoding."""
+
     def int8_float_nodes(self, graph: onnx.ModelProto) -> list[str]:
         """Nodes of `graph` every INT8 build keeps in float: parts of this family known to break in INT8."""
 

@@ -227,6 +227,15 @@ class ClassifierFamily:
             labels=labels, label_source=label_source,
         )
 
+    def prune_keep(self, module: torch.nn.Module) -> list[torch.nn.Module]:
+        """The classifier layer: its outputs are the classes."""
+        import torch
+
+        return [layer for layer in module.modules() if isinstance(layer, torch.nn.Linear)][-1:]
+
+    def distill_targets(self, module: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+        return [module(x)]  # the logits
+
     def int8_float_nodes(self, graph: onnx.ModelProto) -> list[str]:
         return []  # the sensitivity pass and the accuracy gates decide
 

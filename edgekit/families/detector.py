@@ -158,6 +158,36 @@ class DetectorFamily:
         return Samples(inputs=np.stack(rows), files=[str(p) for p in kept], labels=labels,
                        label_source=f"YOLO label files ({len(labels)} boxes)" if labelled else None)
 
+    def prune_keep(self, module: torch.nn.Module) -> list[torch.nn.Module]:
+        """Layers whose output channels pruning must not touch: the head's output convs and DFL (their channels
+        are boxes and classes), the first conv of C2f-style blocks (its output is split in fixed halves) and the
+        PSA attention (its reshapes count heads)."""
+        from ultralytics.nn.modules import C2PSA, Attention, C2f, Detect
+
+        keep: list[torch.nn.Module] = []
+        for layer in module.modules():
+            if isinstance(layer, (C2f, C2PSA)):
+                keep.append(layer.cv1)
+            if isinstance(layer, (C2PSA, Attention)):
+                keep.append(layer)
+            if isinstance(layer, Detect):
+                keep += [branch[-1] for branch in (*layer.cv2, *layer.cv3)] + [layer.dfl]
+        return keep
+
+    def distill_targets(self, module: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+        """The head's raw maps before decoding: box-distribution logits and class logits."""
+        from ultralytics.nn.modules import Detect
+
+        heads = [layer for layer in module.modules() if isinstance(layer, Detect)]
+        for head in heads:
+            head.export = False
+        try:
+            _, raw = module(x)
+        finally:
+            for head in heads:
+                head.export = True
+        return [raw["boxes"], raw["scores"]]
+
     def int8_float_nodes(self, graph: onnx.ModelProto) -> list[str]:
         """The head's decode (box distribution softmax, distance-to-box arithmetic, class sigmoid, the concat of
         pixel boxes with 0-1 scores) and every attention softmax: one int8 scale cannot serve their ranges. The
