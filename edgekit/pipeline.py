@@ -35,7 +35,7 @@ from edgekit.recipe import Recipe, load_recipe, resolve, with_defaults, with_ove
 from edgekit.report.manifest import output_hashes, package_versions
 from edgekit.report.write import staged, write_json
 from edgekit.resources import resource_dir
-from edgekit.runtimes.litert import LiteRtRunner
+from edgekit.runtimes import runner_for
 from edgekit.runtimes.onnxruntime import OnnxRuntimeRunner
 from edgekit.runtimes.remote import RemoteDevice
 from edgekit.targets import Target, load_target
@@ -46,11 +46,6 @@ from edgekit.verify.ops import op_placement
 
 if TYPE_CHECKING:
     import onnx
-
-
-# the accuracy figures a report and the int8 search carry at their top level, for every family
-_HEADLINE = ("top1_agreement", "top1_drop_pt", "top1_reference", "top1_artifact", "map50_95_reference",
-             "map50_95_artifact", "map50_95_drop_pt", "map50_reference", "map50_artifact", "box_agreement")
 
 
 @dataclass
@@ -110,14 +105,14 @@ def _samples(adapter: families.Family, model: LoadedModel, files: list[Path], ro
     )
 
 
-def _reference_outputs(model: LoadedModel, graph_bytes: bytes, samples: Samples, threads: int,
+def _reference_outputs(model: LoadedModel, samples: Samples, threads: int,
                        cache: ArrayCache) -> np.ndarray:
     """The original model's outputs: torch for torch models, onnxruntime FP32 for ONNX inputs."""
     key = {"kind": "reference", "model": model.fingerprint, "inputs": _digest(samples.inputs)}
 
     def compute() -> dict[str, np.ndarray]:
         if not model.is_torch:
-            return {"outputs": OnnxRuntimeRunner(graph_bytes, threads).run(samples.inputs)}
+            return {"outputs": OnnxRuntimeRunner(model.onnx_model.SerializeToString(), threads).run(samples.inputs)}
         import torch
 
         torch.set_num_threads(threads)
@@ -277,7 +272,7 @@ def _run_stages(progress: Progress, adapter: families.Family, loaded: LoadedMode
         reference_analysis = analyze(graph)
         record["note"] = f"{reference_analysis.params / 1e6:.2f} M params, {reference_analysis.macs / 1e6:.1f} M MACs"
     precision = plan.quantize.precision
-    reference = _reference_outputs(loaded, graph.SerializeToString(), samples, threads, cache)
+    reference = _reference_outputs(loaded, samples, threads, cache)
     if tflite:
         artifact_bytes, quantization = _tflite(progress, adapter, loaded, float_tflite, plan, data, cache)
         artifact_analysis = analyze_tflite(artifact_bytes)
@@ -291,7 +286,7 @@ def _run_stages(progress: Progress, adapter: families.Family, loaded: LoadedMode
     (staging / artifact_file).write_bytes(artifact_bytes)
     ops = op_placement(artifact_bytes, device) if tflite else None
     with progress.stage("verify") as record:
-        runner = (LiteRtRunner if tflite else OnnxRuntimeRunner)(artifact_bytes, threads)
+        runner = runner_for(artifact_bytes, plan.export.format, threads)
         outputs = np.concatenate([
             runner.run(row[None]) for row in progress.track(samples.inputs, len(samples), "artifact on held-out images")
         ])
@@ -313,7 +308,7 @@ def _run_stages(progress: Progress, adapter: families.Family, loaded: LoadedMode
                      "sha256": file_sha256(staging / artifact_file),
                      **(io_details(artifact_bytes) if tflite else _io_spec(runner))},
         "size_bytes": len(artifact_bytes),
-        **{k: v for k, v in accuracy.items() if k in _HEADLINE},
+        **{k: accuracy[k] for k in adapter.headline},
         "accuracy": {**accuracy, "eval_source": data.eval_source, "label_source": samples.label_source},
         "latency_ms": latency,
         **compression,
@@ -446,8 +441,7 @@ def verify(folder: str | Path, device_url: str, *, device_token: str | None = No
     with progress.stage("data") as record:
         samples = _samples(adapter, loaded, data.eval_files, data.eval_root, cache)
         threads = min(plan.verify.threads, os.cpu_count() or 1)
-        graph = b"" if loaded.is_torch else loaded.onnx_model.SerializeToString()
-        reference = _reference_outputs(loaded, graph, samples, threads, cache)
+        reference = _reference_outputs(loaded, samples, threads, cache)
         record["note"] = f"{len(samples)} held-out images, reference outputs"
     _on_device(report, progress, remote, adapter, artifact.read_bytes(), samples, reference, plan, data.eval_source)
     _judge(report, plan)
@@ -531,7 +525,7 @@ def _int8(progress: Progress, adapter: families.Family, loaded: LoadedModel, gra
         model_bytes = model.SerializeToString()
         runner = OnnxRuntimeRunner(model_bytes, threads)
         metrics = adapter.compare(reference, runner.run(samples.inputs), samples.labels)
-        return {k: v for k, v in metrics.items() if k in _HEADLINE} | {
+        return {k: metrics[k] for k in adapter.headline} | {
             "size_bytes": len(model_bytes), "host_p50_ms": measure(runner, samples.inputs[0], 3, 20)["p50"]}
 
     with progress.stage("quantize", note="int8") as record:

@@ -22,10 +22,9 @@ PYTHON_ENV = "EDGEKIT_WORKER_PYTHON"  # the command that starts this Python, whe
 
 def run_job(job: Job) -> tuple[np.ndarray, dict[str, Any]]:
     """Outputs for every input row and timings of single inferences, in the runtime the format names."""
-    from edgekit.runtimes.litert import LiteRtRunner
-    from edgekit.runtimes.onnxruntime import OnnxRuntimeRunner
+    from edgekit.runtimes import runner_for
 
-    runner = (LiteRtRunner if job.format == "tflite" else OnnxRuntimeRunner)(job.model, job.threads)
+    runner = runner_for(job.model, job.format, job.threads)
     outputs = runner.run(job.inputs)
     timings = runner.time(job.inputs[0], job.warmup, job.runs)
     return outputs, {"runtime": runner.description, "timings_ms": [round(t, 4) for t in timings]}

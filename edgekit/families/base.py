@@ -58,6 +58,7 @@ class Samples:
 class Family(Protocol):
     name: str
     recipe_defaults: dict[str, Any]  # dotted recipe keys this family sets unless the recipe does
+    headline: tuple[str, ...]  # metrics of `compare` a report and the INT8 search carry at their top level
 
     def claims(self, source: object, options: LoadOptions) -> bool:
         """True when this family recognises the model source."""

@@ -137,6 +137,7 @@ def _module_fingerprint(module: torch.nn.Module) -> str:
 class ClassifierFamily:
     name = "classifier"
     recipe_defaults: ClassVar[dict[str, Any]] = {}
+    headline = ("top1_agreement", "top1_drop_pt", "top1_reference", "top1_artifact")
 
     def claims(self, source: object, options: LoadOptions) -> bool:
         if isinstance(source, (str, Path)):

@@ -72,6 +72,8 @@ class DetectorFamily:
     # on a few frames, moved YOLO11n's INT8 mAP50-95 on coco128 from 0.81 to 2.8 points below the original
     recipe_defaults: ClassVar[dict[str, Any]] = {"quantize.bias_correction": False, "quantize.calib_limit": 64,
                                        "quantize.sensitivity_images": 8}
+    headline = ("box_agreement", "map50_95_reference", "map50_95_artifact", "map50_95_drop_pt", "map50_reference",
+                "map50_artifact")
 
     def claims(self, source: object, options: LoadOptions) -> bool:
         if isinstance(source, (str, Path)):

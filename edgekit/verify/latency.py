@@ -37,3 +37,8 @@ def measure(runner: Runner, sample: np.ndarray, warmup: int, runs: int) -> dict[
         "runtime": runner.description,
         "host": host_description(),
     }
+
+
+def steady_ms(runner: Runner, sample: np.ndarray, warmup: int, runs: int, repeats: int = 3) -> float:
+    """Best of `repeats` medians of `runs` timed inferences: the steadiest figure a shared machine gives."""
+    return min(float(np.median(runner.time(sample, warmup=warmup, runs=runs))) for _ in range(repeats))

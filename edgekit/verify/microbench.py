@@ -22,7 +22,7 @@ import numpy as np
 
 from edgekit.runtimes.onnxruntime import OnnxRuntimeRunner
 from edgekit.targets import Target
-from edgekit.verify.latency import host_description
+from edgekit.verify.latency import host_description, steady_ms
 
 
 @dataclass(frozen=True)
@@ -172,11 +172,10 @@ def _chain_graph(length: int, shape: tuple[int, ...] = (1, 8, 4, 4)) -> tuple[An
 
 
 def _milliseconds(model: Any, shape: tuple[int, ...], threads: int, runs: int) -> float:
-    """Best of three medians: the steadiest figure a shared machine gives."""
     runner = OnnxRuntimeRunner(model.SerializeToString(), threads)
     dtype = np.uint8 if runner.session.get_inputs()[0].type == "tensor(uint8)" else np.float32
     sample = np.random.default_rng(0).integers(0, 255, shape[1:]).astype(dtype)
-    return min(statistics.median(runner.time(sample, warmup=3, runs=runs)) for _ in range(3))
+    return steady_ms(runner, sample, warmup=3, runs=runs)
 
 
 def measure_host(threads: int, runs: int = 20,

@@ -20,10 +20,11 @@ from edgekit import __version__
 from edgekit.cache import ArrayCache
 from edgekit.errors import UsageError
 from edgekit.passes.analyze import Analysis, analyze, analyze_tflite
+from edgekit.runtimes import runner_for
 from edgekit.runtimes.base import Runner
 from edgekit.targets import Target
 from edgekit.verify.estimate import estimate
-from edgekit.verify.latency import host_description
+from edgekit.verify.latency import host_description, steady_ms
 from edgekit.verify.microbench import host_target, measure_host
 
 FORMATS = {".onnx": "onnx", ".tflite": "tflite"}
@@ -51,13 +52,6 @@ def analyze_artifact(path: Path) -> Analysis:
     import onnx
 
     return analyze(onnx.load_from_string(data))
-
-
-def runner_for(model: bytes, fmt: str, threads: int) -> Runner:
-    from edgekit.runtimes.litert import LiteRtRunner
-    from edgekit.runtimes.onnxruntime import OnnxRuntimeRunner
-
-    return (LiteRtRunner if fmt == "tflite" else OnnxRuntimeRunner)(model, threads)
 
 
 def host_profile(threads: int, cache: ArrayCache, refresh: bool = False,
@@ -92,7 +86,7 @@ def measure_artifact(path: Path, threads: int, runs: int = 30, repeats: int = 3)
     fmt = FORMATS[path.suffix]
     runner = runner_for(path.read_bytes(), fmt, threads)
     sample = _sample(runner, fmt)
-    return min(statistics.median(runner.time(sample, warmup=5, runs=runs)) for _ in range(repeats))
+    return steady_ms(runner, sample, warmup=5, runs=runs, repeats=repeats)
 
 
 def validate(paths: list[Path], profile: Target, threads: int,
