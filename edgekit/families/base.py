@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -83,3 +84,12 @@ class Family(Protocol):
     ) -> dict[str, Any]:
         """Task metrics of the artifact against the reference outputs (and labels, if any), with a one-line
         `summary` for progress and the command's output."""
+
+
+def module_fingerprint(module: torch.nn.Module) -> str:
+    """A torch module by class and weights: what cache keys and manifests name a model built in Python by."""
+    digest = hashlib.sha256(type(module).__qualname__.encode())
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()

@@ -6,7 +6,6 @@ what `samples` applies, what the report records, and what the artifact's metadat
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import re
 from pathlib import Path
@@ -16,7 +15,7 @@ import numpy as np
 
 from edgekit.data import file_sha256
 from edgekit.errors import UsageError, first_line
-from edgekit.families.base import LoadedModel, LoadOptions, Samples
+from edgekit.families.base import LoadedModel, LoadOptions, Samples, module_fingerprint
 from edgekit.resources import imagenet_synsets
 
 if TYPE_CHECKING:
@@ -126,14 +125,6 @@ def _load_weights(module: torch.nn.Module, state: dict[str, Any], path: Path, ar
     module.load_state_dict(state)
 
 
-def _module_fingerprint(module: torch.nn.Module) -> str:
-    digest = hashlib.sha256(type(module).__qualname__.encode())
-    for name, tensor in module.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
 class ClassifierFamily:
     name = "classifier"
     recipe_defaults: ClassVar[dict[str, Any]] = {}
@@ -182,7 +173,7 @@ class ClassifierFamily:
         return LoadedModel(
             name=type(module).__name__.lower(), family=self.name, source=f"<torch module {type(module).__name__}>",
             input_shape=(1, 3, size, size), preprocess=preprocess_spec(options.arch, options.input_size),
-            fingerprint=_module_fingerprint(module), module=module, details={"arch": options.arch},
+            fingerprint=module_fingerprint(module), module=module, details={"arch": options.arch},
         )
 
     def _from_onnx(self, path: Path, options: LoadOptions) -> LoadedModel:

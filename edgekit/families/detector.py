@@ -12,7 +12,6 @@ Ultralytics' own loader, with its network features off.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import io
 import logging
@@ -25,7 +24,7 @@ import numpy as np
 
 from edgekit.data import file_sha256
 from edgekit.errors import UsageError
-from edgekit.families.base import LoadedModel, LoadOptions, Samples
+from edgekit.families.base import LoadedModel, LoadOptions, Samples, module_fingerprint
 
 if TYPE_CHECKING:
     import onnx
@@ -89,7 +88,7 @@ class DetectorFamily:
         LOGGER.setLevel(logging.ERROR)  # its model summaries and advice are not edgekit's output
         if not isinstance(source, (str, Path)):
             return self._loaded(source, options, name="detectionmodel", origin="<torch module DetectionModel>",
-                                fingerprint=_fingerprint(source))
+                                fingerprint=module_fingerprint(source))
         text = str(source)
         path = _named_checkpoint(text) if text in NAMED and not Path(text).exists() else Path(text)
         if not path.is_file():
@@ -100,7 +99,7 @@ class DetectorFamily:
             with contextlib.redirect_stdout(io.StringIO()):
                 module = DetectionModel(str(path), nc=options.num_classes, verbose=False)
             return self._loaded(module, options, name=path.stem, origin=str(path),
-                                fingerprint=_fingerprint(module), source_file=path, random_init=True)
+                                fingerprint=module_fingerprint(module), source_file=path, random_init=True)
         from ultralytics.nn.tasks import load_checkpoint
 
         try:
@@ -297,11 +296,3 @@ def mean_average_precision(found: list[np.ndarray], truth: np.ndarray, images: i
         evaluation.accumulate()
         evaluation.summarize()
     return max(0.0, float(evaluation.stats[0])), max(0.0, float(evaluation.stats[1]))
-
-
-def _fingerprint(module: torch.nn.Module) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().numpy().tobytes())
-    return digest.hexdigest()
