@@ -21,12 +21,15 @@ examples:
   edgekit build ./fish.pth --arch mobilenet_v3_small --num-classes 12 \\
       --target jetson --calib ./photos/ --eval ./labelled/ --precision fp16
   edgekit build model.onnx --target x86-64 --max-top1-drop 0.5 --json
+  edgekit build smollm2-135m --target android-arm64 --precision int4 --eora-rank 32
 
 data folders:
   --calib and --eval take folders of images (searched recursively). Labels for top-1
   come from the --eval layout: a folder per class (class index = sorted folder names,
   or the order in classes.txt), or ImageNet synset file names (n01440764_tench.JPEG).
   Without --eval, every 4th calibration image is held out for verification.
+  Language models take text instead: a .txt file (paragraphs) or a folder of .txt
+  files; by default the Wikipedia articles in the gensim wheel, every 5th held out.
 
 exit codes:
   0 built and verified   1 a gate failed   2 bad input or usage   3 a stage failed
@@ -58,7 +61,8 @@ def _parser() -> argparse.ArgumentParser:
                             description="Load, export, convert, verify on held-out images, and write "
                             "the artifact with report.json and manifest.json.",
                             epilog=BUILD_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    b.add_argument("model", help="a model name (mobilenet_v2, efficientnet_lite0), a .pth state dict, or an .onnx file")
+    b.add_argument("model", help="a model name (mobilenet_v2, efficientnet_lite0, yolo11n, smollm2-135m), a .pth "
+                   "state dict, an Ultralytics .pt, a Hugging Face causal-LM folder, a .gguf, or an .onnx file")
     b.add_argument("--target", "-t", required=True, help="device name or alias (see `edgekit targets`) or a .toml")
     model = b.add_argument_group("model")
     model.add_argument("--arch", help="architecture of a state dict (a torchvision classifier name)")
@@ -70,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     data.add_argument("--eval-limit", type=int, help="verify on at most this many images (default 200)")
     stages = b.add_argument_group("stages")
     stages.add_argument("--recipe", help="recipe .toml: stages, parameters and gates (flags override it)")
-    stages.add_argument("--precision", choices=["fp32", "fp16", "int8"],
+    stages.add_argument("--precision", choices=["fp32", "fp16", "int8", "int4"],
                         help="artifact precision (default: the target's)")
     stages.add_argument("--format", choices=["onnx", "tflite"], help="artifact format (default: the target's)")
     stages.add_argument("--int8-mode", choices=["static", "dynamic"],
@@ -85,11 +89,17 @@ def _parser() -> argparse.ArgumentParser:
     stages.add_argument("--runs", type=int, help="timed inferences for host latency (default 50)")
     stages.add_argument("--threads", type=int, help="threads for host latency (default: the target's, capped by cores)")
     stages.add_argument("--seed", type=int, help="random seed recorded in the manifest (default 0)")
+    lm = b.add_argument_group("language models (int4/int8 are weight-only)")
+    lm.add_argument("--method", choices=["gptq", "rtn"], help="weight rounding: GPTQ (default) or round-to-nearest")
+    lm.add_argument("--group-size", type=int, help="input columns sharing a scale, a power of two (default 64)")
+    lm.add_argument("--eora-rank", type=int, help="EoRA low-rank compensation rank per layer (default 0: none)")
     gates = b.add_argument_group("gates (default: the target's budgets)")
     gates.add_argument("--max-top1-drop", type=float, help="most top-1 points the artifact may lose (needs labels)")
     gates.add_argument("--min-agreement", type=float, help="least top-1 agreement with the original, 0..1")
     gates.add_argument("--max-size-mb", type=float, help="largest artifact in MB")
-    gates.add_argument("--max-latency-ms", type=float, help="slowest target latency (estimated unless measured there)")
+    gates.add_argument("--max-latency-ms", type=float,
+                       help="slowest target latency, per token for language models (estimated unless measured there)")
+    gates.add_argument("--max-ppl-ratio", type=float, help="language models: highest perplexity / the original's")
     _device_arguments(b.add_argument_group("real device (an `edgekit agent` on the board)"), required=False)
     output = b.add_argument_group("output")
     output.add_argument("--out", "-o", help="artifact folder (default: dist/<name>-<target>)")
@@ -181,7 +191,8 @@ def _build(args: argparse.Namespace) -> int:
             "verify.runs": args.runs, "verify.threads": args.threads,
             "verify.eval_limit": args.eval_limit, "seed": args.seed, "gates.max_top1_drop_pt": args.max_top1_drop,
             "gates.min_top1_agreement": args.min_agreement, "gates.max_size_mb": args.max_size_mb,
-            "gates.max_latency_ms": args.max_latency_ms,
+            "gates.max_latency_ms": args.max_latency_ms, "gates.max_ppl_ratio": args.max_ppl_ratio,
+            "weights.method": args.method, "weights.group_size": args.group_size, "lowrank.rank": args.eora_rank,
         },
     )
     return _finish(result, args.json)
@@ -194,10 +205,15 @@ def _finish(result: Any, as_json: bool) -> int:
         print(json.dumps(report, indent=2))
     else:
         host, est = report["latency_ms"]["measured_host"], report["latency_ms"]["estimated_target"]
-        est_text = f"{est['ms']:.2f} ms ({est['bound']}-bound)" if est.get("ms") is not None else "n/a"
+        if "tokens_per_s" in host:  # a language model: speed is tokens per second
+            host_text = f"host {host['tokens_per_s']:.1f} tok/s (measured)"
+            est_text = f"{est['tokens_per_s']:.1f} tok/s ({est['decode_bound']}-bound)" if est.get("ms") else "n/a"
+        else:
+            host_text = f"host p50 {host['p50']:.2f} ms (measured)"
+            est_text = f"{est['ms']:.2f} ms ({est['bound']}-bound)" if est.get("ms") is not None else "n/a"
         print(f"{result.out}/{report['artifact']['file']}  {report['artifact']['precision']}  "
               f"{report['size_bytes'] / 1e6:.2f} MB  {report['accuracy']['summary']}  "
-              f"host p50 {host['p50']:.2f} ms (measured)  {report['target']['name']} {est_text} (estimated)")
+              f"{host_text}  {report['target']['name']} {est_text} (estimated)")
         if "device" in report:
             on_device = report["device"]
             print(f"on {on_device['name']}: {on_device['accuracy']['summary']}  "

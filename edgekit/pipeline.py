@@ -177,8 +177,12 @@ def build(
     base = with_defaults(base, adapter.recipe_defaults)
     base = with_overrides(base, {"quantize.precision": precision, "export.format": format, **(overrides or {})})
     plan = resolve(base, device, adapter.name)
-    data = _plan_data(calib, eval, plan.verify.eval_limit)
     threads = min(plan.verify.threads, os.cpu_count() or 1)
+    if adapter.name == "llm":
+        if remote:
+            raise UsageError("device verification through an agent takes image models; language models verify here")
+        return _build_lm(progress, model, adapter, device, plan, calib, eval, threads, out, use_cache)
+    data = _plan_data(calib, eval, plan.verify.eval_limit)
     runtime = device.runtime_for(plan.export.format)
     host_runtime = "LiteRT" if plan.export.format == "tflite" else "onnxruntime"
     notes = [f"verified in {host_runtime} on this host's CPU; on {device.name} the artifact runs in {runtime.name}"]
@@ -214,6 +218,32 @@ def build(
         out_dir.mkdir(parents=True)
         log.write_text(err.log)
         raise StageError(f"{err} (full log: {log})") from err
+    return BuildResult(out=out_dir, report=report)
+
+
+def _build_lm(progress: Progress, model: object, adapter: families.Family, device: Target, plan: Recipe,
+              calib: str | Path | None, eval_text: str | Path | None, threads: int, out: str | Path | None,
+              use_cache: bool) -> BuildResult:
+    """A language model's build (pipeline_llm): text instead of images, perplexity instead of top-1."""
+    from edgekit.pipeline_llm import build_lm
+
+    if not isinstance(model, (str, Path)):
+        raise UsageError("language models are given as a folder, a GGUF file or a name (e.g. smollm2-135m)")
+    notes = [f"verified in onnxruntime on this host's CPU; on {device.name} the artifact runs in "
+             f"{device.runtime_for('onnx').name}"]
+    if threads < plan.verify.threads:
+        notes.append(f"host latency uses {threads} threads (this host's cores); the target uses {plan.verify.threads}")
+    name = Path(str(model)).stem if Path(str(model)).suffix else Path(str(model)).name
+    out_dir = Path(out) if out else Path("dist") / f"{name}-{device.name}"
+    cache = ArrayCache(default_cache_dir() if use_cache else None)
+    with staged(out_dir) as staging:
+        report, manifest = build_lm(model, adapter, device, plan, calib=calib, eval_text=eval_text, threads=threads,
+                                    cache=cache, staging=staging, notes=notes, progress=progress, given=str(model))
+        _judge(report, plan)
+        (staging / "recipe.toml").write_text(plan.to_toml())
+        write_json(staging / "report.json", report)
+        manifest["outputs"] = output_hashes(staging, [report["artifact"]["file"], "recipe.toml", "report.json"])
+        write_json(staging / "manifest.json", manifest)
     return BuildResult(out=out_dir, report=report)
 
 

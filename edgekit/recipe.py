@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edgekit.errors import UsageError
 from edgekit.passes.int8 import Calibration
@@ -53,6 +53,42 @@ class DistillStage(_Stage):
     images: int = Field(default=128, gt=0, description="calibration images it trains on, at most")
 
 
+class WeightsStage(_Stage):
+    """Weight-only quantization of a language model's linear layers (precision int4 or int8)."""
+
+    method: Literal["rtn", "gptq"] = "gptq"
+    group_size: int = Field(default=64, ge=16, le=4096, description="input columns sharing a scale: a power of two")
+    symmetric: bool = True
+    damp: float = Field(default=0.01, gt=0, description="GPTQ: diagonal added to the Hessian, × its mean")
+    head_bits: Literal[4, 8] | None = Field(default=8, description="the output layer's bits (none: float)")
+    embedding_bits: Literal[8] | None = Field(default=8, description="the token embedding table's bits (none: float)")
+
+    @model_validator(mode="after")
+    def _power_of_two(self) -> WeightsStage:
+        if self.group_size & (self.group_size - 1):
+            raise ValueError(f"group_size must be a power of two (MatMulNBits blocks), got {self.group_size}")
+        return self
+
+
+class LowRankStage(_Stage):
+    """EoRA: a rank-r residual path per compressed linear layer, fitted in its inputs' eigenspace."""
+
+    rank: int = Field(default=0, ge=0, description="0: no compensation")
+    bits: Literal[4, 8] | None = Field(default=8, description="the factors' own quantization (none: float)")
+
+
+class TextStage(_Stage):
+    """Language models: how much text calibrates, evaluates and prompts."""
+
+    calib_windows: int = Field(default=64, gt=0, description="calibration windows (GPTQ, EoRA, distillation)")
+    calib_length: int = Field(default=256, ge=8, description="tokens per calibration window")
+    eval_windows: int = Field(default=32, gt=0, description="held-out windows perplexity is measured on")
+    eval_length: int = Field(default=512, ge=8, description="tokens per held-out window")
+    prompts: int = Field(default=4, ge=0, description="held-out prompts generated from, greedily")
+    prompt_length: int = Field(default=32, gt=0)
+    new_tokens: int = Field(default=32, gt=1, description="tokens generated per prompt")
+
+
 class ExportStage(_Stage):
     format: Format | None = None
     opset: int | None = Field(default=None, ge=11, le=23)
@@ -70,6 +106,9 @@ class Recipe(_Stage):
     prune: PruneStage = PruneStage()
     distill: DistillStage = DistillStage()
     quantize: QuantizeStage = QuantizeStage()
+    weights: WeightsStage = WeightsStage()
+    lowrank: LowRankStage = LowRankStage()
+    text: TextStage = TextStage()
     export: ExportStage = ExportStage()
     verify: VerifyStage = VerifyStage()
     gates: Budgets = Budgets()
@@ -132,10 +171,10 @@ def resolve(recipe: Recipe, target: Target, family: str) -> Recipe:
     precision = recipe.quantize.precision or target.default(family, "precision") or "fp32"
     if recipe.quantize.int8_mode == "dynamic" and fmt != "tflite":
         raise UsageError("dynamic-range int8 is a TFLite precision; use --format tflite")
-    if precision not in SUPPORTED_PRECISIONS:
+    supported = (*SUPPORTED_PRECISIONS, "int4") if family == "llm" else SUPPORTED_PRECISIONS  # weight-only int4
+    if precision not in supported:
         raise UsageError(
-            f"precision {precision} is not supported by this edgekit (supported: {', '.join(SUPPORTED_PRECISIONS)})"
-        )
+            f"precision {precision} is not supported for {family} models (supported: {', '.join(supported)})")
     gates = {k: v for k, v in recipe.gates.model_dump().items() if v is not None}
     return with_overrides(recipe, {
         "quantize.precision": precision,

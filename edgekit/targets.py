@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from edgekit.errors import UsageError
 from edgekit.resources import resource_dir
 
-Precision = Literal["fp32", "fp16", "int8"]
+Precision = Literal["fp32", "fp16", "int8", "int4"]  # int4: weight-only (language models)
 Format = Literal["onnx", "tflite"]
 Int8Activations = Literal["uint8", "int8-symmetric"]
 
@@ -45,7 +45,7 @@ class Compute(_Strict):
     int8_gops: float | None = Field(default=None, gt=0)
 
     def peak_gops(self, precision: Precision) -> float | None:
-        return {"fp32": self.fp32_gflops, "fp16": self.fp16_gflops, "int8": self.int8_gops}[precision]
+        return {"fp32": self.fp32_gflops, "fp16": self.fp16_gflops, "int8": self.int8_gops}.get(precision)
 
 
 class Memory(_Strict):
@@ -65,6 +65,7 @@ class Budgets(_Strict):
     max_top1_drop_pt: float | None = Field(default=None, ge=0)
     min_top1_agreement: float | None = Field(default=None, ge=0, le=1)
     max_map_drop_pt: float | None = Field(default=None, ge=0, description="detectors: mAP50-95 points lost")
+    max_ppl_ratio: float | None = Field(default=None, ge=1, description="language models: perplexity / original's")
     max_size_mb: float | None = Field(default=None, gt=0)
     max_latency_ms: float | None = Field(default=None, gt=0)
     on_cpu_fallback: Literal["fail", "warn"] | None = Field(

@@ -8,9 +8,11 @@ from edgekit.errors import UsageError
 from edgekit.families.base import Family, LoadedModel, LoadOptions, Samples
 from edgekit.families.classifier import ClassifierFamily
 from edgekit.families.detector import DetectorFamily
+from edgekit.families.llm import LanguageModelFamily
 
 # in the order they are asked: an Ultralytics .pt is a detector before it is a classifier's state dict
-FAMILIES: dict[str, Family] = {"detector": DetectorFamily(), "classifier": ClassifierFamily()}
+FAMILIES: dict[str, Family] = {"llm": LanguageModelFamily(), "detector": DetectorFamily(),
+                               "classifier": ClassifierFamily()}
 
 __all__ = ["FAMILIES", "Family", "LoadOptions", "LoadedModel", "Samples", "resolve"]
 

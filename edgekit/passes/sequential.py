@@ -1,0 +1,117 @@
+"""Compress a decoder one block at a time, on the inputs the already-compressed blocks produce.
+
+Only one block's activations for the calibration windows are alive at once (plus the model), so peak
+memory stays near `windows × length × hidden` floats whatever the depth. Each linear layer's input
+second moment `H = Σ x xᵀ` is gathered once per block and serves both GPTQ and EoRA.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from edgekit.passes.eora import Compensated, eora, output_error
+from edgekit.passes.weightonly import QuantizedWeight, gptq, rtn
+
+BATCH = 8  # calibration windows through a block at once
+
+
+@dataclass(frozen=True)
+class WeightScheme:
+    """How each linear layer is compressed: bits, grouping, rounding method, and the EoRA rank that compensates."""
+
+    bits: int
+    group_size: int = 64
+    symmetric: bool = True
+    method: Literal["rtn", "gptq"] = "gptq"
+    damp: float = 0.01
+    rank: int = 0
+    rank_bits: int | None = 8
+
+    def quantize(self, weight: torch.Tensor, covariance: torch.Tensor | None) -> QuantizedWeight:
+        if self.method == "gptq" and covariance is not None:
+            return gptq(weight, covariance, self.bits, self.group_size, self.symmetric, self.damp)
+        return rtn(weight, self.bits, self.group_size, self.symmetric)
+
+
+class Covariance:
+    """Accumulates `Σ x xᵀ` over every row of a linear layer's input (a forward pre-hook)."""
+
+    def __init__(self, features: int) -> None:
+        self.matrix = torch.zeros(features, features, dtype=torch.float64)
+        self.rows = 0
+
+    def __call__(self, _module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        rows = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+        self.matrix += (rows.T @ rows).double()
+        self.rows += rows.shape[0]
+
+
+def run_block(block: torch.nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    """The block's outputs for every calibration window, in batches."""
+    with torch.no_grad():
+        return torch.cat([block(part, **kwargs) for part in hidden.split(BATCH)])
+
+
+def block_covariances(block: torch.nn.Module, linears: dict[str, torch.nn.Linear], hidden: torch.Tensor,
+                      kwargs: dict[str, Any]) -> dict[str, Covariance]:
+    """Input second moments of the block's linear layers on these inputs."""
+    stats = {name: Covariance(layer.in_features) for name, layer in linears.items()}
+    hooks = [layer.register_forward_pre_hook(stats[name]) for name, layer in linears.items()]
+    try:
+        run_block(block, hidden, kwargs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return stats
+
+
+def compress_linear(parent: torch.nn.Module, name: str, layer: torch.nn.Linear, covariance: torch.Tensor | None,
+                    scheme: WeightScheme) -> dict[str, Any]:
+    """Quantize one linear layer in place (its weight becomes the dequantized one, its codes ride along as
+    `edgekit_quantized` for the exporter) and, with a rank, replace it by its EoRA-compensated form."""
+    weight = layer.weight.detach().float()
+    quantized = scheme.quantize(weight, covariance)
+    approx = quantized.dequantize()
+    delta = weight - approx
+    layer.weight.data = approx.to(layer.weight.dtype)
+    layer.edgekit_quantized = quantized
+    record: dict[str, Any] = {"layer": name, "bits": scheme.bits, "bytes": quantized.nbytes}
+    if covariance is None:
+        return record
+    signal = output_error(weight, covariance)
+    record["output_error"] = output_error(delta, covariance) / signal
+    if scheme.rank:
+        b, a = eora(delta, covariance, scheme.rank)
+        compensated = Compensated(layer, b, a, scheme.rank_bits, scheme.group_size)
+        residual = delta - compensated.b.weight @ compensated.a.weight
+        record["output_error_eora"] = output_error(residual, covariance) / signal
+        record["bytes"] += sum(_factor_bytes(f) for f in (compensated.a, compensated.b))
+        parent.set_submodule(name, compensated)
+    return record
+
+
+def _factor_bytes(layer: torch.nn.Linear) -> int:
+    quantized = getattr(layer, "edgekit_quantized", None)
+    return quantized.nbytes if quantized is not None else layer.weight.numel() * 4
+
+
+def compress_blocks(blocks: Iterable[torch.nn.Module], linears_of: Callable[[torch.nn.Module], dict[str, Any]],
+                    hidden: torch.Tensor, kwargs: dict[str, Any], scheme: WeightScheme,
+                    track: Callable[[Iterable[Any], int], Iterable[Any]] = lambda xs, _n: xs,
+                    ) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """Compress every linear of every block, block by block; returns the last block's outputs (what the head
+    sees) and one record per layer."""
+    blocks = list(blocks)
+    records = []
+    for index, block in enumerate(track(blocks, len(blocks))):
+        linears = linears_of(block)
+        stats = block_covariances(block, linears, hidden, kwargs) if scheme.method == "gptq" or scheme.rank else {}
+        for name, layer in linears.items():
+            covariance = stats[name].matrix if name in stats else None
+            records.append({"block": index} | compress_linear(block, name, layer, covariance, scheme))
+        hidden = run_block(block, hidden, kwargs)
+    return hidden, records

@@ -1,0 +1,114 @@
+"""Weight-only quantization of linear layers: round-to-nearest and GPTQ, int4/int8, groups along the input.
+
+The stored form is what onnxruntime's `MatMulNBits` takes: unsigned codes with a zero point per group of
+`group_size` input columns, `w ≈ (code − zero) · scale`. Symmetric quantization fixes the zero point at
+the middle code (8 for 4 bits), asymmetric fits it to each group's range.
+
+GPTQ (Frantar et al., 2022) quantizes one input column at a time and spreads each column's rounding error
+over the columns not yet quantized, weighted by the inverse Hessian `H = Σ x xᵀ` of the layer's inputs,
+so the layer's output on the calibration data moves as little as possible.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class QuantizedWeight:
+    """Codes `[out, in]` (uint8, one code per weight), and per group `[out, groups]` float scales and zero points."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    bits: int
+    group_size: int
+
+    def dequantize(self) -> torch.Tensor:
+        group = torch.arange(self.codes.shape[1]) // self.group_size
+        return (self.codes.float() - self.zeros[:, group]) * self.scales[:, group]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes as stored by MatMulNBits: packed codes, float scales, packed zero points (asymmetric only)."""
+        out, columns = self.codes.shape
+        groups = math.ceil(columns / self.group_size)
+        codes = out * groups * (self.group_size * self.bits // 8)
+        return codes + out * groups * 4 + out * math.ceil(groups * self.bits / 8)
+
+
+def _grid(weights: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point `[rows, 1]` for each row of a group of columns."""
+    top = 2**bits - 1
+    if symmetric:
+        scale = weights.abs().amax(dim=1, keepdim=True) * 2 / top
+        zero = torch.full_like(scale, (top + 1) // 2)
+    else:
+        low = weights.amin(dim=1, keepdim=True).clamp(max=0)
+        high = weights.amax(dim=1, keepdim=True).clamp(min=0)
+        scale = (high - low) / top
+        zero = torch.round(-low / scale.clamp(min=1e-12))
+    return scale.clamp(min=1e-12), zero
+
+
+def _round(weights: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    return torch.clamp(torch.round(weights / scale) + zero, 0, 2**bits - 1)
+
+
+def rtn(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> QuantizedWeight:
+    """Round each weight to the nearest code of its group's grid."""
+    out, columns = weight.shape
+    weight = weight.float()
+    codes = torch.empty(out, columns, dtype=torch.uint8)
+    scales, zeros = [], []
+    for start in range(0, columns, group_size):
+        part = weight[:, start : start + group_size]
+        scale, zero = _grid(part, bits, symmetric)
+        codes[:, start : start + group_size] = _round(part, scale, zero, bits).to(torch.uint8)
+        scales.append(scale)
+        zeros.append(zero)
+    return QuantizedWeight(codes, torch.cat(scales, 1), torch.cat(zeros, 1), bits, group_size)
+
+
+def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+         damp: float = 0.01, block: int = 128) -> QuantizedWeight:
+    """GPTQ: quantize columns left to right, each error compensated on the later columns through the inverse
+    Hessian's Cholesky factor. Groups take their grid from the weights as updated when the group begins."""
+    weight = weight.detach().float().clone()
+    out, columns = weight.shape
+    hessian = hessian.double().clone()
+    dead = torch.diag(hessian) == 0  # inputs that never fire: their weights cannot matter
+    hessian[dead, dead] = 1
+    weight[:, dead] = 0
+    hessian += torch.eye(columns, dtype=hessian.dtype) * damp * torch.diag(hessian).mean()
+    inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True).float()
+
+    codes = torch.empty(out, columns, dtype=torch.uint8)
+    groups = math.ceil(columns / group_size)
+    scales, zeros = torch.empty(out, groups), torch.empty(out, groups)
+    for start in range(0, columns, block):
+        end = min(start + block, columns)
+        chunk = weight[:, start:end].clone()
+        errors = torch.zeros_like(chunk)
+        factor = inverse[start:end, start:end]
+        for i in range(end - start):
+            column = start + i
+            if column % group_size == 0:
+                g = column // group_size
+                scale, zero = _grid(weight[:, column : column + group_size], bits, symmetric)
+                scales[:, g], zeros[:, g] = scale[:, 0], zero[:, 0]
+            g = column // group_size
+            code = _round(chunk[:, i : i + 1], scales[:, g : g + 1], zeros[:, g : g + 1], bits)
+            codes[:, column] = code[:, 0].to(torch.uint8)
+            quantized = (code[:, 0] - zeros[:, g]) * scales[:, g]
+            error = (chunk[:, i] - quantized) / factor[i, i]
+            chunk[:, i:] -= error[:, None] * factor[i, i:][None]
+            errors[:, i] = error
+            if column + 1 < end and (column + 1) % group_size == 0:
+                weight[:, start:end] = chunk  # the next group's grid sees the compensated weights
+        weight[:, start:end] = chunk
+        weight[:, end:] -= errors @ inverse[start:end, end:]
+    return QuantizedWeight(codes, scales, zeros, bits, group_size)

@@ -1,0 +1,62 @@
+"""Run an exported causal LM (edgekit's prefill/decode graph) in onnxruntime: perplexity and greedy decoding.
+
+The decode loop is the one an app writes: feed the prompt with an empty cache, then one token at a time
+with the cache the previous step returned.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from edgekit.runtimes.onnxruntime import cpu_session, describe
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def window_nll(logits: np.ndarray, window: np.ndarray) -> float:
+    """Summed negative log-likelihood of tokens 1… of a window given the logits `[tokens, vocab]` before them."""
+    logp = log_softmax(logits[:-1].astype(np.float64))
+    return float(-logp[np.arange(len(window) - 1), window[1:]].sum())
+
+
+class OnnxCausalLM:
+    def __init__(self, model_bytes: bytes, threads: int) -> None:
+        self.session = cpu_session(model_bytes, threads)
+        self.description = describe(threads)
+        inputs = self.session.get_inputs()
+        self.past_names = [i.name for i in inputs if i.name.startswith("past_")]
+        self.past_shapes = {i.name: i.shape for i in inputs if i.name.startswith("past_")}
+        self.present_names = [o.name for o in self.session.get_outputs() if o.name.startswith("present_")]
+
+    def empty_cache(self) -> dict[str, np.ndarray]:
+        return {name: np.zeros((1, shape[1], 0, shape[3]), np.float32) for name, shape in self.past_shapes.items()}
+
+    def step(self, ids: np.ndarray, cache: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Logits `[tokens, vocab]` for `ids` following the cached positions, and the extended cache."""
+        outputs = self.session.run(["logits", *self.present_names],
+                                   {"input_ids": ids.reshape(1, -1).astype(np.int64), **cache})
+        return outputs[0][0], dict(zip(self.past_names, outputs[1:], strict=True))
+
+    def nll(self, window: np.ndarray) -> float:
+        """Summed negative log-likelihood of a window's tokens after its first, read in one prefill."""
+        logits, _ = self.step(window, self.empty_cache())
+        return window_nll(logits, window)
+
+    def greedy(self, prompt: np.ndarray, new_tokens: int) -> dict[str, Any]:
+        """Greedy continuation of `prompt` through the cache, with prefill and per-token decode times."""
+        start = time.perf_counter()
+        logits, cache = self.step(prompt, self.empty_cache())
+        prefill_ms = (time.perf_counter() - start) * 1000
+        tokens, decode_ms = [int(logits[-1].argmax())], []
+        while len(tokens) < new_tokens:
+            start = time.perf_counter()
+            logits, cache = self.step(np.array([tokens[-1]]), cache)
+            decode_ms.append((time.perf_counter() - start) * 1000)
+            tokens.append(int(logits[-1].argmax()))
+        return {"tokens": tokens, "prefill_ms": prefill_ms, "decode_ms": decode_ms}

@@ -1,0 +1,44 @@
+"""The device model for language models: decode is memory-bound, prefill compute-bound.
+
+Generating one token reads every weight once (the embedding table: one row) plus the key/value cache
+so far, and does 2 FLOPs per weight; prefilling P tokens reads the weights once and does 2·P FLOPs per
+weight. Each takes the larger of its memory and compute time on the target's bandwidth and peak (the
+`[latency]` section's memory and gemv/gemm efficiencies where the profile has them). All figures are
+labelled estimated.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from edgekit.targets import Target
+
+
+def estimate_lm(target: Target, *, weight_bytes: int, embedding_bytes: int, vocab: int, params: int,
+                kv_bytes_per_token: int, prompt_tokens: int, context: int) -> dict[str, Any]:
+    """Estimated prefill ms for `prompt_tokens` and decode ms per token at `context` cached tokens."""
+    model = target.latency
+    bandwidth = target.memory.bandwidth_gbps * 1e9 * (model.memory_efficiency if model else 1.0)
+    peak = (target.compute.fp16_gflops if target.kind == "gpu" else None) or target.compute.fp32_gflops
+    if peak is None:
+        return {"label": "estimated", "ms": None, "reason": f"{target.name} lists no floating-point peak"}
+    efficiency = model.efficiency if model else {}
+    streamed = weight_bytes - embedding_bytes + embedding_bytes / vocab  # one embedding row per token
+    decode_memory = (streamed + kv_bytes_per_token * context) / bandwidth
+    decode_compute = 2 * params / (peak * 1e9 * efficiency.get("gemv", 1.0))
+    prefill_memory = (streamed + kv_bytes_per_token * prompt_tokens) / bandwidth
+    prefill_compute = 2 * params * prompt_tokens / (peak * 1e9 * efficiency.get("gemm", 1.0))
+    decode_ms = max(decode_memory, decode_compute) * 1e3
+    return {
+        "label": "estimated",
+        "ms": round(decode_ms, 4),
+        "decode_ms_per_token": round(decode_ms, 4),
+        "tokens_per_s": round(1e3 / decode_ms, 2),
+        "decode_bound": "memory" if decode_memory >= decode_compute else "compute",
+        "prefill_ms": round(max(prefill_memory, prefill_compute) * 1e3, 4),
+        "prefill_tokens": prompt_tokens,
+        "context": context,
+        "bytes_per_token": int(streamed + kv_bytes_per_token * context),
+        "method": ("decode: max(bytes read per token / bandwidth, 2·params / peak·gemv efficiency); prefill: "
+                   f"max(weight bytes / bandwidth, 2·params·tokens / peak·gemm efficiency); {target.name}'s profile"),
+    }

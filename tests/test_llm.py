@@ -1,0 +1,183 @@
+"""Language models: GPTQ/RTN, EoRA, the key/value-cache export with MatMulNBits, and the build, on tiny Llamas."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edgekit.families import llm
+from edgekit.passes.eora import eora, output_error
+from edgekit.passes.export_llm import export_lm, pack_codes
+from edgekit.passes.sequential import WeightScheme
+from edgekit.passes.weightonly import gptq, rtn
+from edgekit.pipeline import build
+from edgekit.pipeline_llm import quantize_lm, torch_greedy
+from edgekit.runtimes.onnx_lm import OnnxCausalLM
+
+from .conftest import TinyNet
+
+VOCAB = 384
+
+
+def _inputs(rows: int = 2048, features: int = 128, seed: int = 0) -> torch.Tensor:
+    """Correlated, unevenly scaled inputs like a layer's activations (a few directions carry most energy)."""
+    generator = torch.Generator().manual_seed(seed)
+    basis = torch.randn(features, features, generator=generator)
+    scales = torch.logspace(1, -2, features)
+    return (torch.randn(rows, features, generator=generator) * scales) @ basis
+
+
+def test_gptq_beats_round_to_nearest_on_the_layer_output() -> None:
+    x = _inputs()
+    weight = torch.randn(96, 128, generator=torch.Generator().manual_seed(1))
+    covariance = x.T @ x
+    for bits, group in ((4, 32), (4, 128), (8, 64)):
+        by_rtn = output_error(weight - rtn(weight, bits, group, symmetric=True).dequantize(), covariance)
+        by_gptq = output_error(weight - gptq(weight, covariance, bits, group, symmetric=True).dequantize(), covariance)
+        assert by_gptq < 0.8 * by_rtn, (bits, group, by_gptq, by_rtn)
+
+
+def test_quantized_weights_are_codes_on_a_grid() -> None:
+    weight = torch.randn(8, 70)  # 70 columns: the last group of 32 is partial
+    for symmetric in (True, False):
+        quantized = rtn(weight, 4, 32, symmetric)
+        assert quantized.codes.max() <= 15 and quantized.scales.shape == (8, 3)
+        assert torch.allclose(quantized.dequantize(), weight, atol=float(quantized.scales.max()) / 2 + 1e-6)
+    assert int(rtn(weight, 4, 32, True).zeros.unique()[0]) == 8
+
+
+def test_eora_beats_plain_svd_of_the_error_on_real_inputs() -> None:
+    x = _inputs(seed=2)
+    covariance = x.T @ x
+    weight = torch.randn(96, 128, generator=torch.Generator().manual_seed(3))
+    delta = weight - rtn(weight, 4, 64, symmetric=True).dequantize()
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    before = output_error(delta, covariance)
+    errors = []
+    for rank in (4, 16, 32):
+        b, a = eora(delta, covariance, rank)
+        plain = (u[:, :rank] * s[:rank]) @ vh[:rank]
+        errors.append(output_error(delta - b @ a, covariance))
+        assert errors[-1] < 0.9 * output_error(delta - plain, covariance)
+    assert before > errors[0] > errors[1] > errors[2]
+
+
+def test_codes_pack_low_bits_first() -> None:
+    codes = np.array([[1, 2, 3, 15, 7]], np.uint8)
+    assert pack_codes(codes, 4).tolist() == [[0x21, 0xF3, 0x07]]
+    assert pack_codes(codes, 8).tolist() == codes.tolist()
+
+
+def _tiny_llama(seed: int = 0, tie: bool = True) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=tie, attn_implementation="eager")
+    return LlamaForCausalLM(config).eval()
+
+
+def test_export_prefills_and_decodes_through_the_cache_like_torch() -> None:
+    model = _tiny_llama()
+    ids = torch.randint(0, VOCAB, (1, 24))
+    runner = OnnxCausalLM(export_lm(model, 17).SerializeToString(), 1)
+    with torch.no_grad():
+        expected = model(ids).logits[0].numpy()
+    prefill, _ = runner.step(ids[0].numpy(), runner.empty_cache())
+    np.testing.assert_allclose(prefill, expected, atol=1e-4)
+    _, cache = runner.step(ids[0, :16].numpy(), runner.empty_cache())
+    stepped = []
+    for position in range(16, 24):
+        logits, cache = runner.step(ids[0, position : position + 1].numpy(), cache)
+        stepped.append(logits[-1])
+    np.testing.assert_allclose(np.stack(stepped), expected[16:], atol=1e-4)
+    assert runner.greedy(ids[0, :8].numpy(), 6)["tokens"] == torch_greedy(model, ids[0, :8], 6)
+
+
+@pytest.mark.parametrize("scheme", [WeightScheme(4, 32, method="gptq", rank=8, rank_bits=8),
+                                    WeightScheme(8, 64, symmetric=False, method="rtn")])
+def test_integer_graph_computes_what_the_quantized_torch_model_does(scheme: WeightScheme) -> None:
+    from edgekit.progress import Progress
+
+    model = _tiny_llama()
+    calibration = torch.randint(0, VOCAB, (8, 32))
+    record = quantize_lm(model, calibration, scheme, head_bits=4, embedding_bits=8, progress=Progress(quiet=True))
+    graph = export_lm(model, 17)
+    nbits = [n for n in graph.graph.node if n.op_type == "MatMulNBits"]
+    per_block = 7 * (3 if scheme.rank else 1)
+    assert len(nbits) == 2 * per_block + 1  # every block linear (and EoRA factor), plus the head
+    assert {n.op_type for n in graph.graph.node if n.name.startswith("embedding_q")} == {"Gather", "Cast", "Mul"}
+    assert all(np.isfinite(r.get("output_error", 0)) for r in record["layers"])
+    ids = torch.randint(0, VOCAB, (1, 20))
+    with torch.no_grad():
+        expected = model(ids).logits[0].numpy()
+    runner = OnnxCausalLM(graph.SerializeToString(), 1)
+    logits, _ = runner.step(ids[0].numpy(), runner.empty_cache())
+    np.testing.assert_allclose(logits, expected, atol=1e-4)
+    assert graph.ByteSize() < export_lm(_tiny_llama(), 17).ByteSize() / 2
+
+
+@pytest.fixture
+def tiny_lm_folder(tmp_path: Path) -> Path:
+    """A Hugging Face causal-LM folder: a tiny random Llama and a byte-level BPE tokenizer trained on real text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(llm.wiki_articles()[:20], trainer)
+    folder = tmp_path / "tiny-llama"
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", unk_token="<unk>").save_pretrained(folder)
+    _tiny_llama().save_pretrained(folder)
+    return folder
+
+
+def test_wikipedia_text_splits_into_disjoint_parts() -> None:
+    calibration, held, source = llm.text_parts(None)
+    assert "Wikipedia" in source and len(held) >= 20 and len(calibration) >= 4 * len(held) - 4
+    assert not set(calibration) & set(held)
+    assert all(not doc.upper().startswith("#REDIRECT") for doc in held)
+
+
+def test_build_int4_eora_tiny_llama_is_verified_in_onnxruntime(tiny_lm_folder: Path) -> None:
+    text = {"text.calib_windows": 8, "text.calib_length": 32, "text.eval_windows": 4, "text.eval_length": 64,
+            "text.prompts": 2, "text.prompt_length": 8, "text.new_tokens": 6, "lowrank.rank": 8,
+            "weights.group_size": 32, "gates.max_ppl_ratio": 1.5}
+    result = build(tiny_lm_folder, "android-arm64", quiet=True, overrides=text)
+    report = result.report
+    assert report["model"]["family"] == "llm" and report["artifact"]["precision"] == "int4"
+    accuracy = report["accuracy"]
+    assert accuracy["eval_tokens"] == 4 * 63 and accuracy["ppl_reference"] > 1
+    assert accuracy["ppl_ratio"] == pytest.approx(accuracy["ppl_artifact"] / accuracy["ppl_reference"], rel=1e-3)
+    assert 0 <= accuracy["generation_agreement"] <= 1
+    scheme = report["quantization"]["scheme"]
+    assert scheme["eora_rank"] == 8 and scheme["method"] == "gptq"
+    assert report["quantization"]["mean_output_error_eora"] < report["quantization"]["mean_output_error"]
+    assert report["latency_ms"]["measured_host"]["label"] == "measured: host"
+    assert report["latency_ms"]["estimated_target"]["label"] == "estimated"
+    assert report["latency_ms"]["estimated_target"]["decode_bound"] in ("memory", "compute")
+    gate = next(g for g in report["gates"] if g["name"] == "max_ppl_ratio")
+    assert gate["value"] == accuracy["ppl_ratio"] and gate["status"] in ("passed", "failed")
+    assert result.exit_code == (1 if result.failed_gates else 0)
+    manifest = json.loads((result.out / "manifest.json").read_text())
+    assert manifest["outputs"]["model.onnx"]["sha256"] == report["artifact"]["sha256"]
+    assert (result.out / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_language_model_usage_errors(tiny_lm_folder: Path) -> None:
+    from edgekit.errors import UsageError
+
+    with pytest.raises(UsageError, match="ONNX"):
+        build(tiny_lm_folder, "android-arm64", format="tflite", quiet=True)
+    with pytest.raises(UsageError, match="power of two"):
+        build(tiny_lm_folder, "x86-64", quiet=True, overrides={"weights.group_size": 48})
+    with pytest.raises(UsageError, match="int4 is not supported for classifier"):
+        build(TinyNet(), "x86-64", precision="int4", quiet=True)
