@@ -100,32 +100,36 @@ def reference(loaded: llm.LoadedLM, text: Text, new_tokens: int, cache: ArrayCac
 
 def quantize_lm(module: Any, calibration: Any, scheme: WeightScheme, head_bits: int | None,
                 embedding_bits: int | None, progress: Progress) -> dict[str, Any]:
-    """Quantize every decoder block's linears (GPTQ/RTN, EoRA), then the output layer and the embedding table."""
+    """Quantize every decoder block's linears (GPTQ/RTN, EoRA), then the output layer and the embedding table.
+
+    A table tied to the head stays tied: it is the head's codes, stored once and read by row."""
     import torch
 
-    if module.config.tie_word_embeddings:  # the head and the table are quantized differently: untie them first
+    tied = bool(module.config.tie_word_embeddings)
+    if tied and not head_bits and embedding_bits:  # a float head beside an integer table: two tables after all
         module.lm_head.weight = torch.nn.Parameter(module.lm_head.weight.detach().clone())
-        module.config.tie_word_embeddings = False
+        module.config.tie_word_embeddings = tied = False
     with torch.no_grad():
         hidden, kwargs = llm.block_inputs(module, calibration)
         hidden, records = compress_blocks(llm.decoder_layers(module), llm.block_linears, hidden, kwargs, scheme,
                                           track=lambda xs, n: progress.track(xs, n, "decoder blocks"))
         if head_bits:
-            covariance = None
-            if scheme.method == "gptq":
-                covariance = Covariance(module.lm_head.in_features)
-                for part in hidden.split(BATCH):
-                    covariance(module.lm_head, (module.model.norm(part),))
+            covariance = Covariance(module.lm_head.in_features)
+            for part in hidden.split(BATCH):
+                covariance(module.lm_head, (module.model.norm(part),))
             head_scheme = WeightScheme(head_bits, scheme.group_size, scheme.symmetric, scheme.method, scheme.damp)
-            records.append({"block": None} | compress_linear(
-                module, "lm_head", module.lm_head, covariance.matrix if covariance else None, head_scheme))
-        if embedding_bits:
-            table = module.model.embed_tokens
-            quantized = rtn(table.weight.detach(), embedding_bits, table.weight.shape[1], symmetric=True)
+            records.append({"block": None} | compress_linear(module, "lm_head", module.lm_head, covariance.matrix,
+                                                             head_scheme))
+        table = module.model.embed_tokens
+        if tied and head_bits:
+            records.append({"block": None, "layer": "embed_tokens", "bits": head_bits, "bytes": 0,
+                            "shared_with": "lm_head"})
+        elif embedding_bits:
+            quantized = rtn(table.weight.detach(), embedding_bits, scheme.group_size, symmetric=True)
             table.weight.data = quantized.dequantize()
             table.edgekit_quantized = quantized
             records.append({"block": None, "layer": "embed_tokens", "bits": embedding_bits,
-                            "bytes": quantized.codes.numel() + quantized.scales.numel() * 4})
+                            "bytes": quantized.nbytes})
     errors = [r["output_error"] for r in records if "output_error" in r]
     compensated = [r["output_error_eora"] for r in records if "output_error_eora" in r]
     return {"layers": records,

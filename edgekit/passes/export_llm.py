@@ -104,35 +104,59 @@ def _key(array: np.ndarray) -> str:
 
 
 def _integer_weights(graph: onnx.ModelProto, model: torch.nn.Module) -> None:
-    """Swap each traced float MatMul whose weight a quantized linear layer holds for MatMulNBits, and the embedding
-    gather for its int8 form; float initializers left unused are dropped."""
+    """Swap each traced float MatMul whose weight a quantized linear layer holds for MatMulNBits, and each gather
+    from a quantized table (the embedding, or the head it is tied to) for a gather of packed codes dequantized per
+    row; float initializers left unused are dropped, so a tied table is stored once, as the head's codes."""
     import onnx
     import torch
     from onnx import helper, numpy_helper
 
-    by_weight: dict[str, QuantizedWeight] = {}
+    as_matmul: dict[str, QuantizedWeight] = {}  # key of the [in, out] float weight a traced MatMul multiplies by
+    as_table: dict[str, QuantizedWeight] = {}  # key of the [rows, features] float table a traced Gather reads
     for module in model.modules():
         quantized = getattr(module, "edgekit_quantized", None)
-        if quantized is not None and isinstance(module, torch.nn.Linear):
-            by_weight[_key(module.weight.detach().numpy().T)] = quantized
-    embedding = getattr(model.model.embed_tokens, "edgekit_quantized", None)
-    embed_key = _key(model.model.embed_tokens.weight.detach().numpy()) if embedding is not None else None
-    initializers = {init.name: init for init in graph.graph.initializer}
-    nodes = []
-    for node in graph.graph.node:
-        weight = initializers.get(node.input[1]) if len(node.input) > 1 else None
-        if node.op_type == "MatMul" and weight is not None:
-            quantized = by_weight.get(_key(numpy_helper.to_array(weight)))
-            if quantized is not None:
-                nodes.append(_matmul_nbits(graph, node, quantized))
-                continue
-        if node.op_type == "Gather" and embed_key and node.input[0] in initializers and \
-                _key(numpy_helper.to_array(initializers[node.input[0]])) == embed_key:
-            nodes.extend(_int8_gather(graph, node, embedding))
+        if quantized is None:
             continue
-        nodes.append(node)
+        weight = module.weight.detach().numpy()
+        as_table[_key(weight)] = quantized
+        if isinstance(module, torch.nn.Linear):
+            as_matmul[_key(weight.T)] = quantized
+    initializers = {init.name: init for init in graph.graph.initializer}
+    stored: dict[int, list[str]] = {}
+
+    def store(quantized: QuantizedWeight, prefix: str) -> list[str]:
+        if id(quantized) not in stored:
+            tensors = _packed(quantized, prefix)
+            graph.graph.initializer.extend(numpy_helper.from_array(value, name) for name, value in tensors.items())
+            stored[id(quantized)] = list(tensors)
+        return stored[id(quantized)]
+
+    def constant(node: onnx.NodeProto, index: int) -> np.ndarray | None:
+        name = node.input[index] if len(node.input) > index else None
+        return numpy_helper.to_array(initializers[name]) if name in initializers else None
+
+    nodes: list[onnx.NodeProto] = []
+    for node in graph.graph.node:  # MatMuls first: a tied table then gathers from the head's codes
+        weight = constant(node, 1) if node.op_type == "MatMul" else None
+        quantized = as_matmul.get(_key(weight)) if weight is not None else None
+        if quantized is None:
+            nodes.append(node)
+            continue
+        out, columns = quantized.codes.shape
+        names = store(quantized, node.output[0].replace("/", "_").strip("_") + "_q")
+        nodes.append(helper.make_node("MatMulNBits", [node.input[0], *names], list(node.output),
+                                      name=node.name + "_nbits", domain="com.microsoft", K=columns, N=out,
+                                      bits=quantized.bits, block_size=quantized.group_size))
+    rewritten: list[onnx.NodeProto] = []
+    for node in nodes:
+        table = constant(node, 0) if node.op_type == "Gather" else None
+        quantized = as_table.get(_key(table)) if table is not None else None
+        if quantized is None:
+            rewritten.append(node)
+            continue
+        rewritten.extend(_dequantizing_gather(node, quantized, store(quantized, "embedding_q")))
     del graph.graph.node[:]
-    graph.graph.node.extend(nodes)
+    graph.graph.node.extend(rewritten)
     used = {name for node in graph.graph.node for name in node.input}
     kept = [init for init in graph.graph.initializer if init.name in used]
     del graph.graph.initializer[:]
@@ -153,37 +177,66 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     return sum((parts[:, :, i] << (bits * i)).astype(np.uint8) for i in range(per_byte)).astype(np.uint8)
 
 
-def _matmul_nbits(graph: onnx.ModelProto, node: onnx.NodeProto, quantized: QuantizedWeight) -> onnx.NodeProto:
-    from onnx import helper, numpy_helper
-
+def _packed(quantized: QuantizedWeight, prefix: str) -> dict[str, np.ndarray]:
+    """The MatMulNBits inputs: codes `[out, blocks, block·bits/8]`, scales `[out·blocks]`, packed zero points
+    (asymmetric grids only)."""
     out, columns = quantized.codes.shape
     block = quantized.group_size
     blocks = math.ceil(columns / block)
     codes = np.zeros((out, blocks * block), np.uint8)
     codes[:, :columns] = quantized.codes.numpy()
-    packed = pack_codes(codes, quantized.bits).reshape(out, blocks, block * quantized.bits // 8)
-    zeros = pack_codes(quantized.zeros.numpy().astype(np.uint8), quantized.bits).reshape(-1)
-    prefix = node.output[0].replace("/", "_").strip("_") + "_q"
-    tensors = {f"{prefix}_codes": packed, f"{prefix}_scales": quantized.scales.numpy().astype(np.float32).reshape(-1),
-               f"{prefix}_zeros": zeros}
-    graph.graph.initializer.extend(numpy_helper.from_array(value, name) for name, value in tensors.items())
-    return helper.make_node("MatMulNBits", [node.input[0], *tensors], list(node.output), name=node.name + "_nbits",
-                            domain="com.microsoft", K=columns, N=out, bits=quantized.bits, block_size=block)
+    tensors = {f"{prefix}_codes": pack_codes(codes, quantized.bits).reshape(out, blocks, block * quantized.bits // 8),
+               f"{prefix}_scales": quantized.scales.numpy().astype(np.float32).reshape(-1)}
+    if not quantized.symmetric:  # symmetric grids use MatMulNBits' default zero point, the middle code
+        tensors[f"{prefix}_zeros"] = pack_codes(quantized.zeros.numpy().astype(np.uint8), quantized.bits).reshape(-1)
+    return tensors
 
 
-def _int8_gather(graph: onnx.ModelProto, node: onnx.NodeProto, quantized: QuantizedWeight) -> list[onnx.NodeProto]:
-    """`table[ids]` as int8 rows times their scales: a quarter of the float table's bytes."""
-    from onnx import TensorProto, helper, numpy_helper
+def _dequantizing_gather(node: onnx.NodeProto, quantized: QuantizedWeight,
+                         names: list[str]) -> list[onnx.NodeProto]:
+    """`table[ids]` read from packed codes: gather the rows' codes, zero points and scales, unpack, dequantize."""
+    from onnx import TensorProto, helper
 
-    prefix = "embedding_q"
-    signed = (quantized.codes.numpy().astype(np.int16) - quantized.zeros.numpy().astype(np.int16)).astype(np.int8)
-    graph.graph.initializer.extend([numpy_helper.from_array(signed, f"{prefix}_codes"),
-                                    numpy_helper.from_array(quantized.scales.numpy().astype(np.float32),
-                                                            f"{prefix}_scales")])
+    codes, scales, *zeros = names
+    rows, columns = quantized.codes.shape
+    blocks, block, bits = quantized.scales.shape[1], quantized.group_size, quantized.bits
+    p = node.output[0].replace("/", "_").strip("_") + "_dq"
+    made: list[onnx.NodeProto] = []
+
+    def add(op: str, inputs: list[str], **attrs: Any) -> str:
+        name = f"{p}_{len(made)}"
+        made.append(helper.make_node(op, inputs, [name], name=name, **attrs))
+        return name
+
+    def const(values: list[int] | int, dtype: int = TensorProto.INT64) -> str:
+        shape = [len(values)] if isinstance(values, list) else []
+        return add("Constant", [], value=helper.make_tensor(f"{p}_c{len(made)}", dtype, shape,
+                                                             values if isinstance(values, list) else [values]))
+
+    def unpacked(packed: str, width: int) -> str:
+        """Gathered packed bytes → one code per element, `[1, tokens, width]` (low bits first)."""
+        if bits == 8:
+            return add("Reshape", [packed, const([1, -1, width])])
+        whole = add("Cast", [packed], to=TensorProto.INT32)
+        base = const(2**bits, TensorProto.INT32)
+        low, high = add("Mod", [whole, base]), add("Div", [whole, base])
+        pairs = add("Concat", [add("Unsqueeze", [low, const([-1])]), add("Unsqueeze", [high, const([-1])])], axis=-1)
+        return add("Reshape", [pairs, const([1, -1, width])])
+
     ids = node.input[1]
-    return [
-        helper.make_node("Gather", [f"{prefix}_codes", ids], [f"{prefix}_rows"], name=f"{prefix}_gather"),
-        helper.make_node("Cast", [f"{prefix}_rows"], [f"{prefix}_float"], name=f"{prefix}_cast", to=TensorProto.FLOAT),
-        helper.make_node("Gather", [f"{prefix}_scales", ids], [f"{prefix}_row_scales"], name=f"{prefix}_scale"),
-        helper.make_node("Mul", [f"{prefix}_float", f"{prefix}_row_scales"], list(node.output), name=f"{prefix}_mul"),
-    ]
+    code_rows = add("Reshape", [unpacked(add("Gather", [codes, ids]), blocks * block), const([1, -1, blocks, block])])
+    if zeros:
+        zero_bytes = add("Gather", [add("Reshape", [zeros[0], const([rows, -1])]), ids])
+        per_row = math.ceil(blocks * bits / 8) * 8 // bits  # zero points stored per row, padded to whole bytes
+        zero_rows = add("Unsqueeze", [add("Cast", [add("Slice", [unpacked(zero_bytes, per_row), const([0]),
+                                                                  const([blocks]), const([2])])],
+                                          to=TensorProto.FLOAT), const([-1])])
+    else:
+        zero_rows = const(2 ** (bits - 1), TensorProto.FLOAT)
+    scale_rows = add("Gather", [add("Reshape", [scales, const([rows, blocks])]), ids])
+    centred = add("Sub", [add("Cast", [code_rows], to=TensorProto.FLOAT), zero_rows])
+    values = add("Mul", [centred, add("Unsqueeze", [scale_rows, const([-1])])])
+    flat = add("Reshape", [values, const([1, -1, blocks * block])])
+    made.append(helper.make_node("Slice", [flat, const([0]), const([columns]), const([2])], list(node.output),
+                                 name=f"{p}_out"))
+    return made

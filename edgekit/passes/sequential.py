@@ -109,9 +109,8 @@ def compress_blocks(blocks: Iterable[torch.nn.Module], linears_of: Callable[[tor
     records = []
     for index, block in enumerate(track(blocks, len(blocks))):
         linears = linears_of(block)
-        stats = block_covariances(block, linears, hidden, kwargs) if scheme.method == "gptq" or scheme.rank else {}
+        stats = block_covariances(block, linears, hidden, kwargs)  # GPTQ, EoRA, and every layer's output error
         for name, layer in linears.items():
-            covariance = stats[name].matrix if name in stats else None
-            records.append({"block": index} | compress_linear(block, name, layer, covariance, scheme))
+            records.append({"block": index} | compress_linear(block, name, layer, stats[name].matrix, scheme))
         hidden = run_block(block, hidden, kwargs)
     return hidden, records

@@ -2,7 +2,8 @@
 
 The stored form is what onnxruntime's `MatMulNBits` takes: unsigned codes with a zero point per group of
 `group_size` input columns, `w ≈ (code − zero) · scale`. Symmetric quantization fixes the zero point at
-the middle code (8 for 4 bits), asymmetric fits it to each group's range.
+the middle code (8 for 4 bits: MatMulNBits' default, so none is stored), asymmetric fits it to each
+group's range.
 
 GPTQ (Frantar et al., 2022) quantizes one input column at a time and spreads each column's rounding error
 over the columns not yet quantized, weighted by the inverse Hessian `H = Σ x xᵀ` of the layer's inputs,
@@ -32,26 +33,33 @@ class QuantizedWeight:
         return (self.codes.float() - self.zeros[:, group]) * self.scales[:, group]
 
     @property
+    def symmetric(self) -> bool:
+        return bool((self.zeros == 2 ** (self.bits - 1)).all())
+
+    @property
     def nbytes(self) -> int:
         """Bytes as stored by MatMulNBits: packed codes, float scales, packed zero points (asymmetric only)."""
         out, columns = self.codes.shape
         groups = math.ceil(columns / self.group_size)
         codes = out * groups * (self.group_size * self.bits // 8)
-        return codes + out * groups * 4 + out * math.ceil(groups * self.bits / 8)
+        return codes + out * groups * 4 + (0 if self.symmetric else out * math.ceil(groups * self.bits / 8))
 
 
 def _grid(weights: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point `[rows, 1]` for each row of a group of columns."""
+    """Scale and zero point `[rows, 1]` for each row of a group of columns.
+
+    Symmetric grids put the group's largest-magnitude weight exactly on the grid's far end, −2^(b−1)·scale (the
+    scale takes that weight's sign), so all 2^b codes are usable and the weight that matters most is exact."""
     top = 2**bits - 1
     if symmetric:
-        scale = weights.abs().amax(dim=1, keepdim=True) * 2 / top
-        zero = torch.full_like(scale, (top + 1) // 2)
-    else:
-        low = weights.amin(dim=1, keepdim=True).clamp(max=0)
-        high = weights.amax(dim=1, keepdim=True).clamp(min=0)
-        scale = (high - low) / top
-        zero = torch.round(-low / scale.clamp(min=1e-12))
-    return scale.clamp(min=1e-12), zero
+        extreme = weights.gather(1, weights.abs().argmax(dim=1, keepdim=True))
+        scale = extreme / -(2 ** (bits - 1))
+        scale = torch.where(scale.abs() < 1e-12, torch.full_like(scale, 1e-12), scale)
+        return scale, torch.full_like(scale, 2 ** (bits - 1))
+    low = weights.amin(dim=1, keepdim=True).clamp(max=0)
+    high = weights.amax(dim=1, keepdim=True).clamp(min=0)
+    scale = ((high - low) / top).clamp(min=1e-12)
+    return scale, torch.round(-low / scale)
 
 
 def _round(weights: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:

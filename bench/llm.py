@@ -1,0 +1,140 @@
+"""SmolLM2-135M-Instruct, side by side in one run: edgekit FP32, RTN/GPTQ int4, GPTQ int4 + EoRA, pruned
+variants, against NNCF's `compress_weights` int4 (data-free, AWQ + scale estimation, + LoRA correction).
+
+    .venv/bin/pip install -e '.[bench]' && .venv/bin/python bench/llm.py [--ranks 16 32 64] [--skip-pruned]
+
+Every variant is scored on the same held-out Wikipedia windows (the recipe's default text settings) by
+the same summed NLL. edgekit variants are measured on their exported ONNX graph in onnxruntime (decode
+tokens/s measured here through the key/value cache); NNCF's compressed model runs in torch, NNCF's own
+runtime for it here, so it has no ONNX decode figure. Bytes: the artifact file for edgekit, the
+compressed model's tensor storage for NNCF (both hold the tied embedding table once, in int8).
+
+SmolLM2's weights were 4-bit once (the GGUF is Q4_1): int4 results on the unpruned model are optimistic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+MODEL, TARGET = "smollm2-135m", "x86-64"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ranks", type=int, nargs="+", default=[16, 32, 64])
+    parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--prune", type=float, default=0.25, help="width pruning ratio of the pruned variants")
+    parser.add_argument("--distill-steps", type=int, default=200)
+    parser.add_argument("--skip-pruned", action="store_true")
+    parser.add_argument("--skip-nncf", action="store_true")
+    args = parser.parse_args()
+
+    import torch
+
+    import edgekit
+    from edgekit.cache import default_cache_dir
+    from edgekit.families.llm import LanguageModelFamily
+    from edgekit.pipeline_llm import load_text
+    from edgekit.recipe import Recipe
+    from edgekit.runtimes.onnx_lm import window_nll
+
+    work = Path(tempfile.mkdtemp(prefix="edgekit-llm-bench-"))
+    rows: list[dict[str, Any]] = []
+    base = {"weights.group_size": args.group_size}
+
+    def edgekit_build(name: str, precision: str, **overrides: Any) -> None:
+        start = time.perf_counter()
+        result = edgekit.build(MODEL, TARGET, precision=precision, out=work / name.replace(" ", "-"), quiet=True,
+                               overrides=base | overrides)
+        report = result.report
+        rows.append({"variant": name, "ppl": report["ppl_artifact"], "reference": report["ppl_reference"],
+                     "bytes": report["size_bytes"], "tok_s": report["latency_ms"]["measured_host"]["tokens_per_s"],
+                     "build_s": time.perf_counter() - start, "runtime": "onnxruntime"})
+        print(f"  {name}: ppl {report['ppl_artifact']:.3f}", flush=True)
+
+    edgekit_build("edgekit fp32", "fp32")
+    edgekit_build("edgekit rtn int4", "int4", **{"weights.method": "rtn"})
+    edgekit_build("edgekit gptq int4", "int4")
+    for rank in args.ranks:
+        edgekit_build(f"edgekit gptq int4 + eora r{rank}", "int4", **{"lowrank.rank": rank})
+
+    if not args.skip_nncf:
+        import nncf
+
+        family = LanguageModelFamily()
+        loaded = family.load(MODEL, default_cache_dir())
+        text = load_text(loaded, Recipe(), None, None)
+        tokens = text.evaluation.shape[0] * (text.evaluation.shape[1] - 1)
+        dataset = nncf.Dataset([{"input_ids": w[None]} for w in text.calibration])
+        torch.set_num_threads(2)
+        for name, options in (("nncf int4", {}), ("nncf int4 awq+se", {"awq": True, "scale_estimation": True}),
+                              ("nncf int4 awq+se+lora", {"awq": True, "scale_estimation": True,
+                                                         "lora_correction": True})):
+            start = time.perf_counter()
+            compressed = nncf.compress_weights(copy.deepcopy(loaded.module), mode=nncf.CompressWeightsMode.INT4_SYM,
+                                               group_size=args.group_size, ratio=1.0, dataset=dataset,
+                                               subset_size=len(text.calibration), **options)
+            seconds = time.perf_counter() - start
+            with torch.no_grad():
+                nll = sum(window_nll(compressed(w[None]).logits[0].numpy(), w.numpy()) for w in text.evaluation)
+            rows.append({"variant": name, "ppl": math.exp(nll / tokens), "reference": rows[0]["reference"],
+                         "bytes": _storage_bytes(compressed), "tok_s": None, "build_s": seconds, "runtime": "torch"})
+            print(f"  {name}: ppl {rows[-1]['ppl']:.3f}", flush=True)
+
+    if not args.skip_pruned:
+        pruned = {"prune.ratio": args.prune, "distill.steps": args.distill_steps}
+        edgekit_build(f"edgekit pruned {args.prune:.0%} + distilled", "fp32", **pruned)
+        edgekit_build(f"edgekit pruned {args.prune:.0%} + distilled + gptq int4 + eora r32", "int4",
+                      **pruned, **{"lowrank.rank": 32})
+
+    _print(rows)
+
+
+def _storage_bytes(model: Any) -> int:
+    """Bytes of a torch model's tensors, each storage counted once (tied tables share one)."""
+    seen, total = set(), 0
+    for tensor in model.state_dict().values():
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
+
+
+def _print(rows: list[dict[str, Any]]) -> None:
+    reference = rows[0]["reference"]
+    print(f"\nSmolLM2-135M-Instruct, held-out Wikipedia (gensim dump); original PyTorch ppl {reference:.3f}; "
+          "latency measured here (onnxruntime, KV cache)")
+    print(f"{'variant':<52}{'ppl':>9}{'Δppl':>8}{'MB':>8}{'tok/s':>8}{'build s':>9}  runtime")
+    for row in rows:
+        speed = f"{row['tok_s']:.1f}" if row["tok_s"] else "-"
+        print(f"{row['variant']:<52}{row['ppl']:>9.3f}{row['ppl'] - reference:>+8.3f}{row['bytes'] / 1e6:>8.2f}"
+              f"{speed:>8}{row['build_s']:>9.1f}  {row['runtime']}")
+    by_name = {row["variant"]: row for row in rows}
+    rtn = by_name.get("edgekit rtn int4")
+    for row in rows:
+        if rtn and "eora" in row["variant"] and "pruned" not in row["variant"]:
+            closed = (rtn["ppl"] - row["ppl"]) / (rtn["ppl"] - reference)
+            print(f"{row['variant']}: closes {closed:.0%} of the RTN int4 perplexity gap")
+    nncf = [row for row in rows if row["variant"].startswith("nncf")]
+    ours = [row for row in rows if row["variant"].startswith("edgekit gptq int4")]
+    if nncf and ours:
+        best = min(nncf, key=lambda row: row["ppl"])
+        fits = [row for row in ours if row["bytes"] <= best["bytes"]]
+        if fits:
+            mine = min(fits, key=lambda row: row["ppl"])
+            print(f"at ≤ {best['bytes'] / 1e6:.1f} MB: {mine['variant']} ppl {mine['ppl']:.3f} vs {best['variant']} "
+                  f"{best['ppl']:.3f} (ratio {mine['ppl'] / best['ppl']:.3f})")
+        else:
+            print(f"no edgekit int4 variant fits in {best['variant']}'s {best['bytes'] / 1e6:.1f} MB")
+    print("note: SmolLM2's weights were 4-bit once (GGUF Q4_1): int4 on the unpruned model is optimistic")
+
+
+if __name__ == "__main__":
+    main()
