@@ -22,8 +22,10 @@ from edgekit.cache import ArrayCache
 from edgekit.data import file_sha256
 from edgekit.errors import UsageError
 from edgekit.families import llm
+from edgekit.passes.distill import distill, next_token_kl
 from edgekit.passes.export import set_metadata
 from edgekit.passes.export_llm import export_lm
+from edgekit.passes.prune_llm import block_importance, prune_width
 from edgekit.passes.quantize import to_fp16
 from edgekit.passes.sequential import BATCH, Covariance, WeightScheme, compress_blocks, compress_linear
 from edgekit.passes.weightonly import rtn
@@ -137,6 +139,33 @@ def quantize_lm(module: Any, calibration: Any, scheme: WeightScheme, head_bits: 
             "mean_output_error_eora": float(np.mean(compensated)) if compensated else None}
 
 
+def prune_lm(module: Any, calibration: Any, ratio: float, blocks: int, progress: Progress) -> dict[str, Any]:
+    """Drop the `blocks` decoder blocks that change their input least, then prune `ratio` of every block's width
+    (FLAP scores, bias compensation), on the calibration windows."""
+    import torch
+
+    params_before = sum(p.numel() for p in module.parameters())
+    with torch.no_grad():
+        hidden, kwargs = llm.block_inputs(module, calibration)
+        importance, dropped = [], []
+        if blocks:
+            importance = block_importance(list(llm.decoder_layers(module)), hidden, kwargs)
+            if blocks >= len(importance):
+                raise UsageError(f"prune.blocks {blocks} would leave none of the {len(importance)} decoder blocks")
+            dropped = sorted(int(i) for i in np.argsort(importance)[:blocks])
+            llm.drop_blocks(module, dropped)
+        widths = []
+        if ratio:
+            _, widths = prune_width(list(llm.decoder_layers(module)), hidden, kwargs, ratio, llm.width_consumers,
+                                    llm.prune_block_width, track=lambda xs, n: progress.track(xs, n, "blocks pruned"))
+            module.config.intermediate_size = widths[0]["mlp_channels"][1]
+            module.config.num_attention_heads = widths[0]["heads"][1]
+    return {"method": "depth: lowest 1 - cos(block input, output); width: FLAP fluctuation with bias compensation",
+            "ratio": ratio, "block_importance": [round(v, 5) for v in importance], "dropped_blocks": dropped,
+            "width": widths[0] if widths else None,
+            "params_before": params_before, "params_after": sum(p.numel() for p in module.parameters())}
+
+
 def verify_lm(artifact: bytes, text: Text, ref: dict[str, np.ndarray], threads: int,
               progress: Progress) -> tuple[dict[str, Any], dict[str, Any]]:
     """Perplexity of the artifact in onnxruntime against the original's, greedy agreement, and host timings."""
@@ -205,6 +234,24 @@ def build_lm(source: object, adapter: llm.LanguageModelFamily, device: Target, p
         record["note"] = "original model in torch: held-out NLL, greedy tokens"
     module = copy.deepcopy(loaded.module)
     compression: dict[str, Any] = {}
+    if plan.prune.ratio or plan.prune.blocks:
+        with progress.stage("prune") as record:
+            compression["pruning"] = prune_lm(module, text.calibration, plan.prune.ratio, plan.prune.blocks, progress)
+            done = compression["pruning"]
+            record["note"] = (f"{done['params_before'] / 1e6:.1f} M -> {done['params_after'] / 1e6:.1f} M params"
+                              + (f", blocks {done['dropped_blocks']} removed" if done["dropped_blocks"] else ""))
+        if plan.distill.steps:
+            settings = plan.distill
+            with progress.stage("distill") as record:
+                compression["distillation"] = distill(
+                    module, loaded.module, text.calibration[: settings.images], llm.logits, loss=next_token_kl,
+                    steps=settings.steps, seconds=settings.seconds, lr=settings.lr, batch=settings.batch,
+                    seed=plan.seed, progress=lambda steps, total: progress.track(steps, total, "distillation steps"))
+                done = compression["distillation"]
+                record["note"] = (f"{done['steps']} steps, probe KL {done['probe_loss_before']:.4g} -> "
+                                  f"{done['probe_loss_after']:.4g}")
+    elif plan.distill.steps:
+        raise UsageError("distillation recovers what pruning lost: set prune.ratio or prune.blocks too")
     quantization = None
     if precision in BITS:
         settings = plan.weights

@@ -43,6 +43,7 @@ class QuantizeStage(_Stage):
 
 class PruneStage(_Stage):
     ratio: float = Field(default=0.0, ge=0, lt=1, description="share of each prunable layer's channels removed")
+    blocks: int = Field(default=0, ge=0, description="language models: whole decoder blocks removed (depth)")
 
 
 class DistillStage(_Stage):
@@ -50,7 +51,7 @@ class DistillStage(_Stage):
     seconds: float = Field(default=600, gt=0, description="wall-time bound")
     lr: float = Field(default=1e-4, gt=0)
     batch: int = Field(default=4, gt=0)
-    images: int = Field(default=128, gt=0, description="calibration images it trains on, at most")
+    images: int = Field(default=128, gt=0, description="calibration images (or text windows) it trains on, at most")
 
 
 class WeightsStage(_Stage):

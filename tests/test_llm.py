@@ -134,6 +134,38 @@ def test_integer_graph_computes_what_the_quantized_torch_model_does(scheme: Weig
     assert graph.ByteSize() < export_lm(_tiny_llama(tie=tie), 17).ByteSize() / 2
 
 
+def test_width_and_depth_pruning_keep_the_model_runnable_and_exportable() -> None:
+    from edgekit.passes.distill import distill, next_token_kl
+    from edgekit.pipeline_llm import prune_lm
+    from edgekit.progress import Progress
+
+    teacher = _tiny_llama(tie=False)
+    teacher.config.num_hidden_layers = 3
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    teacher = LlamaForCausalLM(teacher.config).eval()
+    student = __import__("copy").deepcopy(teacher)
+    calibration = torch.randint(0, VOCAB, (8, 32))
+    record = prune_lm(student, calibration, 0.5, 1, Progress(quiet=True))
+    assert len(record["dropped_blocks"]) == 1 and len(llm.decoder_layers(student)) == 2
+    assert record["width"] == {"mlp_channels": [128, 64], "heads": [4, 2]}  # one query head of each pair
+    assert record["params_after"] < 0.8 * record["params_before"]
+    for layer in llm.decoder_layers(student):
+        assert layer.mlp.down_proj.bias is not None  # the removed channels' mean, kept as a bias
+        assert layer.self_attn.q_proj.out_features == layer.self_attn.o_proj.in_features == 2 * 16
+    ids = torch.randint(0, VOCAB, (1, 12))
+    with torch.no_grad():
+        pruned = student(ids, use_cache=False).logits[0].numpy()
+    assert np.isfinite(pruned).all()
+    runner = OnnxCausalLM(export_lm(student, 17).SerializeToString(), 1)
+    np.testing.assert_allclose(runner.step(ids[0].numpy(), runner.empty_cache())[0], pruned, atol=1e-4)
+    assert runner.greedy(ids[0, :4].numpy(), 4)["tokens"] == torch_greedy(student, ids[0, :4], 4)
+    done = distill(student, teacher, calibration, llm.logits, loss=next_token_kl, steps=8, seconds=60, lr=1e-3,
+                   batch=4, seed=0, progress=lambda xs, _n: xs)
+    assert done["steps"] == 8 and done["probe_loss_after"] < done["probe_loss_before"]
+
+
 @pytest.fixture
 def tiny_lm_folder(tmp_path: Path) -> Path:
     """A Hugging Face causal-LM folder: a tiny random Llama and a byte-level BPE tokenizer trained on real text."""

@@ -147,6 +147,87 @@ def block_linears(layer: torch.nn.Module) -> dict[str, torch.nn.Linear]:
     return {name: layer.get_submodule(name) for name in LINEARS}
 
 
+def width_consumers(layer: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    """The output projections whose inputs width pruning removes: attention head channels, MLP channels."""
+    return {"self_attn.o_proj": layer.self_attn.o_proj, "mlp.down_proj": layer.mlp.down_proj}
+
+
+def _keep_rows(layer: torch.nn.Linear, keep: torch.Tensor) -> torch.nn.Linear:
+    import torch
+
+    kept = torch.nn.Linear(layer.in_features, len(keep), bias=layer.bias is not None)
+    kept.weight.data = layer.weight.data[keep].clone()
+    if layer.bias is not None:
+        kept.bias.data = layer.bias.data[keep].clone()
+    return kept
+
+
+def _keep_columns(layer: torch.nn.Linear, keep: torch.Tensor, bias: torch.Tensor) -> torch.nn.Linear:
+    """The layer reading only the kept inputs, with `bias` (the removed inputs' mean contribution) added."""
+    import torch
+
+    kept = torch.nn.Linear(len(keep), layer.out_features, bias=True)
+    kept.weight.data = layer.weight.data[:, keep].clone()
+    kept.bias.data = bias + (layer.bias.data if layer.bias is not None else 0)
+    return kept
+
+
+def prune_block_width(layer: torch.nn.Module, scores: dict[str, torch.Tensor], means: dict[str, torch.Tensor],
+                      ratio: float) -> dict[str, Any]:
+    """Remove `ratio` of a block's MLP channels (a multiple of 8 kept) and of the query heads of each key/value
+    group (grouped-query attention stays grouped), lowest score first; output projections gain the bias that
+    keeps the removed inputs' mean."""
+    import torch
+
+    from edgekit.passes.prune_llm import compensation
+
+    mlp, attention = layer.mlp, layer.self_attn
+    channels = mlp.down_proj.in_features
+    kept_channels = max(8, round(channels * (1 - ratio) / 8) * 8)
+    keep = scores["mlp.down_proj"].argsort(descending=True)[:kept_channels].sort().values
+    removed = torch.ones(channels, dtype=torch.bool)
+    removed[keep] = False
+    bias = compensation(mlp.down_proj, means["mlp.down_proj"], removed)
+    mlp.gate_proj, mlp.up_proj = _keep_rows(mlp.gate_proj, keep), _keep_rows(mlp.up_proj, keep)
+    mlp.down_proj = _keep_columns(mlp.down_proj, keep, bias)
+
+    head_dim = attention.head_dim
+    heads, kv_heads = attention.o_proj.in_features // head_dim, attention.k_proj.out_features // head_dim
+    groups = heads // kv_heads
+    dropped = min(groups - 1, round(groups * ratio))
+    if dropped:
+        by_group = scores["self_attn.o_proj"].view(heads, head_dim).sum(1).view(kv_heads, groups)
+        kept_in_group = by_group.argsort(dim=1, descending=True)[:, : groups - dropped].sort(dim=1).values
+        kept_heads = (kept_in_group + torch.arange(kv_heads)[:, None] * groups).flatten()
+        keep = (kept_heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
+        removed = torch.ones(heads * head_dim, dtype=torch.bool)
+        removed[keep] = False
+        bias = compensation(attention.o_proj, means["self_attn.o_proj"], removed)
+        attention.q_proj = _keep_rows(attention.q_proj, keep)
+        attention.o_proj = _keep_columns(attention.o_proj, keep, bias)
+        attention.num_key_value_groups = groups - dropped
+    return {"mlp_channels": [channels, kept_channels], "heads": [heads, kv_heads * (groups - dropped)]}
+
+
+def drop_blocks(module: torch.nn.Module, drop: list[int]) -> None:
+    """Remove whole decoder blocks; the rest are renumbered (each block's cache slot is its index)."""
+    import torch
+
+    kept = [layer for index, layer in enumerate(decoder_layers(module)) if index not in set(drop)]
+    for index, layer in enumerate(kept):
+        layer.self_attn.layer_idx = index
+    module.model.layers = torch.nn.ModuleList(kept)
+    config = module.config
+    if getattr(config, "layer_types", None):
+        config.layer_types = [t for index, t in enumerate(config.layer_types) if index not in set(drop)]
+    config.num_hidden_layers = len(kept)
+
+
+def logits(module: torch.nn.Module, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Next-token logits: what distillation makes a pruned model reproduce."""
+    return [module(ids, use_cache=False).logits]
+
+
 def causal_mask(queries: int, past: int, dtype: Any) -> torch.Tensor:
     """Additive attention mask `[1, 1, queries, past + queries]`: query i sees keys up to past + i."""
     import torch

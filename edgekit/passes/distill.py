@@ -1,7 +1,8 @@
-"""Bounded distillation: the pruned student learns to reproduce the original (teacher) on unlabelled images.
+"""Bounded distillation: the pruned student learns to reproduce the original (teacher) on unlabelled data.
 
-The family says what to compare (a classifier's logits, a detector's raw head maps before decoding);
-the loss is their mean squared difference. Bounded by steps and wall time; the loss on a fixed probe
+The family says what to compare (a classifier's logits, a detector's raw head maps before decoding, a
+language model's next-token logits) and, where mean squared difference is not the right measure, how
+(next-token distributions: KL divergence). Bounded by steps and wall time; the loss on a fixed probe
 batch before and after says whether it helped.
 """
 
@@ -17,21 +18,39 @@ if TYPE_CHECKING:
     import torch
 
 
-def distill(student: torch.nn.Module, teacher: torch.nn.Module, images: np.ndarray,
+def mse(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+    import torch
+
+    return sum(torch.nn.functional.mse_loss(s, t) for s, t in zip(student, teacher, strict=True))
+
+
+def next_token_kl(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+    """KL(teacher ‖ student) of next-token distributions, averaged over token positions."""
+    import torch
+
+    def log_probs(x: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(x.float(), dim=-1).flatten(0, -2)
+
+    return sum(torch.nn.functional.kl_div(log_probs(s), log_probs(t), log_target=True, reduction="batchmean")
+               for s, t in zip(student, teacher, strict=True))
+
+
+def distill(student: torch.nn.Module, teacher: torch.nn.Module, inputs: np.ndarray | torch.Tensor,
             targets: Callable[[torch.nn.Module, torch.Tensor], list[torch.Tensor]], *, steps: int, seconds: float,
-            lr: float, batch: int, seed: int, progress: Callable[[Iterable[int], int], Iterable[int]]
-            ) -> dict[str, Any]:
-    """Train `student` (in place) towards `teacher` on `images` (NCHW float) for at most `steps` steps and
-    `seconds` seconds; the student keeps eval-mode normalisation (batches are small)."""
+            lr: float, batch: int, seed: int, progress: Callable[[Iterable[int], int], Iterable[int]],
+            loss: Callable[[list[torch.Tensor], list[torch.Tensor]], torch.Tensor] = mse) -> dict[str, Any]:
+    """Train `student` (in place) towards `teacher` on `inputs` (images NCHW, token windows) for at most `steps`
+    steps and `seconds` seconds; the student keeps eval-mode normalisation (batches are small)."""
     import torch
 
     generator = np.random.default_rng(seed)
-    probe = torch.from_numpy(images[:batch])
+    data = torch.as_tensor(inputs)
+    probe = data[:batch]
 
     def loss_on(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             wanted = targets(teacher, x)
-        return sum(torch.nn.functional.mse_loss(s, t) for s, t in zip(targets(student, x), wanted, strict=True))
+        return loss(targets(student, x), wanted)
 
     teacher.eval()
     student.eval()
@@ -42,18 +61,18 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, images: np.ndarr
     for _ in progress(range(steps), steps):
         if time.perf_counter() - start > seconds:
             break
-        x = torch.from_numpy(images[generator.choice(len(images), size=min(batch, len(images)), replace=False)])
-        loss = loss_on(x)
+        x = data[generator.choice(len(data), size=min(batch, len(data)), replace=False)]
+        value = loss_on(x)
         optimiser.zero_grad()
-        loss.backward()
+        value.backward()
         optimiser.step()
-        losses.append(loss.item())
+        losses.append(value.item())
         done += 1
     for parameter in student.parameters():
         parameter.requires_grad_(False)
     with torch.no_grad():
         after = float(loss_on(probe))
     return {"steps": done, "step_bound": steps, "seconds": round(time.perf_counter() - start, 1),
-            "seconds_bound": seconds, "lr": lr, "batch": batch, "images": len(images),
+            "seconds_bound": seconds, "lr": lr, "batch": batch, "samples": len(data),
             "probe_loss_before": before, "probe_loss_after": after,
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}
