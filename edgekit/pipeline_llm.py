@@ -200,12 +200,13 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def _weight_bytes(graph: Any) -> tuple[int, int]:
-    """Bytes of all initializers, and of the embedding table's."""
-    total = sum(len(init.raw_data) or init.ByteSize() for init in graph.graph.initializer)
-    gather = next((n for n in graph.graph.node if n.op_type == "Gather"), None)
-    names = {"embedding_q_codes", "embedding_q_scales"} | ({gather.input[0]} if gather else set())
-    table = sum(len(init.raw_data) or init.ByteSize() for init in graph.graph.initializer if init.name in names)
-    return total, table
+    """Bytes of all initializers, and of the largest gathered table (the embedding, unless tied to the head:
+    then every byte is read per token anyway)."""
+    sizes = {init.name: len(init.raw_data) or init.ByteSize() for init in graph.graph.initializer}
+    read_whole = {name for n in graph.graph.node if n.op_type != "Gather" for name in n.input}
+    gathered = [sizes[n.input[0]] for n in graph.graph.node
+                if n.op_type == "Gather" and n.input[0] in sizes and n.input[0] not in read_whole]
+    return sum(sizes.values()), max(gathered, default=0)
 
 
 def build_lm(source: object, adapter: llm.LanguageModelFamily, device: Target, plan: Recipe, *,
@@ -294,7 +295,8 @@ def build_lm(source: object, adapter: llm.LanguageModelFamily, device: Target, p
     estimated = estimate_lm(device, weight_bytes=weights, embedding_bytes=table, vocab=config.vocab_size,
                             params=sum(p.numel() for p in module.parameters()) - config.vocab_size * config.hidden_size,
                             kv_bytes_per_token=cache_bytes, prompt_tokens=plan.text.prompt_length,
-                            context=plan.text.prompt_length + plan.text.new_tokens)
+                            context=plan.text.prompt_length + plan.text.new_tokens,
+                            nodes=sum(n.op_type != "Constant" for n in graph.graph.node))
     notes.append("the artifact takes token ids: tokenizer/ holds the tokenizer to encode and decode text")
     report = {
         "edgekit_version": __version__,

@@ -50,6 +50,9 @@ class Compute(_Strict):
 
 class Memory(_Strict):
     bandwidth_gbps: float = Field(gt=0, description="DRAM (or link) bandwidth in GB/s")
+    streaming_bandwidth_gbps: float | None = Field(
+        default=None, gt=0, description="GB/s when streaming more than the caches hold (a language model's weights "
+                                        "per token); default: bandwidth_gbps")
     ram_mb: float = Field(gt=0, description="memory a model may use, MB")
 
 

@@ -106,7 +106,8 @@ def _key(array: np.ndarray) -> str:
 def _integer_weights(graph: onnx.ModelProto, model: torch.nn.Module) -> None:
     """Swap each traced float MatMul whose weight a quantized linear layer holds for MatMulNBits, and each gather
     from a quantized table (the embedding, or the head it is tied to) for a gather of packed codes dequantized per
-    row; float initializers left unused are dropped, so a tied table is stored once, as the head's codes."""
+    row; float initializers left unused are dropped, so a tied table is stored once (as the head's codes, or as
+    the float table the head reads transposed)."""
     import onnx
     import torch
     from onnx import helper, numpy_helper
@@ -135,11 +136,18 @@ def _integer_weights(graph: onnx.ModelProto, model: torch.nn.Module) -> None:
         name = node.input[index] if len(node.input) > index else None
         return numpy_helper.to_array(initializers[name]) if name in initializers else None
 
+    tables = {_key(constant(n, 0).T): n.input[0] for n in graph.graph.node
+              if n.op_type == "Gather" and constant(n, 0) is not None and constant(n, 0).ndim == 2}
     nodes: list[onnx.NodeProto] = []
     for node in graph.graph.node:  # MatMuls first: a tied table then gathers from the head's codes
         weight = constant(node, 1) if node.op_type == "MatMul" else None
-        quantized = as_matmul.get(_key(weight)) if weight is not None else None
+        key = _key(weight) if weight is not None else None
+        quantized = as_matmul.get(key) if key else None
         if quantized is None:
+            if key in tables:  # a float head tied to the table: read the table transposed, store it once
+                nodes.append(helper.make_node("Transpose", [tables[key]], [node.input[1] + "_tied"],
+                                              name=node.name + "_tied", perm=[1, 0]))
+                node.input[1] = node.input[1] + "_tied"
             nodes.append(node)
             continue
         out, columns = quantized.codes.shape
