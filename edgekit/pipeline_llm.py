@@ -85,17 +85,23 @@ def torch_greedy(module: Any, prompt: Any, new_tokens: int) -> list[int]:
 
 def reference(loaded: llm.LoadedLM, text: Text, new_tokens: int, cache: ArrayCache,
               progress: Progress) -> dict[str, np.ndarray]:
-    """The original model's summed NLL per held-out window and its greedy tokens per prompt (cached)."""
+    """The original model's summed NLL and next-token predictions per held-out window, and its greedy tokens per
+    prompt (cached)."""
     import torch
 
-    key = {"kind": "lm-reference", "model": loaded.fingerprint, "text": text.digest(), "new_tokens": new_tokens}
+    key = {"kind": "lm-reference", "model": loaded.fingerprint, "text": text.digest(), "new_tokens": new_tokens,
+           "arrays": ["nll", "predictions", "tokens"]}
 
     def compute() -> dict[str, np.ndarray]:
+        nll, predictions = [], []
         with torch.no_grad():
-            nll = [window_nll(loaded.module(w[None]).logits[0].numpy(), w.numpy())
-                   for w in progress.track(text.evaluation, len(text.evaluation), "original on held-out text")]
+            for window in progress.track(text.evaluation, len(text.evaluation), "original on held-out text"):
+                logits = loaded.module(window[None]).logits[0].numpy()
+                nll.append(window_nll(logits, window.numpy()))
+                predictions.append(logits.argmax(-1))
         tokens = [torch_greedy(loaded.module, p, new_tokens) for p in text.prompts]
-        return {"nll": np.array(nll), "tokens": np.array(tokens, dtype=np.int64).reshape(len(text.prompts), -1)}
+        return {"nll": np.array(nll), "predictions": np.array(predictions),
+                "tokens": np.array(tokens, dtype=np.int64).reshape(len(text.prompts), -1)}
 
     return cache.get_or_compute(key, compute)
 
@@ -170,8 +176,10 @@ def verify_lm(artifact: bytes, text: Text, ref: dict[str, np.ndarray], threads: 
               progress: Progress) -> tuple[dict[str, Any], dict[str, Any]]:
     """Perplexity of the artifact in onnxruntime against the original's, greedy agreement, and host timings."""
     runner = OnnxCausalLM(artifact, threads)
-    nll = np.array([runner.nll(w.numpy()) for w in progress.track(text.evaluation, len(text.evaluation),
-                                                                   "artifact on held-out text")])
+    scores = [runner.score(w.numpy()) for w in progress.track(text.evaluation, len(text.evaluation),
+                                                              "artifact on held-out text")]
+    nll = np.array([value for value, _ in scores])
+    predictions = np.array([best for _, best in scores])
     tokens = int(text.evaluation.shape[0] * (text.evaluation.shape[1] - 1))
     ppl_reference, ppl_artifact = math.exp(ref["nll"].sum() / tokens), math.exp(nll.sum() / tokens)
     runs = [runner.greedy(p.numpy(), ref["tokens"].shape[1]) for p in text.prompts]
@@ -180,11 +188,12 @@ def verify_lm(artifact: bytes, text: Text, ref: dict[str, np.ndarray], threads: 
     accuracy = {
         "ppl_reference": round(ppl_reference, 4), "ppl_artifact": round(ppl_artifact, 4),
         "ppl_ratio": round(ppl_artifact / ppl_reference, 4), "eval_tokens": tokens,
+        "next_token_agreement": round(float((predictions == ref["predictions"]).mean()), 4),
         "generation_agreement": round(float(np.mean(agreement)), 4) if agreement else None,
         "generation_prompts": len(agreement),
     }
-    accuracy["summary"] = (f"ppl {ppl_artifact:.3f} (original {ppl_reference:.3f}, ×{accuracy['ppl_ratio']:.3f})"
-                           + (f", greedy agreement {accuracy['generation_agreement']:.3f}" if agreement else ""))
+    accuracy["summary"] = (f"ppl {ppl_artifact:.3f} (original {ppl_reference:.3f}, ×{accuracy['ppl_ratio']:.3f}), "
+                           f"next-token agreement {accuracy['next_token_agreement']:.3f}")
     decode = [ms for run in runs for ms in run["decode_ms"]]
     latency = {"label": "measured: host", "runtime": runner.description, "host": host_description(),
                "prefill_ms": round(float(np.median([r["prefill_ms"] for r in runs])), 3) if runs else None,
@@ -266,6 +275,7 @@ def build_lm(source: object, adapter: llm.LanguageModelFamily, device: Target, p
             quantization["scheme"] = {"weights": precision, "method": settings.method,
                                       "group_size": settings.group_size, "symmetric": settings.symmetric,
                                       "head_bits": settings.head_bits, "embedding_bits": settings.embedding_bits,
+                                      "accuracy_level": settings.accuracy_level,
                                       "eora_rank": scheme.rank, "eora_bits": scheme.rank_bits if scheme.rank else None,
                                       "calibration_tokens": int(text.calibration.numel())}
             if quantization["mean_output_error"] is not None:
@@ -275,7 +285,7 @@ def build_lm(source: object, adapter: llm.LanguageModelFamily, device: Target, p
     elif plan.lowrank.rank:
         raise UsageError("EoRA compensates compression: set precision int4 or int8 (or prune) with lowrank.rank")
     with progress.stage("export", note=f"onnx opset {plan.export.opset}, key/value cache"):
-        graph = export_lm(module, plan.export.opset)
+        graph = export_lm(module, plan.export.opset, plan.weights.accuracy_level)
         if precision == "fp16":
             graph = to_fp16(graph)
         set_metadata(graph, {"edgekit.version": __version__, "edgekit.family": adapter.name,
@@ -310,7 +320,7 @@ def build_lm(source: object, adapter: llm.LanguageModelFamily, device: Target, p
                                 f"[1, {config.num_key_value_heads}, past, {head_dim}] float32 per block"],
                      "outputs": ["logits [1, tokens, vocab]", "present_key_i / present_value_i (past + tokens)"]},
         "size_bytes": len(artifact),
-        **{k: accuracy[k] for k in ("ppl_reference", "ppl_artifact", "ppl_ratio", "generation_agreement")},
+        **{k: accuracy[k] for k in adapter.headline},
         "accuracy": {**accuracy, "eval_source": text.source},
         "latency_ms": {"measured_host": measured, "estimated_target": estimated},
         **compression,

@@ -98,7 +98,7 @@ class LanguageModelFamily:
     # one ONNX graph with a key/value cache; weight-only int4 is what small LMs ship at on phones and boards
     recipe_defaults: ClassVar[dict[str, Any]] = {"export.format": "onnx", "quantize.precision": "int4",
                                                  "gates.max_ppl_ratio": 1.2}
-    headline = ("ppl_reference", "ppl_artifact", "ppl_ratio", "generation_agreement")
+    headline = ("ppl_reference", "ppl_artifact", "ppl_ratio", "next_token_agreement", "generation_agreement")
 
     def claims(self, source: object, options: LoadOptions) -> bool:
         if not isinstance(source, (str, Path)):

@@ -71,9 +71,10 @@ def cache_names(layers: int) -> tuple[list[str], list[str]]:
     return past, [name.replace("past_", "present_") for name in past]
 
 
-def export_lm(model: torch.nn.Module, opset: int) -> onnx.ModelProto:
+def export_lm(model: torch.nn.Module, opset: int, accuracy_level: int = 0) -> onnx.ModelProto:
     """Trace the model's prefill/decode step into ONNX with dynamic token and past lengths; quantized weights
-    become MatMulNBits, a quantized embedding an int8 gather."""
+    become MatMulNBits (computing at `accuracy_level`: 0 float activations, 4 int8), a quantized table a
+    gather of its codes."""
     import onnx
     import torch
 
@@ -95,7 +96,7 @@ def export_lm(model: torch.nn.Module, opset: int) -> onnx.ModelProto:
     except Exception as err:  # the exporter raises many types; the first line names what failed
         raise StageError(f"ONNX export of the decoder failed at opset {opset}: {first_line(err)}") from err
     graph = onnx.load_from_string(buffer.getvalue())
-    _integer_weights(graph, model)
+    _integer_weights(graph, model, accuracy_level)
     return graph
 
 
@@ -103,7 +104,7 @@ def _key(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest()
 
 
-def _integer_weights(graph: onnx.ModelProto, model: torch.nn.Module) -> None:
+def _integer_weights(graph: onnx.ModelProto, model: torch.nn.Module, accuracy_level: int) -> None:
     """Swap each traced float MatMul whose weight a quantized linear layer holds for MatMulNBits, and each gather
     from a quantized table (the embedding, or the head it is tied to) for a gather of packed codes dequantized per
     row; float initializers left unused are dropped, so a tied table is stored once (as the head's codes, or as
@@ -154,7 +155,8 @@ def _integer_weights(graph: onnx.ModelProto, model: torch.nn.Module) -> None:
         names = store(quantized, node.output[0].replace("/", "_").strip("_") + "_q")
         nodes.append(helper.make_node("MatMulNBits", [node.input[0], *names], list(node.output),
                                       name=node.name + "_nbits", domain="com.microsoft", K=columns, N=out,
-                                      bits=quantized.bits, block_size=quantized.group_size))
+                                      bits=quantized.bits, block_size=quantized.group_size,
+                                      accuracy_level=accuracy_level))
     rewritten: list[onnx.NodeProto] = []
     for node in nodes:
         table = constant(node, 0) if node.op_type == "Gather" else None

@@ -43,10 +43,11 @@ class OnnxCausalLM:
                                    {"input_ids": ids.reshape(1, -1).astype(np.int64), **cache})
         return outputs[0][0], dict(zip(self.past_names, outputs[1:], strict=True))
 
-    def nll(self, window: np.ndarray) -> float:
-        """Summed negative log-likelihood of a window's tokens after its first, read in one prefill."""
+    def score(self, window: np.ndarray) -> tuple[float, np.ndarray]:
+        """Summed negative log-likelihood of a window's tokens after its first, read in one prefill, and the
+        most likely next token at each position."""
         logits, _ = self.step(window, self.empty_cache())
-        return window_nll(logits, window)
+        return window_nll(logits, window), logits.argmax(-1)
 
     def greedy(self, prompt: np.ndarray, new_tokens: int) -> dict[str, Any]:
         """Greedy continuation of `prompt` through the cache, with prefill and per-token decode times."""
