@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, nargs="+", default=[16, 32, 64])
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--prune", type=float, default=0.25, help="width pruning ratio of the pruned variants")
-    parser.add_argument("--distill-steps", type=int, default=200)
+    parser.add_argument("--distill-steps", type=int, default=100)
     parser.add_argument("--skip-pruned", action="store_true")
     parser.add_argument("--skip-nncf", action="store_true")
     args = parser.parse_args()

@@ -149,6 +149,14 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--input-size", type=int, help="square input side in pixels (default 224)")
     i.add_argument("--top", type=int, default=20, help="layers to list, by MACs (0: all; default 20)")
     i.add_argument("--json", action="store_true", help="print the full analysis as JSON")
+    g = commands.add_parser(
+        "generate", help="generate text with a built language model, in onnxruntime through its key/value cache",
+        description="Greedy generation from a prompt with a language-model artifact folder (model.onnx and "
+        "tokenizer/), the decode loop an app runs: the prompt once, then one token at a time with the cache.")
+    g.add_argument("artifact", help="a language-model build folder (dist/<name>-<target>)")
+    g.add_argument("prompt", help="the text to continue")
+    g.add_argument("--tokens", type=int, default=40, help="tokens to generate (default 40)")
+    g.add_argument("--threads", type=int, default=2, help="onnxruntime threads (default 2)")
     e = commands.add_parser(
         "estimate", help="latency of an artifact on a target, from the device model; --validate checks it here",
         description="Estimate an artifact's latency on a target, op by op, from the device model (the target's "
@@ -292,6 +300,12 @@ def _inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(analysis, indent=2))
         return 0
+    if analysis["family"] == "llm":
+        print(f"{analysis['model']}  {analysis['architecture']}  {analysis['params'] / 1e6:.1f} M params  "
+              f"{analysis['layers']} blocks  hidden {analysis['hidden_size']}  heads {analysis['heads']} "
+              f"(key/value {analysis['kv_heads']})  vocab {analysis['vocab_size']}  "
+              f"fp32 weights {analysis['weight_bytes_fp32'] / 1e6:.1f} MB")
+        return 0
     from rich.table import Table
 
     layers = sorted(analysis["layers"], key=lambda layer: -layer["macs"])
@@ -307,6 +321,18 @@ def _inspect(args: argparse.Namespace) -> int:
     _console().print(table)
     if len(shown) < len(layers):
         print(f"({len(layers) - len(shown)} more layers; --top 0 lists all)")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from edgekit.pipeline_llm import generate
+
+    if args.tokens < 1:
+        raise UsageError("--tokens must be at least 1")
+    result = generate(args.artifact, args.prompt, args.tokens, args.threads)
+    print(args.prompt + result["text"])
+    print(f"({len(result['tokens'])} tokens; prefill {result['prefill_ms']:.1f} ms, decode "
+          f"{result['tokens_per_s']:.1f} tokens/s, measured here: {result['runtime']})", file=sys.stderr)
     return 0
 
 
@@ -373,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
         commands = {"build": _build, "verify": _verify, "agent": _agent, "targets": _targets, "inspect": _inspect,
-                    "estimate": _estimate}
+                    "estimate": _estimate, "generate": _generate}
         return commands[args.command](args)
     except EdgekitError as err:
         if os.environ.get("EDGEKIT_DEBUG"):

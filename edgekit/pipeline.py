@@ -582,6 +582,10 @@ def inspect(model: object, *, arch: str | None = None, num_classes: int | None =
     """Parameters, MACs, weight bytes, activation memory and the per-layer table, without building."""
     options = LoadOptions(arch=arch, num_classes=num_classes, input_size=input_size)
     adapter = families.resolve(model, options, family)
+    if adapter.name == "llm":  # a decoder's structure says more than one traced graph would
+        lm = adapter.load(model, default_cache_dir())
+        return {"model": lm.name, "family": adapter.name, "source": lm.source, **lm.details,
+                "weight_bytes_fp32": lm.details["params"] * 4}
     loaded = adapter.load(model, options)
     graph = export_onnx(loaded.module, loaded.input_shape, 17) if loaded.is_torch else loaded.onnx_model
     return {"model": loaded.name, "family": adapter.name, "input_shape": list(loaded.input_shape),

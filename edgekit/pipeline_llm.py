@@ -340,3 +340,30 @@ def build_lm(source: object, adapter: llm.LanguageModelFamily, device: Target, p
         "platform": platform.platform(),
     }
     return report, manifest
+
+
+def generate(folder: str | Path, prompt: str, new_tokens: int, threads: int) -> dict[str, Any]:
+    """Greedy continuation of `prompt` by a built language-model artifact, through its key/value cache."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    try:
+        report = json.loads((folder / "report.json").read_text())
+    except (OSError, ValueError) as err:
+        raise UsageError(f"{folder} is not an edgekit artifact folder ({err})") from None
+    if report.get("model", {}).get("family") != "llm":
+        raise UsageError(f"{folder} holds a {report.get('model', {}).get('family')} model, not a language model")
+    artifact = folder / report["artifact"]["file"]
+    if not artifact.is_file() or file_sha256(artifact) != report["artifact"]["sha256"]:
+        raise UsageError(f"{artifact} is missing or changed since it was built; rebuild it")
+    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    ids = np.array(tokenizer(prompt, add_special_tokens=False)["input_ids"], dtype=np.int64)
+    if ids.size == 0:
+        raise UsageError("the prompt encodes to no tokens")
+    runner = OnnxCausalLM(artifact.read_bytes(), threads)
+    run = runner.greedy(ids, new_tokens)
+    decode = float(np.median(run["decode_ms"])) if run["decode_ms"] else None
+    return {"text": tokenizer.decode(run["tokens"]), "tokens": run["tokens"], "prefill_ms": run["prefill_ms"],
+            "tokens_per_s": 1e3 / decode if decode else float("nan"), "runtime": runner.description}

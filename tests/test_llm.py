@@ -105,6 +105,26 @@ def test_export_prefills_and_decodes_through_the_cache_like_torch() -> None:
     assert runner.greedy(ids[0, :8].numpy(), 6)["tokens"] == torch_greedy(model, ids[0, :8], 6)
 
 
+def test_fp16_graph_keeps_float32_inputs_and_outputs_and_the_logits() -> None:
+    from onnx import numpy_helper
+
+    from edgekit.passes.quantize import to_fp16
+
+    def weight_bytes(graph: object) -> int:
+        return sum(numpy_helper.to_array(i).nbytes for i in graph.graph.initializer)
+
+    model = _tiny_llama()
+    graph = to_fp16(export_lm(model, 17))
+    assert weight_bytes(graph) < 0.55 * weight_bytes(export_lm(model, 17))
+    ids = torch.randint(0, VOCAB, (1, 16))
+    with torch.no_grad():
+        expected = model(ids).logits[0].numpy()
+    runner = OnnxCausalLM(graph.SerializeToString(), 1)
+    logits, cache = runner.step(ids[0].numpy(), runner.empty_cache())
+    assert logits.dtype == np.float32 and all(v.dtype == np.float32 for v in cache.values())
+    np.testing.assert_allclose(logits, expected, atol=0.02 * np.abs(expected).max())
+
+
 @pytest.mark.parametrize(("scheme", "tie"), [(WeightScheme(4, 32, method="gptq", rank=8, rank_bits=8), True),
                                             (WeightScheme(4, 64, symmetric=False, method="rtn"), False),
                                             (WeightScheme(8, 32, method="gptq"), True)])
@@ -229,3 +249,26 @@ def test_language_model_usage_errors(tiny_lm_folder: Path) -> None:
         build(tiny_lm_folder, "x86-64", quiet=True, overrides={"weights.group_size": 48})
     with pytest.raises(UsageError, match="int4 is not supported for classifier"):
         build(TinyNet(), "x86-64", precision="int4", quiet=True)
+
+
+def test_cli_builds_a_language_model_from_a_recipe_and_inspects_it(tiny_lm_folder: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from edgekit.cli import main
+
+    recipe = tmp_path / "llm.toml"
+    recipe.write_text("[quantize]\nprecision = 'int8'\n[weights]\nmethod = 'rtn'\ngroup_size = 32\n"
+                      "[text]\ncalib_windows = 4\ncalib_length = 32\neval_windows = 2\neval_length = 32\n"
+                      "prompts = 1\nprompt_length = 8\nnew_tokens = 4\n[gates]\nmax_ppl_ratio = 1.05\n")
+    code = main(["build", str(tiny_lm_folder), "--target", "raspberry-pi-5", "--recipe", str(recipe), "-q", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert report["artifact"]["precision"] == "int8" and report["quantization"]["scheme"]["method"] == "rtn"
+    assert code == (1 if report["status"] == "gate_failed" else 0)
+    assert report["latency_ms"]["estimated_target"]["tokens_per_s"] > 0
+    assert main(["inspect", str(tiny_lm_folder)]) == 0
+    out = capsys.readouterr().out
+    assert "LlamaForCausalLM" in out and "2 blocks" in out
+    folder = Path("dist") / "tiny-llama-raspberry-pi-5"
+    assert main(["generate", str(folder), "The history of", "--tokens", "5", "--threads", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("The history of") and "5 tokens" in err and "tokens/s" in err
+    assert main(["generate", str(tmp_path), "x"]) == 2  # not an artifact folder
