@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from edgekit.passes.sequential import run_block
+from edgekit.passes.sequential import input_statistics, run_block
 
 
 class InputMoments:
@@ -62,13 +62,7 @@ def prune_width(blocks: list[torch.nn.Module], hidden: torch.Tensor, kwargs: dic
     records = []
     for block in track(blocks, len(blocks)):
         layers = consumers(block)
-        moments = {name: InputMoments(layer.in_features) for name, layer in layers.items()}
-        hooks = [layer.register_forward_pre_hook(moments[name]) for name, layer in layers.items()]
-        try:
-            run_block(block, hidden, kwargs)
-        finally:
-            for hook in hooks:
-                hook.remove()
+        moments = input_statistics(block, layers, hidden, kwargs, InputMoments)
         scores = {name: fluctuation(layers[name], moments[name]) for name in layers}
         records.append(surgery(block, scores, {name: m.mean for name, m in moments.items()}, ratio))
         hidden = run_block(block, hidden, kwargs)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 
@@ -17,6 +17,7 @@ from edgekit.passes.eora import Compensated, eora, output_error
 from edgekit.passes.weightonly import QuantizedWeight, gptq, rtn
 
 BATCH = 8  # calibration windows through a block at once
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -56,10 +57,11 @@ def run_block(block: torch.nn.Module, hidden: torch.Tensor, kwargs: dict[str, An
         return torch.cat([block(part, **kwargs) for part in hidden.split(BATCH)])
 
 
-def block_covariances(block: torch.nn.Module, linears: dict[str, torch.nn.Linear], hidden: torch.Tensor,
-                      kwargs: dict[str, Any]) -> dict[str, Covariance]:
-    """Input second moments of the block's linear layers on these inputs."""
-    stats = {name: Covariance(layer.in_features) for name, layer in linears.items()}
+def input_statistics(block: torch.nn.Module, linears: dict[str, torch.nn.Linear], hidden: torch.Tensor,
+                     kwargs: dict[str, Any], statistic: Callable[[int], T]) -> dict[str, T]:
+    """A statistic of each named linear layer's inputs (a forward pre-hook built from its input width), gathered
+    while the block runs on these inputs."""
+    stats = {name: statistic(layer.in_features) for name, layer in linears.items()}
     hooks = [layer.register_forward_pre_hook(stats[name]) for name, layer in linears.items()]
     try:
         run_block(block, hidden, kwargs)
@@ -109,7 +111,7 @@ def compress_blocks(blocks: Iterable[torch.nn.Module], linears_of: Callable[[tor
     records = []
     for index, block in enumerate(track(blocks, len(blocks))):
         linears = linears_of(block)
-        stats = block_covariances(block, linears, hidden, kwargs)  # GPTQ, EoRA, and every layer's output error
+        stats = input_statistics(block, linears, hidden, kwargs, Covariance)  # GPTQ, EoRA, each layer's error
         for name, layer in linears.items():
             records.append({"block": index} | compress_linear(block, name, layer, stats[name].matrix, scheme))
         hidden = run_block(block, hidden, kwargs)
