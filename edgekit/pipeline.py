@@ -229,8 +229,11 @@ def _build_lm(progress: Progress, model: object, adapter: families.Family, devic
 
     if not isinstance(model, (str, Path)):
         raise UsageError("language models are given as a folder, a GGUF file or a name (e.g. smollm2-135m)")
-    notes = [f"verified in onnxruntime on this host's CPU; on {device.name} the artifact runs in "
-             f"{device.runtime_for('onnx').name}"]
+    runtime = device.runtime_for("onnx").name
+    notes = [f"verified in onnxruntime on this host's CPU; on {device.name} the artifact runs in {runtime}"]
+    if runtime != "onnxruntime" and plan.quantize.precision in ("int4", "int8"):
+        notes.append(f"int4/int8 weights are onnxruntime MatMulNBits nodes: on {device.name} run the artifact in "
+                     f"onnxruntime (CPU or CUDA execution provider), not {runtime}")
     if threads < plan.verify.threads:
         notes.append(f"host latency uses {threads} threads (this host's cores); the target uses {plan.verify.threads}")
     name = Path(str(model)).stem if Path(str(model)).suffix else Path(str(model)).name
