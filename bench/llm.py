@@ -71,7 +71,7 @@ def main() -> None:
         plan = Recipe()
         text = load_text(loaded, plan, None, None)
         ref = reference(loaded, text, plan.text.new_tokens, ArrayCache(default_cache_dir()), Progress(quiet=True))
-        float_graph = onnx.load(work / "edgekit-fp32" / "model.onnx")
+        float_graph = _untied(onnx.load(work / "edgekit-fp32" / "model.onnx"))
         empty = OnnxCausalLM(float_graph.SerializeToString(), 1).empty_cache()
         dataset = nncf.Dataset([{"input_ids": w[None].numpy(), **empty} for w in text.calibration])
         for name, options in (("nncf int4", {}), ("nncf int4 awq+se", {"awq": True, "scale_estimation": True}),
@@ -100,6 +100,19 @@ def main() -> None:
                       **pruned, **{"lowrank.rank": 32})
 
     _print(rows)
+
+
+def _untied(graph: Any) -> Any:
+    """The FP32 graph with the head's weight as its own initializer (edgekit reads the tied table through a
+    Transpose; NNCF's ONNX backend compresses MatMuls whose weight is an initializer)."""
+    from onnx import numpy_helper
+
+    initializers = {init.name: init for init in graph.graph.initializer}
+    for node in [n for n in graph.graph.node if n.op_type == "Transpose" and n.input[0] in initializers]:
+        table = numpy_helper.to_array(initializers[node.input[0]])
+        graph.graph.initializer.append(numpy_helper.from_array(table.T.copy(), node.output[0]))
+        graph.graph.node.remove(node)
+    return graph
 
 
 def _print(rows: list[dict[str, Any]]) -> None:

@@ -125,7 +125,8 @@ def quantize_lm(module: Any, calibration: Any, scheme: WeightScheme, head_bits: 
             covariance = Covariance(module.lm_head.in_features)
             for part in hidden.split(BATCH):
                 covariance(module.lm_head, (module.model.norm(part),))
-            head_scheme = WeightScheme(head_bits, scheme.group_size, scheme.symmetric, scheme.method, scheme.damp)
+            head_scheme = WeightScheme(head_bits, scheme.group_size, scheme.symmetric, scheme.method, scheme.damp,
+                                       act_order=scheme.act_order)
             records.append({"block": None} | compress_linear(module, "lm_head", module.lm_head, covariance.matrix,
                                                              head_scheme))
         table = module.model.embed_tokens
@@ -266,13 +267,13 @@ def build_lm(source: object, adapter: llm.LanguageModelFamily, device: Target, p
     if precision in BITS:
         settings = plan.weights
         scheme = WeightScheme(BITS[precision], settings.group_size, settings.symmetric, settings.method,
-                              settings.damp, plan.lowrank.rank, plan.lowrank.bits)
+                              settings.damp, plan.lowrank.rank, plan.lowrank.bits, settings.act_order)
         note = f"{precision} {settings.method}, groups of {settings.group_size}" + (
             f", EoRA rank {scheme.rank}" if scheme.rank else "")
         with progress.stage("quantize", note=note) as record:
             quantization = quantize_lm(module, text.calibration, scheme, settings.head_bits, settings.embedding_bits,
                                        progress)
-            quantization["scheme"] = {"weights": precision, "method": settings.method,
+            quantization["scheme"] = {"weights": precision, "method": settings.method, "act_order": settings.act_order,
                                       "group_size": settings.group_size, "symmetric": settings.symmetric,
                                       "head_bits": settings.head_bits, "embedding_bits": settings.embedding_bits,
                                       "accuracy_level": settings.accuracy_level,

@@ -37,8 +37,10 @@ def test_gptq_beats_round_to_nearest_on_the_layer_output() -> None:
     covariance = x.T @ x
     for bits, group in ((4, 32), (4, 128), (8, 64)):
         by_rtn = output_error(weight - rtn(weight, bits, group, symmetric=True).dequantize(), covariance)
-        by_gptq = output_error(weight - gptq(weight, covariance, bits, group, symmetric=True).dequantize(), covariance)
-        assert by_gptq < 0.8 * by_rtn, (bits, group, by_gptq, by_rtn)
+        for act_order in (False, True):
+            quantized = gptq(weight, covariance, bits, group, symmetric=True, act_order=act_order)
+            by_gptq = output_error(weight - quantized.dequantize(), covariance)
+            assert by_gptq < 0.8 * by_rtn, (bits, group, act_order, by_gptq, by_rtn)
 
 
 def test_quantized_weights_are_codes_on_a_grid() -> None:

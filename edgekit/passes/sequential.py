@@ -31,10 +31,12 @@ class WeightScheme:
     damp: float = 0.01
     rank: int = 0
     rank_bits: int | None = 8
+    act_order: bool = False
 
     def quantize(self, weight: torch.Tensor, covariance: torch.Tensor | None) -> QuantizedWeight:
         if self.method == "gptq" and covariance is not None:
-            return gptq(weight, covariance, self.bits, self.group_size, self.symmetric, self.damp)
+            return gptq(weight, covariance, self.bits, self.group_size, self.symmetric, self.damp,
+                        act_order=self.act_order)
         return rtn(weight, self.bits, self.group_size, self.symmetric)
 
 

@@ -82,21 +82,33 @@ def rtn(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> Qu
 
 
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, symmetric: bool,
-         damp: float = 0.01, block: int = 128) -> QuantizedWeight:
-    """GPTQ: quantize columns left to right, each error compensated on the later columns through the inverse
-    Hessian's Cholesky factor. Groups take their grid from the weights as updated when the group begins."""
+         damp: float = 0.01, block: int = 128, act_order: bool = False) -> QuantizedWeight:
+    """GPTQ: quantize columns one at a time, each error compensated on the columns not yet quantized through the
+    inverse Hessian's Cholesky factor.
+
+    In natural order a group takes its grid from the weights as updated when the group begins. With
+    `act_order`, columns go in order of decreasing input energy (the Hessian's diagonal), so the inputs that
+    matter most are rounded while the most freedom is left to compensate; groups keep their grids fixed from
+    the original weights (static groups), since their columns are no longer visited together."""
     weight = weight.detach().float().clone()
     out, columns = weight.shape
     hessian = hessian.double().clone()
     dead = torch.diag(hessian) == 0  # inputs that never fire: their weights cannot matter
     hessian[dead, dead] = 1
     weight[:, dead] = 0
+    groups = math.ceil(columns / group_size)
+    scales, zeros = torch.empty(out, groups), torch.empty(out, groups)
+    order = torch.arange(columns)
+    if act_order:
+        for g in range(groups):
+            scale, zero = _grid(weight[:, g * group_size : (g + 1) * group_size], bits, symmetric)
+            scales[:, g], zeros[:, g] = scale[:, 0], zero[:, 0]
+        order = torch.argsort(torch.diag(hessian), descending=True)
+        weight, hessian = weight[:, order], hessian[order][:, order]
     hessian += torch.eye(columns, dtype=hessian.dtype) * damp * torch.diag(hessian).mean()
     inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True).float()
 
     codes = torch.empty(out, columns, dtype=torch.uint8)
-    groups = math.ceil(columns / group_size)
-    scales, zeros = torch.empty(out, groups), torch.empty(out, groups)
     for start in range(0, columns, block):
         end = min(start + block, columns)
         chunk = weight[:, start:end].clone()
@@ -104,19 +116,17 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int
         factor = inverse[start:end, start:end]
         for i in range(end - start):
             column = start + i
-            if column % group_size == 0:
-                g = column // group_size
+            g = int(order[column]) // group_size
+            if not act_order and column % group_size == 0:
+                weight[:, start:end] = chunk  # the group's grid sees the weights compensated so far
                 scale, zero = _grid(weight[:, column : column + group_size], bits, symmetric)
                 scales[:, g], zeros[:, g] = scale[:, 0], zero[:, 0]
-            g = column // group_size
             code = _round(chunk[:, i : i + 1], scales[:, g : g + 1], zeros[:, g : g + 1], bits)
-            codes[:, column] = code[:, 0].to(torch.uint8)
+            codes[:, order[column]] = code[:, 0].to(torch.uint8)
             quantized = (code[:, 0] - zeros[:, g]) * scales[:, g]
             error = (chunk[:, i] - quantized) / factor[i, i]
             chunk[:, i:] -= error[:, None] * factor[i, i:][None]
             errors[:, i] = error
-            if column + 1 < end and (column + 1) % group_size == 0:
-                weight[:, start:end] = chunk  # the next group's grid sees the compensated weights
         weight[:, start:end] = chunk
         weight[:, end:] -= errors @ inverse[start:end, end:]
     return QuantizedWeight(codes, scales, zeros, bits, group_size)
