@@ -61,7 +61,7 @@ class WeightsStage(_Stage):
     group_size: int = Field(default=64, ge=16, le=4096, description="input columns sharing a scale: a power of two")
     symmetric: bool = True
     damp: float = Field(default=0.01, gt=0, description="GPTQ: diagonal added to the Hessian, × its mean")
-    act_order: bool = Field(default=False, description="GPTQ: columns by decreasing input energy, static groups")
+    act_order: bool = Field(default=True, description="GPTQ: columns by decreasing input energy, static groups")
     head_bits: Literal[4, 8] | None = Field(default=8, description="the output layer's bits (none: float)")
     embedding_bits: Literal[8] | None = Field(default=8, description="the token embedding table's bits (none: float)")
     accuracy_level: Literal[0, 1, 2, 3, 4] = Field(
