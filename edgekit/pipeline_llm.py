@@ -57,11 +57,17 @@ class Text:
 
 
 def load_text(loaded: llm.LoadedLM, plan: Recipe, calib: str | Path | None, eval_text: str | Path | None) -> Text:
-    """Calibration windows, held-out windows and prompts; with `--eval`, held-out text comes from there."""
+    """Calibration windows, held-out windows and prompts. Without `--eval`, every fifth document of the
+    calibration source is held out; with it, all of `--eval` is held-out text and all of `--calib` calibrates
+    (the default Wikipedia source keeps its held-out fifth out of calibration either way)."""
     settings = plan.text
-    calibration, held, source = llm.text_parts(calib)
-    if eval_text is not None:
-        held, source = [*llm.text_parts(eval_text)[0], *llm.text_parts(eval_text)[1]], str(eval_text)
+    if eval_text is None:
+        calibration, held, label = llm.text_parts(calib)
+        source = f"{label}, every {llm.HELD_OUT_EVERY}th document held out"
+    else:
+        calibration = llm.text_parts(None)[0] if calib is None else llm.documents(calib)[0]
+        held, held_label = llm.documents(eval_text)
+        source = f"calibration: {calib or 'Wikipedia (gensim test dump)'}; held out: {held_label}"
     evaluation = llm.token_windows(loaded.tokenizer, held, settings.eval_length, settings.eval_windows)
     prompt_text = held[::-1]  # prompts from the end of the held-out text: its start is read for perplexity
     prompts = llm.token_windows(loaded.tokenizer, prompt_text, settings.prompt_length, max(1, settings.prompts))

@@ -261,8 +261,16 @@ def test_cli_builds_a_language_model_from_a_recipe_and_inspects_it(tiny_lm_folde
     recipe.write_text("[quantize]\nprecision = 'int8'\n[weights]\nmethod = 'rtn'\ngroup_size = 32\n"
                       "[text]\ncalib_windows = 4\ncalib_length = 32\neval_windows = 2\neval_length = 32\n"
                       "prompts = 1\nprompt_length = 8\nnew_tokens = 4\n[gates]\nmax_ppl_ratio = 1.05\n")
-    code = main(["build", str(tiny_lm_folder), "--target", "raspberry-pi-5", "--recipe", str(recipe), "-q", "--json"])
+    articles = llm.wiki_articles()
+    notes, held = tmp_path / "notes.txt", tmp_path / "held"
+    notes.write_text("\n\n".join(articles[20:24]))
+    held.mkdir()
+    for index, article in enumerate(articles[30:32]):
+        (held / f"{index}.txt").write_text(article)
+    code = main(["build", str(tiny_lm_folder), "--target", "raspberry-pi-5", "--recipe", str(recipe), "-q", "--json",
+                 "--calib", str(notes), "--eval", str(held)])
     report = json.loads(capsys.readouterr().out)
+    assert report["accuracy"]["eval_source"] == f"calibration: {notes}; held out: {held}"
     assert report["artifact"]["precision"] == "int8" and report["quantization"]["scheme"]["method"] == "rtn"
     assert code == (1 if report["status"] == "gate_failed" else 0)
     assert report["latency_ms"]["estimated_target"]["tokens_per_s"] > 0

@@ -266,27 +266,29 @@ def wiki_articles(path: str | None = None) -> tuple[str, ...]:
     return tuple(text for text in texts if text and not text.upper().startswith("#REDIRECT"))
 
 
-def text_parts(source: str | Path | None) -> tuple[list[str], list[str], str]:
-    """Calibration and evaluation documents, disjoint: the Wikipedia dump (every fifth article held out), a text
-    file, or a folder of .txt files (every fifth file held out)."""
+def documents(source: str | Path | None) -> tuple[list[str], str]:
+    """The documents of a text source, in order: the Wikipedia dump's articles, a text file's paragraphs, or a
+    folder's .txt files."""
     if source is None:
-        documents, label = list(wiki_articles()), "Wikipedia (gensim test dump)"
-    else:
-        path = Path(source)
-        if path.is_dir():
-            files = sorted(path.rglob("*.txt"))
-            if not files:
-                raise UsageError(f"text folder {path} holds no .txt files")
-            documents = [f.read_text(errors="replace") for f in files]
-        elif path.is_file():
-            documents = [p for p in path.read_text(errors="replace").split("\n\n") if p.strip()]
-        else:
-            raise UsageError(f"text not found: {path}")
-        label = str(path)
-    held = documents[HELD_OUT_EVERY - 1 :: HELD_OUT_EVERY]
-    calibration = [d for i, d in enumerate(documents) if i % HELD_OUT_EVERY != HELD_OUT_EVERY - 1]
+        return list(wiki_articles()), "Wikipedia (gensim test dump)"
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(path.rglob("*.txt"))
+        if not files:
+            raise UsageError(f"text folder {path} holds no .txt files")
+        return [f.read_text(errors="replace") for f in files], str(path)
+    if path.is_file():
+        return [p for p in path.read_text(errors="replace").split("\n\n") if p.strip()], str(path)
+    raise UsageError(f"text not found: {path}")
+
+
+def text_parts(source: str | Path | None) -> tuple[list[str], list[str], str]:
+    """Calibration and evaluation documents of one source, disjoint: every fifth document is held out."""
+    docs, label = documents(source)
+    held = docs[HELD_OUT_EVERY - 1 :: HELD_OUT_EVERY]
+    calibration = [d for i, d in enumerate(docs) if i % HELD_OUT_EVERY != HELD_OUT_EVERY - 1]
     if not held or not calibration:
-        raise UsageError(f"{label} has {len(documents)} documents: too few to hold every fifth out")
+        raise UsageError(f"{label} has {len(docs)} documents: too few to hold every fifth out")
     return calibration, held, label
 
 
