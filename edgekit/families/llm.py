@@ -108,6 +108,7 @@ class LanguageModelFamily:
 
     def load(self, source: str | Path, cache_root: Path | None) -> LoadedLM:
         """Load a named model, a GGUF file or a Hugging Face folder in float32 with eager attention (exportable)."""
+        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         path = _package_file(*NAMED[str(source)], str(source)) if str(source) in NAMED else Path(source)
@@ -125,8 +126,15 @@ class LanguageModelFamily:
         except (OSError, ValueError) as err:
             raise UsageError(f"cannot load {path} with transformers: {err}") from None
         module.eval()
-        if not all(hasattr(layer, "self_attn") and hasattr(layer, "mlp") for layer in decoder_layers(module)):
-            raise UsageError(f"{path}: edgekit's LLM family takes Llama-style decoders (self_attn + mlp blocks)")
+        layers = _submodule(module, "model.layers")
+        if not isinstance(layers, torch.nn.ModuleList):
+            raise UsageError(f"{path}: edgekit's LLM family takes Llama-style decoders (model.layers); "
+                             f"{type(module).__name__} has none")
+        missing = sorted({name for layer in layers for name in LINEARS
+                          if not isinstance(_submodule(layer, name), torch.nn.Linear)})
+        if missing:
+            raise UsageError(f"{path}: edgekit's LLM family takes Llama-style decoder blocks; {type(module).__name__}"
+                             f"'s blocks lack {', '.join(missing)}")
         config = module.config
         name = str(source) if str(source) in NAMED else path.stem if path.is_file() else path.name
         details = {"architecture": type(module).__name__, "layers": config.num_hidden_layers,
@@ -136,6 +144,13 @@ class LanguageModelFamily:
                    "tied_embeddings": bool(getattr(config, "tie_word_embeddings", False))}
         return LoadedLM(name=name, source=str(path), fingerprint=fingerprint, module=module, tokenizer=tokenizer,
                         details=details)
+
+
+def _submodule(module: torch.nn.Module, name: str) -> torch.nn.Module | None:
+    try:
+        return module.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 def decoder_layers(module: torch.nn.Module) -> torch.nn.ModuleList:
