@@ -34,7 +34,7 @@ from edgekit.recipe import Recipe
 from edgekit.report.manifest import package_versions
 from edgekit.runtimes.onnx_lm import OnnxCausalLM, window_nll
 from edgekit.targets import Target
-from edgekit.verify.estimate_lm import estimate_lm
+from edgekit.verify.estimate_lm import estimate_lm, kernels
 from edgekit.verify.latency import host_description
 
 BITS = {"int4": 4, "int8": 8}
@@ -313,7 +313,8 @@ def build_lm(source: object, adapter: llm.LanguageModelFamily, device: Target, p
                             params=sum(p.numel() for p in module.parameters()) - config.vocab_size * config.hidden_size,
                             kv_bytes_per_token=cache_bytes, prompt_tokens=plan.text.prompt_length,
                             context=plan.text.prompt_length + plan.text.new_tokens,
-                            nodes=sum(n.op_type != "Constant" for n in graph.graph.node))
+                            nodes=kernels(graph),
+                            int8_compute=precision in BITS and plan.weights.accuracy_level == 4)
     notes.append("the artifact takes token ids: tokenizer/ holds the tokenizer to encode and decode text")
     report = {
         "edgekit_version": __version__,
