@@ -137,7 +137,7 @@ def test_bad_input_exits_2_with_one_line(capsys, case: str, mobilenet_v3_pth: Pa
         "wrong_arch": "does not fit --arch resnet18", "empty_calib": "holds no images",
         "unknown_target": "did you mean jetson", "pickle": "holds Python objects, not plain weights",
         "jetson_tflite": "jetson-orin-nano does not run tflite models (it takes: onnx)",
-        "bad_flag": "invalid choice: 'int4'",
+        "bad_flag": "invalid choice: 'int3'",
     }[case]
     if case == "missing":
         model = str(tmp_path / "nope.pth")
@@ -154,7 +154,7 @@ def test_bad_input_exits_2_with_one_line(capsys, case: str, mobilenet_v3_pth: Pa
     elif case == "jetson_tflite":
         target, extra = "jetson", [*extra, "--format", "tflite"]
     elif case == "bad_flag":
-        extra += ["--precision", "int4"]
+        extra += ["--precision", "int3"]
     code, out, err = _run(capsys, "build", model, "--target", target, "--calib", str(photos), *extra)
     assert code == 2
     last = err.strip().splitlines()[-1]

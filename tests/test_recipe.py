@@ -36,7 +36,7 @@ def test_bad_recipe_names_file_and_key(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match=r"r\.toml: verify\.runz: extra inputs"):
         load_recipe(path)
     path.write_text('[quantize]\nprecision = "int3"\n')
-    with pytest.raises(UsageError, match=r"quantize\.precision: input should be 'fp32', 'fp16' or 'int8'"):
+    with pytest.raises(UsageError, match=r"quantize\.precision: input should be 'fp32', 'fp16', 'int8' or 'int4'"):
         load_recipe(path)
 
 
