@@ -106,19 +106,23 @@ def _openvino_lora(graph: Any, text: Any, ref: dict[str, Any], group_size: int, 
     correction, so this peer is the same FP32 graph converted to OpenVINO, compressed there, and scored in the
     OpenVINO runtime on the same windows (no decode loop: no tokens/s)."""
     import nncf
+    import onnx
     import openvino as ov
 
     from edgekit.runtimes.onnx_lm import OnnxCausalLM, window_nll
 
     empty = OnnxCausalLM(graph.SerializeToString(), 1).empty_cache()
     start = time.perf_counter()
-    model = ov.convert_model(graph)
+    (work / "nncf-lora").mkdir()
+    source = work / "nncf-lora" / "float.onnx"  # OpenVINO converts ONNX files, not in-memory graphs
+    onnx.save(graph, source)
+    model = ov.convert_model(source)
+    source.unlink()
     dataset = nncf.Dataset([{"input_ids": w[None].numpy(), **empty} for w in text.calibration])
     compressed = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT4_SYM, group_size=group_size,
                                        ratio=1.0, dataset=dataset, subset_size=len(text.calibration), awq=True,
                                        scale_estimation=True, lora_correction=True)
     seconds = time.perf_counter() - start
-    (work / "nncf-lora").mkdir()
     ov.save_model(compressed, work / "nncf-lora" / "model.xml")
     compiled = ov.Core().compile_model(compressed, "CPU", {"INFERENCE_NUM_THREADS": 2})
     logits = compiled.output("logits")
