@@ -192,8 +192,7 @@ def build(
     if plan.quantize.precision in ("fp32", "fp16"):
         notes.append(f"{plan.quantize.precision} needs no calibration: the {len(data.calib_files)} calibration "
                      "images are recorded in the manifest and serve int8 builds")
-    if threads < plan.verify.threads:
-        notes.append(f"host latency uses {threads} threads (this host's cores); the target uses {plan.verify.threads}")
+    notes.extend(_threads_note(threads, plan))
 
     import torch
 
@@ -221,6 +220,13 @@ def build(
     return BuildResult(out=out_dir, report=report)
 
 
+def _threads_note(threads: int, plan: Recipe) -> list[str]:
+    """Why host timings use fewer threads than the target would, when they do."""
+    if threads >= plan.verify.threads:
+        return []
+    return [f"host latency uses {threads} threads (this host's cores); the target uses {plan.verify.threads}"]
+
+
 def _build_lm(progress: Progress, model: object, adapter: families.Family, device: Target, plan: Recipe,
               calib: str | Path | None, eval_text: str | Path | None, threads: int, out: str | Path | None,
               use_cache: bool) -> BuildResult:
@@ -234,8 +240,7 @@ def _build_lm(progress: Progress, model: object, adapter: families.Family, devic
     if runtime != "onnxruntime" and plan.quantize.precision in ("int4", "int8"):
         notes.append(f"int4/int8 weights are onnxruntime MatMulNBits nodes: on {device.name} run the artifact in "
                      f"onnxruntime (CPU or CUDA execution provider), not {runtime}")
-    if threads < plan.verify.threads:
-        notes.append(f"host latency uses {threads} threads (this host's cores); the target uses {plan.verify.threads}")
+    notes.extend(_threads_note(threads, plan))
     name = Path(str(model)).stem if Path(str(model)).suffix else Path(str(model)).name
     out_dir = Path(out) if out else Path("dist") / f"{name}-{device.name}"
     cache = ArrayCache(default_cache_dir() if use_cache else None)

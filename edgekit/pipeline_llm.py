@@ -235,9 +235,7 @@ def build_lm(source: object, adapter: llm.LanguageModelFamily, device: Target, p
 
     if plan.export.format != "onnx":
         raise UsageError("language models export to ONNX (one graph with a key/value cache); use --format onnx")
-    precision = plan.quantize.precision
-    if plan.quantize.int8_mode != "static" or precision not in (*BITS, "fp32", "fp16"):
-        raise UsageError(f"language models take precision fp32, fp16, int8 or int4 (weight-only), not {precision}")
+    precision = plan.quantize.precision  # resolve() admitted only fp32, fp16, int8, int4 for this family
     with progress.stage("load") as record:
         loaded = adapter.load(source, cache.root)
         record["note"] = f"{loaded.details['params'] / 1e6:.1f} M params, {loaded.details['layers']} blocks"
@@ -290,7 +288,7 @@ def build_lm(source: object, adapter: llm.LanguageModelFamily, device: Target, p
                     f" -> {quantization['mean_output_error_eora']:.4f} with EoRA"
                     if quantization["mean_output_error_eora"] is not None else "")
     elif plan.lowrank.rank:
-        raise UsageError("EoRA compensates compression: set precision int4 or int8 (or prune) with lowrank.rank")
+        raise UsageError("EoRA compensates quantization: set precision int4 or int8 with lowrank.rank")
     with progress.stage("export", note=f"onnx opset {plan.export.opset}, key/value cache"):
         graph = export_lm(module, plan.export.opset, plan.weights.accuracy_level)
         if precision == "fp16":

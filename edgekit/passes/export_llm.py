@@ -137,8 +137,13 @@ def _integer_weights(graph: onnx.ModelProto, model: torch.nn.Module, accuracy_le
         name = node.input[index] if len(node.input) > index else None
         return numpy_helper.to_array(initializers[name]) if name in initializers else None
 
-    tables = {_key(constant(n, 0).T): n.input[0] for n in graph.graph.node
-              if n.op_type == "Gather" and constant(n, 0) is not None and constant(n, 0).ndim == 2}
+    gathered: dict[str, tuple[str, str]] = {}  # table initializer -> keys of the table and of its transpose
+    for node in graph.graph.node:
+        if node.op_type == "Gather" and node.input[0] in initializers and node.input[0] not in gathered:
+            table = constant(node, 0)
+            if table.ndim == 2:  # tables are large: read and hash each once
+                gathered[node.input[0]] = (_key(table), _key(table.T))
+    tables = {transposed: name for name, (_, transposed) in gathered.items()}
     nodes: list[onnx.NodeProto] = []
     for node in graph.graph.node:  # MatMuls first: a tied table then gathers from the head's codes
         weight = constant(node, 1) if node.op_type == "MatMul" else None
@@ -159,8 +164,8 @@ def _integer_weights(graph: onnx.ModelProto, model: torch.nn.Module, accuracy_le
                                       accuracy_level=accuracy_level))
     rewritten: list[onnx.NodeProto] = []
     for node in nodes:
-        table = constant(node, 0) if node.op_type == "Gather" else None
-        quantized = as_table.get(_key(table)) if table is not None else None
+        keys = gathered.get(node.input[0]) if node.op_type == "Gather" else None
+        quantized = as_table.get(keys[0]) if keys else None
         if quantized is None:
             rewritten.append(node)
             continue
