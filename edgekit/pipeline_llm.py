@@ -303,7 +303,7 @@ def build_lm(source: object, adapter: llm.LanguageModelFamily, device: Target, p
     with progress.stage("verify") as record:
         accuracy, measured = verify_lm(artifact, text, ref, threads, progress)
         record["note"] = f"{accuracy['summary']}, decode {measured['tokens_per_s']} tok/s on host"
-    config = loaded.module.config
+    config = module.config  # the exported model's: depth pruning leaves fewer blocks (and cache tensors)
     weights, table = _weight_bytes(graph)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     cache_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 4

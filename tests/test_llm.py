@@ -242,6 +242,15 @@ def test_build_int4_eora_tiny_llama_is_verified_in_onnxruntime(tiny_lm_folder: P
     assert (result.out / "tokenizer" / "tokenizer.json").is_file()
 
 
+def test_depth_pruned_build_reports_the_exported_models_cache(tiny_lm_folder: Path) -> None:
+    text = {"text.calib_windows": 4, "text.calib_length": 32, "text.eval_windows": 2, "text.eval_length": 32,
+            "text.prompts": 1, "text.prompt_length": 8, "text.new_tokens": 4, "prune.blocks": 1}
+    report = build(tiny_lm_folder, "x86-64", precision="fp32", quiet=True, overrides=text).report
+    assert report["pruning"]["dropped_blocks"] and report["model"]["layers"] == 2
+    per_token = 2 * 1 * 2 * 16 * 4  # key and value, one block left, 2 key/value heads of 16 floats
+    assert report["latency_ms"]["estimated_target"]["kv_cache_bytes_per_token"] == per_token
+
+
 def test_language_model_usage_errors(tiny_lm_folder: Path) -> None:
     from edgekit.errors import UsageError
 

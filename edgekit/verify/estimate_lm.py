@@ -56,6 +56,7 @@ def estimate_lm(target: Target, *, weight_bytes: int, embedding_bytes: int, voca
         "prefill_tokens": prompt_tokens,
         "context": context,
         "bytes_per_token": int(streamed + kv_bytes_per_token * context),
+        "kv_cache_bytes_per_token": kv_bytes_per_token,
         "overhead_ms": round(overhead * 1e3, 4),
         "compute_precision": "int8" if int8 else "float",
         "method": ("decode: kernels × launch overhead + max(bytes read per token / streaming bandwidth, "
