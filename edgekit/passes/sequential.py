@@ -33,8 +33,8 @@ class WeightScheme:
     rank_bits: int | None = 8
     act_order: bool = False
 
-    def quantize(self, weight: torch.Tensor, covariance: torch.Tensor | None) -> QuantizedWeight:
-        if self.method == "gptq" and covariance is not None:
+    def quantize(self, weight: torch.Tensor, covariance: torch.Tensor) -> QuantizedWeight:
+        if self.method == "gptq":
             return gptq(weight, covariance, self.bits, self.group_size, self.symmetric, self.damp,
                         act_order=self.act_order)
         return rtn(weight, self.bits, self.group_size, self.symmetric)
@@ -73,7 +73,7 @@ def input_statistics(block: torch.nn.Module, linears: dict[str, torch.nn.Linear]
     return stats
 
 
-def compress_linear(parent: torch.nn.Module, name: str, layer: torch.nn.Linear, covariance: torch.Tensor | None,
+def compress_linear(parent: torch.nn.Module, name: str, layer: torch.nn.Linear, covariance: torch.Tensor,
                     scheme: WeightScheme) -> dict[str, Any]:
     """Quantize one linear layer in place (its weight becomes the dequantized one, its codes ride along as
     `edgekit_quantized` for the exporter) and, with a rank, replace it by its EoRA-compensated form."""
@@ -83,11 +83,9 @@ def compress_linear(parent: torch.nn.Module, name: str, layer: torch.nn.Linear, 
     delta = weight - approx
     layer.weight.data = approx.to(layer.weight.dtype)
     layer.edgekit_quantized = quantized
-    record: dict[str, Any] = {"layer": name, "bits": scheme.bits, "bytes": quantized.nbytes}
-    if covariance is None:
-        return record
     signal = output_error(weight, covariance)
-    record["output_error"] = output_error(delta, covariance) / signal
+    record: dict[str, Any] = {"layer": name, "bits": scheme.bits, "bytes": quantized.nbytes,
+                              "output_error": output_error(delta, covariance) / signal}
     if scheme.rank:
         b, a = eora(delta, covariance, scheme.rank)
         compensated = Compensated(layer, b, a, scheme.rank_bits, scheme.group_size)
