@@ -187,6 +187,20 @@ def _keep_columns(layer: torch.nn.Linear, keep: torch.Tensor, bias: torch.Tensor
     return kept
 
 
+def _narrow(producers: list[torch.nn.Linear], consumer: torch.nn.Linear, keep: torch.Tensor,
+            mean: torch.Tensor) -> tuple[list[torch.nn.Linear], torch.nn.Linear]:
+    """The producers' kept output rows and the consumer's kept input columns; the consumer gains the bias that
+    keeps the removed inputs' mean contribution."""
+    import torch
+
+    from edgekit.passes.prune_llm import compensation
+
+    removed = torch.ones(consumer.in_features, dtype=torch.bool)
+    removed[keep] = False
+    bias = compensation(consumer, mean, removed)
+    return [_keep_rows(layer, keep) for layer in producers], _keep_columns(consumer, keep, bias)
+
+
 def prune_block_width(layer: torch.nn.Module, scores: dict[str, torch.Tensor], means: dict[str, torch.Tensor],
                       ratio: float) -> dict[str, Any]:
     """Remove `ratio` of a block's MLP channels (a multiple of 8 kept) and of the query heads of each key/value
@@ -194,17 +208,12 @@ def prune_block_width(layer: torch.nn.Module, scores: dict[str, torch.Tensor], m
     keeps the removed inputs' mean."""
     import torch
 
-    from edgekit.passes.prune_llm import compensation
-
     mlp, attention = layer.mlp, layer.self_attn
     channels = mlp.down_proj.in_features
     kept_channels = max(8, round(channels * (1 - ratio) / 8) * 8)
     keep = scores["mlp.down_proj"].argsort(descending=True)[:kept_channels].sort().values
-    removed = torch.ones(channels, dtype=torch.bool)
-    removed[keep] = False
-    bias = compensation(mlp.down_proj, means["mlp.down_proj"], removed)
-    mlp.gate_proj, mlp.up_proj = _keep_rows(mlp.gate_proj, keep), _keep_rows(mlp.up_proj, keep)
-    mlp.down_proj = _keep_columns(mlp.down_proj, keep, bias)
+    (mlp.gate_proj, mlp.up_proj), mlp.down_proj = _narrow([mlp.gate_proj, mlp.up_proj], mlp.down_proj, keep,
+                                                          means["mlp.down_proj"])
 
     head_dim = attention.head_dim
     heads, kv_heads = attention.o_proj.in_features // head_dim, attention.k_proj.out_features // head_dim
@@ -215,11 +224,8 @@ def prune_block_width(layer: torch.nn.Module, scores: dict[str, torch.Tensor], m
         kept_in_group = by_group.argsort(dim=1, descending=True)[:, : groups - dropped].sort(dim=1).values
         kept_heads = (kept_in_group + torch.arange(kv_heads)[:, None] * groups).flatten()
         keep = (kept_heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
-        removed = torch.ones(heads * head_dim, dtype=torch.bool)
-        removed[keep] = False
-        bias = compensation(attention.o_proj, means["self_attn.o_proj"], removed)
-        attention.q_proj = _keep_rows(attention.q_proj, keep)
-        attention.o_proj = _keep_columns(attention.o_proj, keep, bias)
+        (attention.q_proj,), attention.o_proj = _narrow([attention.q_proj], attention.o_proj, keep,
+                                                        means["self_attn.o_proj"])
         attention.num_key_value_groups = groups - dropped
     return {"mlp_channels": [channels, kept_channels], "heads": [heads, kv_heads * (groups - dropped)]}
 
@@ -228,13 +234,14 @@ def drop_blocks(module: torch.nn.Module, drop: list[int]) -> None:
     """Remove whole decoder blocks; the rest are renumbered (each block's cache slot is its index)."""
     import torch
 
-    kept = [layer for index, layer in enumerate(decoder_layers(module)) if index not in set(drop)]
+    dropped = set(drop)
+    kept = [layer for index, layer in enumerate(decoder_layers(module)) if index not in dropped]
     for index, layer in enumerate(kept):
         layer.self_attn.layer_idx = index
     module.model.layers = torch.nn.ModuleList(kept)
     config = module.config
     if getattr(config, "layer_types", None):
-        config.layer_types = [t for index, t in enumerate(config.layer_types) if index not in set(drop)]
+        config.layer_types = [t for index, t in enumerate(config.layer_types) if index not in dropped]
     config.num_hidden_layers = len(kept)
 
 
