@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from edgekit.families import llm
-from edgekit.passes.eora import eora, output_error
+from edgekit.passes.eora import Compensated, eora, output_error
 from edgekit.passes.export_llm import export_lm, pack_codes
 from edgekit.passes.sequential import WeightScheme
-from edgekit.passes.weightonly import gptq, rtn
+from edgekit.passes.weightonly import block_size, gptq, rtn
 from edgekit.pipeline import build
 from edgekit.pipeline_llm import quantize_lm, torch_greedy
 from edgekit.runtimes.onnx_lm import OnnxCausalLM
@@ -53,9 +53,11 @@ def test_quantized_weights_are_codes_on_a_grid() -> None:
         assert ((quantized.dequantize() - weight).abs() <= step * (1 if symmetric else 0.5) + 1e-6).all()
     symmetric = rtn(weight, 4, 32, True)
     assert symmetric.symmetric and int(symmetric.zeros.unique()[0]) == 8
-    extremes = weight[:, :32].abs().argmax(dim=1)  # the largest-magnitude weight of a group is exact
-    exact = symmetric.dequantize()[torch.arange(8), extremes] - weight[torch.arange(8), extremes]
-    assert exact.abs().max() < 1e-6
+    assert torch.equal(symmetric.scales.half().float(), symmetric.scales)  # stored as float16 without loss
+    extremes = weight[:, :32].abs().argmax(dim=1)  # the largest-magnitude weight of a group is exact, up to
+    largest = weight[torch.arange(8), extremes]  # the float16 rounding of its scale
+    exact = symmetric.dequantize()[torch.arange(8), extremes] - largest
+    assert (exact.abs() <= largest.abs() * 2.0**-11).all()
 
 
 def test_eora_beats_plain_svd_of_the_error_on_real_inputs() -> None:
@@ -291,3 +293,12 @@ def test_cli_builds_a_language_model_from_a_recipe_and_inspects_it(tiny_lm_folde
     out, err = capsys.readouterr()
     assert out.startswith("The history of") and "5 tokens" in err and "tokens/s" in err
     assert main(["generate", str(tmp_path), "x"]) == 2  # not an artifact folder
+
+
+def test_a_narrow_factor_takes_the_smallest_group_that_covers_it() -> None:
+    assert [block_size(columns, 64) for columns in (8, 16, 24, 32, 64, 576)] == [16, 16, 32, 32, 64, 64]
+    layer = torch.nn.Linear(128, 96, bias=False)
+    b, a = eora(torch.randn(96, 128), torch.eye(128), 16)
+    compensated = Compensated(layer, b, a, factor_bits=8, group_size=64)
+    assert compensated.b.edgekit_quantized.group_size == 16  # B has 16 columns: no padding to 64
+    assert compensated.a.edgekit_quantized.group_size == 64

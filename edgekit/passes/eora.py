@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from edgekit.passes.weightonly import rtn
+from edgekit.passes.weightonly import block_size, rtn
 
 EIGEN_FLOOR = 1e-6  # eigenvalues below this fraction of the largest are clamped: directions the data never took
 
@@ -41,7 +41,8 @@ def output_error(delta: torch.Tensor, covariance: torch.Tensor) -> float:
 class Compensated(torch.nn.Module):
     """A compressed linear layer with its EoRA residual path: `base(x) + B(A x)`.
 
-    With `factor_bits`, each factor is quantized like a weight (symmetric, groups of `group_size` inputs); the
+    With `factor_bits`, each factor is quantized like a weight (symmetric, groups of up to `group_size` inputs: B's
+    are its r columns); the
     module then computes with the dequantized factors, so torch and the exported graph agree.
     """
 
@@ -53,7 +54,7 @@ class Compensated(torch.nn.Module):
         self.b = torch.nn.Linear(b.shape[1], b.shape[0], bias=False)
         for layer, factor in ((self.a, a), (self.b, b)):
             if factor_bits:
-                quantized = rtn(factor, factor_bits, group_size, symmetric=True)
+                quantized = rtn(factor, factor_bits, block_size(factor.shape[1], group_size), symmetric=True)
                 layer.edgekit_quantized = quantized
                 factor = quantized.dequantize()
             layer.weight.data = factor.contiguous()

@@ -5,9 +5,9 @@ Inputs: `input_ids [1, tokens]` and, per block, `past_key_i` / `past_value_i [1,
 the cache extended by these tokens. One graph, one copy of the weights, serves the whole decode loop.
 
 Weights quantized by edgekit (`edgekit_quantized` on a linear layer) become onnxruntime `MatMulNBits`
-nodes holding the packed codes, their scales and zero points; a quantized embedding becomes an int8
-table gathered and scaled per row. The graph is traced from the model with the quantized weights
-already in place, so the rewrite only swaps each float MatMul for its integer form.
+nodes holding the packed codes, their scales (stored as float16, cast once at load) and zero points; a
+quantized embedding becomes an int8 table gathered and scaled per row. The graph is traced from the model
+with the quantized weights already in place, so the rewrite only swaps each float MatMul for its integer form.
 """
 
 from __future__ import annotations
@@ -125,12 +125,15 @@ def _integer_weights(graph: onnx.ModelProto, model: torch.nn.Module, accuracy_le
             as_matmul[_key(weight.T)] = quantized
     initializers = {init.name: init for init in graph.graph.initializer}
     stored: dict[int, list[str]] = {}
+    casts: list[onnx.NodeProto] = []  # float16 scales to float32, folded into constants when the session loads
 
     def store(quantized: QuantizedWeight, prefix: str) -> list[str]:
         if id(quantized) not in stored:
             tensors = _packed(quantized, prefix)
             graph.graph.initializer.extend(numpy_helper.from_array(value, name) for name, value in tensors.items())
-            stored[id(quantized)] = list(tensors)
+            scales = f"{prefix}_scales"
+            casts.append(helper.make_node("Cast", [scales + "16"], [scales], name=scales, to=onnx.TensorProto.FLOAT))
+            stored[id(quantized)] = [scales if name == scales + "16" else name for name in tensors]
         return stored[id(quantized)]
 
     def constant(node: onnx.NodeProto, index: int) -> np.ndarray | None:
@@ -171,7 +174,7 @@ def _integer_weights(graph: onnx.ModelProto, model: torch.nn.Module, accuracy_le
             continue
         rewritten.extend(_dequantizing_gather(node, quantized, store(quantized, "embedding_q")))
     del graph.graph.node[:]
-    graph.graph.node.extend(rewritten)
+    graph.graph.node.extend(casts + rewritten)
     used = {name for node in graph.graph.node for name in node.input}
     kept = [init for init in graph.graph.initializer if init.name in used]
     del graph.graph.initializer[:]
@@ -193,15 +196,15 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
 
 
 def _packed(quantized: QuantizedWeight, prefix: str) -> dict[str, np.ndarray]:
-    """The MatMulNBits inputs: codes `[out, blocks, block·bits/8]`, scales `[out·blocks]`, packed zero points
-    (asymmetric grids only)."""
+    """The MatMulNBits inputs: codes `[out, blocks, block·bits/8]`, scales `[out·blocks]` (float16, exact: the
+    quantizer chose them on that grid), packed zero points (asymmetric grids only)."""
     out, columns = quantized.codes.shape
     block = quantized.group_size
     blocks = math.ceil(columns / block)
     codes = np.zeros((out, blocks * block), np.uint8)
     codes[:, :columns] = quantized.codes.numpy()
     tensors = {f"{prefix}_codes": pack_codes(codes, quantized.bits).reshape(out, blocks, block * quantized.bits // 8),
-               f"{prefix}_scales": quantized.scales.numpy().astype(np.float32).reshape(-1)}
+               f"{prefix}_scales16": quantized.scales.numpy().astype(np.float16).reshape(-1)}
     if not quantized.symmetric:  # symmetric grids use MatMulNBits' default zero point, the middle code
         tensors[f"{prefix}_zeros"] = pack_codes(quantized.zeros.numpy().astype(np.uint8), quantized.bits).reshape(-1)
     return tensors

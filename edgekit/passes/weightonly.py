@@ -1,9 +1,10 @@
 """Weight-only quantization of linear layers: round-to-nearest and GPTQ, int4/int8, groups along the input.
 
 The stored form is what onnxruntime's `MatMulNBits` takes: unsigned codes with a zero point per group of
-`group_size` input columns, `w ≈ (code − zero) · scale`. Symmetric quantization fixes the zero point at
-the middle code (8 for 4 bits: MatMulNBits' default, so none is stored), asymmetric fits it to each
-group's range.
+`group_size` input columns, `w ≈ (code − zero) · scale`. Scales are chosen on the float16 grid, so the
+artifact stores them in half the bytes and loses nothing (the graph casts them back once, at load).
+Symmetric quantization fixes the zero point at the middle code (8 for 4 bits: MatMulNBits' default, so
+none is stored), asymmetric fits it to each group's range.
 
 GPTQ (Frantar et al., 2022) quantizes one input column at a time and spreads each column's rounding error
 over the columns not yet quantized, weighted by the inverse Hessian `H = Σ x xᵀ` of the layer's inputs,
@@ -17,10 +18,13 @@ from dataclasses import dataclass
 
 import torch
 
+SHRINKS = tuple(1 - i / 40 for i in range(13))  # GPTQ's grid candidates: the group's range down to 70% of it
+
 
 @dataclass
 class QuantizedWeight:
-    """Codes `[out, in]` (uint8, one code per weight), and per group `[out, groups]` float scales and zero points."""
+    """Codes `[out, in]` (uint8, one code per weight), and per group `[out, groups]` scales (float16 values) and
+    zero points."""
 
     codes: torch.Tensor
     scales: torch.Tensor
@@ -38,11 +42,25 @@ class QuantizedWeight:
 
     @property
     def nbytes(self) -> int:
-        """Bytes as stored by MatMulNBits: packed codes, float scales, packed zero points (asymmetric only)."""
+        """Bytes as stored: packed codes, float16 scales, packed zero points (asymmetric only)."""
         out, columns = self.codes.shape
         groups = math.ceil(columns / self.group_size)
         codes = out * groups * (self.group_size * self.bits // 8)
-        return codes + out * groups * 4 + (0 if self.symmetric else out * math.ceil(groups * self.bits / 8))
+        return codes + out * groups * 2 + (0 if self.symmetric else out * math.ceil(groups * self.bits / 8))
+
+
+def block_size(columns: int, group_size: int) -> int:
+    """The group size for a matrix this many columns wide: MatMulNBits pads the columns to whole groups (powers of
+    two, at least 16), so a narrow matrix (an EoRA factor of rank r) takes the smallest group that covers it."""
+    while group_size > 16 and group_size // 2 >= columns:
+        group_size //= 2
+    return group_size
+
+
+def _half(scale: torch.Tensor) -> torch.Tensor:
+    """The nearest float16 value, kept within float16's normal range (the sign is kept)."""
+    magnitude = scale.abs().clamp(min=2.0**-14, max=65504.0)
+    return (torch.where(scale < 0, -magnitude, magnitude)).half().float()
 
 
 def _grid(weights: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,13 +71,28 @@ def _grid(weights: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tens
     top = 2**bits - 1
     if symmetric:
         extreme = weights.gather(1, weights.abs().argmax(dim=1, keepdim=True))
-        scale = extreme / -(2 ** (bits - 1))
-        scale = torch.where(scale.abs() < 1e-12, torch.full_like(scale, 1e-12), scale)
+        scale = _half(extreme / -(2 ** (bits - 1)))
         return scale, torch.full_like(scale, 2 ** (bits - 1))
     low = weights.amin(dim=1, keepdim=True).clamp(max=0)
     high = weights.amax(dim=1, keepdim=True).clamp(min=0)
-    scale = ((high - low) / top).clamp(min=1e-12)
+    scale = _half((high - low) / top)
     return scale, torch.round(-low / scale)
+
+
+def _searched_grid(weights: torch.Tensor, importance: torch.Tensor, bits: int,
+                   symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grid, among ones narrowed to `SHRINKS` of the group's range, that rounds the group with the least
+    error weighted by each input's energy (`importance`, the Hessian's diagonal): clipping a rare outlier
+    can buy finer steps for the inputs that carry the signal."""
+    best_error = torch.full((weights.shape[0], 1), float("inf"))
+    best_scale, best_zero = _grid(weights, bits, symmetric)
+    for shrink in SHRINKS:
+        scale, zero = _grid(weights * shrink, bits, symmetric)
+        error = (((_round(weights, scale, zero, bits) - zero) * scale - weights) ** 2 * importance).sum(1, True)
+        better = error < best_error
+        best_error = torch.where(better, error, best_error)
+        best_scale, best_zero = torch.where(better, scale, best_scale), torch.where(better, zero, best_zero)
+    return best_scale, best_zero
 
 
 def _round(weights: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
@@ -99,12 +132,14 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int
     groups = math.ceil(columns / group_size)
     scales, zeros = torch.empty(out, groups), torch.empty(out, groups)
     order = torch.arange(columns)
+    energy = torch.diag(hessian).float()  # each input's weight in the grid search
     if act_order:
         for g in range(groups):
-            scale, zero = _grid(weight[:, g * group_size : (g + 1) * group_size], bits, symmetric)
+            part = slice(g * group_size, (g + 1) * group_size)
+            scale, zero = _searched_grid(weight[:, part], energy[part], bits, symmetric)
             scales[:, g], zeros[:, g] = scale[:, 0], zero[:, 0]
-        order = torch.argsort(torch.diag(hessian), descending=True)
-        weight, hessian = weight[:, order], hessian[order][:, order]
+        order = torch.argsort(energy, descending=True)
+        weight, hessian, energy = weight[:, order], hessian[order][:, order], energy[order]
     hessian += torch.eye(columns, dtype=hessian.dtype) * damp * torch.diag(hessian).mean()
     inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True).float()
 
@@ -119,7 +154,8 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int
             g = int(order[column]) // group_size
             if not act_order and column % group_size == 0:
                 weight[:, start:end] = chunk  # the group's grid sees the weights compensated so far
-                scale, zero = _grid(weight[:, column : column + group_size], bits, symmetric)
+                scale, zero = _searched_grid(weight[:, column : column + group_size],
+                                             energy[column : column + group_size], bits, symmetric)
                 scales[:, g], zeros[:, g] = scale[:, 0], zero[:, 0]
             code = _round(chunk[:, i : i + 1], scales[:, g : g + 1], zeros[:, g : g + 1], bits)
             codes[:, order[column]] = code[:, 0].to(torch.uint8)
