@@ -4,10 +4,12 @@
 
 Every variant runs on the same letterboxed coco128 images and is scored by the same host NMS and
 pycocotools mAP (edgekit's detector family), against the same original PyTorch model; latency is
-measured here, interleaved, min of several medians. Calibration: the shipped calibration photos
-(not coco128). Peers: Ultralytics `export(format="onnx")` run in onnxruntime, and its INT8 export
-`export(format="openvino", int8=True)` (NNCF, calibrated on coco128 itself) run in OpenVINO. Ultralytics'
-TFLite INT8 export needs TensorFlow, which this stack does not carry: it is reported as not run.
+measured here, interleaved, min of several medians. coco128 is split: its first `--calib-images`
+images calibrate every INT8 variant (edgekit's and the peer's) and are what pruning's statistics and
+distillation see; the rest are the held-out images every variant is scored on. Peers: Ultralytics
+`export(format="onnx")` run in onnxruntime, and its INT8 export `export(format="openvino", int8=True)`
+(NNCF) run in OpenVINO. Ultralytics' TFLite INT8 export needs TensorFlow, which this stack does not carry:
+it is reported as not run.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--distill-steps", type=int, default=300)
     parser.add_argument("--distill-seconds", type=float, default=300)
+    parser.add_argument("--calib-images", type=int, default=64, help="coco128 images that calibrate; the rest score")
     args = parser.parse_args()
     if not COCO.is_dir():
         raise SystemExit(f"{COCO} is absent: this bench needs the labelled coco128 set")
@@ -43,7 +46,7 @@ def main() -> None:
     from edgekit.runtimes.onnxruntime import OnnxRuntimeRunner
 
     work = Path(tempfile.mkdtemp(prefix="edgekit-detector-bench-"))
-    images = COCO / "images" / "train2017"
+    calib, images = _split(work, args.calib_images)
     family = DetectorFamily()
     loaded = family.load("yolo11n", LoadOptions())
     samples = family.samples(loaded, sorted(images.glob("*.jpg")), None)
@@ -59,7 +62,7 @@ def main() -> None:
     def edgekit_build(name: str, **options: Any) -> None:
         start = time.perf_counter()
         options.setdefault("overrides", {"verify.threads": args.threads})
-        result = edgekit.build("yolo11n", "x86-64", eval=images, calib=REPO / "calibration" / "images",
+        result = edgekit.build("yolo11n", "x86-64", eval=images, calib=calib,
                                out=work / name.replace(" ", "-").replace("%", ""), quiet=True, **options)
         path = result.out / "model.onnx"
         variants[name] = {"runner": OnnxRuntimeRunner(path.read_bytes(), args.threads), "bytes": path.stat().st_size,
@@ -82,8 +85,9 @@ def main() -> None:
                                     "bytes": exported.stat().st_size, "build_s": time.perf_counter() - start}
     try:
         start = time.perf_counter()
-        data = work / "coco128.yaml"  # the peer calibrates on coco128 itself: an advantage edgekit does not take
-        data.write_text((COCO / "data.yaml").read_text().replace("path: .", f"path: {COCO}"))
+        data = work / "calib.yaml"  # the peer calibrates on the same images as edgekit
+        data.write_text((COCO / "data.yaml").read_text().replace("path: .", f"path: {calib.parent}")
+                        .replace("images/train2017", "images"))
         folder = Path(YOLO(str(checkpoint)).export(format="openvino", imgsz=640, int8=True, data=str(data),
                                                    fraction=1.0, verbose=False))
         variants["ultralytics openvino int8"] = {
@@ -102,7 +106,8 @@ def main() -> None:
         for name, variant in variants.items():
             timings[name].append(statistics.median(variant["runner"].time(samples.inputs[0], 3, 15)))
     original = rows["edgekit fp32"]["map50_95_reference"]
-    print(f"\nYOLO11n on coco128 ({len(samples)} images, {len(samples.labels)} boxes); original PyTorch mAP50-95 "
+    print(f"\nYOLO11n on coco128's last {len(samples)} images ({len(samples.labels)} boxes; the first "
+          f"{args.calib_images} calibrate); original PyTorch mAP50-95 "
           f"{original:.4f}; host: {args.threads} thread(s), latency measured here, min of {args.repeats} "
           "interleaved medians")
     print(f"{'variant':38s} {'mAP50-95':>9s} {'drop pt':>8s} {'mAP50':>7s} {'GMACs':>6s} {'MB':>6s} "
@@ -125,6 +130,22 @@ def main() -> None:
               f"speed {min(timings['ultralytics openvino int8']) / min(timings['edgekit int8']):.2f}x "
               "(different runtimes: onnxruntime vs OpenVINO)")
     shutil.rmtree(work, ignore_errors=True)
+
+
+def _split(work: Path, calib_images: int) -> tuple[Path, Path]:
+    """coco128 as two YOLO-layout folders (images/ beside labels/): its first `calib_images` images, and the rest."""
+    files = sorted((COCO / "images" / "train2017").glob("*.jpg"))
+    folders = []
+    for part, chosen in (("calib", files[:calib_images]), ("eval", files[calib_images:])):
+        for kind in ("images", "labels"):
+            (work / part / kind).mkdir(parents=True)
+        for image in chosen:
+            (work / part / "images" / image.name).symlink_to(image)
+            label = COCO / "labels" / "train2017" / f"{image.stem}.txt"
+            if label.is_file():
+                (work / part / "labels" / label.name).symlink_to(label)
+        folders.append(work / part / "images")
+    return folders[0], folders[1]
 
 
 class _OpenVino:

@@ -388,16 +388,18 @@ def _compress(progress: Progress, adapter: families.Family, loaded: LoadedModel,
     import copy
 
     module = copy.deepcopy(loaded.module)
+    images = _calibration(adapter, loaded, plan, data, cache)[0]
     with progress.stage("prune") as note:
-        record["pruning"] = prune_channels(module, loaded.input_shape, plan.prune.ratio, adapter.prune_keep(module))
+        record["pruning"] = prune_channels(module, loaded.input_shape, plan.prune.ratio, adapter.prune_keep(module),
+                                           images[: plan.prune.images] if plan.prune.images else None)
         pruned = record["pruning"]
         note["note"] = f"MACs {pruned['macs_before'] / 1e6:.0f} M -> {pruned['macs_after'] / 1e6:.0f} M"
     if plan.distill.steps:
         settings = plan.distill
-        images = _calibration(adapter, loaded, plan, data, cache)[0][: settings.images]
+        images = images[: settings.images]
         with progress.stage("distill") as note:
             record["distillation"] = distill(
-                module, loaded.module, images, adapter.distill_targets, steps=settings.steps,
+                module, loaded.module, images, adapter.distill_targets, loss=adapter.distill_loss, steps=settings.steps,
                 seconds=settings.seconds, lr=settings.lr, batch=settings.batch, seed=plan.seed,
                 progress=lambda steps, total: progress.track(steps, total, "distillation steps"))
             done = record["distillation"]

@@ -76,6 +76,9 @@ class Family(Protocol):
     def distill_targets(self, module: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
         """What distillation makes the student reproduce: the family's outputs before any decoding."""
 
+    def distill_loss(self, student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+        """How far the student's `distill_targets` are from the teacher's (0 when they match)."""
+
     def int8_float_nodes(self, graph: onnx.ModelProto) -> list[str]:
         """Nodes of `graph` every INT8 build keeps in float: parts of this family known to break in INT8."""
 

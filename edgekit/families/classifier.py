@@ -16,6 +16,7 @@ import numpy as np
 from edgekit.data import file_sha256
 from edgekit.errors import UsageError, first_line
 from edgekit.families.base import LoadedModel, LoadOptions, Samples, module_fingerprint
+from edgekit.passes.distill import mse
 from edgekit.resources import imagenet_synsets
 
 if TYPE_CHECKING:
@@ -227,6 +228,9 @@ class ClassifierFamily:
 
     def distill_targets(self, module: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
         return [module(x)]  # the logits
+
+    def distill_loss(self, student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+        return mse(student, teacher)
 
     def int8_float_nodes(self, graph: onnx.ModelProto) -> list[str]:
         return []  # the sensitivity pass and the accuracy gates decide

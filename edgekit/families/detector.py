@@ -189,6 +189,24 @@ class DetectorFamily:
                 head.export = True
         return [raw["boxes"], raw["scores"]]
 
+    def distill_loss(self, student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+        """Binary KL of each class score against the teacher's, and KL of each box side's distance distribution,
+        both weighted by the teacher's confidence at the anchor and normalised by its sum: the few anchors that
+        hold objects decide, not the background that fills most of the map (whose raw logits dominate a plain
+        squared error)."""
+        from torch.nn.functional import binary_cross_entropy_with_logits as bce
+        from torch.nn.functional import log_softmax
+
+        (boxes, scores), (boxes_t, scores_t) = student, teacher
+        wanted = scores_t.sigmoid()
+        classes = (bce(scores, wanted, reduction="none") - bce(scores_t, wanted, reduction="none")).sum(1)
+        batch, channels, anchors = boxes.shape
+        sides = (batch, 4, channels // 4, anchors)
+        log_s, log_t = log_softmax(boxes.view(sides), dim=2), log_softmax(boxes_t.view(sides), dim=2)
+        sides_kl = (log_t.exp() * (log_t - log_s)).sum(dim=(1, 2))
+        confidence = wanted.amax(dim=1)
+        return (classes.sum() + (sides_kl * confidence).sum()) / confidence.sum().clamp(min=1.0)
+
     def int8_float_nodes(self, graph: onnx.ModelProto) -> list[str]:
         """The head's decode (box distribution softmax, distance-to-box arithmetic, class sigmoid, the concat of
         pixel boxes with 0-1 scores) and every attention softmax: one int8 scale cannot serve their ranges. The

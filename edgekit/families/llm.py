@@ -193,7 +193,7 @@ def _narrow(producers: list[torch.nn.Linear], consumer: torch.nn.Linear, keep: t
     keeps the removed inputs' mean contribution."""
     import torch
 
-    from edgekit.passes.prune_llm import compensation
+    from edgekit.passes.fluctuation import compensation
 
     removed = torch.ones(consumer.in_features, dtype=torch.bool)
     removed[keep] = False

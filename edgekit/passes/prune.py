@@ -1,9 +1,15 @@
 """Structured channel pruning with a dependency graph (Torch-Pruning): real speed on every runtime.
 
 Channels are removed together with everything that depends on them (the next layer's inputs, the
-other branch of a residual add or a concat), ranked by the L2 magnitude of each coupled group. The
-family names the layers whose output channels must stay (a detection head's output convolutions,
-attention projections whose reshapes count heads, blocks that split their output in fixed halves).
+other branch of a residual add or a concat). The family names the layers whose output channels must
+stay (a detection head's output convolutions, attention projections whose reshapes count heads, blocks
+that split their output in fixed halves).
+
+With calibration images, channels are ranked the FLAP way (`fluctuation.py`): by how much they vary
+around their mean, weighted by the weights of every layer that reads them, and each reader keeps a
+removed channel's mean in its bias. A channel whose output is nearly constant (a folded batch norm's
+shift through small weights, common in trained CNNs) then goes almost for free, where ranking by weight
+magnitude alone removes channels the next layers depend on. Without images: group L2 magnitude.
 """
 
 from __future__ import annotations
@@ -13,22 +19,97 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
+    from edgekit.passes.fluctuation import InputMoments
+
+STATISTICS_BATCH = 8  # calibration images through the model at once while input moments are gathered
+
 
 def prune_channels(module: torch.nn.Module, input_shape: tuple[int, ...], ratio: float,
-                   keep: list[torch.nn.Module]) -> dict[str, Any]:
-    """Remove `ratio` of the prunable channels of `module` in place; MACs and parameters before and after."""
+                   keep: list[torch.nn.Module], images: torch.Tensor | None = None) -> dict[str, Any]:
+    """Remove `ratio` of the prunable channels of `module` in place (ranked by fluctuation and compensated
+    through the readers' biases when `images` are given); MACs and parameters before and after."""
     import torch
     import torch_pruning as tp
 
+    from edgekit.passes.fluctuation import compensation
+
     example = torch.zeros(input_shape)
+    moments = _reader_moments(module, images) if images is not None else {}
+    importance = _Fluctuation(moments) if moments else tp.importance.GroupMagnitudeImportance(p=2)
     for parameter in module.parameters():
         parameter.requires_grad_(True)  # the dependency graph is traced through autograd
     macs_before, params_before = tp.utils.count_ops_and_params(module, example)
-    pruner = tp.pruner.BasePruner(module, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
-                                  pruning_ratio=ratio, ignored_layers=keep, global_pruning=False)
-    pruner.step()
+    pruner = tp.pruner.BasePruner(module, example, importance=importance, pruning_ratio=ratio, ignored_layers=keep,
+                                  global_pruning=False)
+    compensated = set()
+    with torch.no_grad():
+        for group in pruner.step(interactive=True):
+            for item in group:
+                layer, removed = item.dep.layer, [int(i) for i in item.idxs]
+                if layer in moments and _reads(item.dep.pruning_fn):
+                    shift = compensation(layer, moments[layer].mean.float(), torch.tensor(removed))
+                    if layer.bias is None:
+                        layer.bias = torch.nn.Parameter(torch.zeros_like(shift))
+                    layer.bias += shift
+                    moments[layer].drop(removed)
+                    compensated.add(layer)
+            group.prune()
     module.eval()
     macs_after, params_after = tp.utils.count_ops_and_params(module, example)
-    return {"method": "Torch-Pruning, group L2 magnitude, uniform per layer", "ratio": ratio,
+    method = "FLAP fluctuation, bias-compensated" if moments else "group L2 magnitude"
+    return {"method": f"Torch-Pruning, {method}, uniform per layer", "ratio": ratio,
+            "statistics_images": 0 if images is None else len(images), "compensated_layers": len(compensated),
             "macs_before": int(macs_before), "macs_after": int(macs_after),
             "params_before": int(params_before), "params_after": int(params_after), "kept_layers": len(keep)}
+
+
+def _reads(pruning_fn: Any) -> bool:
+    """Whether a dependency removes input channels of a layer that reads (sums over) them."""
+    import torch_pruning as tp
+
+    return pruning_fn in (tp.prune_conv_in_channels, tp.prune_linear_in_channels)
+
+
+def _reader_moments(module: torch.nn.Module, images: torch.Tensor) -> dict[torch.nn.Module, InputMoments]:
+    """Each dense convolution's and linear layer's input moments on `images`."""
+    import torch
+
+    from edgekit.passes.fluctuation import InputMoments
+
+    readers = {m: InputMoments(m.in_features if isinstance(m, torch.nn.Linear) else m.in_channels)
+               for m in module.modules()
+               if isinstance(m, torch.nn.Linear) or (isinstance(m, torch.nn.Conv2d) and m.groups == 1)}
+    hooks = [layer.register_forward_pre_hook(moments) for layer, moments in readers.items()]
+    try:
+        with torch.no_grad():
+            for part in torch.as_tensor(images).split(STATISTICS_BATCH):
+                module(part)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {layer: moments for layer, moments in readers.items() if moments.rows}
+
+
+class _Fluctuation:
+    """Torch-Pruning importance: each channel's fluctuation summed over the layers of its group that read it
+    (magnitude where none of them was measured)."""
+
+    def __init__(self, moments: dict[torch.nn.Module, InputMoments]) -> None:
+        import torch_pruning as tp
+
+        self.moments = moments
+        self.fallback = tp.importance.GroupMagnitudeImportance(p=2)
+
+    def __call__(self, group: Any) -> torch.Tensor:
+        import torch
+
+        from edgekit.passes.fluctuation import fluctuation
+
+        scores, measured = torch.zeros(len(group[0].idxs), dtype=torch.float64), False
+        for item in group:
+            layer = item.dep.layer
+            if layer in self.moments and _reads(item.dep.pruning_fn) and None not in item.root_idxs:
+                local = fluctuation(layer, self.moments[layer])[[int(i) for i in item.idxs]]
+                scores.scatter_add_(0, torch.tensor(item.root_idxs), local)
+                measured = True
+        return scores.float() if measured else self.fallback(group)

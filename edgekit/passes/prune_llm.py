@@ -1,8 +1,8 @@
 """Structured pruning of decoder blocks: width (MLP channels, attention heads) and depth (whole blocks).
 
-Width follows FLAP (An et al., 2024): a channel entering an output projection matters by how much it
-*fluctuates* around its mean, Var(x_j) · ‖W[:, j]‖², not by its size; a constant input can be removed
-and its mean contribution kept as a bias (bias compensation). Heads score the sum over their channels.
+Width follows FLAP (An et al., 2024; `fluctuation.py`): a channel entering an output projection matters by
+how much it fluctuates around its mean, and its mean is kept as a bias when it is removed. Heads score the
+sum over their channels.
 Depth follows ShortGPT/Minitron: a block whose output is nearly its input (1 − cos(x_in, x_out) small)
 is removed. Blocks are visited in order on the calibration activations of the already-pruned model.
 The family adapter does the surgery (which layers share a channel, how heads group around key/value heads).
@@ -15,40 +15,8 @@ from typing import Any
 
 import torch
 
+from edgekit.passes.fluctuation import InputMoments, fluctuation
 from edgekit.passes.sequential import input_statistics, run_block
-
-
-class InputMoments:
-    """Per-channel mean and variance of a linear layer's input (a forward pre-hook)."""
-
-    def __init__(self, features: int) -> None:
-        self.total = torch.zeros(features, dtype=torch.float64)
-        self.squares = torch.zeros(features, dtype=torch.float64)
-        self.rows = 0
-
-    def __call__(self, _module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        rows = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-        self.total += rows.sum(0)
-        self.squares += (rows * rows).sum(0)
-        self.rows += rows.shape[0]
-
-    @property
-    def mean(self) -> torch.Tensor:
-        return self.total / self.rows
-
-    @property
-    def variance(self) -> torch.Tensor:
-        return (self.squares / self.rows - self.mean**2).clamp(min=0)
-
-
-def fluctuation(layer: torch.nn.Linear, moments: InputMoments) -> torch.Tensor:
-    """FLAP's score of each input channel of `layer`: Var(x_j) · ‖W[:, j]‖²."""
-    return moments.variance * layer.weight.detach().double().pow(2).sum(0)
-
-
-def compensation(layer: torch.nn.Linear, mean: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
-    """The bias that keeps the removed inputs' mean contribution: W[:, removed] · E[x_removed]."""
-    return (layer.weight.detach().double()[:, removed] @ mean[removed].double()).float()
 
 
 def prune_width(blocks: list[torch.nn.Module], hidden: torch.Tensor, kwargs: dict[str, Any], ratio: float,
