@@ -33,6 +33,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--prune", type=float, nargs="+", default=[0.3], help="pruning ratios of the pruned rows")
     parser.add_argument("--distill-steps", type=int, default=300)
     parser.add_argument("--distill-seconds", type=float, default=300)
     parser.add_argument("--calib-images", type=int, default=64, help="coco128 images that calibrate; the rest score")
@@ -71,9 +72,11 @@ def main() -> None:
 
     edgekit_build("edgekit fp32")
     edgekit_build("edgekit int8", recipe=REPO / "examples" / "roadside" / "recipe.toml")
-    edgekit_build("edgekit pruned 30% + distilled + int8", precision="int8",
-                  overrides={"verify.threads": args.threads, "prune.ratio": 0.3, "distill.steps": args.distill_steps,
-                             "distill.seconds": args.distill_seconds})
+    pruned_rows = [f"edgekit pruned {ratio:.0%} + distilled + int8" for ratio in args.prune]
+    for name, ratio in zip(pruned_rows, args.prune, strict=True):
+        edgekit_build(name, precision="int8", overrides={
+            "verify.threads": args.threads, "prune.ratio": ratio, "distill.steps": args.distill_steps,
+            "distill.seconds": args.distill_seconds})
 
     from ultralytics import YOLO
 
@@ -118,11 +121,11 @@ def main() -> None:
         print(f"{name:38s} {metrics['map50_95_artifact']:9.4f} {metrics['map50_95_drop_pt']:8.2f} "
               f"{metrics['map50_artifact']:7.4f} {macs} {variant['bytes'] / 1e6:6.2f} {min(timings[name]):8.2f} "
               f"{variant['build_s']:8.1f}")
-    pruning = variants["edgekit pruned 30% + distilled + int8"]["report"]["pruning"]
-    taught = variants["edgekit pruned 30% + distilled + int8"]["report"]["distillation"]
-    print(f"pruning: {pruning['macs_before'] / 1e9:.2f} -> {pruning['macs_after'] / 1e9:.2f} GMACs; distillation: "
-          f"{taught['steps']} steps in {taught['seconds']} s, probe loss {taught['probe_loss_before']:.4g} -> "
-          f"{taught['probe_loss_after']:.4g}")
+    for name in pruned_rows:
+        pruning, taught = variants[name]["report"]["pruning"], variants[name]["report"]["distillation"]
+        print(f"{name}: {pruning['macs_before'] / 1e9:.2f} -> {pruning['macs_after'] / 1e9:.2f} GMACs "
+              f"({pruning['method']}); distillation: {taught['steps']} steps in {taught['seconds']} s, probe loss "
+              f"{taught['probe_loss_before']:.4g} -> {taught['probe_loss_after']:.4g}")
     edge, peer = rows["edgekit int8"], rows.get("ultralytics openvino int8")
     if peer:
         gain = edge["map50_95_artifact"] - peer["map50_95_artifact"]

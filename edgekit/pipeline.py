@@ -391,7 +391,8 @@ def _compress(progress: Progress, adapter: families.Family, loaded: LoadedModel,
     images = _calibration(adapter, loaded, plan, data, cache)[0]
     with progress.stage("prune") as note:
         record["pruning"] = prune_channels(module, loaded.input_shape, plan.prune.ratio, adapter.prune_keep(module),
-                                           images[: plan.prune.images] if plan.prune.images else None)
+                                           images[: plan.prune.images] if plan.prune.images else None,
+                                           rebuild=plan.prune.reconstruct)
         pruned = record["pruning"]
         note["note"] = f"MACs {pruned['macs_before'] / 1e6:.0f} M -> {pruned['macs_after'] / 1e6:.0f} M"
     if plan.distill.steps:
@@ -404,7 +405,7 @@ def _compress(progress: Progress, adapter: families.Family, loaded: LoadedModel,
                 progress=lambda steps, total: progress.track(steps, total, "distillation steps"))
             done = record["distillation"]
             note["note"] = (f"{done['steps']} steps, probe loss {done['probe_loss_before']:.4g} -> "
-                            f"{done['probe_loss_after']:.4g}")
+                            f"{done['probe_loss_after']:.4g}" + (" (worse: reverted)" if done["reverted"] else ""))
     return module
 
 

@@ -264,7 +264,8 @@ def build_lm(source: object, adapter: llm.LanguageModelFamily, device: Target, p
                     seed=plan.seed, progress=lambda steps, total: progress.track(steps, total, "distillation steps"))
                 done = compression["distillation"]
                 record["note"] = (f"{done['steps']} steps, probe KL {done['probe_loss_before']:.4g} -> "
-                                  f"{done['probe_loss_after']:.4g}")
+                                  f"{done['probe_loss_after']:.4g}"
+                                  + (" (worse: reverted)" if done["reverted"] else ""))
     elif plan.distill.steps:
         raise UsageError("distillation recovers what pruning lost: set prune.ratio or prune.blocks too")
     quantization = None

@@ -44,8 +44,10 @@ class QuantizeStage(_Stage):
 class PruneStage(_Stage):
     ratio: float = Field(default=0.0, ge=0, lt=1, description="share of each prunable layer's channels removed")
     blocks: int = Field(default=0, ge=0, description="language models: whole decoder blocks removed (depth)")
-    images: int = Field(default=32, ge=0, description="calibration images whose channel means compensate what "
-                        "pruning removes (0: no compensation)")
+    images: int = Field(default=32, ge=0, description="calibration images that rank channels, compensate "
+                        "removed ones and refit the layers (0: rank by weight magnitude alone)")
+    reconstruct: bool = Field(default=True, description="refit each pruned layer to the original's outputs "
+                              "(least squares on the calibration images)")
 
 
 class DistillStage(_Stage):

@@ -40,12 +40,16 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, inputs: np.ndarr
             lr: float, batch: int, seed: int, progress: Callable[[Iterable[int], int], Iterable[int]],
             loss: Callable[[list[torch.Tensor], list[torch.Tensor]], torch.Tensor] = mse) -> dict[str, Any]:
     """Train `student` (in place) towards `teacher` on `inputs` (images NCHW, token windows) for at most `steps`
-    steps and `seconds` seconds; the student keeps eval-mode normalisation (batches are small)."""
+    steps and `seconds` seconds; the student keeps eval-mode normalisation (batches are small). The last
+    `batch` inputs are held out as a probe when there are enough; if training raised the loss there, the
+    student gets its starting weights back (`reverted`)."""
     import torch
 
     generator = np.random.default_rng(seed)
     data = torch.as_tensor(inputs)
-    probe = data[:batch]
+    held_out = len(data) >= 2 * batch  # the probe judges on inputs training never saw, where there are enough
+    probe, data = (data[-batch:], data[:-batch]) if held_out else (data[:batch], data)
+    start_weights = {name: value.clone() for name, value in student.state_dict().items()}
 
     def loss_on(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -72,7 +76,10 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, inputs: np.ndarr
         parameter.requires_grad_(False)
     with torch.no_grad():
         after = float(loss_on(probe))
+    reverted = held_out and after > before  # training made the student worse on unseen inputs: undo it
+    if reverted:
+        student.load_state_dict(start_weights)
     return {"steps": done, "step_bound": steps, "seconds": round(time.perf_counter() - start, 1),
-            "seconds_bound": seconds, "lr": lr, "batch": batch, "samples": len(data),
-            "probe_loss_before": before, "probe_loss_after": after,
+            "seconds_bound": seconds, "lr": lr, "batch": batch, "samples": len(data), "probe_held_out": held_out,
+            "probe_loss_before": before, "probe_loss_after": after, "reverted": reverted,
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}

@@ -14,6 +14,7 @@ magnitude alone removes channels the next layers depend on. Without images: grou
 
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -25,15 +26,21 @@ STATISTICS_BATCH = 8  # calibration images through the model at once while input
 
 
 def prune_channels(module: torch.nn.Module, input_shape: tuple[int, ...], ratio: float,
-                   keep: list[torch.nn.Module], images: torch.Tensor | None = None) -> dict[str, Any]:
-    """Remove `ratio` of the prunable channels of `module` in place (ranked by fluctuation and compensated
-    through the readers' biases when `images` are given); MACs and parameters before and after."""
+                   keep: list[torch.nn.Module], images: torch.Tensor | None = None,
+                   rebuild: bool = True) -> dict[str, Any]:
+    """Remove `ratio` of the prunable channels of `module` in place; with `images`, ranked by fluctuation,
+    compensated through the readers' biases and (`rebuild`) every dense layer refitted to the original's
+    outputs. Returns MACs and parameters before and after."""
     import torch
     import torch_pruning as tp
 
     from edgekit.passes.fluctuation import compensation
+    from edgekit.passes.reconstruct import dense, reconstruct
 
     example = torch.zeros(input_shape)
+    original = copy.deepcopy(module).eval() if images is not None and rebuild else None
+    names = {layer: name for name, layer in module.named_modules()}
+    kept_outputs = {name: list(range(layer.weight.shape[0])) for layer, name in names.items() if dense(layer)}
     moments = _reader_moments(module, images) if images is not None else {}
     importance = _Fluctuation(moments) if moments else tp.importance.GroupMagnitudeImportance(p=2)
     for parameter in module.parameters():
@@ -53,12 +60,18 @@ def prune_channels(module: torch.nn.Module, input_shape: tuple[int, ...], ratio:
                     layer.bias += shift
                     moments[layer].drop(removed)
                     compensated.add(layer)
+                if names.get(layer) in kept_outputs and _writes(item.dep.pruning_fn):
+                    kept = kept_outputs[names[layer]]
+                    kept_outputs[names[layer]] = [o for i, o in enumerate(kept) if i not in set(removed)]
             group.prune()
     module.eval()
+    if original is not None:
+        reconstruction = reconstruct(module, original, images, kept_outputs)
     macs_after, params_after = tp.utils.count_ops_and_params(module, example)
     method = "FLAP fluctuation, bias-compensated" if moments else "group L2 magnitude"
     return {"method": f"Torch-Pruning, {method}, uniform per layer", "ratio": ratio,
             "statistics_images": 0 if images is None else len(images), "compensated_layers": len(compensated),
+            "reconstruction": reconstruction if original is not None else None,
             "macs_before": int(macs_before), "macs_after": int(macs_after),
             "params_before": int(params_before), "params_after": int(params_after), "kept_layers": len(keep)}
 
@@ -70,15 +83,21 @@ def _reads(pruning_fn: Any) -> bool:
     return pruning_fn in (tp.prune_conv_in_channels, tp.prune_linear_in_channels)
 
 
+def _writes(pruning_fn: Any) -> bool:
+    """Whether a dependency removes output channels of a dense layer."""
+    import torch_pruning as tp
+
+    return pruning_fn in (tp.prune_conv_out_channels, tp.prune_linear_out_channels)
+
+
 def _reader_moments(module: torch.nn.Module, images: torch.Tensor) -> dict[torch.nn.Module, InputMoments]:
     """Each dense convolution's and linear layer's input moments on `images`."""
     import torch
 
     from edgekit.passes.fluctuation import InputMoments
+    from edgekit.passes.reconstruct import dense
 
-    readers = {m: InputMoments(m.in_features if isinstance(m, torch.nn.Linear) else m.in_channels)
-               for m in module.modules()
-               if isinstance(m, torch.nn.Linear) or (isinstance(m, torch.nn.Conv2d) and m.groups == 1)}
+    readers = {m: InputMoments(m.weight.shape[1]) for m in module.modules() if dense(m)}
     hooks = [layer.register_forward_pre_hook(moments) for layer, moments in readers.items()]
     try:
         with torch.no_grad():
