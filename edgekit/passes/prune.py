@@ -68,7 +68,8 @@ def prune_channels(module: torch.nn.Module, input_shape: tuple[int, ...], ratio:
     if original is not None:
         reconstruction = reconstruct(module, original, images, kept_outputs)
     macs_after, params_after = tp.utils.count_ops_and_params(module, example)
-    method = "FLAP fluctuation, bias-compensated" if moments else "group L2 magnitude"
+    method = ("group L2 magnitude" if not moments else "FLAP fluctuation, bias-compensated"
+              + (", refitted by least squares" if original is not None else ""))
     return {"method": f"Torch-Pruning, {method}, uniform per layer", "ratio": ratio,
             "statistics_images": 0 if images is None else len(images), "compensated_layers": len(compensated),
             "reconstruction": reconstruction if original is not None else None,
