@@ -272,9 +272,11 @@ def build_lm(source: object, adapter: llm.LanguageModelFamily, device: Target, p
     if precision in BITS:
         settings = plan.weights
         scheme = WeightScheme(BITS[precision], settings.group_size, settings.symmetric, settings.method,
-                              settings.damp, plan.lowrank.rank, plan.lowrank.bits, settings.act_order)
+                              settings.damp, plan.lowrank.rank, plan.lowrank.bits, settings.act_order,
+                              tuple(plan.lowrank.ranks.items()))
+        eora = scheme.rank or any(rank for _, rank in scheme.ranks)
         note = f"{precision} {settings.method}, groups of {settings.group_size}" + (
-            f", EoRA rank {scheme.rank}" if scheme.rank else "")
+            f", EoRA rank {scheme.rank}" + (" (per layer: recipe)" if scheme.ranks else "") if eora else "")
         with progress.stage("quantize", note=note) as record:
             quantization = quantize_lm(module, text.calibration, scheme, settings.head_bits, settings.embedding_bits,
                                        progress)
@@ -282,13 +284,14 @@ def build_lm(source: object, adapter: llm.LanguageModelFamily, device: Target, p
                                       "group_size": settings.group_size, "symmetric": settings.symmetric,
                                       "head_bits": settings.head_bits, "embedding_bits": settings.embedding_bits,
                                       "accuracy_level": settings.accuracy_level,
-                                      "eora_rank": scheme.rank, "eora_bits": scheme.rank_bits if scheme.rank else None,
+                                      "eora_rank": scheme.rank, "eora_ranks": dict(scheme.ranks),
+                                      "eora_bits": scheme.rank_bits if eora else None,
                                       "calibration_tokens": int(text.calibration.numel())}
             if quantization["mean_output_error"] is not None:
                 record["note"] = note + f"; output error {quantization['mean_output_error']:.4f}" + (
                     f" -> {quantization['mean_output_error_eora']:.4f} with EoRA"
                     if quantization["mean_output_error_eora"] is not None else "")
-    elif plan.lowrank.rank:
+    elif plan.lowrank.rank or any(plan.lowrank.ranks.values()):
         raise UsageError("EoRA compensates quantization: set precision int4 or int8 with lowrank.rank")
     with progress.stage("export", note=f"onnx opset {plan.export.opset}, key/value cache"):
         graph = export_lm(module, plan.export.opset, plan.weights.accuracy_level)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -83,6 +83,9 @@ class LowRankStage(_Stage):
     """EoRA: a rank-r residual path per compressed linear layer, fitted in its inputs' eigenspace."""
 
     rank: int = Field(default=0, ge=0, description="0: no compensation")
+    ranks: dict[str, Annotated[int, Field(ge=0)]] = Field(
+        default_factory=dict, description='per layer, by name or its ending (e.g. "mlp.down_proj" = 64); the '
+        "others take `rank`")
     bits: Literal[4, 8] | None = Field(default=8, description="the factors' own quantization (none: float)")
 
 

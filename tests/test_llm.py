@@ -131,7 +131,8 @@ def test_fp16_graph_keeps_float32_inputs_and_outputs_and_the_logits() -> None:
 
 @pytest.mark.parametrize(("scheme", "tie"), [(WeightScheme(4, 32, method="gptq", rank=8, rank_bits=8), True),
                                             (WeightScheme(4, 64, symmetric=False, method="rtn"), False),
-                                            (WeightScheme(8, 32, method="gptq"), True)])
+                                            (WeightScheme(8, 32, method="gptq"), True),
+                                            (WeightScheme(4, 32, ranks=(("mlp.down_proj", 4), ("q_proj", 8))), True)])
 def test_integer_graph_computes_what_the_quantized_torch_model_does(scheme: WeightScheme, tie: bool) -> None:
     from onnx import numpy_helper
 
@@ -142,8 +143,10 @@ def test_integer_graph_computes_what_the_quantized_torch_model_does(scheme: Weig
     record = quantize_lm(model, calibration, scheme, head_bits=4, embedding_bits=8, progress=Progress(quiet=True))
     graph = export_lm(model, 17)
     nbits = [n for n in graph.graph.node if n.op_type == "MatMulNBits"]
-    per_block = 7 * (3 if scheme.rank else 1)
-    assert len(nbits) == 2 * per_block + 1  # every block linear (and EoRA factor), plus the head
+    per_block = 7 + 2 * sum(1 for name in llm.LINEARS if scheme.rank_for(name))
+    assert len(nbits) == 2 * per_block + 1  # every block linear (and its EoRA factors), plus the head
+    ranks = {r["layer"]: r.get("output_error_eora") for r in record["layers"] if r["block"] == 0}
+    assert all((ranks[name] is not None) == bool(scheme.rank_for(name)) for name in llm.LINEARS)
     floats = [i for i in graph.graph.initializer if numpy_helper.to_array(i).dtype == np.float32]
     assert max(numpy_helper.to_array(i).size for i in floats) < VOCAB * 64 / 4  # no float table left
     table = next(r for r in record["layers"] if r["layer"] == "embed_tokens")

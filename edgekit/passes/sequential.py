@@ -32,6 +32,11 @@ class WeightScheme:
     rank: int = 0
     rank_bits: int | None = 8
     act_order: bool = False
+    ranks: tuple[tuple[str, int], ...] = ()  # (layer name or its ending, rank): where the uniform rank is not right
+
+    def rank_for(self, name: str) -> int:
+        """The EoRA rank of the layer called `name` in its block (e.g. `mlp.down_proj`)."""
+        return next((rank for key, rank in self.ranks if name == key or name.endswith("." + key)), self.rank)
 
     def quantize(self, weight: torch.Tensor, covariance: torch.Tensor) -> QuantizedWeight:
         if self.method == "gptq":
@@ -86,8 +91,8 @@ def compress_linear(parent: torch.nn.Module, name: str, layer: torch.nn.Linear, 
     signal = output_error(weight, covariance)
     record: dict[str, Any] = {"layer": name, "bits": scheme.bits, "bytes": quantized.nbytes,
                               "output_error": output_error(delta, covariance) / signal}
-    if scheme.rank:
-        b, a = eora(delta, covariance, scheme.rank)
+    if scheme.rank_for(name):
+        b, a = eora(delta, covariance, scheme.rank_for(name))
         compensated = Compensated(layer, b, a, scheme.rank_bits, scheme.group_size)
         residual = delta - compensated.b.weight @ compensated.a.weight
         record["output_error_eora"] = output_error(residual, covariance) / signal
