@@ -33,7 +33,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--prune", type=float, nargs="+", default=[0.3], help="pruning ratios of the pruned rows")
+    parser.add_argument("--prune", type=float, nargs="*", default=[0.3],
+                        help="pruning ratios of the pruned rows (none: no pruned row)")
     parser.add_argument("--distill-steps", type=int, default=300)
     parser.add_argument("--distill-seconds", type=float, default=300)
     parser.add_argument("--calib-images", type=int, default=64, help="coco128 images that calibrate; the rest score")
