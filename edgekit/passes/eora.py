@@ -42,8 +42,8 @@ class Compensated(torch.nn.Module):
     """A compressed linear layer with its EoRA residual path: `base(x) + B(A x)`.
 
     With `factor_bits`, each factor is quantized like a weight (symmetric, groups of up to `group_size` inputs: B's
-    are its r columns); the
-    module then computes with the dequantized factors, so torch and the exported graph agree.
+    are its r columns); the module then computes with the dequantized factors, so torch and the exported graph
+    agree.
     """
 
     def __init__(self, base: torch.nn.Linear, b: torch.Tensor, a: torch.Tensor, factor_bits: int | None,

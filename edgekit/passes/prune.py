@@ -22,9 +22,6 @@ if TYPE_CHECKING:
 
     from edgekit.passes.fluctuation import InputMoments
 
-STATISTICS_BATCH = 8  # calibration images through the model at once while input moments are gathered
-
-
 def prune_channels(module: torch.nn.Module, input_shape: tuple[int, ...], ratio: float,
                    keep: list[torch.nn.Module], images: torch.Tensor | None = None,
                    rebuild: bool = True) -> dict[str, Any]:
@@ -61,8 +58,9 @@ def prune_channels(module: torch.nn.Module, input_shape: tuple[int, ...], ratio:
                     moments[layer].drop(removed)
                     compensated.add(layer)
                 if names.get(layer) in kept_outputs and _writes(item.dep.pruning_fn):
+                    gone = set(removed)
                     kept = kept_outputs[names[layer]]
-                    kept_outputs[names[layer]] = [o for i, o in enumerate(kept) if i not in set(removed)]
+                    kept_outputs[names[layer]] = [o for i, o in enumerate(kept) if i not in gone]
             group.prune()
     module.eval()
     if original is not None:
@@ -92,22 +90,16 @@ def _writes(pruning_fn: Any) -> bool:
 
 
 def _reader_moments(module: torch.nn.Module, images: torch.Tensor) -> dict[torch.nn.Module, InputMoments]:
-    """Each dense convolution's and linear layer's input moments on `images`."""
+    """Each dense convolution's and linear layer's input moments on `images` (layers the images reach)."""
     import torch
 
     from edgekit.passes.fluctuation import InputMoments
     from edgekit.passes.reconstruct import dense
+    from edgekit.passes.sequential import input_statistics
 
-    readers = {m: InputMoments(m.weight.shape[1]) for m in module.modules() if dense(m)}
-    hooks = [layer.register_forward_pre_hook(moments) for layer, moments in readers.items()]
-    try:
-        with torch.no_grad():
-            for part in torch.as_tensor(images).split(STATISTICS_BATCH):
-                module(part)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return {layer: moments for layer, moments in readers.items() if moments.rows}
+    readers = {name: layer for name, layer in module.named_modules() if dense(layer)}
+    moments = input_statistics(module, readers, torch.as_tensor(images), {}, InputMoments)
+    return {readers[name]: found for name, found in moments.items() if found.rows}
 
 
 class _Fluctuation:

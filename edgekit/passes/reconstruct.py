@@ -9,7 +9,6 @@ in the order they run, each also corrects the drift of the layers before it. No 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -77,16 +76,15 @@ def _outputs(layer: torch.nn.Module, y: torch.Tensor) -> torch.Tensor:
 
 
 def reconstruct(pruned: torch.nn.Module, original: torch.nn.Module, images: torch.Tensor,
-                kept_outputs: dict[str, list[int]],
-                track: Callable[[Iterable[Any], int], Iterable[Any]] = lambda xs, _n: xs) -> dict[str, Any]:
-    """Refit every dense layer of `pruned` whose inputs differ from the original's, in execution order, to the
-    original layer's outputs (its kept output channels: `kept_outputs[name]`, all where absent)."""
+                kept_outputs: dict[str, list[int]]) -> dict[str, Any]:
+    """Refit every dense layer of `pruned`, in execution order, to the original layer's outputs (its kept output
+    channels: `kept_outputs[name]`, all where absent); a refit that would not lower the layer's error is skipped."""
     images = torch.as_tensor(images)
     originals = dict(original.named_modules())
     layers = dict(pruned.named_modules())
     order = execution_order(pruned, images[:1])
     refitted = 0
-    for name in track(order, len(order)):
+    for name in order:
         layer, source = layers[name], originals[name]
         width = layer.weight.shape[1] * (layer.weight[0, 0].numel())
         gram = torch.zeros(width + 1, width + 1, dtype=torch.float64)
