@@ -64,12 +64,12 @@ def run_block(block: torch.nn.Module, hidden: torch.Tensor, kwargs: dict[str, An
         return torch.cat([block(part, **kwargs) for part in hidden.split(BATCH)])
 
 
-def input_statistics(block: torch.nn.Module, linears: dict[str, torch.nn.Module], hidden: torch.Tensor,
+def input_statistics(block: torch.nn.Module, layers: dict[str, torch.nn.Module], hidden: torch.Tensor,
                      kwargs: dict[str, Any], statistic: Callable[[int], T]) -> dict[str, T]:
     """A statistic of each named layer's inputs (a forward pre-hook built from its input width: a linear layer's
     features, a convolution's channels), gathered while the block (or a whole model) runs on these inputs."""
-    stats = {name: statistic(layer.weight.shape[1]) for name, layer in linears.items()}
-    hooks = [layer.register_forward_pre_hook(stats[name]) for name, layer in linears.items()]
+    stats = {name: statistic(layer.weight.shape[1]) for name, layer in layers.items()}
+    hooks = [layer.register_forward_pre_hook(stats[name]) for name, layer in layers.items()]
     try:
         run_block(block, hidden, kwargs)
     finally:
