@@ -108,24 +108,3 @@ def test_onnx_input_for_a_tflite_target_exits_2(capsys, tiny_model: nn.Module, p
     assert code == 2 and err.strip().endswith("TFLite export converts torch models; an ONNX input builds to "
                                               "--format onnx")
     assert not Path("dist").exists()
-
-
-def test_bias_correction_pulls_int8_output_means_toward_float(tiny_model: nn.Module, photos: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    from edgekit.families.base import LoadOptions
-    from edgekit.families.classifier import ClassifierFamily
-    from edgekit.passes import tflite
-    from edgekit.runtimes.litert import LiteRtRunner
-
-    family = ClassifierFamily()
-    loaded = family.load(tiny_model, LoadOptions(input_size=32))
-    images = family.samples(loaded, sorted(photos.iterdir()), None).inputs
-    float_model = tflite.convert_tflite(tiny_model, (1, 3, 32, 32))
-    corrected = tflite.tflite_precision(float_model, "int8", images)
-    monkeypatch.setattr(tflite, "_correct_bias", lambda quantized, *_: quantized)
-    plain = tflite.tflite_precision(float_model, "int8", images)
-    assert corrected != plain
-    reference = LiteRtRunner(float_model, 1).run(images).mean(axis=0)
-    shift = {name: np.abs(LiteRtRunner(model, 1).run(images).mean(axis=0) - reference).mean()
-             for name, model in (("corrected", corrected), ("plain", plain))}
-    assert shift["corrected"] < shift["plain"]

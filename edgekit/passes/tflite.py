@@ -6,7 +6,8 @@ layout LiteRT, NNAPI and the Edge TPU expect, so the wrapper transposes at the i
 
 Precisions: `fp32`; `fp16` (fp16 weights, float compute); `int8-dynamic` (int8 weights, float
 activations quantized on the fly); `int8` (full integer: int8 weights and activations, int8 input
-and output, with the ONNX path's MSE-clipped ranges and empirical bias correction).
+and output, with the ONNX path's MSE-clipped ranges, then every conv/FC layer refitted on the integer
+model's own inputs: `litert_refit`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -54,8 +55,10 @@ def convert_tflite(module: torch.nn.Module, input_shape: tuple[int, ...]) -> byt
                               f"{log.getvalue()}\n{type(err).__name__}: {err}") from err
 
 
-def tflite_precision(float_model: bytes, precision: str, calibration: np.ndarray | None = None) -> bytes:
-    """The float model at `precision` (fp32, fp16, int8-dynamic, int8); int8 needs NCHW calibration images."""
+def tflite_precision(float_model: bytes, precision: str, calibration: np.ndarray | None = None,
+                     progress: Callable[[list[Any]], Iterable[Any]] = iter) -> bytes:
+    """The float model at `precision` (fp32, fp16, int8-dynamic, int8); int8 needs NCHW calibration images, and
+    reports its layer-by-layer refit through `progress`."""
     if precision == "fp32":
         return float_model
     from ai_edge_quantizer import algorithm_manager, qtyping, quantizer, recipe
@@ -85,7 +88,7 @@ def tflite_precision(float_model: bytes, precision: str, calibration: np.ndarray
         for tensor, (low, high) in _mse_ranges(float_model, list(ranges), images).items():
             ranges[tensor]["min"] = np.full_like(ranges[tensor]["min"], low)
             ranges[tensor]["max"] = np.full_like(ranges[tensor]["max"], high)
-        return _correct_bias(bytes(engine.quantize(ranges).quantized_model), float_model, images)
+        return _refit(bytes(engine.quantize(ranges).quantized_model), float_model, images, progress)
 
 
 def _every_tensor(model: bytes) -> Any:
@@ -119,40 +122,39 @@ def _mse_ranges(model: bytes, names: list[str], images: np.ndarray, per_image: i
     return {name: mse_clip(values, symmetric=False) for name, values in zip(wanted, samples, strict=True)}
 
 
-def _correct_bias(quantized: bytes, float_model: bytes, images: np.ndarray) -> bytes:
-    """Empirical bias correction of a full-integer model, as on the ONNX path: layer by layer in graph order,
-    the per-channel mean of each conv/FC output is brought back to the float model's through its int32 bias
-    (patched in place in the flatbuffer; the model's layout does not change)."""
-    from ai_edge_litert import schema_py_generated as schema
-
-    from edgekit.passes.int8 import stream_channel_means
+def _refit(quantized: bytes, float_model: bytes, images: np.ndarray,
+           progress: Callable[[list[Any]], Iterable[Any]]) -> bytes:
+    """Every conv/FC layer of the full-integer model refitted on its own integer inputs (`litert_refit`); the
+    held-out fifth of the calibration images judges each refit by the model's output."""
+    from edgekit.passes.litert_refit import HELD_OUT, layers_of, refit
 
     buffer = bytearray(quantized)
-    graph_model = schema.Model.GetRootAs(buffer, 0)
-    graph = graph_model.Subgraphs(0)
-    probe = _every_tensor(quantized)
-    names = {t["index"]: t["name"] for t in probe.get_tensor_details()}
-    layers = [op for op in probe._get_ops_details()  # LiteRT's only Python listing of a model's ops
-              if op["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
-              and len(op["inputs"]) > 2 and op["inputs"][2] >= 0]
-    outputs = [names[op["outputs"][0]] for op in layers]
-    targets = stream_channel_means(_tensor_stream(float_model, outputs, images), axis=-1)
-    for op, name, target in zip(layers, outputs, targets, strict=True):
-        (current,) = stream_channel_means(_tensor_stream(bytes(buffer), [name], images), axis=-1)
-        bias = graph.Tensors(op["inputs"][2])
-        scale = bias.Quantization().ScaleAsNumpy().astype(np.float64)
-        values = _int32_view(buffer, graph_model.Buffers(bias.Buffer()))
-        steps = np.round((target - current) / scale).astype(np.int64)
-        values[:] = np.clip(values.astype(np.int64) + steps, -(2**31), 2**31 - 1)
+    probe, reference = _every_tensor(quantized), _every_tensor(float_model)
+    details = {t["index"]: t for t in probe.get_tensor_details()}
+    by_name = {d["name"]: d for d in details.values()}
+    names = {t["index"]: t["name"] for t in reference.get_tensor_details()}
+    float_ops = {names[op["outputs"][0]]: op for op in reference._get_ops_details()}
+    layers = layers_of(buffer, {i: d["name"] for i, d in details.items()}, probe._get_ops_details())
+
+    def float_weights(layer: Any) -> tuple[np.ndarray, np.ndarray]:
+        op = float_ops[layer.output]
+        return reference.get_tensor(op["inputs"][1]), reference.get_tensor(op["inputs"][2])
+
+    def pairs(layer: Any) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        integer = _tensor_stream(bytes(buffer), [layer.input], images)
+        real = _tensor_stream(float_model, [layer.input], images)
+        return ((a[0], b[0]) for a, b in zip(integer, real, strict=True))
+
+    checks = images[HELD_OUT - 1 :: HELD_OUT]
+    output = probe.get_output_details()[0]["name"]
+    expected = np.stack([values[0] for values in _tensor_stream(float_model, [output], checks)])
+
+    def output_error(model: bytes) -> float:
+        return float(np.mean((np.stack([v[0] for v in _tensor_stream(model, [output], checks)]) - expected) ** 2))
+
+    refit(buffer, float_weights, pairs, layers, lambda layer: float(by_name[layer.input]["quantization"][0]),
+          output_error, progress)
     return bytes(buffer)
-
-
-def _int32_view(buffer: bytearray, stored: Any) -> np.ndarray:
-    """A writable int32 view of one flatbuffer buffer: inline data, or data placed after the flatbuffer
-    (offset and size), as large models and some quantizers write it."""
-    if stored.DataLength():
-        return stored.DataAsNumpy().view(np.int32)
-    return np.frombuffer(buffer, dtype=np.int32, count=stored.Size() // 4, offset=stored.Offset())
 
 
 def _input_name(model: bytes) -> str:
