@@ -530,14 +530,14 @@ def _tflite(progress: Progress, adapter: families.Family, loaded: LoadedModel, f
                            else (None, None))
     with progress.stage("quantize", note=mode):
         artifact = tflite_precision(float_model, mode, calibration,
-                                    progress=lambda xs: progress.track(xs, len(xs), "layers refitted"))
+                                    progress=lambda xs, what: progress.track(xs, len(xs), what))
     if precision != "int8":
         return artifact, None
     return artifact, {
         "scheme": {"format": "TFLite", "engine": "ai-edge-quantizer", "weights": "int8, symmetric, per output channel",
                    "activations": "float, quantized at run time per tensor" if dynamic
                    else "int8, asymmetric, per tensor (int8 input and output)",
-                   "calibration": None if dynamic else "mse",
+                   "calibration": None if dynamic else "mse, each range then searched against the model's output",
                    "weights_fit": None if dynamic else "layer-wise least squares on the integer model's inputs, "
                    "GPTQ rounding"},
         "calibration": record,

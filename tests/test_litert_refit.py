@@ -3,6 +3,7 @@ refits are patched in place, and one that makes the model's output worse is undo
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -101,7 +102,8 @@ def test_refit_patches_the_flatbuffer_and_undoes_a_refit_that_hurts(chain: bytes
     engine = quantizer.Quantizer(chain, recipe.static_wi8_ai8())
     quantized = bytes(engine.quantize(engine.calibrate({tflite.SIGNATURE: [
         {tflite._input_name(chain): images[i : i + 1]} for i in range(len(images))]})).quantized_model)
-    refitted = tflite._refit(quantized, chain, images, iter)
+    refitted = tflite._refit(quantized, chain, images, tflite._output_error(chain, images.transpose(0, 3, 1, 2)),
+                             iter)
     assert len(refitted) == len(quantized) and refitted != quantized
     assert tflite.io_details(refitted) == tflite.io_details(quantized)  # layout and I/O quantization unchanged
 
@@ -125,7 +127,7 @@ def test_refit_brings_int8_outputs_closer_to_float(tiny_model: nn.Module, photos
     family = ClassifierFamily()
     loaded = family.load(tiny_model, LoadOptions(input_size=32))
     images = family.samples(loaded, sorted(photos.iterdir()), None).inputs
-    calibration, held_out = images[:8], images[8:]
+    calibration, held_out = images, np.ascontiguousarray(images[..., ::-1])  # the mirrored photos score
     float_model = tflite.convert_tflite(tiny_model, (1, 3, 32, 32))
     refitted = tflite.tflite_precision(float_model, "int8", calibration)
     monkeypatch.setattr(tflite, "_refit", lambda quantized, *_: quantized)
@@ -134,3 +136,21 @@ def test_refit_brings_int8_outputs_closer_to_float(tiny_model: nn.Module, photos
     error = {name: float(np.mean((LiteRtRunner(model, 1).run(held_out) - reference) ** 2))
              for name, model in (("refitted", refitted), ("plain", plain))}
     assert error["refitted"] < error["plain"]
+
+
+def test_range_search_keeps_the_factor_that_lowers_the_output_error() -> None:
+    """Each range is tried at every factor, in turn, on top of the ranges already chosen."""
+    tried: list[dict[str, tuple[float, float]]] = []
+
+    def quantize(bounds: dict[str, tuple[float, float]]) -> bytes:
+        tried.append(bounds)
+        return json.dumps(bounds).encode()
+
+    def output_error(model: bytes) -> float:  # lowest with "a" at 0.8 of its range and "b" unchanged
+        bounds = json.loads(model)
+        return abs(bounds["a"][1] - 4.0) + abs(bounds["b"][1] - 2.0)
+
+    start = {"a": (0.0, 5.0), "b": (-1.0, 2.0)}
+    found = tflite._searched_ranges(quantize, start, output_error, iter)
+    assert {name: tuple(bound) for name, bound in found.items()} == {"a": (0.0, 4.0), "b": (-1.0, 2.0)}
+    assert len(tried) == 1 + len(start) * len(tflite.RANGE_FACTORS)
