@@ -28,7 +28,8 @@ if TYPE_CHECKING:
     import torch
 
 SIGNATURE = "serving_default"
-RANGE_FACTORS = (0.6, 0.8, 0.9, 1.1, 1.25)  # each activation range's candidates, as multiples of its MSE clip
+RANGE_FACTORS = (0.6, 0.8, 0.9, 1.1, 1.25)  # each activation range's candidates, as multiples of its current one
+RANGE_SWEEPS = 3  # MobileNetV2, held-out KL from the float model's predictions: 0.017, 0.012, 0.011 after 1, 2, 3
 
 
 class ConverterFailed(StageError):
@@ -95,8 +96,7 @@ def tflite_precision(float_model: bytes, precision: str, calibration: np.ndarray
             return bytes(engine.quantize(ranges).quantized_model)
 
     bounds = _searched_ranges(quantize, _mse_ranges(float_model, list(ranges), images),
-                              _output_error(float_model, calibration),
-                              lambda items: progress(items, "activation ranges searched"))
+                              _output_error(float_model, calibration), progress)
     return _refit(quantize(bounds), float_model, images,
                   _output_error(float_model, calibration[HELD_OUT - 1 :: HELD_OUT]),
                   lambda items: progress(items, "layers refitted"))
@@ -119,19 +119,24 @@ def _output_error(float_model: bytes, images: np.ndarray) -> Callable[[bytes], f
 
 def _searched_ranges(quantize: Callable[[dict[str, tuple[float, float]]], bytes],
                      bounds: dict[str, tuple[float, float]], output_error: Callable[[bytes], float],
-                     progress: Callable[[list[str]], Iterable[str]]) -> dict[str, tuple[float, float]]:
+                     progress: Callable[[list[str], str], Iterable[str]]) -> dict[str, tuple[float, float]]:
     """Each activation range in turn scaled by the factor of `RANGE_FACTORS` that brings the model's output
-    closest to the float model's: the MSE clip is best for each tensor alone, but what a coarser or finer step
-    costs depends on the layers after it (the network-loss view of loss-aware PTQ, Nahshan et al., 2019, as one
-    greedy sweep). Quantizing with given ranges takes milliseconds, so each candidate is a real model."""
+    closest to the float model's, in up to `RANGE_SWEEPS` sweeps (each starts from the ranges the last one
+    chose): the MSE clip is best for each tensor alone, but what a coarser or finer step costs depends on the
+    layers after it (the network-loss view of loss-aware PTQ, Nahshan et al., 2019, searched greedily).
+    Quantizing with given ranges takes milliseconds, so each candidate is a real model."""
     best = output_error(quantize(bounds))
-    for tensor in progress(list(bounds)):
-        low, high = bounds[tensor]
-        for factor in RANGE_FACTORS:
-            trial = {**bounds, tensor: (low * factor, high * factor)}
-            error = output_error(quantize(trial))
-            if error < best:
-                best, bounds = error, trial
+    for sweep in range(RANGE_SWEEPS):
+        start = best
+        for tensor in progress(list(bounds), f"activation ranges searched, sweep {sweep + 1} of {RANGE_SWEEPS}"):
+            low, high = bounds[tensor]
+            for factor in RANGE_FACTORS:
+                trial = {**bounds, tensor: (low * factor, high * factor)}
+                error = output_error(quantize(trial))
+                if error < best:
+                    best, bounds = error, trial
+        if best == start:
+            break
     return bounds
 
 
@@ -157,11 +162,14 @@ def _tensor_stream(model: bytes, names: list[str], images: np.ndarray) -> Iterat
 
 
 def _mse_ranges(model: bytes, names: list[str], images: np.ndarray, per_image: int = 512) -> dict[str, tuple]:
-    """MSE-optimal clipped range of each named activation over the calibration images (the ONNX path's rule)."""
+    """MSE-optimal clipped range of each named activation over the calibration images (the ONNX path's rule), in
+    graph order."""
     from edgekit.passes.int8 import draw_values, mse_clip
 
-    known = {t["name"] for t in _every_tensor(model).get_tensor_details()}
-    wanted = sorted(name for name in names if name in known)  # a fixed order: the same draws every build
+    asked = set(names)
+    # graph order: fixed, so every build draws the same values, and the order the range search visits them in
+    wanted = [t["name"] for t in sorted(_every_tensor(model).get_tensor_details(), key=lambda t: t["index"])
+              if t["name"] in asked]
     samples = draw_values(_tensor_stream(model, wanted, images), per_image)
     return {name: mse_clip(values, symmetric=False) for name, values in zip(wanted, samples, strict=True)}
 
