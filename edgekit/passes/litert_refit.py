@@ -62,16 +62,17 @@ def layers_of(model: bytes, tensor_names: dict[int, str], ops: list[dict[str, An
         if op["op_name"] not in LAYERS or len(op["inputs"]) < 3 or op["inputs"][2] < 0:
             continue
         source, weight, bias = op["inputs"][:3]
+        depthwise = op["op_name"] == "DEPTHWISE_CONV_2D"
         shape = graph.Tensors(weight).ShapeAsNumpy()
-        outputs = shape[-1] if op["op_name"] == "DEPTHWISE_CONV_2D" else shape[0]
+        outputs = shape[-1] if depthwise else shape[0]
         quantization = graph.Tensors(weight).Quantization()
         if ((quantization is not None and quantization.ScaleLength() not in (0, outputs))  # float weights pass
-                or (op["op_name"] == "DEPTHWISE_CONV_2D" and graph.Tensors(source).ShapeAsNumpy()[-1] != outputs)):
+                or (depthwise and graph.Tensors(source).ShapeAsNumpy()[-1] != outputs)):
             continue
         options: dict[str, Any] = {}
         if op["op_name"] != "FULLY_CONNECTED":
             table = graph.Operators(op["index"]).BuiltinOptions()
-            conv = (schema.Conv2DOptions if op["op_name"] == "CONV_2D" else schema.DepthwiseConv2DOptions)()
+            conv = (schema.DepthwiseConv2DOptions if depthwise else schema.Conv2DOptions)()
             conv.Init(table.Bytes, table.Pos)
             options = {"stride": (conv.StrideH(), conv.StrideW()),
                        "dilation": (conv.DilationHFactor(), conv.DilationWFactor()),

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgekit.errors import StageError, first_line
-from edgekit.passes.litert_refit import HELD_OUT, layers_of, refit
+from edgekit.passes.litert_refit import HELD_OUT, Layer, layers_of, refit
 from edgekit.runtimes.litert import LiteRtRunner, from_tensor, to_tensor
 
 if TYPE_CHECKING:
@@ -175,7 +175,7 @@ def _mse_ranges(model: bytes, names: list[str], images: np.ndarray, per_image: i
 
 
 def _refit(quantized: bytes, float_model: bytes, images: np.ndarray, output_error: Callable[[bytes], float],
-           progress: Callable[[list[Any]], Iterable[Any]]) -> bytes:
+           progress: Callable[[list[Layer]], Iterable[Layer]]) -> bytes:
     """Every conv/FC layer of the full-integer model refitted on its own integer inputs (NHWC `images`), each refit
     judged by `output_error` (`litert_refit`)."""
     buffer = bytearray(quantized)
@@ -186,11 +186,11 @@ def _refit(quantized: bytes, float_model: bytes, images: np.ndarray, output_erro
     float_ops = {names[op["outputs"][0]]: op for op in reference._get_ops_details()}
     layers = layers_of(buffer, {i: d["name"] for i, d in details.items()}, probe._get_ops_details())
 
-    def float_weights(layer: Any) -> tuple[np.ndarray, np.ndarray]:
+    def float_weights(layer: Layer) -> tuple[np.ndarray, np.ndarray]:
         op = float_ops[layer.output]
         return reference.get_tensor(op["inputs"][1]), reference.get_tensor(op["inputs"][2])
 
-    def pairs(layer: Any) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def pairs(layer: Layer) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         integer = _tensor_stream(bytes(buffer), [layer.input], images)
         real = _tensor_stream(float_model, [layer.input], images)
         return ((a[0], b[0]) for a, b in zip(integer, real, strict=True))
