@@ -1,4 +1,4 @@
-"""YOLO11n on coco128, side by side in one run: edgekit FP32 and INT8 ONNX against Ultralytics' own exports.
+"""YOLO11n on coco128, side by side in one run: edgekit FP32 and INT8 (ONNX, TFLite) against Ultralytics' own exports.
 
     .venv/bin/pip install -e '.[bench]' && .venv/bin/python bench/detector.py [--threads 1]
 
@@ -7,9 +7,10 @@ pycocotools mAP (edgekit's detector family), against the same original PyTorch m
 measured here, interleaved, min of several medians. coco128 is split: its first `--calib-images`
 images calibrate every INT8 variant (edgekit's and the peer's) and are what pruning's statistics and
 distillation see; the rest are the held-out images every variant is scored on. Peers: Ultralytics
-`export(format="onnx")` run in onnxruntime, and its INT8 export `export(format="openvino", int8=True)`
-(NNCF) run in OpenVINO. Ultralytics' TFLite INT8 export needs TensorFlow, which this stack does not carry:
-it is reported as not run.
+`export(format="onnx")` run in onnxruntime, and its two INT8 exports: `export(format="openvino", int8=True)`
+(NNCF) run in OpenVINO, and `export(format="tflite", int8=True)` (which Ultralytics 8.4 turns into its
+LiteRT export: litert-torch and ai-edge-quantizer, boxes divided by the input size) run in LiteRT.
+edgekit's TFLite row is built for the Raspberry Pi 5 profile (LiteRT) and run here in LiteRT.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def main() -> None:
     import edgekit
     from edgekit.families.base import LoadOptions
     from edgekit.families.detector import DetectorFamily
+    from edgekit.runtimes.litert import LiteRtRunner
     from edgekit.runtimes.onnxruntime import OnnxRuntimeRunner
 
     work = Path(tempfile.mkdtemp(prefix="edgekit-detector-bench-"))
@@ -61,18 +63,21 @@ def main() -> None:
 
     variants: dict[str, dict[str, Any]] = {}
 
-    def edgekit_build(name: str, **options: Any) -> None:
+    def edgekit_build(name: str, target: str = "x86-64", **options: Any) -> None:
         start = time.perf_counter()
         options.setdefault("overrides", {"verify.threads": args.threads})
-        result = edgekit.build("yolo11n", "x86-64", eval=images, calib=calib,
+        result = edgekit.build("yolo11n", target, eval=images, calib=calib,
                                out=work / name.replace(" ", "-").replace("%", ""), quiet=True, **options)
-        path = result.out / "model.onnx"
-        variants[name] = {"runner": OnnxRuntimeRunner(path.read_bytes(), args.threads), "bytes": path.stat().st_size,
+        path = result.out / result.report["artifact"]["file"]
+        runner = LiteRtRunner if path.suffix == ".tflite" else OnnxRuntimeRunner
+        variants[name] = {"runner": runner(path.read_bytes(), args.threads), "bytes": path.stat().st_size,
                           "build_s": time.perf_counter() - start, "report": result.report,
                           "macs": result.report["analysis"]["reference"]["macs"]}
 
+    roadside = REPO / "examples" / "roadside" / "recipe.toml"
     edgekit_build("edgekit fp32")
-    edgekit_build("edgekit int8", recipe=REPO / "examples" / "roadside" / "recipe.toml")
+    edgekit_build("edgekit int8 onnx", recipe=roadside)
+    edgekit_build("edgekit int8 tflite", "raspberry-pi-5", recipe=roadside)
     pruned_rows = [f"edgekit pruned {ratio:.0%} + distilled + int8" for ratio in args.prune]
     for name, ratio in zip(pruned_rows, args.prune, strict=True):
         edgekit_build(name, precision="int8", overrides={
@@ -87,11 +92,11 @@ def main() -> None:
     exported = Path(YOLO(str(checkpoint)).export(format="onnx", imgsz=640, simplify=False, verbose=False))
     variants["ultralytics onnx"] = {"runner": OnnxRuntimeRunner(exported.read_bytes(), args.threads),
                                     "bytes": exported.stat().st_size, "build_s": time.perf_counter() - start}
+    data = work / "calib.yaml"  # the peers calibrate on the same images as edgekit
+    data.write_text((COCO / "data.yaml").read_text().replace("path: .", f"path: {calib.parent}")
+                    .replace("images/train2017", "images"))
     try:
         start = time.perf_counter()
-        data = work / "calib.yaml"  # the peer calibrates on the same images as edgekit
-        data.write_text((COCO / "data.yaml").read_text().replace("path: .", f"path: {calib.parent}")
-                        .replace("images/train2017", "images"))
         folder = Path(YOLO(str(checkpoint)).export(format="openvino", imgsz=640, int8=True, data=str(data),
                                                    fraction=1.0, verbose=False))
         variants["ultralytics openvino int8"] = {
@@ -99,7 +104,14 @@ def main() -> None:
             "bytes": sum(f.stat().st_size for f in folder.glob("*.bin")), "build_s": time.perf_counter() - start}
     except Exception as err:  # the peer's own failure is a result, reported as such
         print(f"ultralytics openvino int8: not run ({type(err).__name__}: {err})")
-    print("ultralytics tflite int8: not run (Ultralytics' TFLite export needs TensorFlow, not in this stack)")
+    try:
+        start = time.perf_counter()
+        path = Path(YOLO(str(checkpoint)).export(format="tflite", imgsz=640, int8=True, data=str(data),
+                                                 fraction=1.0, verbose=False))
+        variants["ultralytics tflite int8"] = {"runner": _UltralyticsLiteRt(path, args.threads),
+                                               "bytes": path.stat().st_size, "build_s": time.perf_counter() - start}
+    except Exception as err:
+        print(f"ultralytics tflite int8: not run ({type(err).__name__}: {err})")
 
     rows = {}
     for name, variant in variants.items():
@@ -127,12 +139,11 @@ def main() -> None:
         print(f"{name}: {pruning['macs_before'] / 1e9:.2f} -> {pruning['macs_after'] / 1e9:.2f} GMACs "
               f"({pruning['method']}); distillation: {taught['steps']} steps in {taught['seconds']} s, probe loss "
               f"{taught['probe_loss_before']:.4g} -> {taught['probe_loss_after']:.4g}")
-    edge, peer = rows["edgekit int8"], rows.get("ultralytics openvino int8")
-    if peer:
-        gain = edge["map50_95_artifact"] - peer["map50_95_artifact"]
-        print(f"edgekit int8 vs ultralytics int8: mAP50-95 {gain:+.4f}, "
-              f"speed {min(timings['ultralytics openvino int8']) / min(timings['edgekit int8']):.2f}x "
-              "(different runtimes: onnxruntime vs OpenVINO)")
+    for ours, peer in (("edgekit int8 onnx", "ultralytics openvino int8"), ("edgekit int8 tflite",
+                                                                           "ultralytics tflite int8")):
+        if peer in rows:
+            gain = rows[ours]["map50_95_artifact"] - rows[peer]["map50_95_artifact"]
+            print(f"{ours} vs {peer}: mAP50-95 {gain:+.4f}, speed {min(timings[peer]) / min(timings[ours]):.2f}x")
     shutil.rmtree(work, ignore_errors=True)
 
 
@@ -150,6 +161,35 @@ def _split(work: Path, calib_images: int) -> tuple[Path, Path]:
                 (work / part / "labels" / label.name).symlink_to(label)
         folders.append(work / part / "images")
     return folders[0], folders[1]
+
+
+class _UltralyticsLiteRt:
+    """Ultralytics' LiteRT export behind the runner interface: NCHW input as traced, boxes scaled back to pixels
+    (its export divides them by the input size so that they share the int8 output's scale with the scores)."""
+
+    def __init__(self, path: Path, threads: int) -> None:
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.interpreter = Interpreter(model_content=path.read_bytes(), num_threads=threads)
+        self.interpreter.allocate_tensors()
+        self.input = self.interpreter.get_input_details()[0]["index"]
+        self.output = self.interpreter.get_output_details()[0]["index"]
+        self.size = self.interpreter.get_input_details()[0]["shape"][-1]
+
+    def _invoke(self, sample: np.ndarray) -> np.ndarray:
+        self.interpreter.set_tensor(self.input, sample[None])
+        self.interpreter.invoke()
+        return self.interpreter.get_tensor(self.output)
+
+    def run(self, inputs: np.ndarray) -> np.ndarray:
+        outputs = np.concatenate([self._invoke(row) for row in inputs])
+        outputs[:, :4] *= self.size
+        return outputs
+
+    def time(self, sample: np.ndarray, warmup: int, runs: int) -> list[float]:
+        from edgekit.runtimes.base import time_calls
+
+        return time_calls(lambda: self._invoke(sample), warmup, runs)
 
 
 class _OpenVino:

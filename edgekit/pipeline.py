@@ -29,7 +29,14 @@ from edgekit.passes.export import export_onnx, set_metadata
 from edgekit.passes.int8 import Int8Quantizer, Int8Scheme, accuracy_aware
 from edgekit.passes.prune import prune_channels
 from edgekit.passes.quantize import to_fp16
-from edgekit.passes.tflite import ConverterFailed, convert_tflite, io_details, tflite_precision
+from edgekit.passes.tflite import (
+    ConverterFailed,
+    Int8Fit,
+    convert_tflite,
+    io_details,
+    op_outputs,
+    tflite_precision,
+)
 from edgekit.progress import Progress
 from edgekit.recipe import Recipe, load_recipe, resolve, with_defaults, with_overrides
 from edgekit.report.manifest import output_hashes, package_versions
@@ -312,7 +319,8 @@ def _run_stages(progress: Progress, adapter: families.Family, loaded: LoadedMode
     precision = plan.quantize.precision
     reference = _reference_outputs(loaded, samples, threads, cache)
     if tflite:
-        artifact_bytes, quantization = _tflite(progress, adapter, loaded, float_tflite, plan, data, cache)
+        artifact_bytes, quantization = _tflite(progress, adapter, loaded, device, float_tflite, plan, data,
+                                               cache)
         artifact_analysis = analyze_tflite(artifact_bytes)
         notes.append("TFLite artifacts carry no edgekit metadata: report.json holds the preprocessing")
     else:
@@ -520,29 +528,34 @@ def _calibration(adapter: families.Family, loaded: LoadedModel, plan: Recipe, da
     return inputs, {"images": len(files), "sha256": files_digest(files, data.calib_dir), "path": str(data.calib_dir)}
 
 
-def _tflite(progress: Progress, adapter: families.Family, loaded: LoadedModel, float_model: bytes, plan: Recipe,
-            data: _DataPlan, cache: ArrayCache) -> tuple[bytes, dict[str, Any] | None]:
+def _tflite(progress: Progress, adapter: families.Family, loaded: LoadedModel, device: Target, float_model: bytes,
+            plan: Recipe, data: _DataPlan, cache: ArrayCache) -> tuple[bytes, dict[str, Any] | None]:
     """The TFLite artifact at the recipe's precision; full-integer INT8 is calibrated like the ONNX path."""
-    precision = plan.quantize.precision
-    dynamic = precision == "int8" and plan.quantize.int8_mode == "dynamic"
+    settings = plan.quantize
+    precision = settings.precision
+    dynamic = precision == "int8" and settings.int8_mode == "dynamic"
     mode = "int8-dynamic" if dynamic else precision
     calibration, record = (_calibration(adapter, loaded, plan, data, cache) if mode == "int8"
                            else (None, None))
+    keep = [] if device.integer_only or mode != "int8" else adapter.tflite_float_ops(op_outputs(float_model))
+    fit = Int8Fit(settings.calibration, settings.range_sweeps, settings.refit, tuple(keep))
     with progress.stage("quantize", note=mode):
-        artifact = tflite_precision(float_model, mode, calibration,
+        artifact = tflite_precision(float_model, mode, calibration, fit,
                                     progress=lambda xs, what: progress.track(xs, len(xs), what))
     if precision != "int8":
         return artifact, None
+    searched = f", each range then searched against the model's output ({fit.range_sweeps} sweeps at most)"
     return artifact, {
         "scheme": {"format": "TFLite", "engine": "ai-edge-quantizer", "weights": "int8, symmetric, per output channel",
                    "activations": "float, quantized at run time per tensor" if dynamic
-                   else "int8, asymmetric, per tensor (int8 input and output)",
-                   "calibration": None if dynamic else "mse, each range then searched against the model's output",
-                   "weights_fit": None if dynamic else "layer-wise least squares on the integer model's inputs, "
-                   "GPTQ rounding"},
+                   else "int8, asymmetric, per tensor",
+                   "calibration": None if dynamic else settings.calibration + (searched if fit.range_sweeps else ""),
+                   "weights_fit": "layer-wise least squares on the integer model's inputs, GPTQ rounding"
+                   if fit.refit and not dynamic else None},
         "calibration": record,
-        "kept_float": [],
-        "decided_on": "every op quantized: full-integer targets (Edge TPU, Ethos-U) run no float op",
+        "kept_float": keep,
+        "decided_on": f"every op quantized: {device.name} runs no float op" if device.integer_only
+        else "the family's parts that one int8 scale cannot serve" if keep else "every op quantized",
     }
 
 

@@ -20,6 +20,7 @@ from edgekit.targets import Budgets, Format, Int8Activations, Precision, Target,
 
 EXPORTABLE_FORMATS = ("onnx", "tflite")
 DEFAULT_OPSET = 17
+TFLITE_CALIBRATIONS = ("mse", "mean-minmax", "minmax")  # the range rules of edgekit's own (`int8.stream_ranges`)
 
 
 class _Stage(BaseModel):
@@ -39,6 +40,10 @@ class QuantizeStage(_Stage):
     max_float_layers: int = Field(default=8, ge=0, description="most layers the accuracy gate may keep in float")
     int8_mode: Literal["static", "dynamic"] = Field(
         default="static", description="tflite: full-integer (calibrated) or dynamic-range int8")
+    range_sweeps: int = Field(default=3, ge=0, description="tflite int8: sweeps of the activation range search "
+                              "against the model's output (0: none; each quantizes the model 5x per tensor)")
+    refit: bool = Field(default=True, description="tflite int8: refit each conv/FC layer on the integer model's "
+                        "own inputs (runs the model twice per layer)")
 
 
 class PruneStage(_Stage):
@@ -187,6 +192,9 @@ def resolve(recipe: Recipe, target: Target, family: str) -> Recipe:
     if precision not in supported:
         raise UsageError(
             f"precision {precision} is not supported for {family} models (supported: {', '.join(supported)})")
+    if fmt == "tflite" and precision == "int8" and recipe.quantize.calibration not in TFLITE_CALIBRATIONS:
+        raise UsageError(f"TFLite int8 calibrates with {', '.join(TFLITE_CALIBRATIONS)}, "
+                         f"not {recipe.quantize.calibration}")
     gates = {k: v for k, v in recipe.gates.model_dump().items() if v is not None}
     return with_overrides(recipe, {
         "quantize.precision": precision,

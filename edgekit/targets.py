@@ -164,6 +164,11 @@ class Target(_Strict):
                 numbers[f"runtimes.{i}.opset"] = runtime.opset
         return numbers
 
+    @property
+    def integer_only(self) -> bool:
+        """Edge TPUs and microcontroller NPUs run no float op: their TFLite INT8 models are integer end to end."""
+        return self.kind in ("tpu", "mcu")
+
     def runtime_for(self, fmt: Format) -> Runtime | None:
         return next((r for r in self.runtimes if r.format == fmt), None)
 

@@ -157,3 +157,40 @@ def test_onnx_inputs_cannot_be_pruned(tmp_path: Path, boxes: Path) -> None:
     with pytest.raises(UsageError, match="cannot be pruned"):
         edgekit.build(str(graph), "x86-64", calib=boxes / "images", family="classifier", input_size=SIZE,
                       overrides={**FAST, "prune.ratio": 0.3}, quiet=True)
+
+
+def test_tflite_int8_keeps_the_decode_in_float_where_the_target_runs_float(tmp_path: Path, boxes: Path) -> None:
+    """One int8 scale cannot serve pixel boxes and 0-1 scores: with the decode in float the scores survive."""
+    from edgekit.families.base import LoadOptions
+    from edgekit.families.detector import DetectorFamily
+    from edgekit.passes import tflite
+    from edgekit.runtimes.litert import LiteRtRunner
+
+    family = DetectorFamily()
+    model = settled_yolo(tmp_path, "yolo11")
+    loaded = family.load(model, LoadOptions(input_size=SIZE))
+    images = family.samples(loaded, sorted((boxes / "images").iterdir()), None).inputs
+    float_model = tflite.convert_tflite(loaded.module, loaded.input_shape)
+    kept = family.tflite_float_ops(tflite.op_outputs(float_model))
+    assert any("DFL" in name for name in kept) and any("Attention" in name for name in kept)
+    assert not any(".Detect_" in name and "container.Sequential" in name for name in kept)  # its conv stacks: int8
+    reference = LiteRtRunner(float_model, 1).run(images)
+    score_error = {}
+    for name, keep in (("decode in float", tuple(kept)), ("all int8", ())):
+        fit = tflite.Int8Fit("mean-minmax", range_sweeps=0, refit=False, keep_float=keep)
+        outputs = LiteRtRunner(tflite.tflite_precision(float_model, "int8", images, fit), 1).run(images)
+        score_error[name] = float(np.mean((outputs[:, 4:] - reference[:, 4:]) ** 2))
+    assert score_error["decode in float"] < 0.1 * score_error["all int8"]
+
+
+def test_tflite_int8_build_verifies_a_float_output_artifact(tmp_path: Path, boxes: Path) -> None:
+    from edgekit.targets import load_target
+
+    result = edgekit.build(settled_yolo(tmp_path, "yolo11"), "raspberry-pi-5", calib=boxes / "images",
+                           eval=boxes / "images", input_size=SIZE, precision="int8",
+                           overrides={**FAST, "quantize.range_sweeps": 0}, out=tmp_path / "out", quiet=True)
+    report = result.report
+    assert report["artifact"]["format"] == "tflite" and report["artifact"]["outputs"][0]["dtype"] == "float32"
+    assert report["quantization"]["kept_float"] and report["quantization"]["scheme"]["calibration"] == "mean-minmax"
+    assert report["map50_95_artifact"] is not None and report["box_agreement"] is not None
+    assert load_target("coral").integer_only and not load_target("raspberry-pi-5").integer_only

@@ -183,3 +183,16 @@ def test_ranges_cache_keeps_symmetric_and_asymmetric_apart(tiny_model: nn.Module
     initializers = {t.name: numpy_helper.to_array(t) for t in graph.graph.initializer}
     zero_points = [initializers[n.input[2]] for n in graph.graph.node if n.op_type == "QuantizeLinear"]
     assert any(z.dtype == np.uint8 and z.item() != 128 for z in zero_points)  # asymmetric ranges, not [-b, b]
+
+
+def test_range_rules_have_known_answers() -> None:
+    from edgekit.passes.int8 import stream_ranges
+
+    images = [[np.array([-1.0, 2.0]), np.array([0.0, 10.0])], [np.array([-3.0, 4.0]), np.array([1.0, 2.0])]]
+    assert stream_ranges(iter(images), "minmax", symmetric=False) == [(-3.0, 4.0), (0.0, 10.0)]
+    assert stream_ranges(iter(images), "mean-minmax", symmetric=False) == [(-2.0, 3.0), (0.5, 6.0)]
+    tails = np.random.default_rng(0).laplace(size=20000)  # a few far values: a clipped range serves the rest better
+    (low, high), = stream_ranges(iter([[tails]]), "mse", symmetric=False, per_image=20000)
+    assert tails.min() < low < 0 < high < tails.max()
+    with pytest.raises(ValueError, match="entropy"):
+        stream_ranges(iter(images), "entropy", symmetric=False)

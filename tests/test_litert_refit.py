@@ -118,8 +118,7 @@ def test_refit_patches_the_flatbuffer_and_undoes_a_refit_that_hurts(chain: bytes
     assert kept == 0 and bytes(untouched) == quantized
 
 
-def test_refit_brings_int8_outputs_closer_to_float(tiny_model: nn.Module, photos: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_refit_brings_int8_outputs_closer_to_float(tiny_model: nn.Module, photos: Path) -> None:
     from edgekit.families.base import LoadOptions
     from edgekit.families.classifier import ClassifierFamily
     from edgekit.runtimes.litert import LiteRtRunner
@@ -130,8 +129,7 @@ def test_refit_brings_int8_outputs_closer_to_float(tiny_model: nn.Module, photos
     calibration, held_out = images, np.ascontiguousarray(images[..., ::-1])  # the mirrored photos score
     float_model = tflite.convert_tflite(tiny_model, (1, 3, 32, 32))
     refitted = tflite.tflite_precision(float_model, "int8", calibration)
-    monkeypatch.setattr(tflite, "_refit", lambda quantized, *_: quantized)
-    plain = tflite.tflite_precision(float_model, "int8", calibration)
+    plain = tflite.tflite_precision(float_model, "int8", calibration, tflite.Int8Fit(refit=False))
     reference = LiteRtRunner(float_model, 1).run(held_out)
     error = {name: float(np.mean((LiteRtRunner(model, 1).run(held_out) - reference) ** 2))
              for name, model in (("refitted", refitted), ("plain", plain))}
@@ -152,6 +150,6 @@ def test_range_search_keeps_the_factor_that_lowers_the_output_error() -> None:
         return abs(bounds["a"][1] - 4.0) + abs(bounds["b"][1] - 2.0)
 
     start = {"a": (0.0, 5.0), "b": (-1.0, 2.0)}
-    found = tflite._searched_ranges(quantize, start, output_error, lambda items, _what: items)
+    found = tflite._searched_ranges(quantize, start, output_error, tflite.RANGE_SWEEPS, lambda items, _what: items)
     assert {name: tuple(bound) for name, bound in found.items()} == {"a": (0.0, 4.0), "b": (-1.0, 2.0)}
     assert len(tried) == 1 + 2 * len(start) * len(tflite.RANGE_FACTORS)  # the second sweep changes nothing: done

@@ -47,6 +47,9 @@ def test_refuses_what_this_build_cannot_produce() -> None:
         resolve(with_overrides(Recipe(), {"quantize.int8_mode": "dynamic"}), load_target("x86-64"), "classifier")
     with pytest.raises(UsageError, match="x86-64 does not run tflite"):
         resolve(with_overrides(Recipe(), {"export.format": "tflite"}), load_target("x86-64"), "classifier")
+    with pytest.raises(UsageError, match="TFLite int8 calibrates with mse, mean-minmax, minmax, not entropy"):
+        resolve(with_overrides(Recipe(), {"quantize.precision": "int8", "quantize.calibration": "entropy"}),
+                load_target("coral"), "classifier")
 
 
 def test_int8_activation_form_follows_the_target_runtime() -> None:

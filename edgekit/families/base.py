@@ -82,6 +82,10 @@ class Family(Protocol):
     def int8_float_nodes(self, graph: onnx.ModelProto) -> list[str]:
         """Nodes of `graph` every INT8 build keeps in float: parts of this family known to break in INT8."""
 
+    def tflite_float_ops(self, ops: list[tuple[str, str]]) -> list[str]:
+        """Of a TFLite graph's ops, as (op type, output tensor name) in graph order, the outputs of those an INT8
+        build keeps in float where the target runs float ops: the TFLite side of `int8_float_nodes`."""
+
     def compare(
         self, reference: np.ndarray, artifact: np.ndarray, labels: np.ndarray | None
     ) -> dict[str, Any]:

@@ -145,8 +145,9 @@ class Int8Quantizer:
             ranges = calibrator.compute_data()
             if self.scheme.calibration in ("mse", "mean-minmax"):
                 names = sorted(ranges.data)  # onnxruntime's order varies between processes; the samples must not
-                estimate = _mse_range if self.scheme.calibration == "mse" else _mean_minmax
-                per_tensor = estimate(self.prepared, names, self.calibration, self.threads, self.scheme.symmetric)
+                runner = OnnxRuntimeRunner(_with_outputs(self.prepared, names), self.threads)
+                per_tensor = stream_ranges(runner.stream(self.calibration, names), self.scheme.calibration,
+                                           self.scheme.symmetric)
                 ranges = TensorsData(self._method(), {
                     name: (np.array([min(lo, 0.0)], np.float32), np.array([max(hi, 0.0)], np.float32))
                     for name, (lo, hi) in zip(names, per_tensor, strict=True)
@@ -184,20 +185,19 @@ def noise_to_signal(reference: np.ndarray, outputs: np.ndarray) -> float:
     return float(np.mean(noise.sum(axis=axes) / np.maximum(signal.sum(axis=axes), 1e-12)))
 
 
-def _mean_minmax(model: onnx.ModelProto, names: list[str], inputs: np.ndarray, threads: int,
-                 symmetric: bool) -> list[tuple[float, float]]:
-    """Each tensor's per-image min and max, averaged over the images."""
-    runner = OnnxRuntimeRunner(_with_outputs(model, names), threads)
-    extremes = np.array([[(o.min(), o.max()) for o in outputs] for outputs in runner.stream(inputs, names)])
-    return [(float(lo), float(hi)) for lo, hi in extremes.mean(axis=0)]
-
-
-def _mse_range(model: onnx.ModelProto, names: list[str], inputs: np.ndarray, threads: int,
-               symmetric: bool, per_image: int = 2000) -> list[tuple[float, float]]:
-    """For each tensor, the clipped range whose 8-bit quantization has the least squared error on a sample
-    of its values (`per_image` drawn from each calibration image, seeded: the same images give the same ranges)."""
-    runner = OnnxRuntimeRunner(_with_outputs(model, names), threads)
-    return [mse_clip(values, symmetric) for values in draw_values(runner.stream(inputs, names), per_image)]
+def stream_ranges(stream: Iterable[list[np.ndarray]], method: Calibration, symmetric: bool,
+                  per_image: int = 2000) -> list[tuple[float, float]]:
+    """Each tensor's range over a stream of per-image tensor lists: `mse` clips it to the least squared 8-bit
+    error on a seeded sample of `per_image` values from each image (the same images give the same ranges),
+    `mean-minmax` averages the per-image extremes, `minmax` takes the extremes."""
+    if method == "mse":
+        return [mse_clip(values, symmetric) for values in draw_values(stream, per_image)]
+    extremes = np.array([[(o.min(), o.max()) for o in tensors] for tensors in stream])
+    if method == "mean-minmax":
+        return [(float(lo), float(hi)) for lo, hi in extremes.mean(axis=0)]
+    if method == "minmax":
+        return [(float(lo), float(hi)) for lo, hi in np.stack([extremes[:, :, 0].min(0), extremes[:, :, 1].max(0)], 1)]
+    raise ValueError(f"calibration {method} has no range rule of edgekit's")
 
 
 def draw_values(stream: Iterable[list[np.ndarray]], per_image: int) -> list[np.ndarray]:

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from edgekit.errors import StageError, first_line
+from edgekit.passes.int8 import Calibration
 from edgekit.passes.litert_refit import HELD_OUT, Layer, layers_of, refit
 from edgekit.runtimes.litert import LiteRtRunner, from_tensor, to_tensor
 
@@ -58,7 +61,19 @@ def convert_tflite(module: torch.nn.Module, input_shape: tuple[int, ...]) -> byt
                               f"{log.getvalue()}\n{type(err).__name__}: {err}") from err
 
 
+@dataclass(frozen=True)
+class Int8Fit:
+    """How a full-integer model is fitted: the first activation ranges (`int8.stream_ranges`), the sweeps of the
+    range search (0: none), whether each layer is refitted, and the ops (by output tensor name) left in float."""
+
+    calibration: Calibration = "mse"
+    range_sweeps: int = RANGE_SWEEPS
+    refit: bool = True
+    keep_float: tuple[str, ...] = ()
+
+
 def tflite_precision(float_model: bytes, precision: str, calibration: np.ndarray | None = None,
+                     fit: Int8Fit = Int8Fit(),
                      progress: Callable[[list[Any], str], Iterable[Any]] = lambda items, _what: items) -> bytes:
     """The float model at `precision` (fp32, fp16, int8-dynamic, int8); int8 needs NCHW calibration images, and
     reports its range search and layer refit through `progress(items, what)`."""
@@ -86,6 +101,10 @@ def tflite_precision(float_model: bytes, precision: str, calibration: np.ndarray
     images = calibration.transpose(0, 2, 3, 1)
     with _quiet():
         engine = quantizer.Quantizer(float_model, recipe.static_wi8_ai8())
+        for name in fit.keep_float:  # an op's scope is its output names and a ";"; later entries override ".*"
+            engine.update_quantization_recipe(regex=re.escape(name) + ";$",
+                                              operation_name=qtyping.TFLOperationName.ALL_SUPPORTED,
+                                              algorithm_key=algorithm_manager.AlgorithmName.NO_QUANTIZE)
         ranges = engine.calibrate({SIGNATURE: [{_input_name(float_model): images[:1]}]})
 
     def quantize(bounds: dict[str, tuple[float, float]]) -> bytes:
@@ -95,8 +114,12 @@ def tflite_precision(float_model: bytes, precision: str, calibration: np.ndarray
         with _quiet():
             return bytes(engine.quantize(ranges).quantized_model)
 
-    bounds = _searched_ranges(quantize, _mse_ranges(float_model, list(ranges), images),
-                              _output_error(float_model, calibration), progress)
+    bounds = _activation_ranges(float_model, list(ranges), images, fit.calibration)
+    if fit.range_sweeps:
+        bounds = _searched_ranges(quantize, bounds, _output_error(float_model, calibration), fit.range_sweeps,
+                                  progress)
+    if not fit.refit:
+        return quantize(bounds)
     return _refit(quantize(bounds), float_model, images,
                   _output_error(float_model, calibration[HELD_OUT - 1 :: HELD_OUT]),
                   lambda items: progress(items, "layers refitted"))
@@ -118,17 +141,17 @@ def _output_error(float_model: bytes, images: np.ndarray) -> Callable[[bytes], f
 
 
 def _searched_ranges(quantize: Callable[[dict[str, tuple[float, float]]], bytes],
-                     bounds: dict[str, tuple[float, float]], output_error: Callable[[bytes], float],
+                     bounds: dict[str, tuple[float, float]], output_error: Callable[[bytes], float], sweeps: int,
                      progress: Callable[[list[str], str], Iterable[str]]) -> dict[str, tuple[float, float]]:
     """Each activation range in turn scaled by the factor of `RANGE_FACTORS` that brings the model's output
-    closest to the float model's, in up to `RANGE_SWEEPS` sweeps (each starts from the ranges the last one
+    closest to the float model's, in up to `sweeps` sweeps (each starts from the ranges the last one
     chose): the MSE clip is best for each tensor alone, but what a coarser or finer step costs depends on the
     layers after it (the network-loss view of loss-aware PTQ, Nahshan et al., 2019, searched greedily).
     Quantizing with given ranges takes milliseconds, so each candidate is a real model."""
     best = output_error(quantize(bounds))
-    for sweep in range(RANGE_SWEEPS):
+    for sweep in range(sweeps):
         start = best
-        for tensor in progress(list(bounds), f"activation ranges searched, sweep {sweep + 1} of {RANGE_SWEEPS}"):
+        for tensor in progress(list(bounds), f"activation ranges searched, sweep {sweep + 1} of {sweeps}"):
             low, high = bounds[tensor]
             for factor in RANGE_FACTORS:
                 trial = {**bounds, tensor: (low * factor, high * factor)}
@@ -161,22 +184,23 @@ def _tensor_stream(model: bytes, names: list[str], images: np.ndarray) -> Iterat
         yield [from_tensor(interpreter.get_tensor(details[name]["index"]), details[name]) for name in names]
 
 
-def _mse_ranges(model: bytes, names: list[str], images: np.ndarray, per_image: int = 512) -> dict[str, tuple]:
-    """MSE-optimal clipped range of each named activation over the calibration images (the ONNX path's rule), in
-    graph order."""
-    from edgekit.passes.int8 import draw_values, mse_clip
+def _activation_ranges(model: bytes, names: list[str], images: np.ndarray, method: Calibration,
+                       per_image: int = 512) -> dict[str, tuple[float, float]]:
+    """Each named activation's range over the calibration images by the ONNX path's rule (`int8.stream_ranges`;
+    asymmetric: TFLite's int8 activations carry a zero point), in graph order."""
+    from edgekit.passes.int8 import stream_ranges
 
     asked = set(names)
     # graph order: fixed, so every build draws the same values, and the order the range search visits them in
     wanted = [t["name"] for t in sorted(_every_tensor(model).get_tensor_details(), key=lambda t: t["index"])
               if t["name"] in asked]
-    samples = draw_values(_tensor_stream(model, wanted, images), per_image)
-    return {name: mse_clip(values, symmetric=False) for name, values in zip(wanted, samples, strict=True)}
+    found = stream_ranges(_tensor_stream(model, wanted, images), method, symmetric=False, per_image=per_image)
+    return dict(zip(wanted, found, strict=True))
 
 
 def _refit(quantized: bytes, float_model: bytes, images: np.ndarray, output_error: Callable[[bytes], float],
            progress: Callable[[list[Layer]], Iterable[Layer]]) -> bytes:
-    """Every conv/FC layer of the full-integer model refitted on its own integer inputs (NHWC `images`), each refit
+    """Every int8 conv/FC layer of the model refitted on its own integer inputs (NHWC `images`), each refit
     judged by `output_error` (`litert_refit`)."""
     buffer = bytearray(quantized)
     probe, reference = _every_tensor(quantized), _every_tensor(float_model)
@@ -184,7 +208,8 @@ def _refit(quantized: bytes, float_model: bytes, images: np.ndarray, output_erro
     by_name = {d["name"]: d for d in details.values()}
     names = {t["index"]: t["name"] for t in reference.get_tensor_details()}
     float_ops = {names[op["outputs"][0]]: op for op in reference._get_ops_details()}
-    layers = layers_of(buffer, {i: d["name"] for i, d in details.items()}, probe._get_ops_details())
+    layers = [layer for layer in layers_of(buffer, {i: d["name"] for i, d in details.items()}, probe._get_ops_details())
+              if details[layer.weight]["dtype"] == np.int8]  # layers kept in float (`Int8Fit.keep_float`) stay
 
     def float_weights(layer: Layer) -> tuple[np.ndarray, np.ndarray]:
         op = float_ops[layer.output]
@@ -198,6 +223,16 @@ def _refit(quantized: bytes, float_model: bytes, images: np.ndarray, output_erro
     refit(buffer, float_weights, pairs, layers, lambda layer: float(by_name[layer.input]["quantization"][0]),
           output_error, progress)
     return bytes(buffer)
+
+
+def op_outputs(model: bytes) -> list[tuple[str, str]]:
+    """Each op of the model as (op type, its first output's name), in graph order: what `Int8Fit.keep_float`
+    names ops by."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=model)
+    names = {t["index"]: t["name"] for t in interpreter.get_tensor_details()}
+    return [(op["op_name"], names[op["outputs"][0]]) for op in interpreter._get_ops_details()]
 
 
 def _input_name(model: bytes) -> str:
