@@ -10,7 +10,8 @@ distillation see; the rest are the held-out images every variant is scored on. P
 `export(format="onnx")` run in onnxruntime, and its two INT8 exports: `export(format="openvino", int8=True)`
 (NNCF) run in OpenVINO, and `export(format="tflite", int8=True)` (which Ultralytics 8.4 turns into its
 LiteRT export: litert-torch and ai-edge-quantizer, boxes divided by the input size) run in LiteRT.
-edgekit's TFLite row is built for the Raspberry Pi 5 profile (LiteRT) and run here in LiteRT.
+edgekit's TFLite row is built for the Raspberry Pi 5 profile (LiteRT) and its Jetson row for the Jetson Orin
+Nano (symmetric int8 activations, as TensorRT takes them); both run here (LiteRT, onnxruntime).
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ def main() -> None:
     roadside = REPO / "examples" / "roadside" / "recipe.toml"
     edgekit_build("edgekit fp32")
     edgekit_build("edgekit int8 onnx", recipe=roadside)
+    edgekit_build("edgekit int8 onnx, jetson", "jetson-orin-nano", recipe=roadside)  # symmetric QDQ for TensorRT
     edgekit_build("edgekit int8 tflite", "raspberry-pi-5", recipe=roadside)
     pruned_rows = [f"edgekit pruned {ratio:.0%} + distilled + int8" for ratio in args.prune]
     for name, ratio in zip(pruned_rows, args.prune, strict=True):
@@ -144,6 +146,11 @@ def main() -> None:
         if peer in rows:
             gain = rows[ours]["map50_95_artifact"] - rows[peer]["map50_95_artifact"]
             print(f"{ours} vs {peer}: mAP50-95 {gain:+.4f}, speed {min(timings[peer]) / min(timings[ours]):.2f}x")
+    best = {side: max((name for name in rows if name.startswith(side) and "int8" in name and "pruned" not in name),
+                      key=lambda name: rows[name]["map50_95_artifact"], default=None) for side in ("edgekit", "ultra")}
+    if best["ultra"]:
+        print(f"best int8: {best['edgekit']} {rows[best['edgekit']]['map50_95_artifact']:.4f} vs {best['ultra']} "
+              f"{rows[best['ultra']]['map50_95_artifact']:.4f}")
     shutil.rmtree(work, ignore_errors=True)
 
 
