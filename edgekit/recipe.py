@@ -14,13 +14,12 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edgekit.errors import UsageError
-from edgekit.passes.int8 import Calibration
+from edgekit.passes.int8 import OWN_RULES, Calibration
 from edgekit.passes.quantize import SUPPORTED as SUPPORTED_PRECISIONS
 from edgekit.targets import Budgets, Format, Int8Activations, Precision, Target, describe_errors
 
 EXPORTABLE_FORMATS = ("onnx", "tflite")
 DEFAULT_OPSET = 17
-TFLITE_CALIBRATIONS = ("mse", "mean-minmax", "minmax")  # the range rules of edgekit's own (`int8.stream_ranges`)
 
 
 class _Stage(BaseModel):
@@ -192,8 +191,8 @@ def resolve(recipe: Recipe, target: Target, family: str) -> Recipe:
     if precision not in supported:
         raise UsageError(
             f"precision {precision} is not supported for {family} models (supported: {', '.join(supported)})")
-    if fmt == "tflite" and precision == "int8" and recipe.quantize.calibration not in TFLITE_CALIBRATIONS:
-        raise UsageError(f"TFLite int8 calibrates with {', '.join(TFLITE_CALIBRATIONS)}, "
+    if fmt == "tflite" and precision == "int8" and recipe.quantize.calibration not in OWN_RULES:
+        raise UsageError(f"TFLite int8 calibrates with {', '.join(OWN_RULES)}, "
                          f"not {recipe.quantize.calibration}")
     gates = {k: v for k, v in recipe.gates.model_dump().items() if v is not None}
     return with_overrides(recipe, {

