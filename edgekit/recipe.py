@@ -40,7 +40,8 @@ class QuantizeStage(_Stage):
     int8_mode: Literal["static", "dynamic"] = Field(
         default="static", description="tflite: full-integer (calibrated) or dynamic-range int8")
     range_sweeps: int = Field(default=3, ge=0, description="tflite int8: sweeps of the activation range search "
-                              "against the model's output (0: none; each quantizes the model 5x per tensor)")
+                              "against the model's output (0: none; each quantizes the model 5x per tensor; "
+                              "3 as tflite.RANGE_SWEEPS)")
     refit: bool = Field(default=True, description="tflite int8: refit each conv/FC layer on the integer model's "
                         "own inputs (runs the model twice per layer)")
 
@@ -191,7 +192,8 @@ def resolve(recipe: Recipe, target: Target, family: str) -> Recipe:
     if precision not in supported:
         raise UsageError(
             f"precision {precision} is not supported for {family} models (supported: {', '.join(supported)})")
-    if fmt == "tflite" and precision == "int8" and recipe.quantize.calibration not in OWN_RULES:
+    static = precision == "int8" and recipe.quantize.int8_mode == "static"
+    if fmt == "tflite" and static and recipe.quantize.calibration not in OWN_RULES:
         raise UsageError(f"TFLite int8 calibrates with {', '.join(OWN_RULES)}, "
                          f"not {recipe.quantize.calibration}")
     gates = {k: v for k, v in recipe.gates.model_dump().items() if v is not None}

@@ -5,9 +5,10 @@ TensorFlow 2.19 and pins onnx/onnxruntime/numpy below this stack's). Images go i
 layout LiteRT, NNAPI and the Edge TPU expect, so the wrapper transposes at the input.
 
 Precisions: `fp32`; `fp16` (fp16 weights, float compute); `int8-dynamic` (int8 weights, float
-activations quantized on the fly); `int8` (full integer: int8 weights and activations, int8 input
-and output: the ONNX path's MSE-clipped ranges, each then searched against the model's output, then every
-conv/FC layer refitted on the integer model's own inputs: `litert_refit`).
+activations quantized on the fly); `int8` (int8 weights and activations, int8 input and output: the ONNX
+path's range rules, each range then searched against the model's output, then every conv/FC layer refitted
+on the integer model's own inputs: `litert_refit`). `Int8Fit` says which of those run and which ops a family
+keeps in float (a detector's decode), whose outputs are then float.
 """
 
 from __future__ import annotations
