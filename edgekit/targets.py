@@ -69,6 +69,7 @@ class Budgets(_Strict):
     min_top1_agreement: float | None = Field(default=None, ge=0, le=1)
     max_map_drop_pt: float | None = Field(default=None, ge=0, description="detectors: mAP50-95 points lost")
     max_ppl_ratio: float | None = Field(default=None, ge=1, description="language models: perplexity / original's")
+    max_miou_drop_pt: float | None = Field(default=None, ge=0, description="segmenters: box-prompt mIoU points lost")
     max_size_mb: float | None = Field(default=None, gt=0)
     max_latency_ms: float | None = Field(default=None, gt=0)
     on_cpu_fallback: Literal["fail", "warn"] | None = Field(

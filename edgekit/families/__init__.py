@@ -9,10 +9,11 @@ from edgekit.families.base import Family, LoadedModel, LoadOptions, Samples
 from edgekit.families.classifier import ClassifierFamily
 from edgekit.families.detector import DetectorFamily
 from edgekit.families.llm import LanguageModelFamily
+from edgekit.families.segmenter import SegmenterFamily
 
 # in the order they are asked: an Ultralytics .pt is a detector before it is a classifier's state dict
-FAMILIES: dict[str, Family] = {"llm": LanguageModelFamily(), "detector": DetectorFamily(),
-                               "classifier": ClassifierFamily()}
+FAMILIES: dict[str, Family] = {"llm": LanguageModelFamily(), "segmenter": SegmenterFamily(),
+                               "detector": DetectorFamily(), "classifier": ClassifierFamily()}
 
 __all__ = ["FAMILIES", "Family", "LoadOptions", "LoadedModel", "Samples", "resolve"]
 

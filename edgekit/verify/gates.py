@@ -12,6 +12,7 @@ ACCURACY_GATES = {
     "min_top1_agreement": ("top1_agreement", "held-out images vs the original", "no agreement measured"),
     "max_map_drop_pt": ("map50_95_drop_pt", "held-out boxes (mAP50-95)", "no boxes in the held-out set"),
     "max_ppl_ratio": ("ppl_ratio", "held-out text (perplexity vs the original's)", "no perplexity measured"),
+    "max_miou_drop_pt": ("miou_drop_pt", "held-out instance polygons (box prompts)", "no instance polygons"),
 }
 
 

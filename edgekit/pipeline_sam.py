@@ -1,0 +1,192 @@
+"""A segmenter's build: the image encoder is quantized and exported, the prompt encoder + mask decoder travels
+beside it unchanged, and the pair is verified in onnxruntime by box-prompt mIoU on held-out instance polygons,
+against the ground truth and against the original pair's masks."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgekit import __version__
+from edgekit.cache import ArrayCache
+from edgekit.data import file_sha256, files_digest
+from edgekit.errors import UsageError
+from edgekit.families.segmenter import (
+    LoadedSegmenter,
+    SegmenterFamily,
+    box_of,
+    box_prompt,
+    encoder_input,
+    instance_masks,
+    iou,
+    polygon_file,
+)
+from edgekit.passes.analyze import analyze
+from edgekit.passes.export import set_metadata
+from edgekit.passes.int8 import Int8Quantizer, Int8Scheme
+from edgekit.passes.quantize import to_fp16
+from edgekit.progress import Progress
+from edgekit.recipe import Recipe
+from edgekit.report.manifest import package_versions
+from edgekit.runtimes.onnxruntime import OnnxRuntimeRunner, cpu_session
+from edgekit.targets import Target
+from edgekit.verify.estimate import estimate
+from edgekit.verify.latency import measure
+
+ENCODER_FILE, DECODER_FILE = "encoder.onnx", "decoder.onnx"
+
+
+def build_segmenter(source: str | Path, adapter: SegmenterFamily, device: Target, plan: Recipe, *,
+                    calib_files: list[Path], eval_files: list[Path], threads: int, cache: ArrayCache,
+                    staging: Path, notes: list[str], progress: Progress) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Build, verify and describe; writes encoder.onnx and decoder.onnx into `staging`, returns (report, manifest)."""
+    import onnx
+
+    if plan.export.format != "onnx":
+        raise UsageError("segmenters export to ONNX only in this edgekit (--format onnx)")
+    precision = plan.quantize.precision
+    with progress.stage("load") as record:
+        loaded = adapter.load(source)
+        original = onnx.load(str(loaded.encoder))
+        record["note"] = loaded.source
+    with progress.stage("data") as record:
+        frames = [_frame(path) for path in progress.track(eval_files, len(eval_files), "held-out images read")]
+        instances = sum(len(masks) for _, _, masks in frames)
+        if not instances:
+            raise UsageError("the held-out images have no instance polygons (YOLO-seg files in seg-labels/ or "
+                             "labels/ beside images/): a segmenter is verified by box prompts from them")
+        record["note"] = f"{len(frames)} held-out images, {instances} instances"
+    with progress.stage("analyze") as record:
+        reference_analysis = analyze(original)
+        record["note"] = f"encoder {reference_analysis.params / 1e6:.2f} M params, " \
+                         f"{reference_analysis.macs / 1e9:.1f} G MACs"
+    decoder = cpu_session(loaded.decoder.read_bytes(), threads)
+    reference_runner = OnnxRuntimeRunner(original.SerializeToString(), threads)
+    reference = [_masks(reference_runner, decoder, frame)
+                 for frame in progress.track(frames, len(frames), "original pair on held-out images")]
+    quantization = None
+    with progress.stage("quantize", note=precision) as record:
+        if precision == "int8":
+            encoder, quantization = _int8(original, loaded, plan, calib_files, threads, cache, progress)
+            record["note"] = f"int8, {len(calib_files[: plan.quantize.calib_limit])} calibration images"
+        else:
+            encoder = to_fp16(original) if precision == "fp16" else original
+    set_metadata(encoder, {"edgekit.version": __version__, "edgekit.family": adapter.name,
+                           "edgekit.target": device.name, "edgekit.precision": precision,
+                           "edgekit.preprocess": loaded.preprocess})
+    encoder_bytes = encoder.SerializeToString(deterministic=True)
+    (staging / ENCODER_FILE).write_bytes(encoder_bytes)
+    shutil.copyfile(loaded.decoder, staging / DECODER_FILE)
+    with progress.stage("verify") as record:
+        runner = OnnxRuntimeRunner(encoder_bytes, threads)
+        found = [_masks(runner, decoder, frame) for frame in progress.track(frames, len(frames),
+                                                                             "artifact pair on held-out images")]
+        accuracy = _compare(reference, found, frames)
+        artifact_analysis = analyze(encoder)
+        latency = {"measured_host": measure(runner, frames[0][0][0], plan.verify.warmup, plan.verify.runs),
+                   "estimated_target": estimate(artifact_analysis, device),
+                   "part": "image encoder (the decoder runs once per prompt, on the encoder's embedding)"}
+        record["note"] = f"{accuracy['summary']}, encoder host p50 {latency['measured_host']['p50']:.0f} ms"
+    sizes = {name: (staging / name).stat().st_size for name in (ENCODER_FILE, DECODER_FILE)}
+    report: dict[str, Any] = {
+        "edgekit_version": __version__,
+        "status": "ok",
+        "model": {"name": loaded.name, "family": adapter.name, "source": loaded.source,
+                  "preprocess": loaded.preprocess},
+        "target": {"name": device.name, "description": device.description,
+                   "runtime": device.runtime_for("onnx").name, "format": "onnx"},
+        "artifact": {"file": ENCODER_FILE, "decoder_file": DECODER_FILE, "format": "onnx", "precision": precision,
+                     "size_bytes": sizes[ENCODER_FILE], "decoder_size_bytes": sizes[DECODER_FILE],
+                     "sha256": file_sha256(staging / ENCODER_FILE)},
+        "size_bytes": sum(sizes.values()),
+        **{k: accuracy[k] for k in adapter.headline},
+        "accuracy": accuracy,
+        "latency_ms": latency,
+        "quantization": quantization,
+        "ops": None,
+        "deploy": None,
+        "analysis": {"reference": reference_analysis.to_dict(), "artifact": artifact_analysis.to_dict(layers=False)},
+        "stages": progress.stages,
+        "notes": notes,
+    }
+    manifest = {
+        "edgekit": __version__,
+        "inputs": {"model": {"given": str(source), "encoder_sha256": file_sha256(loaded.encoder),
+                             "decoder_sha256": file_sha256(loaded.decoder)},
+                   "calibration": {"images": len(calib_files[: plan.quantize.calib_limit]),
+                                   "sha256": files_digest(calib_files[: plan.quantize.calib_limit],
+                                                          calib_files[0].parent) if calib_files else None},
+                   "evaluation": {"images": len(eval_files),
+                                  "sha256": files_digest(eval_files, eval_files[0].parent)},
+                   "target": {"name": device.name, "sha256": device.sha256}},
+        "recipe": plan.model_dump(),
+        "seed": plan.seed,
+        "packages": package_versions(),
+        "platform": platform.platform(),
+        "deploy": None,
+    }
+    return report, manifest
+
+
+def _frame(path: Path) -> tuple[np.ndarray, float, list[np.ndarray]]:
+    """One held-out image: the encoder's input, its resize factor, and its instance masks (original size)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        x, scale = encoder_input(image)
+        label = polygon_file(path)
+        return x, scale, instance_masks(label, image.width, image.height) if label else []
+
+
+def _masks(encoder: OnnxRuntimeRunner, decoder: Any, frame: tuple[np.ndarray, float, list[np.ndarray]]
+           ) -> list[np.ndarray]:
+    """The pair's mask for each instance's box prompt on one image."""
+    x, scale, truth = frame
+    if not truth:
+        return []
+    embedding = encoder.run(x)
+    height, width = truth[0].shape
+    return [decoder.run(["masks"], box_prompt(embedding, box_of(mask), scale, height, width))[0][0, 0] > 0
+            for mask in truth]
+
+
+def _compare(reference: list[list[np.ndarray]], found: list[list[np.ndarray]],
+             frames: list[tuple[np.ndarray, float, list[np.ndarray]]]) -> dict[str, Any]:
+    """Box-prompt mIoU of both pairs against the ground truth, and of the artifact against the original."""
+    truth = [mask for _, _, masks in frames for mask in masks]
+    ours = [m for masks in found for m in masks]
+    theirs = [m for masks in reference for m in masks]
+    miou_reference = float(np.mean([iou(m, t) for m, t in zip(theirs, truth, strict=True)]))
+    miou_artifact = float(np.mean([iou(m, t) for m, t in zip(ours, truth, strict=True)]))
+    agreement = float(np.mean([iou(m, r) for m, r in zip(ours, theirs, strict=True)]))
+    drop = round((miou_reference - miou_artifact) * 100, 4)
+    return {"images": len(frames), "instances": len(truth), "prompt": "each instance's tight box",
+            "miou_reference": miou_reference, "miou_artifact": miou_artifact, "miou_drop_pt": drop,
+            "miou_vs_reference": agreement,
+            "summary": f"mIoU {miou_artifact:.3f} (original {miou_reference:.3f}), {agreement:.3f} vs original"}
+
+
+def _int8(original: Any, loaded: LoadedSegmenter, plan: Recipe, calib_files: list[Path], threads: int,
+          cache: ArrayCache, progress: Progress) -> tuple[Any, dict[str, Any]]:
+    """The encoder in static INT8 QDQ, calibrated on the calibration images (ranges cached per images and rule)."""
+    from PIL import Image
+
+    settings = plan.quantize
+    files = calib_files[: settings.calib_limit]
+    if not files:
+        raise UsageError("int8 needs calibration images (--calib)")
+    calibration = np.concatenate([encoder_input(Image.open(path))[0]
+                                  for path in progress.track(files, len(files), "calibration images read")])
+    scheme = Int8Scheme(settings.activations, settings.calibration, bias_correction=False)
+    digest = files_digest(files, files[0].parent)
+    ranges = cache.path({"kind": "int8-ranges", "model": loaded.fingerprint, "calibration": digest,
+                         "preprocess": loaded.preprocess, "method": scheme.calibration,
+                         "activations": scheme.activations, "edgekit": __version__}, ".json")
+    quantized = Int8Quantizer(original, calibration, scheme, ranges, threads).quantize()
+    return quantized, {"scheme": scheme.describe() | {"activations_for": "onnx"},
+                       "calibration": {"images": len(files), "sha256": digest, "path": str(files[0].parent)},
+                       "kept_float": [], "part": "image encoder; the decoder stays float"}
