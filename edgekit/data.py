@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from edgekit.errors import UsageError
 
@@ -41,6 +42,11 @@ def files_digest(files: list[Path], root: Path) -> str:
         digest.update(str(path.relative_to(root)).encode())
         digest.update(bytes.fromhex(file_sha256(path)))
     return digest.hexdigest()
+
+
+def files_record(files: list[Path], root: Path) -> dict[str, Any]:
+    """How reports and manifests name a set of images: how many, their digest, and the folder."""
+    return {"images": len(files), "sha256": files_digest(files, root), "path": str(root)}
 
 
 def file_sha256(path: Path) -> str:

@@ -20,7 +20,7 @@ import numpy as np
 
 from edgekit import __version__, families
 from edgekit.cache import ArrayCache, default_cache_dir
-from edgekit.data import file_sha256, files_digest, list_images, split_held_out
+from edgekit.data import file_sha256, files_digest, files_record, list_images, split_held_out
 from edgekit.errors import StageError, UsageError
 from edgekit.families.base import LoadedModel, LoadOptions, Samples
 from edgekit.passes.analyze import analyze, analyze_tflite
@@ -284,9 +284,11 @@ def _build_segmenter(progress: Progress, model: object, adapter: families.Family
     out_dir = Path(out) if out else Path("dist") / f"{Path(str(model)).name}-{device.name}"
     cache = ArrayCache(default_cache_dir() if use_cache else None)
     with staged(out_dir) as staging:
-        report, manifest = build_segmenter(model, adapter, device, plan, calib_files=data.calib_files,
-                                           eval_files=data.eval_files, threads=threads, cache=cache,
-                                           staging=staging, notes=notes, progress=progress)
+        calib_files = data.calib_files[: plan.quantize.calib_limit]
+        report, manifest = build_segmenter(model, adapter, device, plan, calib_files=calib_files,
+                                           calibration=files_record(calib_files, data.calib_dir),
+                                           eval_files=data.eval_files, eval_root=data.eval_root, threads=threads,
+                                           cache=cache, staging=staging, notes=notes, progress=progress)
         report["deploy"] = manifest["deploy"] = _deploy(device.runtime_for("onnx").name, plan.quantize.precision,
                                                         report["artifact"]["file"])
         _seal(staging, report, manifest, plan, [report["artifact"]["file"], report["artifact"]["decoder_file"]])
@@ -556,7 +558,7 @@ def _calibration(adapter: families.Family, loaded: LoadedModel, plan: Recipe, da
     """The calibration images as model inputs, and how the report names them."""
     files = data.calib_files[: plan.quantize.calib_limit]
     inputs = _samples(adapter, loaded, files, data.calib_dir, cache).inputs
-    return inputs, {"images": len(files), "sha256": files_digest(files, data.calib_dir), "path": str(data.calib_dir)}
+    return inputs, files_record(files, data.calib_dir)
 
 
 def _tflite(progress: Progress, adapter: families.Family, loaded: LoadedModel, device: Target, float_model: bytes,

@@ -41,9 +41,11 @@ ENCODER_FILE, DECODER_FILE = "encoder.onnx", "decoder.onnx"
 
 
 def build_segmenter(source: str | Path, adapter: SegmenterFamily, device: Target, plan: Recipe, *,
-                    calib_files: list[Path], eval_files: list[Path], threads: int, cache: ArrayCache,
-                    staging: Path, notes: list[str], progress: Progress) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Build, verify and describe; writes encoder.onnx and decoder.onnx into `staging`, returns (report, manifest)."""
+                    calib_files: list[Path], calibration: dict[str, Any], eval_files: list[Path], eval_root: Path,
+                    threads: int, cache: ArrayCache, staging: Path, notes: list[str],
+                    progress: Progress) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Build, verify and describe; writes encoder.onnx and decoder.onnx into `staging`, returns (report, manifest).
+    `calib_files` are the calibration images the recipe takes, `calibration` how the report names them."""
     import onnx
 
     if plan.export.format != "onnx":
@@ -71,8 +73,9 @@ def build_segmenter(source: str | Path, adapter: SegmenterFamily, device: Target
     quantization = None
     with progress.stage("quantize", note=precision) as record:
         if precision == "int8":
-            encoder, quantization = _int8(original, loaded, plan, calib_files, threads, cache, progress)
-            record["note"] = f"int8, {len(calib_files[: plan.quantize.calib_limit])} calibration images"
+            encoder, quantization = _int8(original, loaded, plan, calib_files, calibration, threads, cache,
+                                          progress)
+            record["note"] = f"int8, {len(calib_files)} calibration images"
         else:
             encoder = to_fp16(original) if precision == "fp16" else original
     set_metadata(encoder, {"edgekit.version": __version__, "edgekit.family": adapter.name,
@@ -117,11 +120,8 @@ def build_segmenter(source: str | Path, adapter: SegmenterFamily, device: Target
         "edgekit": __version__,
         "inputs": {"model": {"given": str(source), "encoder_sha256": file_sha256(loaded.encoder),
                              "decoder_sha256": file_sha256(loaded.decoder)},
-                   "calibration": {"images": len(calib_files[: plan.quantize.calib_limit]),
-                                   "sha256": files_digest(calib_files[: plan.quantize.calib_limit],
-                                                          calib_files[0].parent) if calib_files else None},
-                   "evaluation": {"images": len(eval_files),
-                                  "sha256": files_digest(eval_files, eval_files[0].parent)},
+                   "calibration": calibration,
+                   "evaluation": {"images": len(eval_files), "sha256": files_digest(eval_files, eval_root)},
                    "target": {"name": device.name, "sha256": device.sha256}},
         "recipe": plan.model_dump(),
         "seed": plan.seed,
@@ -170,26 +170,23 @@ def _compare(reference: list[list[np.ndarray]], found: list[list[np.ndarray]],
             "summary": f"mIoU {miou_artifact:.3f} (original {miou_reference:.3f}), {agreement:.3f} vs original"}
 
 
-def _int8(original: Any, loaded: LoadedSegmenter, plan: Recipe, calib_files: list[Path], threads: int,
-          cache: ArrayCache, progress: Progress) -> tuple[Any, dict[str, Any]]:
-    """The encoder in static INT8 QDQ, calibrated on the calibration images (ranges cached per images and rule)."""
+def _int8(original: Any, loaded: LoadedSegmenter, plan: Recipe, files: list[Path], record: dict[str, Any],
+          threads: int, cache: ArrayCache, progress: Progress) -> tuple[Any, dict[str, Any]]:
+    """The encoder in static INT8 QDQ, calibrated on `files` (ranges cached per images and rule)."""
     from PIL import Image
 
     settings = plan.quantize
-    files = calib_files[: settings.calib_limit]
-    if not files:
-        raise UsageError("int8 needs calibration images (--calib)")
+
     def read(path: Path) -> np.ndarray:
         with Image.open(path) as image:
             return encoder_input(image)[0]
 
     calibration = np.concatenate([read(path) for path in progress.track(files, len(files), "calibration images read")])
     scheme = Int8Scheme(settings.activations, settings.calibration, bias_correction=False)
-    digest = files_digest(files, files[0].parent)
-    ranges = cache.path({"kind": "int8-ranges", "model": loaded.fingerprint, "calibration": digest,
+    ranges = cache.path({"kind": "int8-ranges", "model": loaded.fingerprint, "calibration": record["sha256"],
                          "preprocess": loaded.preprocess, "method": scheme.calibration,
                          "activations": scheme.activations, "edgekit": __version__}, ".json")
     quantized = Int8Quantizer(original, calibration, scheme, ranges, threads).quantize()
     return quantized, {"scheme": scheme.describe() | {"activations_for": "onnx"},
-                       "calibration": {"images": len(files), "sha256": digest, "path": str(files[0].parent)},
+                       "calibration": record,
                        "kept_float": [], "part": "image encoder; the decoder stays float"}

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgekit.errors import StageError, first_line
-from edgekit.passes.int8 import Calibration
+from edgekit.passes.int8 import Calibration, stream_ranges
 from edgekit.passes.litert_refit import HELD_OUT, Layer, layers_of, refit
 from edgekit.runtimes.litert import LiteRtRunner, from_tensor, to_tensor
 
@@ -189,8 +189,6 @@ def _activation_ranges(model: bytes, names: list[str], images: np.ndarray, metho
                        per_image: int = 512) -> dict[str, tuple[float, float]]:
     """Each named activation's range over the calibration images by the ONNX path's rule (`int8.stream_ranges`;
     asymmetric: TFLite's int8 activations carry a zero point), in graph order."""
-    from edgekit.passes.int8 import stream_ranges
-
     asked = set(names)
     # graph order: fixed, so every build draws the same values, and the order the range search visits them in
     wanted = [t["name"] for t in sorted(_every_tensor(model).get_tensor_details(), key=lambda t: t["index"])
