@@ -285,8 +285,10 @@ def _build_segmenter(progress: Progress, model: object, adapter: families.Family
     cache = ArrayCache(default_cache_dir() if use_cache else None)
     with staged(out_dir) as staging:
         calib_files = data.calib_files[: plan.quantize.calib_limit]
+        slim_files = data.calib_files[: max(plan.prune.images, plan.distill.images)] if plan.prune.ratio else []
         report, manifest = build_segmenter(model, adapter, device, plan, calib_files=calib_files,
                                            calibration=files_record(calib_files, data.calib_dir),
+                                           slim_files=slim_files, slim_images=files_record(slim_files, data.calib_dir),
                                            eval_files=data.eval_files, eval_root=data.eval_root, threads=threads,
                                            cache=cache, staging=staging, notes=notes, progress=progress)
         report["deploy"] = manifest["deploy"] = _deploy(device.runtime_for("onnx").name, plan.quantize.precision,

@@ -4,6 +4,7 @@ against the ground truth and against the original pair's masks."""
 
 from __future__ import annotations
 
+import json
 import platform
 import shutil
 from pathlib import Path
@@ -16,10 +17,12 @@ from edgekit.cache import ArrayCache
 from edgekit.data import file_sha256, files_digest
 from edgekit.errors import UsageError
 from edgekit.families.segmenter import (
+    ENCODER_SIZE,
     LoadedSegmenter,
     SegmenterFamily,
     box_of,
     box_prompt,
+    encoder_crops,
     encoder_input,
     instance_masks,
     iou,
@@ -30,7 +33,7 @@ from edgekit.passes.export import set_metadata
 from edgekit.passes.int8 import Int8Quantizer, Int8Scheme
 from edgekit.passes.quantize import to_fp16
 from edgekit.progress import Progress
-from edgekit.recipe import Recipe
+from edgekit.recipe import DEFAULT_OPSET, Recipe
 from edgekit.report.manifest import package_versions
 from edgekit.runtimes.onnxruntime import OnnxRuntimeRunner, cpu_session
 from edgekit.targets import Target
@@ -38,18 +41,23 @@ from edgekit.verify.estimate import estimate
 from edgekit.verify.latency import measure
 
 ENCODER_FILE, DECODER_FILE = "encoder.onnx", "decoder.onnx"
+CROP = 512  # side of the encoder crops slimming ranks, refits and distils on (a quarter of a frame's cost)
 
 
 def build_segmenter(source: str | Path, adapter: SegmenterFamily, device: Target, plan: Recipe, *,
-                    calib_files: list[Path], calibration: dict[str, Any], eval_files: list[Path], eval_root: Path,
-                    threads: int, cache: ArrayCache, staging: Path, notes: list[str],
+                    calib_files: list[Path], calibration: dict[str, Any], slim_files: list[Path],
+                    slim_images: dict[str, Any], eval_files: list[Path], eval_root: Path, threads: int,
+                    cache: ArrayCache, staging: Path, notes: list[str],
                     progress: Progress) -> tuple[dict[str, Any], dict[str, Any]]:
     """Build, verify and describe; writes encoder.onnx and decoder.onnx into `staging`, returns (report, manifest).
-    `calib_files` are the calibration images the recipe takes, `calibration` how the report names them."""
+    `calib_files` are the images INT8 calibrates on, `calibration` how the report names them; `slim_files` (named
+    by `slim_images`) the unlabelled images slimming ranks, refits and distils on."""
     import onnx
 
     if plan.export.format != "onnx":
         raise UsageError("segmenters export to ONNX only in this edgekit (--format onnx)")
+    if plan.distill.steps and not plan.prune.ratio:
+        raise UsageError("distillation recovers what slimming lost: set prune.ratio too")
     precision = plan.quantize.precision
     with progress.stage("load") as record:
         loaded = adapter.load(source)
@@ -70,14 +78,16 @@ def build_segmenter(source: str | Path, adapter: SegmenterFamily, device: Target
     reference_runner = OnnxRuntimeRunner(original.SerializeToString(), threads)
     reference = [_masks(reference_runner, decoder, frame)
                  for frame in progress.track(frames, len(frames), "original pair on held-out images")]
-    quantization = None
+    quantization, slimming, start = None, None, original
+    if plan.prune.ratio:
+        start, slimming = _slimmed(original, loaded, plan, slim_files, slim_images, cache, progress)
     with progress.stage("quantize", note=precision) as record:
         if precision == "int8":
-            encoder, quantization = _int8(original, loaded, plan, calib_files, calibration, threads, cache,
-                                          progress)
+            encoder, quantization = _int8(start, loaded, plan, calib_files, calibration, threads, cache, progress,
+                                          slimmed=slimming is not None)
             record["note"] = f"int8, {len(calib_files)} calibration images"
         else:
-            encoder = to_fp16(original) if precision == "fp16" else original
+            encoder = to_fp16(start) if precision == "fp16" else start
     set_metadata(encoder, {"edgekit.version": __version__, "edgekit.family": adapter.name,
                            "edgekit.target": device.name, "edgekit.precision": precision,
                            "edgekit.preprocess": loaded.preprocess})
@@ -110,6 +120,7 @@ def build_segmenter(source: str | Path, adapter: SegmenterFamily, device: Target
         "accuracy": accuracy,
         "latency_ms": latency,
         "quantization": quantization,
+        "slimming": slimming,
         "ops": None,
         "deploy": None,
         "analysis": {"reference": reference_analysis.to_dict(), "artifact": artifact_analysis.to_dict(layers=False)},
@@ -171,8 +182,8 @@ def _compare(reference: list[list[np.ndarray]], found: list[list[np.ndarray]],
 
 
 def _int8(original: Any, loaded: LoadedSegmenter, plan: Recipe, files: list[Path], record: dict[str, Any],
-          threads: int, cache: ArrayCache, progress: Progress) -> tuple[Any, dict[str, Any]]:
-    """The encoder in static INT8 QDQ, calibrated on `files` (ranges cached per images and rule)."""
+          threads: int, cache: ArrayCache, progress: Progress, slimmed: bool) -> tuple[Any, dict[str, Any]]:
+    """The encoder in static INT8 QDQ, calibrated on `files` (ranges cached per images, rule and encoder)."""
     from PIL import Image
 
     settings = plan.quantize
@@ -183,10 +194,86 @@ def _int8(original: Any, loaded: LoadedSegmenter, plan: Recipe, files: list[Path
 
     calibration = np.concatenate([read(path) for path in progress.track(files, len(files), "calibration images read")])
     scheme = Int8Scheme(settings.activations, settings.calibration, bias_correction=False)
-    ranges = cache.path({"kind": "int8-ranges", "model": loaded.fingerprint, "calibration": record["sha256"],
+    model = _model_sha256(original) if slimmed else loaded.fingerprint
+    ranges = cache.path({"kind": "int8-ranges", "model": model, "calibration": record["sha256"],
                          "preprocess": loaded.preprocess, "method": scheme.calibration,
                          "activations": scheme.activations, "edgekit": __version__}, ".json")
     quantized = Int8Quantizer(original, calibration, scheme, ranges, threads).quantize()
     return quantized, {"scheme": scheme.describe() | {"activations_for": "onnx"},
                        "calibration": record,
                        "kept_float": [], "part": "image encoder; the decoder stays float"}
+
+
+def _model_sha256(model: Any) -> str:
+    import hashlib
+
+    return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
+
+
+def _slimmed(original: Any, loaded: LoadedSegmenter, plan: Recipe, files: list[Path], images: dict[str, Any],
+             cache: ArrayCache, progress: Progress) -> tuple[Any, dict[str, Any]]:
+    """The encoder slimmed SlimSAM's way, as ONNX: embedding channels, then the blocks' hidden units, each step
+    scored by disturbed Taylor importance on crops, refitted layer by layer to the original's outputs, then
+    distilled towards the original's embeddings (recipe `distill`). Cached per encoder, images and settings."""
+    import onnx
+
+    if not files:
+        raise UsageError("slimming ranks and refits the encoder on calibration images: give --calib")
+    record = {"images": images}
+    key = {"kind": "slimmed-encoder", "model": loaded.fingerprint, "images": images["sha256"],
+           "prune": plan.prune.model_dump(), "distill": plan.distill.model_dump(), "seed": plan.seed,
+           "edgekit": __version__}
+
+    def compute() -> dict[str, np.ndarray]:
+        model, facts = _slim_encoder(original, plan, files, progress, note)
+        return {"encoder": np.frombuffer(model.SerializeToString(deterministic=True), np.uint8),
+                "record": np.frombuffer(json.dumps(facts).encode(), np.uint8)}
+
+    with progress.stage("slim") as note:
+        hits = cache.hits
+        arrays = cache.get_or_compute(key, compute)
+        if cache.hits > hits:
+            note["note"] = "from the cache"
+    return onnx.load_from_string(arrays["encoder"].tobytes()), json.loads(arrays["record"].tobytes()) | record
+
+
+def _slim_encoder(original: Any, plan: Recipe, files: list[Path], progress: Progress,
+                  note: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """`_slimmed` without the cache; `note` is the slim stage's progress line."""
+    import copy
+
+    import torch
+
+    from edgekit.families.tinyvit import set_resolution, slim_groups, sync_sizes, tinyvit_from_onnx
+    from edgekit.passes.distill import distill
+    from edgekit.passes.export import export_onnx
+    from edgekit.passes.reconstruct import reconstruct
+    from edgekit.passes.slim import chain_kept, slim
+
+    torch.manual_seed(plan.seed)
+    teacher = set_resolution(tinyvit_from_onnx(original), CROP)
+    student = copy.deepcopy(teacher)
+    crops = torch.from_numpy(encoder_crops(files[: plan.prune.images], CROP, 1, plan.seed))
+    steps, kept = [], {}
+    for kind in ("embedding", "bottleneck"):  # SlimSAM's alternate order: the residual stream first
+        groups = [g for g in slim_groups(student) if g.kind == kind]
+        step, cut_rows = slim(student, groups, plan.prune.ratio, list(crops.split(1)), teacher)
+        kept = chain_kept(kept, cut_rows)
+        sync_sizes(student)
+        if plan.prune.reconstruct:
+            step["refit"] = reconstruct(student, teacher, crops, kept)
+        steps.append({"kind": kind} | step)
+        note["note"] = f"{kind} channels slimmed"
+    record: dict[str, Any] = {"method": "SlimSAM-style alternate slimming (embedding, then bottleneck)",
+                              "ratio": plan.prune.ratio, "crop": CROP, "steps": steps}
+    settings = plan.distill
+    if settings.steps:
+        data = encoder_crops(files[: settings.images], CROP, 1, plan.seed + 1)
+        record["distillation"] = done = distill(
+            student, teacher, data, lambda model, x: [model(x)], steps=settings.steps, seconds=settings.seconds,
+            lr=settings.lr, batch=settings.batch, seed=plan.seed,
+            progress=lambda steps, total: progress.track(steps, total, "distillation steps"))
+        note["note"] = f"distilled {done['steps']} steps, probe loss {done['probe_loss_before']:.2e} -> " \
+                       f"{done['probe_loss_after']:.2e}"
+    set_resolution(student, ENCODER_SIZE)
+    return export_onnx(student, (1, 3, ENCODER_SIZE, ENCODER_SIZE), plan.export.opset or DEFAULT_OPSET), record

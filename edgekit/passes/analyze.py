@@ -131,15 +131,30 @@ def _matrix_class(output_shape: list[int]) -> str:
 
 
 def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Shapes of every tensor. onnxruntime's symbolic inference also folds the Shape/Slice/Concat chains
-    exporters emit for padding computed at run time, where onnx's own inference stops."""
+    """Shapes of every tensor, at batch one: a symbolic input dimension (a dynamic batch) is read as 1, else
+    every tensor downstream of it has no size and no MACs. onnxruntime's symbolic inference also folds the
+    Shape/Slice/Concat chains exporters emit for padding computed at run time, where onnx's own inference stops."""
     import onnx
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
+    model = copy_with_fixed_inputs(model)
     try:
         return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
     except Exception:  # it refuses some graphs (unknown custom ops); onnx's inference is the fallback
         return onnx.shape_inference.infer_shapes(model)
+
+
+def copy_with_fixed_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` whose symbolic input dimensions are 1."""
+    import onnx
+
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    for value in fixed.graph.input:
+        for dim in value.type.tensor_type.shape.dim:
+            if not dim.dim_value:
+                dim.dim_value = 1
+    return fixed
 
 
 def analyze(model: onnx.ModelProto) -> Analysis:
