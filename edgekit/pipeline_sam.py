@@ -83,8 +83,7 @@ def build_segmenter(source: str | Path, adapter: SegmenterFamily, device: Target
         start, slimming = _slimmed(original, loaded, plan, slim_files, slim_images, cache, progress)
     with progress.stage("quantize", note=precision) as record:
         if precision == "int8":
-            encoder, quantization = _int8(start, loaded, plan, calib_files, calibration, threads, cache, progress,
-                                          slimmed=slimming is not None)
+            encoder, quantization = _int8(start, loaded, plan, calib_files, calibration, threads, cache, progress)
             record["note"] = f"int8, {len(calib_files)} calibration images"
         else:
             encoder = to_fp16(start) if precision == "fp16" else start
@@ -181,9 +180,10 @@ def _compare(reference: list[list[np.ndarray]], found: list[list[np.ndarray]],
             "summary": f"mIoU {miou_artifact:.3f} (original {miou_reference:.3f}), {agreement:.3f} vs original"}
 
 
-def _int8(original: Any, loaded: LoadedSegmenter, plan: Recipe, files: list[Path], record: dict[str, Any],
-          threads: int, cache: ArrayCache, progress: Progress, slimmed: bool) -> tuple[Any, dict[str, Any]]:
-    """The encoder in static INT8 QDQ, calibrated on `files` (ranges cached per images, rule and encoder)."""
+def _int8(encoder: Any, loaded: LoadedSegmenter, plan: Recipe, files: list[Path], record: dict[str, Any],
+          threads: int, cache: ArrayCache, progress: Progress) -> tuple[Any, dict[str, Any]]:
+    """The encoder (the original or a slimmed one) in static INT8 QDQ, calibrated on `files` (ranges cached per
+    encoder, images and rule)."""
     from PIL import Image
 
     settings = plan.quantize
@@ -194,17 +194,17 @@ def _int8(original: Any, loaded: LoadedSegmenter, plan: Recipe, files: list[Path
 
     calibration = np.concatenate([read(path) for path in progress.track(files, len(files), "calibration images read")])
     scheme = Int8Scheme(settings.activations, settings.calibration, bias_correction=False)
-    model = _model_sha256(original) if slimmed else loaded.fingerprint
-    ranges = cache.path({"kind": "int8-ranges", "model": model, "calibration": record["sha256"],
+    ranges = cache.path({"kind": "int8-ranges", "model": _model_sha256(encoder), "calibration": record["sha256"],
                          "preprocess": loaded.preprocess, "method": scheme.calibration,
                          "activations": scheme.activations, "edgekit": __version__}, ".json")
-    quantized = Int8Quantizer(original, calibration, scheme, ranges, threads).quantize()
+    quantized = Int8Quantizer(encoder, calibration, scheme, ranges, threads).quantize()
     return quantized, {"scheme": scheme.describe() | {"activations_for": "onnx"},
                        "calibration": record,
                        "kept_float": [], "part": "image encoder; the decoder stays float"}
 
 
 def _model_sha256(model: Any) -> str:
+    """What the encoder's cache entries are keyed on: its graph, whichever way it was made."""
     import hashlib
 
     return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
