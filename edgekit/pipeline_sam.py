@@ -33,7 +33,7 @@ from edgekit.passes.export import set_metadata
 from edgekit.passes.int8 import Int8Quantizer, Int8Scheme
 from edgekit.passes.quantize import to_fp16
 from edgekit.progress import Progress
-from edgekit.recipe import DEFAULT_OPSET, Recipe
+from edgekit.recipe import Recipe
 from edgekit.report.manifest import package_versions
 from edgekit.runtimes.onnxruntime import OnnxRuntimeRunner, cpu_session
 from edgekit.targets import Target
@@ -276,4 +276,4 @@ def _slim_encoder(original: Any, plan: Recipe, files: list[Path], progress: Prog
         note["note"] = f"distilled {done['steps']} steps, probe loss {done['probe_loss_before']:.2e} -> " \
                        f"{done['probe_loss_after']:.2e}"
     set_resolution(student, ENCODER_SIZE)
-    return export_onnx(student, (1, 3, ENCODER_SIZE, ENCODER_SIZE), plan.export.opset or DEFAULT_OPSET), record
+    return export_onnx(student, (1, 3, ENCODER_SIZE, ENCODER_SIZE), plan.export.opset), record
