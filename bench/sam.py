@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--eval-images", type=int, default=32)
     parser.add_argument("--slim", type=float, default=0.33,
                         help="prune.ratio of the slimmed rows: the share of every group's units each step removes")
-    parser.add_argument("--distill-steps", type=int, default=200)
+    parser.add_argument("--distill-steps", type=int, default=200, help="distill.steps (block-wise: per block)")
     parser.add_argument("--distill-seconds", type=float, default=900)
     args = parser.parse_args()
     if not COCO.is_dir():
@@ -97,9 +97,11 @@ def main() -> None:
             before, after = (variant["report"]["analysis"][k]["macs"] for k in ("reference", "artifact"))
             done = slimming.get("distillation") or {"steps": 0, "seconds": 0, "probe_loss_before": float("nan"),
                                                      "probe_loss_after": float("nan")}
+            how = (f"block-wise distillation, {done['steps_per_block']} steps a block for {done['blocks_trained']} "
+                   f"blocks" if done.get("scope") == "blocks" else f"distillation {done['steps']} steps")
             print(f"{name}: encoder {before / 1e9:.2f} -> {after / 1e9:.2f} GMACs ({after / before:.1%}); "
                   f"{slimming['method']}, ratio {slimming['ratio']}, {slimming['steps'][0]['images']} crops ranked "
-                  f"and refitted; distillation {done['steps']} steps in {done['seconds']} s, probe loss "
+                  f"and refitted; {how} in {done['seconds']} s, held-out embedding loss "
                   f"{done['probe_loss_before']:.2e} -> {done['probe_loss_after']:.2e}")
     shutil.rmtree(work, ignore_errors=True)
 

@@ -440,6 +440,9 @@ def _compress(progress: Progress, adapter: families.Family, loaded: LoadedModel,
         note["note"] = f"MACs {pruned['macs_before'] / 1e6:.0f} M -> {pruned['macs_after'] / 1e6:.0f} M"
     if plan.distill.steps:
         settings = plan.distill
+        if settings.scope == "blocks":
+            raise UsageError("block-wise distillation (distill.scope = \"blocks\") is for segmenter encoders; "
+                             "use scope \"model\"")
         images = images[: settings.images]
         with progress.stage("distill") as note:
             record["distillation"] = distill(

