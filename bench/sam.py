@@ -2,7 +2,7 @@
 polygons, side by side in one run: the original pair against edgekit's builds of it (INT8 encoders, and the
 encoder slimmed SlimSAM's way, with and without INT8).
 
-    .venv/bin/python bench/sam.py [--threads 1] [--eval-images 32] [--slim 0.5] [--distill-steps 300]
+    .venv/bin/python bench/sam.py [--threads 1] [--eval-images 32] [--slim 0.33] [--distill-steps 300]
 
 Every variant is an `edgekit build minisam` folder, verified by edgekit itself: each instance of the held-out
 images is prompted with its polygon's tight box, the variant's encoder runs in onnxruntime and its decoder turns
@@ -35,8 +35,8 @@ def main() -> None:
     parser.add_argument("--eval-images", type=int, default=32)
     parser.add_argument("--slim", type=float, default=0.33,
                         help="prune.ratio of the slimmed rows: the share of every group's units each step removes")
-    parser.add_argument("--distill-steps", type=int, default=200, help="distill.steps (block-wise: per block)")
-    parser.add_argument("--distill-seconds", type=float, default=900)
+    parser.add_argument("--distill-steps", type=int, default=300, help="distill.steps (block-wise: per block)")
+    parser.add_argument("--distill-seconds", type=float, default=1800)
     args = parser.parse_args()
     if not COCO.is_dir():
         raise SystemExit(f"{COCO} is absent: this bench needs coco128's instance polygons")

@@ -185,6 +185,9 @@ def build(
     base = with_overrides(base, {"quantize.precision": precision, "export.format": format, **(overrides or {})})
     plan = resolve(base, device, adapter.name)
     threads = min(plan.verify.threads, os.cpu_count() or 1)
+    if plan.distill.scope == "blocks" and adapter.name != "segmenter":
+        raise UsageError("block-wise distillation (distill.scope = \"blocks\") is for segmenter encoders; "
+                         "use scope \"model\"")
     if adapter.name == "llm":
         if remote:
             raise UsageError("device verification through an agent takes image models; language models verify here")
@@ -440,9 +443,6 @@ def _compress(progress: Progress, adapter: families.Family, loaded: LoadedModel,
         note["note"] = f"MACs {pruned['macs_before'] / 1e6:.0f} M -> {pruned['macs_after'] / 1e6:.0f} M"
     if plan.distill.steps:
         settings = plan.distill
-        if settings.scope == "blocks":
-            raise UsageError("block-wise distillation (distill.scope = \"blocks\") is for segmenter encoders; "
-                             "use scope \"model\"")
         images = images[: settings.images]
         with progress.stage("distill") as note:
             record["distillation"] = distill(

@@ -244,13 +244,7 @@ def _slim_encoder(original: Any, plan: Recipe, files: list[Path], progress: Prog
 
     import torch
 
-    from edgekit.families.tinyvit import (
-        blocks,
-        set_resolution,
-        slim_groups,
-        sync_sizes,
-        tinyvit_from_onnx,
-    )
+    from edgekit.families.tinyvit import blocks, set_resolution, slim_groups, sync_sizes, tinyvit_from_onnx
     from edgekit.passes.distill import distill, distill_blocks
     from edgekit.passes.export import export_onnx
     from edgekit.passes.reconstruct import reconstruct

@@ -263,6 +263,8 @@ def test_language_model_usage_errors(tiny_lm_folder: Path) -> None:
         build(tiny_lm_folder, "android-arm64", format="tflite", quiet=True)
     with pytest.raises(UsageError, match="power of two"):
         build(tiny_lm_folder, "x86-64", quiet=True, overrides={"weights.group_size": 48})
+    with pytest.raises(UsageError, match="block-wise distillation .* is for segmenter encoders"):
+        build(tiny_lm_folder, "x86-64", quiet=True, overrides={"distill.scope": "blocks", "distill.steps": 5})
     with pytest.raises(UsageError, match="int4 is not supported for classifier"):
         build(TinyNet(), "x86-64", precision="int4", quiet=True)
 
