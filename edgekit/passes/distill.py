@@ -35,6 +35,14 @@ def next_token_kl(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> t
                for s, t in zip(student, teacher, strict=True))
 
 
+def _probe_split(data: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(training inputs, probe, whether the probe is held out): the probe is the last `batch` inputs, which training
+    never sees, where there are enough; else the first `batch`, which it does."""
+    if len(data) >= 2 * batch:
+        return data[:-batch], data[-batch:], True
+    return data, data[:batch], False
+
+
 def distill(student: torch.nn.Module, teacher: torch.nn.Module, inputs: np.ndarray | torch.Tensor,
             targets: Callable[[torch.nn.Module, torch.Tensor], list[torch.Tensor]], *, steps: int, seconds: float,
             lr: float, batch: int, seed: int, progress: Callable[[Iterable[int], int], Iterable[int]],
@@ -46,9 +54,7 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, inputs: np.ndarr
     import torch
 
     generator = np.random.default_rng(seed)
-    data = torch.as_tensor(inputs)
-    held_out = len(data) >= 2 * batch  # the probe judges on inputs training never saw, where there are enough
-    probe, data = (data[-batch:], data[:-batch]) if held_out else (data[:batch], data)
+    data, probe, held_out = _probe_split(torch.as_tensor(inputs), batch)
     start_weights = {name: value.clone() for name, value in student.state_dict().items()}
 
     def loss_on(x: torch.Tensor) -> torch.Tensor:
@@ -103,12 +109,11 @@ def distill_blocks(student: torch.nn.Module, teacher: torch.nn.Module, inputs: n
     from edgekit.passes.reconstruct import recorded
 
     data = torch.as_tensor(inputs)
-    held_out = len(data) >= 2 * batch
-    train = len(data) - batch if held_out else len(data)
+    training, probe, held_out = _probe_split(data, batch)
+    train = len(training)  # blocks see every input; the first `train` teach, the rest judge
     modules = dict(student.named_modules())
     wanted = recorded(teacher, data, [name for name, _ in blocks], [])
     generator = torch.Generator().manual_seed(seed)
-    probe = data[train:] if held_out else data[:batch]
     with torch.no_grad():
         before = float(mse(targets(student, probe), targets(teacher, probe)))
     start, trained, kept_start = time.perf_counter(), 0, 0
