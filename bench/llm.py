@@ -39,8 +39,8 @@ def main() -> None:
 
     import edgekit
     from edgekit.cache import ArrayCache, default_cache_dir
-    from edgekit.families.llm import LanguageModelFamily
-    from edgekit.pipeline_llm import load_text, reference, verify_lm
+    from edgekit.families.llm import load_lm
+    from edgekit.families.llm_adapter import load_text, reference, verify_lm
     from edgekit.progress import Progress
     from edgekit.recipe import Recipe
     from edgekit.runtimes.onnx_lm import OnnxCausalLM
@@ -69,8 +69,7 @@ def main() -> None:
         import nncf
         import onnx
 
-        family = LanguageModelFamily()
-        loaded = family.load(MODEL, default_cache_dir())
+        loaded = load_lm(MODEL, default_cache_dir())
         plan = Recipe()
         text = load_text(loaded, plan, None, None)
         ref = reference(loaded, text, plan.text.new_tokens, ArrayCache(default_cache_dir()), Progress(quiet=True))

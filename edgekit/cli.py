@@ -186,7 +186,7 @@ every figure is labelled: `estimated` from the device model, `measured: host` fr
 
 
 def _build(args: argparse.Namespace) -> int:
-    from edgekit.pipeline import build
+    from edgekit.api import build
 
     result = build(
         args.model, args.target, calib=args.calib, eval=args.eval, recipe=args.recipe,
@@ -222,7 +222,7 @@ def _finish(result: Any, as_json: bool) -> int:
         print(f"{result.out}/{report['artifact']['file']}  {report['artifact']['precision']}  "
               f"{report['size_bytes'] / 1e6:.2f} MB  {report['accuracy']['summary']}  "
               f"{host_text}  {report['target']['name']} {est_text} (estimated)")
-        if "device" in report:
+        if report.get("device"):
             on_device = report["device"]
             print(f"on {on_device['name']}: {on_device['accuracy']['summary']}  "
                   f"p50 {on_device['latency_ms']['p50']:.2f} ms ({on_device['latency_ms']['label']}, "
@@ -235,7 +235,7 @@ def _finish(result: Any, as_json: bool) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from edgekit.pipeline import verify
+    from edgekit.api import verify
 
     return _finish(verify(args.artifact, args.device, device_token=args.device_token, quiet=args.quiet), args.json)
 
@@ -294,7 +294,7 @@ def _targets(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from edgekit.pipeline import inspect
+    from edgekit.api import inspect
 
     analysis = inspect(args.model, arch=args.arch, num_classes=args.num_classes, input_size=args.input_size)
     if args.json:
@@ -325,7 +325,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from edgekit.pipeline_llm import generate
+    from edgekit.api import generate
 
     if args.tokens < 1:
         raise UsageError("--tokens must be at least 1")
@@ -337,44 +337,17 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _estimate(args: argparse.Namespace) -> int:
-    from edgekit.cache import ArrayCache, default_cache_dir
-    from edgekit.progress import Progress
-    from edgekit.targets import load_target
-    from edgekit.verify.estimate import estimate
-    from edgekit.verify.validate import analyze_artifact, artifact_file, host_profile, profile_toml, validate
+    from edgekit.api import estimate
 
-    if not args.artifacts and not args.calibrate_host:
-        raise UsageError("name one or more artifacts, or --calibrate-host OUT.toml")
-    if args.validate and args.target:
-        raise UsageError("--validate estimates for this host; it takes no --target")
-    if args.threads < 1:
-        raise UsageError("--threads must be at least 1")
-    paths = [artifact_file(path) for path in args.artifacts]  # every path checked before any long work
-    progress = Progress(args.json)
-    results: dict[str, Any] = {}
-    if args.validate or args.calibrate_host:
-        with progress.stage("calibrate", note=f"microbenchmarks, {args.threads} threads"):
-            profile = host_profile(args.threads, ArrayCache(default_cache_dir()), args.recalibrate,
-                                   progress=lambda xs: progress.track(xs, len(xs), "kernels"))
-        if args.calibrate_host:
-            with open(args.calibrate_host, "w") as out:
-                out.write(profile_toml(profile))
-            results["profile"] = args.calibrate_host
-    if args.validate:
-        with progress.stage("validate", note=f"{len(paths)} artifacts"):
-            results["validation"] = validate(paths, profile, args.threads,
-                                             progress=lambda xs: progress.track(xs, len(xs), "artifacts"))
-    elif paths:
-        target = load_target(args.target or "x86-64")
-        results["estimates"] = [{"artifact": str(path), "target": target.name,
-                                 **estimate(analyze_artifact(path), target, top=args.top)} for path in paths]
+    results = estimate(args.artifacts, args.target, validate=args.validate, calibrate_host=args.calibrate_host,
+                       threads=args.threads, recalibrate=args.recalibrate, top=args.top, quiet=args.json)
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
     from rich.table import Table
 
     if "profile" in results:
-        print(f"wrote {results['profile']}: {profile.description}")
+        print(f"wrote {results['profile']}: {results['profile_description']}")
     for row in results.get("estimates", []):
         table = Table("layer", "op", "class", "precision", "ms", "bound", title=(
             f"{row['artifact']} on {row['target']}: {row['ms']:.3f} ms (estimated, {row['bound']}-bound, "

@@ -1,22 +1,25 @@
 """Recipes: the stages of a build, their parameters, and the gates the artifact must pass.
 
-A recipe file (TOML) may leave anything unset; `resolve` fills the gaps from the target's
-per-family defaults and budgets, so the resolved recipe saved beside the artifact says exactly
-what ran.
+A recipe file (TOML) may leave anything unset; `plan` fills the gaps from the family's defaults and the
+target's per-family defaults and budgets, so the resolved recipe saved beside the artifact says exactly
+what ran, and records where each value came from. A key the model's family does not read is refused
+rather than recorded as if it ran.
 """
 
 from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edgekit.errors import UsageError
 from edgekit.passes.int8 import OWN_RULES, Calibration
-from edgekit.passes.quantize import SUPPORTED as SUPPORTED_PRECISIONS
 from edgekit.targets import Budgets, Format, Int8Activations, Precision, Target, describe_errors
+
+if TYPE_CHECKING:
+    from edgekit.families.base import Family
 
 EXPORTABLE_FORMATS = ("onnx", "tflite")
 DEFAULT_OPSET = 17
@@ -177,8 +180,9 @@ def with_defaults(recipe: Recipe, defaults: dict[str, Any]) -> Recipe:
     return with_overrides(recipe, unset) if unset else recipe
 
 
-def resolve(recipe: Recipe, target: Target, family: str) -> Recipe:
+def resolve(recipe: Recipe, target: Target, adapter: Family) -> Recipe:
     """Every unset field filled from the target; refuses combinations this build cannot produce."""
+    family = adapter.name
     fmt = recipe.export.format or target.default(family, "format") or target.runtimes[0].format
     runtime = target.runtime_for(fmt)
     if runtime is None:
@@ -188,10 +192,13 @@ def resolve(recipe: Recipe, target: Target, family: str) -> Recipe:
         raise UsageError(
             f"{target.name} takes {fmt} ({runtime.name}); this edgekit exports {', '.join(EXPORTABLE_FORMATS)} only"
         )
+    if fmt not in adapter.formats:
+        raise UsageError(f"{family} models export to {', '.join(adapter.formats)} in this edgekit, not {fmt}; "
+                         f"use --format {adapter.formats[0]}")
     precision = recipe.quantize.precision or target.default(family, "precision") or "fp32"
     if recipe.quantize.int8_mode == "dynamic" and fmt != "tflite":
         raise UsageError("dynamic-range int8 is a TFLite precision; use --format tflite")
-    supported = (*SUPPORTED_PRECISIONS, "int4") if family == "llm" else SUPPORTED_PRECISIONS  # weight-only int4
+    supported = adapter.precisions
     if precision not in supported:
         raise UsageError(
             f"precision {precision} is not supported for {family} models (supported: {', '.join(supported)})")
@@ -207,3 +214,65 @@ def resolve(recipe: Recipe, target: Target, family: str) -> Recipe:
         "export.opset": recipe.export.opset or runtime.opset or DEFAULT_OPSET,
         "verify.threads": recipe.verify.threads or target.compute.threads,
     }).model_copy(update={"gates": target.budgets.model_copy(update=gates)})
+
+
+# what every family reads; a family's adapter names the rest (`Family.settings`, `Family.accuracy_gates`)
+COMMON_SETTINGS: dict[str, tuple[str, ...]] = {
+    "": ("seed",), "export": ("format", "opset"), "quantize": ("precision",), "verify": ("threads",),
+    "gates": ("max_size_mb", "max_latency_ms"),
+}
+
+
+def set_keys(recipe: BaseModel, prefix: str = "") -> set[str]:
+    """The dotted keys a recipe sets itself (in its file, or as arguments), not those left to defaults."""
+    keys = set()
+    for name in recipe.model_fields_set:
+        value = getattr(recipe, name)
+        keys |= set_keys(value, f"{prefix}{name}.") if isinstance(value, BaseModel) else {prefix + name}
+    return keys
+
+
+def _reads(adapter: Family, key: str) -> bool:
+    section, _, name = key.rpartition(".")
+    family = dict(adapter.settings)
+    family["gates"] = (*family.get("gates", ()), *adapter.accuracy_gates)  # type: ignore[misc]
+    return name in COMMON_SETTINGS.get(section, ()) or family.get(section) == "*" or name in family.get(section, ())
+
+
+def refuse_irrelevant(adapter: Family, keys: set[str], where: str) -> None:
+    """A key the family does not read would be recorded as if it ran: refuse it, naming where it was set."""
+    ignored = sorted(k for k in keys if not _reads(adapter, k))
+    if ignored:
+        raise UsageError(f"{where}: {', '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} not apply to "
+                         f"{adapter.name} models (see `edgekit build --help` and the README's recipe sections)")
+
+
+def _dotted(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and key != "ranks":  # lowrank.ranks is one value: a table of layers
+            flat |= _dotted(value, f"{prefix}{key}.")
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def plan(adapter: Family, target: Target, recipe: str | Path | Recipe | None,
+         flags: dict[str, Any]) -> tuple[Recipe, dict[str, str], Path | None]:
+    """The resolved recipe from five layers (edgekit's defaults < the target's < the family's < the recipe file
+    < flags), where each value came from, and the recipe file, if one was named."""
+    recipe_file = Path(recipe) if isinstance(recipe, (str, Path)) else None
+    given = recipe if isinstance(recipe, Recipe) else load_recipe(recipe_file) if recipe_file else Recipe()
+    file_keys = set_keys(given)
+    flag_keys = {key for key, value in flags.items() if value is not None}
+    refuse_irrelevant(adapter, file_keys, str(recipe_file) if recipe_file else "recipe")
+    refuse_irrelevant(adapter, flag_keys, "options")
+    family_keys = {key for key in adapter.recipe_defaults if key not in file_keys}
+    unresolved = with_overrides(with_defaults(given, adapter.recipe_defaults), flags)
+    resolved = resolve(unresolved, target, adapter)
+    before = _dotted(unresolved.model_dump())
+    origins = {}
+    for key, value in _dotted(resolved.model_dump()).items():
+        origins[key] = ("flag" if key in flag_keys else "recipe file" if key in file_keys
+                        else "family" if key in family_keys else "target" if before.get(key) != value else "default")
+    return resolved, origins, recipe_file

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
+from edgekit.api import build
 from edgekit.families import llm
+from edgekit.families.llm_adapter import quantize_lm, torch_greedy
 from edgekit.passes.eora import Compensated, eora, output_error
 from edgekit.passes.export_llm import export_lm, pack_codes
 from edgekit.passes.sequential import WeightScheme
 from edgekit.passes.weightonly import block_size, gptq, rtn
-from edgekit.pipeline import build
-from edgekit.pipeline_llm import quantize_lm, torch_greedy
 from edgekit.runtimes.onnx_lm import OnnxCausalLM
 
 from .conftest import TinyNet
@@ -165,8 +165,8 @@ def test_integer_graph_computes_what_the_quantized_torch_model_does(scheme: Weig
 
 
 def test_width_and_depth_pruning_keep_the_model_runnable_and_exportable() -> None:
+    from edgekit.families.llm_adapter import prune_lm
     from edgekit.passes.distill import distill, next_token_kl
-    from edgekit.pipeline_llm import prune_lm
     from edgekit.progress import Progress
 
     teacher = _tiny_llama(tie=False)
@@ -240,8 +240,7 @@ def test_build_int4_eora_tiny_llama_is_verified_in_onnxruntime(tiny_lm_folder: P
     assert report["latency_ms"]["estimated_target"]["label"] == "estimated"
     assert report["latency_ms"]["estimated_target"]["decode_bound"] in ("memory", "compute")
     gate = next(g for g in report["gates"] if g["name"] == "max_ppl_ratio")
-    assert gate["value"] == accuracy["ppl_ratio"] and gate["status"] in ("passed", "failed")
-    assert result.exit_code == (1 if result.failed_gates else 0)
+    assert gate["value"] == accuracy["ppl_ratio"] and gate["status"] == ("passed" if gate["value"] <= 1.5 else "failed")
     manifest = json.loads((result.out / "manifest.json").read_text())
     assert manifest["outputs"]["model.onnx"]["sha256"] == report["artifact"]["sha256"]
     assert (result.out / "tokenizer" / "tokenizer.json").is_file()
@@ -259,11 +258,11 @@ def test_depth_pruned_build_reports_the_exported_models_cache(tiny_lm_folder: Pa
 def test_language_model_usage_errors(tiny_lm_folder: Path) -> None:
     from edgekit.errors import UsageError
 
-    with pytest.raises(UsageError, match="ONNX"):
+    with pytest.raises(UsageError, match="llm models export to onnx"):
         build(tiny_lm_folder, "android-arm64", format="tflite", quiet=True)
     with pytest.raises(UsageError, match="power of two"):
         build(tiny_lm_folder, "x86-64", quiet=True, overrides={"weights.group_size": 48})
-    with pytest.raises(UsageError, match="block-wise distillation .* is for segmenter encoders"):
+    with pytest.raises(UsageError, match="distill.scope does not apply to llm models"):
         build(tiny_lm_folder, "x86-64", quiet=True, overrides={"distill.scope": "blocks", "distill.steps": 5})
     with pytest.raises(UsageError, match="int4 is not supported for classifier"):
         build(TinyNet(), "x86-64", precision="int4", quiet=True)

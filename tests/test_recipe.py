@@ -6,16 +6,19 @@ from pathlib import Path
 import pytest
 
 from edgekit.errors import UsageError
+from edgekit.families import FAMILIES
 from edgekit.recipe import Recipe, load_recipe, resolve, with_overrides
 from edgekit.targets import load_target
 
+CLASSIFIER = FAMILIES["classifier"]
+
 
 def test_defaults_come_from_family_and_target() -> None:
-    jetson = resolve(Recipe(), load_target("jetson"), "classifier")
+    jetson = resolve(Recipe(), load_target("jetson"), CLASSIFIER)
     assert (jetson.quantize.precision, jetson.export.format, jetson.export.opset) == ("fp16", "onnx", 17)
     assert jetson.verify.threads == 6
     assert jetson.gates.max_top1_drop_pt == 1.0
-    pi = resolve(Recipe(), load_target("raspberry-pi-5"), "classifier")
+    pi = resolve(Recipe(), load_target("raspberry-pi-5"), CLASSIFIER)
     assert pi.quantize.precision == "fp32" and pi.verify.threads == 4
 
 
@@ -23,7 +26,7 @@ def test_file_then_flags_override(tmp_path: Path) -> None:
     path = tmp_path / "r.toml"
     path.write_text('[quantize]\nprecision = "fp32"\n[gates]\nmax_size_mb = 3.5\n[verify]\nruns = 7\n')
     recipe = with_overrides(load_recipe(path), {"verify.runs": 9, "gates.max_top1_drop_pt": None, "seed": 3})
-    plan = resolve(recipe, load_target("jetson"), "classifier")
+    plan = resolve(recipe, load_target("jetson"), CLASSIFIER)
     assert plan.quantize.precision == "fp32"  # the file beats the target default
     assert plan.verify.runs == 9 and plan.seed == 3  # flags beat the file
     assert plan.gates.max_size_mb == 3.5 and plan.gates.min_top1_agreement == 0.95  # target budget fills the rest
@@ -42,22 +45,22 @@ def test_bad_recipe_names_file_and_key(tmp_path: Path) -> None:
 
 def test_refuses_what_this_build_cannot_produce() -> None:
     with pytest.raises(UsageError, match=r"coral-edgetpu does not run onnx models \(it takes: tflite\)"):
-        resolve(with_overrides(Recipe(), {"export.format": "onnx"}), load_target("coral"), "classifier")
+        resolve(with_overrides(Recipe(), {"export.format": "onnx"}), load_target("coral"), CLASSIFIER)
     with pytest.raises(UsageError, match="dynamic-range int8 is a TFLite precision"):
-        resolve(with_overrides(Recipe(), {"quantize.int8_mode": "dynamic"}), load_target("x86-64"), "classifier")
+        resolve(with_overrides(Recipe(), {"quantize.int8_mode": "dynamic"}), load_target("x86-64"), CLASSIFIER)
     with pytest.raises(UsageError, match="x86-64 does not run tflite"):
-        resolve(with_overrides(Recipe(), {"export.format": "tflite"}), load_target("x86-64"), "classifier")
+        resolve(with_overrides(Recipe(), {"export.format": "tflite"}), load_target("x86-64"), CLASSIFIER)
     with pytest.raises(UsageError, match="TFLite int8 calibrates with mse, mean-minmax, minmax, not entropy"):
         resolve(with_overrides(Recipe(), {"quantize.precision": "int8", "quantize.calibration": "entropy"}),
-                load_target("coral"), "classifier")
+                load_target("coral"), CLASSIFIER)
 
 
 def test_int8_activation_form_follows_the_target_runtime() -> None:
     int8 = with_overrides(Recipe(), {"quantize.precision": "int8"})
-    assert resolve(int8, load_target("jetson"), "classifier").quantize.activations == "int8-symmetric"
-    assert resolve(int8, load_target("raspberry-pi-5"), "classifier").quantize.activations == "uint8"
+    assert resolve(int8, load_target("jetson"), CLASSIFIER).quantize.activations == "int8-symmetric"
+    assert resolve(int8, load_target("raspberry-pi-5"), CLASSIFIER).quantize.activations == "uint8"
     mine = with_overrides(int8, {"quantize.activations": "int8-symmetric"})
-    assert resolve(mine, load_target("x86-64"), "classifier").quantize.activations == "int8-symmetric"
+    assert resolve(mine, load_target("x86-64"), CLASSIFIER).quantize.activations == "int8-symmetric"
 
 
 def test_family_defaults_fill_only_what_the_recipe_leaves_unset(tmp_path) -> None:

@@ -121,7 +121,7 @@ def test_inspect_describes_the_image_encoder(capsys: pytest.CaptureFixture[str])
 
 
 def test_miou_against_known_masks() -> None:
-    from edgekit.pipeline_sam import _compare
+    from edgekit.families.segmenter_adapter import _compare
 
     truth = np.zeros((4, 4), bool)
     truth[:2] = True  # 8 pixels

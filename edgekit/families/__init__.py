@@ -8,8 +8,8 @@ from edgekit.errors import UsageError
 from edgekit.families.base import Family, LoadedModel, LoadOptions, Samples
 from edgekit.families.classifier import ClassifierFamily
 from edgekit.families.detector import DetectorFamily
-from edgekit.families.llm import LanguageModelFamily
-from edgekit.families.segmenter import SegmenterFamily
+from edgekit.families.llm_adapter import LanguageModelFamily
+from edgekit.families.segmenter_adapter import SegmenterFamily
 
 # in the order they are asked: an Ultralytics .pt is a detector before it is a classifier's state dict
 FAMILIES: dict[str, Family] = {"llm": LanguageModelFamily(), "segmenter": SegmenterFamily(),

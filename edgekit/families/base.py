@@ -1,17 +1,24 @@
-"""What every family adapter provides: the only family-aware code in edgekit lives behind this interface."""
+"""What every family adapter provides: the only family-aware code in edgekit lives behind this interface.
+
+The build (`pipeline.run`) is one skeleton for every family: load → data → reference → compress → export →
+verify → report. Each step asks the adapter what it means for its family, and the adapter answers with the
+family's own objects (images and labels, text windows, frames with instance masks) that only it reads.
+"""
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 import numpy as np
 
 if TYPE_CHECKING:
     import onnx
     import torch
+
+    from edgekit.context import BuildContext
 
 
 @dataclass
@@ -23,9 +30,18 @@ class LoadOptions:
     input_size: int | None = None
 
 
+class Loaded(Protocol):
+    """A loaded model of any family: what the report, the manifest and cache keys name it by."""
+
+    name: str
+    source: str
+    fingerprint: str
+    details: dict[str, Any]
+
+
 @dataclass
 class LoadedModel:
-    """A model ready for the pipeline: a torch module, or an ONNX graph when the input was ONNX."""
+    """An image model ready for the pipeline: a torch module, or an ONNX graph when the input was ONNX."""
 
     name: str
     family: str
@@ -56,41 +72,83 @@ class Samples:
         return len(self.files)
 
 
+@dataclass
+class Artifact:
+    """What export wrote: its files (the artifact first), and what the report says of them."""
+
+    files: dict[str, bytes]  # the model files: the artifact first (a segmenter's decoder after it); their size counts
+    format: str
+    precision: str
+    extras: dict[str, bytes] = field(default_factory=dict)  # files beside them (a tokenizer), hashed, not counted
+    details: dict[str, Any] = field(default_factory=dict)  # the report's artifact block beyond file, size, hash
+    quantization: dict[str, Any] | None = None
+    analysis: Any = None  # the artifact's analysis (passes.analyze), for the estimate and the report
+    reference_analysis: Any = None  # the same of the original (or its float export), beside it in the report
+    deploy: dict[str, str] | None = None  # how the device's engine takes it, where it needs a step of its own
+
+    @property
+    def file(self) -> str:
+        return next(iter(self.files))
+
+    @property
+    def main(self) -> bytes:
+        return self.files[self.file]
+
+
+@dataclass
+class Verification:
+    """The artifact run in its runtime on held-out data against the original."""
+
+    accuracy: dict[str, Any]  # the family's metrics, with a one-line `summary`
+    latency: dict[str, Any]  # measured_host, estimated_target (each labelled), and the family's extras
+    io: dict[str, Any] = field(default_factory=dict)  # the artifact's inputs and outputs
+    ops: dict[str, Any] | None = None  # op placement on the target's accelerator, where checked
+
+
+Section = tuple[str, ...] | Literal["*"]
+
+
 class Family(Protocol):
+    """A model family: how to recognise, load, feed, compress, export and verify its models."""
+
     name: str
-    recipe_defaults: dict[str, Any]  # dotted recipe keys this family sets unless the recipe does
-    headline: tuple[str, ...]  # metrics of `compare` a report and the INT8 search carry at their top level
+    headline: tuple[str, ...]  # metrics of the accuracy block a report also carries at its top level
+    recipe_defaults: ClassVar[dict[str, Any]]  # dotted recipe keys this family sets unless the recipe does
+    # recipe sections (and their keys, or "*" for all) this family reads beyond the common ones
+    # (recipe.COMMON_SETTINGS); a key set outside them is refused rather than recorded as if it ran
+    settings: ClassVar[dict[str, Section]]
+    # gate name -> (the accuracy metric it reads, what that metric is measured on, why it can be missing)
+    accuracy_gates: ClassVar[dict[str, tuple[str, str, str]]]
+    precisions: tuple[str, ...]  # artifact precisions this family builds
+    formats: tuple[str, ...]  # artifact formats this family exports
+    device_verifiable: bool  # whether `edgekit agent` on a board can run its artifact and answer
 
     def claims(self, source: object, options: LoadOptions) -> bool:
         """True when this family recognises the model source."""
 
-    def load(self, source: object, options: LoadOptions) -> LoadedModel:
-        """Load the model; bad input raises UsageError."""
+    def load(self, source: object, options: LoadOptions, cache_root: Path | None = None) -> Loaded:
+        """Load the model (converted weights may be kept under `cache_root`); bad input raises UsageError."""
 
-    def samples(self, model: LoadedModel, files: list[Path], root: Path | None) -> Samples:
-        """Preprocess files the way the model expects; labels from `root`'s layout where it has them."""
+    def data(self, model: Any, ctx: BuildContext) -> Any:
+        """Calibration and held-out data in the family's form, with `record()` naming them for the manifest."""
 
-    def prune_keep(self, module: torch.nn.Module) -> list[torch.nn.Module]:
-        """Layers whose output channels structured pruning must keep."""
+    def reference(self, model: Any, data: Any, ctx: BuildContext) -> Any:
+        """The original model's outputs on the held-out data (cached by content)."""
 
-    def distill_targets(self, module: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-        """What distillation makes the student reproduce: the family's outputs before any decoding."""
+    def compress(self, model: Any, data: Any, ctx: BuildContext) -> Any:
+        """What export takes: the model, or a pruned / distilled / searched copy; steps record into ctx.sections."""
 
-    def distill_loss(self, student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
-        """How far the student's `distill_targets` are from the teacher's (0 when they match)."""
+    def export(self, compressed: Any, model: Any, data: Any, reference: Any, ctx: BuildContext) -> Artifact:
+        """The artifact's files at the recipe's format and precision."""
 
-    def int8_float_nodes(self, graph: onnx.ModelProto) -> list[str]:
-        """Nodes of `graph` every INT8 build keeps in float: parts of this family known to break in INT8."""
+    def verify(self, artifact: Artifact, model: Any, data: Any, reference: Any, ctx: BuildContext) -> Verification:
+        """Run the artifact in its runtime on the held-out data; compare with the reference; time it."""
 
-    def tflite_float_ops(self, ops: list[tuple[str, str]]) -> list[str]:
-        """Of a TFLite graph's ops, as (op type, output tensor name) in graph order, the outputs of those an INT8
-        build keeps in float where the target runs float ops: the TFLite side of `int8_float_nodes`."""
+    def on_device(self, artifact: Artifact, data: Any, reference: Any, ctx: BuildContext) -> dict[str, Any]:
+        """The report's `device` block: the artifact run on the board through its agent (device_verifiable)."""
 
-    def compare(
-        self, reference: np.ndarray, artifact: np.ndarray, labels: np.ndarray | None
-    ) -> dict[str, Any]:
-        """Task metrics of the artifact against the reference outputs (and labels, if any), with a one-line
-        `summary` for progress and the command's output."""
+    def inspect(self, source: object, options: LoadOptions) -> dict[str, Any]:
+        """Parameters, MACs and the per-layer table of what the family would build, without building."""
 
 
 def module_fingerprint(module: torch.nn.Module) -> str:

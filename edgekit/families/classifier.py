@@ -16,11 +16,11 @@ import numpy as np
 from edgekit.data import file_sha256
 from edgekit.errors import UsageError, first_line
 from edgekit.families.base import LoadedModel, LoadOptions, Samples, module_fingerprint
+from edgekit.families.image import ImageFamily
 from edgekit.passes.distill import mse
 from edgekit.resources import imagenet_synsets
 
 if TYPE_CHECKING:
-    import onnx
     import torch
 
 IMAGENET_MEAN = [123.675, 116.28, 103.53]
@@ -126,10 +126,13 @@ def _load_weights(module: torch.nn.Module, state: dict[str, Any], path: Path, ar
     module.load_state_dict(state)
 
 
-class ClassifierFamily:
+class ClassifierFamily(ImageFamily):
     name = "classifier"
-    recipe_defaults: ClassVar[dict[str, Any]] = {}
     headline = ("top1_agreement", "top1_drop_pt", "top1_reference", "top1_artifact")
+    accuracy_gates: ClassVar[dict[str, tuple[str, str, str]]] = {
+        "max_top1_drop_pt": ("top1_drop_pt", "held-out labels", "no labels in the held-out set"),
+        "min_top1_agreement": ("top1_agreement", "held-out images vs the original", "no agreement measured"),
+    }
 
     def claims(self, source: object, options: LoadOptions) -> bool:
         if isinstance(source, (str, Path)):
@@ -137,7 +140,7 @@ class ClassifierFamily:
             return text in NAMED_WEIGHTS or Path(text).suffix.lower() in TORCH_SUFFIXES | {".onnx"}
         return _is_torch_module(source)
 
-    def load(self, source: object, options: LoadOptions) -> LoadedModel:
+    def load(self, source: object, options: LoadOptions, cache_root: Path | None = None) -> LoadedModel:
         if not isinstance(source, (str, Path)):
             return self._from_module(source, options)
         text = str(source)
@@ -232,11 +235,8 @@ class ClassifierFamily:
     def distill_loss(self, student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
         return mse(student, teacher)
 
-    def int8_float_nodes(self, graph: onnx.ModelProto) -> list[str]:
-        return []  # the sensitivity pass and the accuracy gates decide
-
-    def tflite_float_ops(self, ops: list[tuple[str, str]]) -> list[str]:
-        return []  # a classifier's scores share one range: the range search and layer refit serve it whole
+    # int8_float_nodes, tflite_float_ops: none. The sensitivity pass and the accuracy gates decide; a
+    # classifier's scores share one range, which the range search and layer refit serve whole.
 
     def compare(self, reference: np.ndarray, artifact: np.ndarray, labels: np.ndarray | None) -> dict[str, Any]:
         ref_top1, art_top1 = reference.argmax(axis=1), artifact.argmax(axis=1)

@@ -26,6 +26,7 @@ import numpy as np
 from edgekit.data import file_sha256
 from edgekit.errors import UsageError
 from edgekit.families.base import LoadedModel, LoadOptions, Samples, module_fingerprint
+from edgekit.families.image import ImageFamily
 
 if TYPE_CHECKING:
     import onnx
@@ -74,7 +75,7 @@ def _export_form(model: torch.nn.Module, size: int) -> torch.nn.Module:
     return model
 
 
-class DetectorFamily:
+class DetectorFamily(ImageFamily):
     name = "detector"
     # 640 px frames: fewer calibration and probe images cover the ranges; empirical bias correction, estimated
     # on a few frames, moved YOLO11n's INT8 mAP50-95 on coco128 from 0.81 to 2.8 points below the original;
@@ -89,6 +90,9 @@ class DetectorFamily:
                                                  "quantize.range_sweeps": 0, "quantize.refit": False}
     headline = ("box_agreement", "map50_95_reference", "map50_95_artifact", "map50_95_drop_pt", "map50_reference",
                 "map50_artifact")
+    accuracy_gates: ClassVar[dict[str, tuple[str, str, str]]] = {
+        "max_map_drop_pt": ("map50_95_drop_pt", "held-out boxes (mAP50-95)", "no boxes in the held-out set"),
+    }
 
     def claims(self, source: object, options: LoadOptions) -> bool:
         if isinstance(source, (str, Path)):
@@ -97,7 +101,7 @@ class DetectorFamily:
                     or (path.suffix.lower() == ".pt" and path.is_file() and _is_ultralytics_checkpoint(path)))
         return type(source).__name__ == "DetectionModel"
 
-    def load(self, source: object, options: LoadOptions) -> LoadedModel:
+    def load(self, source: object, options: LoadOptions, cache_root: Path | None = None) -> LoadedModel:
         os.environ.setdefault("YOLO_OFFLINE", "1")  # no update checks, downloads or telemetry
         from ultralytics.utils import LOGGER
 

@@ -19,11 +19,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 from edgekit.data import file_sha256
 from edgekit.errors import UsageError
-from edgekit.families.base import LoadOptions
 
 if TYPE_CHECKING:
     import torch
@@ -56,7 +55,7 @@ def _package_file(package: str, inner: str, install: str, what: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / inner
 
 
-def _is_causal_lm_folder(path: Path) -> bool:
+def is_causal_lm_folder(path: Path) -> bool:
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
@@ -93,57 +92,46 @@ def _from_gguf(gguf: Path, cache_root: Path | None) -> Path:
     return folder
 
 
-class LanguageModelFamily:
-    name = "llm"
-    # one ONNX graph with a key/value cache; weight-only int4 is what small LMs ship at on phones and boards
-    recipe_defaults: ClassVar[dict[str, Any]] = {"export.format": "onnx", "quantize.precision": "int4",
-                                                 "gates.max_ppl_ratio": 1.2}
-    headline = ("ppl_reference", "ppl_artifact", "ppl_ratio", "next_token_agreement", "generation_agreement")
+def load_lm(source: str | Path, cache_root: Path | None) -> LoadedLM:
+    """Load a named model, a GGUF file or a Hugging Face folder in float32 with eager attention (exportable)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    def claims(self, source: object, options: LoadOptions) -> bool:
-        if not isinstance(source, (str, Path)):
-            return False
-        path = Path(source)
-        return str(source) in NAMED or path.suffix.lower() == ".gguf" or (path.is_dir() and _is_causal_lm_folder(path))
+    path = _package_file(*NAMED[str(source)], str(source)) if str(source) in NAMED else Path(source)
+    if not path.exists():
+        raise UsageError(f"model not found: {path}")
+    if path.suffix.lower() == ".gguf":
+        fingerprint, folder = file_sha256(path), _from_gguf(path, cache_root)
+    elif is_causal_lm_folder(path):
+        fingerprint, folder = _folder_fingerprint(path), path
+    else:
+        raise UsageError(f"{path} is neither a GGUF file nor a Hugging Face causal-LM folder (config.json)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        module = AutoModelForCausalLM.from_pretrained(folder, dtype="float32", attn_implementation="eager")
+    except (OSError, ValueError) as err:
+        raise UsageError(f"cannot load {path} with transformers: {err}") from None
+    module.eval()
+    layers = _submodule(module, "model.layers")
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise UsageError(f"{path}: edgekit's LLM family takes Llama-style decoders (model.layers); "
+                         f"{type(module).__name__} has none")
+    missing = sorted({name for layer in layers for name in LINEARS
+                      if not isinstance(_submodule(layer, name), torch.nn.Linear)})
+    if missing:
+        raise UsageError(f"{path}: edgekit's LLM family takes Llama-style decoder blocks; {type(module).__name__}"
+                         f"'s blocks lack {', '.join(missing)}")
+    config = module.config
+    name = str(source) if str(source) in NAMED else path.stem if path.is_file() else path.name
+    details = {"architecture": type(module).__name__, "layers": config.num_hidden_layers,
+               "hidden_size": config.hidden_size, "heads": config.num_attention_heads,
+               "kv_heads": config.num_key_value_heads, "vocab_size": config.vocab_size,
+               "params": sum(p.numel() for p in module.parameters()),
+               "tied_embeddings": bool(getattr(config, "tie_word_embeddings", False))}
+    return LoadedLM(name=name, source=str(path), fingerprint=fingerprint, module=module, tokenizer=tokenizer,
+                    details=details)
 
-    def load(self, source: str | Path, cache_root: Path | None) -> LoadedLM:
-        """Load a named model, a GGUF file or a Hugging Face folder in float32 with eager attention (exportable)."""
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        path = _package_file(*NAMED[str(source)], str(source)) if str(source) in NAMED else Path(source)
-        if not path.exists():
-            raise UsageError(f"model not found: {path}")
-        if path.suffix.lower() == ".gguf":
-            fingerprint, folder = file_sha256(path), _from_gguf(path, cache_root)
-        elif _is_causal_lm_folder(path):
-            fingerprint, folder = _folder_fingerprint(path), path
-        else:
-            raise UsageError(f"{path} is neither a GGUF file nor a Hugging Face causal-LM folder (config.json)")
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(folder)
-            module = AutoModelForCausalLM.from_pretrained(folder, dtype="float32", attn_implementation="eager")
-        except (OSError, ValueError) as err:
-            raise UsageError(f"cannot load {path} with transformers: {err}") from None
-        module.eval()
-        layers = _submodule(module, "model.layers")
-        if not isinstance(layers, torch.nn.ModuleList):
-            raise UsageError(f"{path}: edgekit's LLM family takes Llama-style decoders (model.layers); "
-                             f"{type(module).__name__} has none")
-        missing = sorted({name for layer in layers for name in LINEARS
-                          if not isinstance(_submodule(layer, name), torch.nn.Linear)})
-        if missing:
-            raise UsageError(f"{path}: edgekit's LLM family takes Llama-style decoder blocks; {type(module).__name__}"
-                             f"'s blocks lack {', '.join(missing)}")
-        config = module.config
-        name = str(source) if str(source) in NAMED else path.stem if path.is_file() else path.name
-        details = {"architecture": type(module).__name__, "layers": config.num_hidden_layers,
-                   "hidden_size": config.hidden_size, "heads": config.num_attention_heads,
-                   "kv_heads": config.num_key_value_heads, "vocab_size": config.vocab_size,
-                   "params": sum(p.numel() for p in module.parameters()),
-                   "tied_embeddings": bool(getattr(config, "tie_word_embeddings", False))}
-        return LoadedLM(name=name, source=str(path), fingerprint=fingerprint, module=module, tokenizer=tokenizer,
-                        details=details)
 
 
 def _submodule(module: torch.nn.Module, name: str) -> torch.nn.Module | None:

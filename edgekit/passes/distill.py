@@ -167,3 +167,9 @@ def _fit_block(block: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, train: 
         block.load_state_dict(start)
         return False
     return True
+
+
+def distilled(done: dict[str, Any], loss: str) -> str:
+    """A distillation's one-line account for the progress display."""
+    return (f"{done['steps']} steps, probe {loss} {done['probe_loss_before']:.4g} -> {done['probe_loss_after']:.4g}"
+            + (" (worse: reverted)" if done["reverted"] else ""))

@@ -6,23 +6,17 @@ from typing import Any
 
 from edgekit.targets import Budgets
 
-# accuracy gate -> (the family metric it reads, what that metric is measured on, why it can be missing)
-ACCURACY_GATES = {
-    "max_top1_drop_pt": ("top1_drop_pt", "held-out labels", "no labels in the held-out set"),
-    "min_top1_agreement": ("top1_agreement", "held-out images vs the original", "no agreement measured"),
-    "max_map_drop_pt": ("map50_95_drop_pt", "held-out boxes (mAP50-95)", "no boxes in the held-out set"),
-    "max_ppl_ratio": ("ppl_ratio", "held-out text (perplexity vs the original's)", "no perplexity measured"),
-    "max_miou_drop_pt": ("miou_drop_pt", "held-out instance polygons (box prompts)", "no instance polygons"),
-}
+# accuracy gate -> (the family metric it reads, what that metric is measured on, why it can be missing);
+# each family adapter names its own (`Family.accuracy_gates`)
+AccuracyGates = dict[str, tuple[str, str, str]]
 
 
-def check_gates(gates: Budgets, metrics: dict[str, Any], *, size_bytes: int | None = None,
-                latency_ms: float | None = None, latency_basis: str = "",
+def check_gates(gates: Budgets, accuracy_gates: AccuracyGates, metrics: dict[str, Any], *,
+                size_bytes: int | None = None, latency_ms: float | None = None, latency_basis: str = "",
                 fallback_ops: int | None = None) -> list[dict[str, Any]]:
-    """One entry per set gate: status passed, failed or not_checked (with the reason). An accuracy gate whose
-    metric the model's family does not measure (top-1 for a detector) is left out."""
-    checks = {name: (metrics.get(key), basis, missing) for name, (key, basis, missing) in ACCURACY_GATES.items()
-              if key in metrics}
+    """One entry per set gate: status passed, failed or not_checked (with the reason). An accuracy gate of
+    another family (top-1 for a detector, set by the target's budgets for every family) is left out."""
+    checks = {name: (metrics.get(key), basis, missing) for name, (key, basis, missing) in accuracy_gates.items()}
     checks |= {
         "max_size_mb": (None if size_bytes is None else size_bytes / 1e6, "artifact file", "no artifact size"),
         "max_latency_ms": (latency_ms, latency_basis, "no latency figure for the target"),
@@ -45,9 +39,9 @@ def check_gates(gates: Budgets, metrics: dict[str, Any], *, size_bytes: int | No
     return results
 
 
-def accuracy_shortfall(gates: Budgets, metrics: dict[str, Any]) -> float:
+def accuracy_shortfall(gates: Budgets, accuracy_gates: AccuracyGates, metrics: dict[str, Any]) -> float:
     """How far `metrics` miss the accuracy gates, in points summed over the gates (0: they all hold or cannot be
     checked; size and latency are not judged). Agreement counts in percentage points."""
-    accuracy_only = Budgets(**{k: v for k, v in gates.model_dump().items() if k in ACCURACY_GATES})
-    missed = [r for r in check_gates(accuracy_only, metrics) if r["status"] == "failed"]
+    accuracy_only = Budgets(**{k: v for k, v in gates.model_dump().items() if k in accuracy_gates})
+    missed = [r for r in check_gates(accuracy_only, accuracy_gates, metrics) if r["status"] == "failed"]
     return sum(abs(r["value"] - r["limit"]) * (100 if r["name"].startswith("min_") else 1) for r in missed)

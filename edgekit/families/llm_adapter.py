@@ -1,28 +1,29 @@
-"""The build for language models: load → text → reference → [prune → distill] → quantize (+ EoRA) → export →
-verify (perplexity, greedy generation, prefill and decode timings) → report.
+"""Language models (Llama-style decoders) as an adapter: text instead of images, perplexity instead of top-1.
 
-Compression runs one decoder block at a time on calibration text; the artifact is one ONNX graph with a
-key/value cache that onnxruntime both prefills and decodes with. Everything the report says about accuracy
-comes from running that graph on held-out text.
+data: calibration windows, held-out windows and prompts → reference: the original's held-out NLL and greedy
+tokens → compress: FLAP width / depth pruning and distillation → export: weight-only GPTQ/RTN (+ EoRA), one
+ONNX graph with a key/value cache that onnxruntime both prefills and decodes with → verify: perplexity, greedy
+agreement, prefill and decode timings. Compression runs one decoder block at a time on calibration text;
+everything the report says about accuracy comes from running the exported graph on held-out text.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import platform
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from edgekit import __version__
 from edgekit.cache import ArrayCache
-from edgekit.data import file_sha256
 from edgekit.errors import UsageError
 from edgekit.families import llm
-from edgekit.passes.distill import distill, next_token_kl
+from edgekit.families.base import Artifact, LoadOptions, Section, Verification
+from edgekit.passes.distill import distill, distilled, next_token_kl
 from edgekit.passes.export import set_metadata
 from edgekit.passes.export_llm import export_lm
 from edgekit.passes.prune_llm import block_importance, prune_width
@@ -30,12 +31,13 @@ from edgekit.passes.quantize import to_fp16
 from edgekit.passes.sequential import BATCH, Covariance, WeightScheme, compress_blocks, compress_linear
 from edgekit.passes.weightonly import rtn
 from edgekit.progress import Progress
-from edgekit.recipe import Recipe
-from edgekit.report.manifest import package_versions
 from edgekit.runtimes.onnx_lm import OnnxCausalLM, window_nll
-from edgekit.targets import Target
 from edgekit.verify.estimate_lm import estimate_lm, kernels
 from edgekit.verify.latency import host_description
+
+if TYPE_CHECKING:
+    from edgekit.context import BuildContext
+    from edgekit.recipe import Recipe
 
 BITS = {"int4": 4, "int8": 8}
 
@@ -46,6 +48,10 @@ class Text:
     evaluation: Any
     prompts: Any
     source: str
+
+    def record(self) -> dict[str, Any]:
+        """How the manifest names the text."""
+        return {"text": {"source": self.source, "sha256": self.digest()}}
 
     def digest(self) -> str:
         import hashlib
@@ -225,155 +231,186 @@ def _weight_bytes(graph: Any) -> tuple[int, int]:
     return sum(sizes.values()), max(gathered, default=0)
 
 
-def build_lm(source: object, adapter: llm.LanguageModelFamily, device: Target, plan: Recipe, *,
-             calib: str | Path | None, eval_text: str | Path | None, threads: int, cache: ArrayCache,
-             staging: Path, notes: list[str], progress: Progress,
-             given: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Run the language-model stages into `staging`; returns the report (gates not yet judged) and the manifest
-    (outputs not yet hashed)."""
-    import torch
+def generate(folder: Path, report: dict[str, Any], prompt: str, new_tokens: int, threads: int) -> dict[str, Any]:
+    """Greedy continuation of `prompt` by a built language-model artifact, through its key/value cache."""
+    from transformers import AutoTokenizer
 
-    if plan.export.format != "onnx":
-        raise UsageError("language models export to ONNX (one graph with a key/value cache); use --format onnx")
-    precision = plan.quantize.precision  # resolve() admitted only fp32, fp16, int8, int4 for this family
-    with progress.stage("load") as record:
-        loaded = adapter.load(source, cache.root)
-        record["note"] = f"{loaded.details['params'] / 1e6:.1f} M params, {loaded.details['layers']} blocks"
-    with progress.stage("text") as record:
-        text = load_text(loaded, plan, calib, eval_text)
-        record["note"] = (f"calibration {tuple(text.calibration.shape)}, held-out {tuple(text.evaluation.shape)} "
-                          f"tokens, {len(text.prompts)} prompts: {text.source}")
-    torch.set_num_threads(threads)
-    with progress.stage("reference") as record:
-        ref = reference(loaded, text, plan.text.new_tokens, cache, progress)
-        record["note"] = "original model in torch: held-out NLL, greedy tokens"
-    module = copy.deepcopy(loaded.module)
-    compression: dict[str, Any] = {}
-    if plan.prune.ratio or plan.prune.blocks:
+    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    ids = np.array(tokenizer(prompt, add_special_tokens=False)["input_ids"], dtype=np.int64)
+    if ids.size == 0:
+        raise UsageError("the prompt encodes to no tokens")
+    runner = OnnxCausalLM((folder / report["artifact"]["file"]).read_bytes(), threads)
+    run = runner.greedy(ids, new_tokens)
+    decode = float(np.median(run["decode_ms"])) if run["decode_ms"] else None
+    return {"text": tokenizer.decode(run["tokens"]), "tokens": run["tokens"], "prefill_ms": run["prefill_ms"],
+            "tokens_per_s": 1e3 / decode if decode else float("nan"), "runtime": runner.description}
+
+
+class LanguageModelFamily:
+    name = "llm"
+    # one ONNX graph with a key/value cache; weight-only int4 is what small LMs ship at on phones and boards
+    recipe_defaults: ClassVar[dict[str, Any]] = {"export.format": "onnx", "quantize.precision": "int4",
+                                                 "gates.max_ppl_ratio": 1.2}
+    settings: ClassVar[dict[str, Section]] = {
+        "weights": "*", "lowrank": "*", "text": "*", "prune": ("ratio", "blocks"),
+        "distill": ("steps", "seconds", "lr", "batch", "images"),
+    }
+    accuracy_gates: ClassVar[dict[str, tuple[str, str, str]]] = {
+        "max_ppl_ratio": ("ppl_ratio", "held-out text (perplexity vs the original's)", "no perplexity measured"),
+    }
+    headline = ("ppl_reference", "ppl_artifact", "ppl_ratio", "next_token_agreement", "generation_agreement")
+    precisions = ("fp32", "fp16", "int8", "int4")  # int4 and int8 are weight-only
+    formats = ("onnx",)
+    device_verifiable = False  # verified here: the agent runs one-tensor image models
+
+    def claims(self, source: object, options: LoadOptions) -> bool:
+        if not isinstance(source, (str, Path)):
+            return False
+        path = Path(source)
+        return (str(source) in llm.NAMED or path.suffix.lower() == ".gguf"
+                or (path.is_dir() and llm.is_causal_lm_folder(path)))
+
+    def load(self, source: object, options: LoadOptions, cache_root: Path | None = None) -> llm.LoadedLM:
+        if not isinstance(source, (str, Path)):
+            raise UsageError("language models are given as a folder, a GGUF file or a name (e.g. smollm2-135m)")
+        return llm.load_lm(source, cache_root)
+
+    def data(self, model: llm.LoadedLM, ctx: BuildContext) -> Text:
+        with ctx.progress.stage("text") as record:
+            text = load_text(model, ctx.plan, ctx.calib, ctx.eval)
+            record["note"] = (f"calibration {tuple(text.calibration.shape)}, held-out {tuple(text.evaluation.shape)} "
+                              f"tokens, {len(text.prompts)} prompts: {text.source}")
+        if ctx.runtime != "onnxruntime" and ctx.precision in BITS:
+            ctx.notes.append(f"int4/int8 weights are onnxruntime MatMulNBits nodes: on {ctx.target.name} run the "
+                             f"artifact in onnxruntime (CPU or CUDA execution provider), not {ctx.runtime}")
+        return text
+
+    def reference(self, model: llm.LoadedLM, data: Text, ctx: BuildContext) -> dict[str, np.ndarray]:
+        import torch
+
+        torch.set_num_threads(ctx.threads)
+        with ctx.progress.stage("reference") as record:
+            ref = reference(model, data, ctx.plan.text.new_tokens, ctx.cache, ctx.progress)
+            record["note"] = "original model in torch: held-out NLL, greedy tokens"
+        return ref
+
+    def compress(self, model: llm.LoadedLM, data: Text, ctx: BuildContext) -> Any:
+        """A copy of the decoder, pruned (width, depth) and distilled where the recipe says."""
+        plan, progress = ctx.plan, ctx.progress
+        module = copy.deepcopy(model.module)
+        if not (plan.prune.ratio or plan.prune.blocks):
+            if plan.distill.steps:
+                raise UsageError("distillation recovers what pruning lost: set prune.ratio or prune.blocks too")
+            return module
         with progress.stage("prune") as record:
-            compression["pruning"] = prune_lm(module, text.calibration, plan.prune.ratio, plan.prune.blocks, progress)
-            done = compression["pruning"]
+            done = ctx.sections["pruning"] = prune_lm(module, data.calibration, plan.prune.ratio, plan.prune.blocks,
+                                                      progress)
             record["note"] = (f"{done['params_before'] / 1e6:.1f} M -> {done['params_after'] / 1e6:.1f} M params"
                               + (f", blocks {done['dropped_blocks']} removed" if done["dropped_blocks"] else ""))
         if plan.distill.steps:
             settings = plan.distill
             with progress.stage("distill") as record:
-                compression["distillation"] = distill(
-                    module, loaded.module, text.calibration[: settings.images], llm.logits, loss=next_token_kl,
+                done = ctx.sections["distillation"] = distill(
+                    module, model.module, data.calibration[: settings.images], llm.logits, loss=next_token_kl,
                     steps=settings.steps, seconds=settings.seconds, lr=settings.lr, batch=settings.batch,
                     seed=plan.seed, progress=lambda steps, total: progress.track(steps, total, "distillation steps"))
-                done = compression["distillation"]
-                record["note"] = (f"{done['steps']} steps, probe KL {done['probe_loss_before']:.4g} -> "
-                                  f"{done['probe_loss_after']:.4g}"
-                                  + (" (worse: reverted)" if done["reverted"] else ""))
-    elif plan.distill.steps:
-        raise UsageError("distillation recovers what pruning lost: set prune.ratio or prune.blocks too")
-    quantization = None
-    if precision in BITS:
-        settings = plan.weights
-        scheme = WeightScheme(BITS[precision], settings.group_size, settings.symmetric, settings.method,
-                              settings.damp, plan.lowrank.rank, plan.lowrank.bits, settings.act_order,
-                              tuple(plan.lowrank.ranks.items()))
-        eora = scheme.rank or any(rank for _, rank in scheme.ranks)
-        note = f"{precision} {settings.method}, groups of {settings.group_size}" + (
-            f", EoRA rank {scheme.rank}" + (" (per layer: recipe)" if scheme.ranks else "") if eora else "")
-        with progress.stage("quantize", note=note) as record:
-            quantization = quantize_lm(module, text.calibration, scheme, settings.head_bits, settings.embedding_bits,
-                                       progress)
-            quantization["scheme"] = {"weights": precision, "method": settings.method, "act_order": settings.act_order,
-                                      "group_size": settings.group_size, "symmetric": settings.symmetric,
-                                      "head_bits": settings.head_bits, "embedding_bits": settings.embedding_bits,
-                                      "accuracy_level": settings.accuracy_level,
-                                      "eora_rank": scheme.rank, "eora_ranks": dict(scheme.ranks),
-                                      "eora_bits": scheme.rank_bits if eora else None,
-                                      "calibration_tokens": int(text.calibration.numel())}
-            if quantization["mean_output_error"] is not None:
-                record["note"] = note + f"; output error {quantization['mean_output_error']:.4f}" + (
-                    f" -> {quantization['mean_output_error_eora']:.4f} with EoRA"
-                    if quantization["mean_output_error_eora"] is not None else "")
-    elif plan.lowrank.rank or any(plan.lowrank.ranks.values()):
-        raise UsageError("EoRA compensates quantization: set precision int4 or int8 with lowrank.rank")
-    with progress.stage("export", note=f"onnx opset {plan.export.opset}, key/value cache"):
-        graph = export_lm(module, plan.export.opset, plan.weights.accuracy_level)
-        if precision == "fp16":
-            graph = to_fp16(graph)
-        set_metadata(graph, {"edgekit.version": __version__, "edgekit.family": adapter.name,
-                             "edgekit.target": device.name, "edgekit.precision": precision,
-                             "edgekit.tokenizer": loaded.source})
-        artifact = graph.SerializeToString(deterministic=True)
-    artifact_file = "model.onnx"
-    (staging / artifact_file).write_bytes(artifact)
-    loaded.tokenizer.save_pretrained(staging / "tokenizer")
-    with progress.stage("verify") as record:
-        accuracy, measured = verify_lm(artifact, text, ref, threads, progress)
-        record["note"] = f"{accuracy['summary']}, decode {measured['tokens_per_s']} tok/s on host"
+                record["note"] = distilled(done, "KL")
+        return module
+
+    def export(self, compressed: Any, model: llm.LoadedLM, data: Text, reference: Any,
+               ctx: BuildContext) -> Artifact:
+        """Weight-only quantization (GPTQ/RTN, EoRA) of the compressed decoder, then one ONNX graph with its
+        key/value cache; the tokenizer travels beside it."""
+        plan, precision, module = ctx.plan, ctx.precision, compressed
+        quantization = None
+        if precision in BITS:
+            quantization = _quantize(module, data, plan, precision, ctx.progress)
+        elif plan.lowrank.rank or any(plan.lowrank.ranks.values()):
+            raise UsageError("EoRA compensates quantization: set precision int4 or int8 with lowrank.rank")
+        with ctx.progress.stage("export", note=f"onnx opset {plan.export.opset}, key/value cache"):
+            graph = export_lm(module, plan.export.opset, plan.weights.accuracy_level)
+            if precision == "fp16":
+                graph = to_fp16(graph)
+            set_metadata(graph, {"edgekit.version": __version__, "edgekit.family": self.name,
+                                 "edgekit.target": ctx.target.name, "edgekit.precision": precision,
+                                 "edgekit.tokenizer": model.source})
+        config = module.config  # the exported model's: depth pruning leaves fewer blocks (and cache tensors)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        ctx.notes.append("the artifact takes token ids: tokenizer/ holds the tokenizer to encode and decode text")
+        return Artifact(
+            files={"model.onnx": graph.SerializeToString(deterministic=True)}, extras=_tokenizer_files(model.tokenizer),
+            format="onnx", precision=precision, quantization=quantization, analysis=_costs(graph, module),
+            details={"opset": plan.export.opset,
+                     "inputs": ["input_ids [1, tokens] int64", "past_key_i / past_value_i "
+                                f"[1, {config.num_key_value_heads}, past, {head_dim}] float32 per block"],
+                     "outputs": ["logits [1, tokens, vocab]", "present_key_i / present_value_i (past + tokens)"]})
+
+    def verify(self, artifact: Artifact, model: llm.LoadedLM, data: Text, reference: dict[str, np.ndarray],
+               ctx: BuildContext) -> Verification:
+        with ctx.progress.stage("verify") as record:
+            accuracy, measured = verify_lm(artifact.main, data, reference, ctx.threads, ctx.progress)
+            record["note"] = f"{accuracy['summary']}, decode {measured['tokens_per_s']} tok/s on host"
+        plan = ctx.plan
+        estimated = estimate_lm(
+            ctx.target, **artifact.analysis, prompt_tokens=plan.text.prompt_length,
+            context=plan.text.prompt_length + plan.text.new_tokens,
+            int8_compute=ctx.precision in BITS and plan.weights.accuracy_level == 4)
+        return Verification(accuracy={**accuracy, "eval_source": data.source},
+                            latency={"measured_host": measured, "estimated_target": estimated})
+
+    def on_device(self, artifact: Artifact, data: Any, reference: Any, ctx: BuildContext) -> dict[str, Any]:
+        raise UsageError("device verification through an agent takes image models; language models verify here")
+
+    def inspect(self, source: object, options: LoadOptions) -> dict[str, Any]:
+        """A decoder's structure says more than one traced graph would."""
+        from edgekit.cache import default_cache_dir
+
+        lm = self.load(source, options, default_cache_dir())
+        return {"model": lm.name, "family": self.name, "source": lm.source, **lm.details,
+                "weight_bytes_fp32": lm.details["params"] * 4}
+
+
+def _quantize(module: Any, text: Text, plan: Recipe, precision: str, progress: Progress) -> dict[str, Any]:
+    """Weight-only quantization of the decoder in place; the report's quantization block."""
+    settings = plan.weights
+    scheme = WeightScheme(BITS[precision], settings.group_size, settings.symmetric, settings.method,
+                          settings.damp, plan.lowrank.rank, plan.lowrank.bits, settings.act_order,
+                          tuple(plan.lowrank.ranks.items()))
+    eora = scheme.rank or any(rank for _, rank in scheme.ranks)
+    note = f"{precision} {settings.method}, groups of {settings.group_size}" + (
+        f", EoRA rank {scheme.rank}" + (" (per layer: recipe)" if scheme.ranks else "") if eora else "")
+    with progress.stage("quantize", note=note) as record:
+        quantization = quantize_lm(module, text.calibration, scheme, settings.head_bits, settings.embedding_bits,
+                                   progress)
+        quantization["scheme"] = {"weights": precision, "method": settings.method, "act_order": settings.act_order,
+                                  "group_size": settings.group_size, "symmetric": settings.symmetric,
+                                  "head_bits": settings.head_bits, "embedding_bits": settings.embedding_bits,
+                                  "accuracy_level": settings.accuracy_level,
+                                  "eora_rank": scheme.rank, "eora_ranks": dict(scheme.ranks),
+                                  "eora_bits": scheme.rank_bits if eora else None,
+                                  "calibration_tokens": int(text.calibration.numel())}
+        if quantization["mean_output_error"] is not None:
+            record["note"] = note + f"; output error {quantization['mean_output_error']:.4f}" + (
+                f" -> {quantization['mean_output_error_eora']:.4f} with EoRA"
+                if quantization["mean_output_error_eora"] is not None else "")
+    return quantization
+
+
+def _costs(graph: Any, module: Any) -> dict[str, int]:
+    """What the device model needs of the exported decoder: bytes streamed per token, the gathered table, the
+    parameters that multiply, the key/value cache per token and the kernels launched per step."""
     config = module.config  # the exported model's: depth pruning leaves fewer blocks (and cache tensors)
     weights, table = _weight_bytes(graph)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    cache_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 4
-    estimated = estimate_lm(device, weight_bytes=weights, embedding_bytes=table, vocab=config.vocab_size,
-                            params=sum(p.numel() for p in module.parameters()) - config.vocab_size * config.hidden_size,
-                            kv_bytes_per_token=cache_bytes, prompt_tokens=plan.text.prompt_length,
-                            context=plan.text.prompt_length + plan.text.new_tokens,
-                            nodes=kernels(graph),
-                            int8_compute=precision in BITS and plan.weights.accuracy_level == 4)
-    notes.append("the artifact takes token ids: tokenizer/ holds the tokenizer to encode and decode text")
-    report = {
-        "edgekit_version": __version__,
-        "status": "ok",
-        "model": {"name": loaded.name, "family": adapter.name, "source": loaded.source, **loaded.details},
-        "target": {"name": device.name, "description": device.description,
-                   "runtime": device.runtime_for("onnx").name, "format": "onnx"},
-        "artifact": {"file": artifact_file, "format": "onnx", "precision": precision, "opset": plan.export.opset,
-                     "size_bytes": len(artifact), "sha256": file_sha256(staging / artifact_file),
-                     "inputs": ["input_ids [1, tokens] int64", "past_key_i / past_value_i "
-                                f"[1, {config.num_key_value_heads}, past, {head_dim}] float32 per block"],
-                     "outputs": ["logits [1, tokens, vocab]", "present_key_i / present_value_i (past + tokens)"]},
-        "size_bytes": len(artifact),
-        **{k: accuracy[k] for k in adapter.headline},
-        "accuracy": {**accuracy, "eval_source": text.source},
-        "latency_ms": {"measured_host": measured, "estimated_target": estimated},
-        **compression,
-        "quantization": quantization,
-        "deploy": None,
-        "ops": None,
-        "stages": progress.stages,
-        "notes": notes,
-        "cache": {"hits": cache.hits, "misses": cache.misses, "dir": str(cache.root) if cache.root else None},
-    }
-    manifest = {
-        "edgekit": __version__,
-        "inputs": {"model": {"given": given, "source": loaded.source, "sha256": loaded.fingerprint},
-                   "text": {"source": text.source, "sha256": text.digest()},
-                   "target": {"name": device.name, "sha256": device.sha256}},
-        "recipe": plan.model_dump(), "seed": plan.seed, "packages": package_versions(),
-        "platform": platform.platform(),
-    }
-    return report, manifest
+    return {"weight_bytes": weights, "embedding_bytes": table, "vocab": config.vocab_size,
+            "params": sum(p.numel() for p in module.parameters()) - config.vocab_size * config.hidden_size,
+            "kv_bytes_per_token": 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 4,
+            "nodes": kernels(graph)}
 
 
-def generate(folder: str | Path, prompt: str, new_tokens: int, threads: int) -> dict[str, Any]:
-    """Greedy continuation of `prompt` by a built language-model artifact, through its key/value cache."""
-    import json
-
-    from transformers import AutoTokenizer
-
-    folder = Path(folder)
-    try:
-        report = json.loads((folder / "report.json").read_text())
-    except (OSError, ValueError) as err:
-        raise UsageError(f"{folder} is not an edgekit artifact folder ({err})") from None
-    if report.get("model", {}).get("family") != "llm":
-        raise UsageError(f"{folder} holds a {report.get('model', {}).get('family')} model, not a language model")
-    artifact = folder / report["artifact"]["file"]
-    if not artifact.is_file() or file_sha256(artifact) != report["artifact"]["sha256"]:
-        raise UsageError(f"{artifact} is missing or changed since it was built; rebuild it")
-    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
-    ids = np.array(tokenizer(prompt, add_special_tokens=False)["input_ids"], dtype=np.int64)
-    if ids.size == 0:
-        raise UsageError("the prompt encodes to no tokens")
-    runner = OnnxCausalLM(artifact.read_bytes(), threads)
-    run = runner.greedy(ids, new_tokens)
-    decode = float(np.median(run["decode_ms"])) if run["decode_ms"] else None
-    return {"text": tokenizer.decode(run["tokens"]), "tokens": run["tokens"], "prefill_ms": run["prefill_ms"],
-            "tokens_per_s": 1e3 / decode if decode else float("nan"), "runtime": runner.description}
+def _tokenizer_files(tokenizer: Any) -> dict[str, bytes]:
+    """The tokenizer's files as the artifact folder holds them (tokenizer/…), so the manifest hashes them too."""
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save_pretrained(folder)
+        return {f"tokenizer/{path.name}": path.read_bytes() for path in sorted(Path(folder).iterdir())
+                if path.is_file()}

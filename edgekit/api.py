@@ -1,0 +1,210 @@
+"""The Python API the `edgekit` command calls: build, verify, inspect, generate, estimate.
+
+Each function checks its input, makes the build context once and hands it to the pipeline or the family
+adapter; bad input raises UsageError (exit 2), a broken stage StageError (exit 3).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from edgekit import families
+from edgekit.cache import ArrayCache, default_cache_dir
+from edgekit.context import BuildContext
+from edgekit.data import file_sha256
+from edgekit.errors import UsageError
+from edgekit.families.base import LoadOptions
+from edgekit.pipeline import BuildResult, judge, run
+from edgekit.progress import Progress
+from edgekit.recipe import Recipe, plan
+from edgekit.report.manifest import output_hashes
+from edgekit.report.schema import Manifest
+from edgekit.report.write import write_json
+from edgekit.targets import Target, load_target
+
+
+def build(
+    model: object,
+    target: str | Path | Target,
+    *,
+    calib: str | Path | None = None,
+    eval: str | Path | None = None,
+    recipe: str | Path | Recipe | None = None,
+    precision: str | None = None,
+    format: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    arch: str | None = None,
+    num_classes: int | None = None,
+    input_size: int | None = None,
+    family: str | None = None,
+    out: str | Path | None = None,
+    use_cache: bool = True,
+    quiet: bool = False,
+    device_url: str | None = None,
+    device_token: str | None = None,
+) -> BuildResult:
+    """Build a verified artifact of `model` for `target`.
+
+    `overrides` takes dotted recipe keys (`{"gates.max_size_mb": 4}`); `precision` and `format` are shorthands
+    for the most common two. With `device_url` (an `edgekit agent`), the artifact is also verified on that
+    device, and its figures decide the gates.
+    """
+    options = LoadOptions(arch=arch, num_classes=num_classes, input_size=input_size)
+    adapter = families.resolve(model, options, family)
+    device = target if isinstance(target, Target) else load_target(target)
+    flags = {"quantize.precision": precision, "export.format": format, **(overrides or {})}
+    resolved, origins, recipe_file = plan(adapter, device, recipe, flags)
+    if device_url and not adapter.device_verifiable:
+        raise UsageError(f"device verification through an agent takes one-graph image models; {adapter.name} "
+                         "models verify here")
+    ctx = BuildContext(
+        plan=resolved, origins=origins, target=device, adapter=adapter, options=options,
+        calib=str(calib) if calib else None, eval=str(eval) if eval else None,
+        cache=ArrayCache(default_cache_dir() if use_cache else None), progress=Progress(quiet),
+        threads=min(resolved.verify.threads or 1, os.cpu_count() or 1), remote=_reach(device_url, device_token),
+        recipe_file=recipe_file,
+    )
+    host = "LiteRT" if ctx.format == "tflite" else "onnxruntime"
+    ctx.notes.append(f"verified in {host} on this host's CPU; on {device.name} the artifact runs in {ctx.runtime}")
+    if ctx.precision not in (runtime := device.runtime_for(ctx.format)).precisions:  # type: ignore[union-attr]
+        ctx.notes.append(f"{ctx.precision} is not among {device.name}'s fast precisions "
+                         f"({', '.join(runtime.precisions)})")  # type: ignore[union-attr]
+    if ctx.threads < (resolved.verify.threads or 1):
+        ctx.notes.append(f"host latency uses {ctx.threads} threads (this host's cores); the target uses "
+                         f"{resolved.verify.threads}")
+    return run(ctx, model, out)
+
+
+def _reach(url: str | None, token: str | None) -> Any:
+    """The device's agent, asked once before any long work so a wrong URL or token fails at once."""
+    if url is None:
+        return None
+    from edgekit.runtimes.remote import RemoteDevice
+
+    remote = RemoteDevice(url, token)
+    remote.info()
+    return remote
+
+
+def _folder(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """An artifact folder's report and manifest, whose artifact is the one that was built."""
+    try:
+        report = json.loads((folder / "report.json").read_text())
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError) as err:
+        raise UsageError(f"{folder} is not an edgekit artifact folder ({err})") from None
+    if not isinstance(report, dict) or not isinstance(report.get("artifact"), dict):
+        raise UsageError(f"{folder}/report.json is not an edgekit report")
+    artifact = folder / str(report["artifact"].get("file"))
+    if not artifact.is_file() or file_sha256(artifact) != report["artifact"].get("sha256"):
+        raise UsageError(f"{artifact} is missing or changed since it was built; rebuild it")
+    return report, manifest
+
+
+def verify(folder: str | Path, device_url: str, *, device_token: str | None = None, use_cache: bool = True,
+           quiet: bool = False) -> BuildResult:
+    """Verify a built artifact folder on a real device through its agent: the held-out inputs and the reference
+    are recreated from the manifest, and report.json gains the device's figures and its gate results."""
+    folder = Path(folder)
+    report, stored = _folder(folder)
+    family = report.get("model", {}).get("family")
+    if family not in families.FAMILIES:
+        raise UsageError(f"{folder} holds a {family} model, which this edgekit does not know")
+    adapter = families.FAMILIES[family]
+    if not adapter.device_verifiable:
+        raise UsageError(f"{folder} holds a {family} model: device verification through an agent takes one-graph "
+                         "image models; this family is verified where it is built")
+    if stored.get("schema_version") is None:
+        raise UsageError(f"{folder} was built by an earlier edgekit (its manifest has no schema_version); rebuild it")
+    manifest = Manifest.model_validate(stored)
+    given = manifest.inputs["model"].get("given")
+    if given is None:
+        raise UsageError(f"{folder} was built from a Python object: verify it with edgekit.build(..., device_url=...)")
+    resolved = Recipe.model_validate(manifest.recipe)
+    options = LoadOptions(**manifest.load_options)
+    remote = _reach(device_url, device_token)
+    ctx = BuildContext(
+        plan=resolved, origins=manifest.origins, target=load_target(report["target"]["name"]), adapter=adapter,
+        options=options, calib=manifest.inputs["calibration"]["path"], eval=manifest.inputs["eval"]["dir"],
+        cache=ArrayCache(default_cache_dir() if use_cache else None), progress=Progress(quiet),
+        threads=min(resolved.verify.threads or 1, os.cpu_count() or 1), remote=remote,
+    )
+    with ctx.progress.stage("load") as record:
+        model = adapter.load(given, options, ctx.cache.root)
+        record["note"] = model.name
+    if model.fingerprint != manifest.inputs["model"]["sha256"]:
+        raise UsageError(f"{given} changed since the artifact was built; rebuild it")
+    from edgekit.families.base import Artifact
+
+    data = adapter.data(model, ctx)
+    reference = adapter.reference(model, data, ctx)
+    artifact = Artifact(files={report["artifact"]["file"]: (folder / report["artifact"]["file"]).read_bytes()},
+                        format=report["artifact"]["format"], precision=report["artifact"]["precision"])
+    device = adapter.on_device(artifact, data, reference, ctx)
+    report["device"] = device
+    kind = device["latency_ms"]["label"].split(":")[0]
+    report["latency_ms"][f"{kind}_device"] = device["latency_ms"]
+    judge(report, ctx)
+    write_json(folder / "report.json", report)
+    updated = manifest.model_dump(mode="json")
+    updated["outputs"] = output_hashes(folder, list(manifest.outputs))
+    write_json(folder / "manifest.json", updated)
+    return BuildResult(out=folder, report=report)
+
+
+def inspect(model: object, *, arch: str | None = None, num_classes: int | None = None,
+            input_size: int | None = None, family: str | None = None) -> dict[str, Any]:
+    """Parameters, MACs, weight bytes, activation memory and the per-layer table, without building."""
+    options = LoadOptions(arch=arch, num_classes=num_classes, input_size=input_size)
+    return families.resolve(model, options, family).inspect(model, options)
+
+
+def generate(folder: str | Path, prompt: str, new_tokens: int, threads: int) -> dict[str, Any]:
+    """Greedy continuation of `prompt` by a built language-model artifact, through its key/value cache."""
+    from edgekit.families.llm_adapter import generate as continue_text
+
+    folder = Path(folder)
+    report, _ = _folder(folder)
+    if report.get("model", {}).get("family") != "llm":
+        raise UsageError(f"{folder} holds a {report.get('model', {}).get('family')} model, not a language model")
+    return continue_text(folder, report, prompt, new_tokens, threads)
+
+
+def estimate(artifacts: list[str], target: str | None, *, validate: bool = False, calibrate_host: str | None = None,
+             threads: int = 1, recalibrate: bool = False, top: int = 10, quiet: bool = False) -> dict[str, Any]:
+    """The device model's estimate of each artifact on `target` (default x86-64); with `validate`, this host is
+    calibrated by microbenchmarks and each artifact is also measured here; `calibrate_host` writes that
+    profile as a target file."""
+    from edgekit.verify.estimate import estimate as estimate_graph
+    from edgekit.verify.validate import analyze_artifact, artifact_file, host_profile, profile_toml
+    from edgekit.verify.validate import validate as validate_here
+
+    if not artifacts and not calibrate_host:
+        raise UsageError("name one or more artifacts, or --calibrate-host OUT.toml")
+    if validate and target:
+        raise UsageError("--validate estimates for this host; it takes no --target")
+    if threads < 1:
+        raise UsageError("--threads must be at least 1")
+    paths = [artifact_file(path) for path in artifacts]  # every path checked before any long work
+    progress = Progress(quiet)
+    results: dict[str, Any] = {}
+    if validate or calibrate_host:
+        with progress.stage("calibrate", note=f"microbenchmarks, {threads} threads"):
+            profile = host_profile(threads, ArrayCache(default_cache_dir()), recalibrate,
+                                   progress=lambda xs: progress.track(xs, len(xs), "kernels"))
+        if calibrate_host:
+            Path(calibrate_host).write_text(profile_toml(profile))
+            results["profile"] = calibrate_host
+            results["profile_description"] = profile.description
+    if validate:
+        with progress.stage("validate", note=f"{len(paths)} artifacts"):
+            results["validation"] = validate_here(paths, profile, threads,
+                                                  progress=lambda xs: progress.track(xs, len(xs), "artifacts"))
+    elif paths:
+        device = load_target(target or "x86-64")
+        results["estimates"] = [{"artifact": str(path), "target": device.name,
+                                 **estimate_graph(analyze_artifact(path), device, top=top)} for path in paths]
+    return results

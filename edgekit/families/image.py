@@ -1,0 +1,422 @@
+"""What image models share (classifiers, detectors: one image tensor in, one tensor out), as a base adapter.
+
+Data are folders of images (held out: `--eval`, or every 4th calibration image); the reference is the original
+model run in torch (or onnxruntime for an ONNX input); compression is channel pruning and distillation of the
+torch module; export is ONNX (FP32, FP16, accuracy-aware INT8) or TFLite (FP32, FP16, INT8), verified in
+onnxruntime or LiteRT here and, through `edgekit agent`, on the board. A subclass says what its family's
+models, samples, metrics and fragile layers are.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from edgekit import __version__
+from edgekit.data import files_digest, files_record, list_images, split_held_out
+from edgekit.errors import UsageError
+from edgekit.families.base import Artifact, LoadedModel, LoadOptions, Samples, Section, Verification
+
+if TYPE_CHECKING:
+    import onnx
+    import torch
+
+    from edgekit.context import BuildContext
+
+
+@dataclass
+class ImageData:
+    """The data folders of an image build, checked up front; the held-out samples once read."""
+
+    calib_dir: Path
+    calib_files: list[Path]
+    eval_root: Path
+    eval_files: list[Path]
+    eval_source: str
+    eval_dir: Path | None  # None: held out of the calibration folder
+    samples: Samples | None = None
+
+    def record(self) -> dict[str, Any]:
+        """How the manifest names them (and `edgekit verify` finds them again)."""
+        return {"calibration": {"path": str(self.calib_dir), "files": len(self.calib_files),
+                                "sha256": files_digest(self.calib_files, self.calib_dir)},
+                "eval": {"path": self.eval_source, "dir": str(self.eval_dir) if self.eval_dir else None,
+                         "files": len(self.eval_files), "sha256": files_digest(self.eval_files, self.eval_root)}}
+
+
+def image_folders(calib: str | Path | None, eval_dir: str | Path | None, limit: int) -> ImageData:
+    """Check the data folders; without --eval, every 4th calibration image is held out."""
+    from edgekit.resources import resource_dir
+
+    calib_dir = Path(calib) if calib else resource_dir("calibration") / "images"
+    calib_files = list_images(calib_dir, "calibration")
+    if eval_dir:
+        root, held, source = Path(eval_dir), list_images(Path(eval_dir), "evaluation"), str(eval_dir)
+    else:
+        calib_files, held = split_held_out(calib_files)
+        if not held:
+            raise UsageError(f"{calib_dir} has {len(calib_files)} images: too few to hold a quarter out; pass --eval")
+        root, source = calib_dir, f"held-out quarter of {calib_dir}"
+    return ImageData(calib_dir, calib_files, root, held[:limit], source, Path(eval_dir) if eval_dir else None)
+
+
+def digest(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def opset_of(graph: Any) -> int:
+    return next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))
+
+
+class ImageFamily:
+    """The build steps of one-tensor image models; subclasses add load, samples, compare and the family's hooks."""
+
+    name: str
+    headline: tuple[str, ...]
+    recipe_defaults: ClassVar[dict[str, Any]] = {}
+    settings: ClassVar[dict[str, Section]] = {
+        "quantize": "*", "verify": "*", "prune": ("ratio", "images", "reconstruct"),
+        "distill": ("steps", "seconds", "lr", "batch", "images"), "gates": ("on_cpu_fallback",),
+    }
+    accuracy_gates: ClassVar[dict[str, tuple[str, str, str]]] = {}
+    precisions: tuple[str, ...] = ("fp32", "fp16", "int8")
+    formats: tuple[str, ...] = ("onnx", "tflite")
+    device_verifiable = True
+
+    # --- what a subclass provides -------------------------------------------------------------------------------
+
+    def load(self, source: object, options: LoadOptions, cache_root: Path | None = None) -> LoadedModel:
+        raise NotImplementedError
+
+    def samples(self, model: LoadedModel, files: list[Path], root: Path | None) -> Samples:
+        """Preprocess files the way the model expects; labels from `root`'s layout where it has them."""
+        raise NotImplementedError
+
+    def compare(self, reference: np.ndarray, artifact: np.ndarray, labels: np.ndarray | None) -> dict[str, Any]:
+        """Task metrics of the artifact against the reference outputs (and labels), with a one-line `summary`."""
+        raise NotImplementedError
+
+    def prune_keep(self, module: torch.nn.Module) -> list[torch.nn.Module]:
+        """Layers whose output channels structured pruning must keep."""
+        raise NotImplementedError
+
+    def distill_targets(self, module: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+        """What distillation makes the student reproduce: the family's outputs before any decoding."""
+        raise NotImplementedError
+
+    def distill_loss(self, student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+        """How far the student's `distill_targets` are from the teacher's (0 when they match)."""
+        raise NotImplementedError
+
+    def int8_float_nodes(self, graph: onnx.ModelProto) -> list[str]:
+        """Nodes every INT8 build keeps in float: parts of this family known to break in INT8."""
+        return []
+
+    def tflite_float_ops(self, ops: list[tuple[str, str]]) -> list[str]:
+        """Of a TFLite graph's ops, as (op type, output tensor name), the outputs an INT8 build keeps in float
+        where the target runs float ops: the TFLite side of `int8_float_nodes`."""
+        return []
+
+    # --- the build steps ------------------------------------------------------------------------------------------
+
+    def data(self, model: LoadedModel, ctx: BuildContext) -> ImageData:
+        data = image_folders(ctx.calib, ctx.eval, ctx.plan.verify.eval_limit)
+        if ctx.format == "tflite" and not model.is_torch:
+            raise UsageError("TFLite export converts torch models; an ONNX input builds to --format onnx")
+        if ctx.precision in ("fp32", "fp16"):
+            ctx.notes.append(f"{ctx.precision} needs no calibration: the {len(data.calib_files)} calibration "
+                             "images are recorded in the manifest and serve int8 builds")
+        with ctx.progress.stage("data") as record:
+            data.samples = self.cached_samples(model, data.eval_files, data.eval_root, ctx)
+            record["note"] = f"{len(data.samples)} held-out images, labels: {data.samples.label_source or 'none'}"
+        return data
+
+    def cached_samples(self, model: LoadedModel, files: list[Path], root: Path, ctx: BuildContext) -> Samples:
+        key = {"kind": "samples", "family": self.name, "files": files_digest(files, root),
+               "preprocess": model.preprocess, "num_classes": model.details.get("num_classes")}
+
+        def compute() -> dict[str, np.ndarray]:
+            samples = self.samples(model, files, root)
+            arrays = {"inputs": samples.inputs, "files": np.array(samples.files)}
+            if samples.labels is not None:
+                arrays.update(labels=samples.labels, label_source=np.array(samples.label_source))
+            return arrays
+
+        arrays = ctx.cache.get_or_compute(key, compute)
+        return Samples(
+            inputs=arrays["inputs"], files=[str(f) for f in arrays["files"]], labels=arrays.get("labels"),
+            label_source=str(arrays["label_source"]) if "label_source" in arrays else None,
+        )
+
+    def reference(self, model: LoadedModel, data: ImageData, ctx: BuildContext) -> np.ndarray:
+        """The original model's outputs: torch for torch models, onnxruntime FP32 for ONNX inputs."""
+        assert data.samples is not None
+        samples = data.samples
+        key = {"kind": "reference", "model": model.fingerprint, "inputs": digest(samples.inputs)}
+
+        def compute() -> dict[str, np.ndarray]:
+            if not model.is_torch:
+                from edgekit.runtimes.onnxruntime import OnnxRuntimeRunner
+
+                return {"outputs": OnnxRuntimeRunner(model.onnx_model.SerializeToString(),
+                                                     ctx.threads).run(samples.inputs)}
+            import torch
+
+            torch.set_num_threads(ctx.threads)
+            module = copy.deepcopy(model.module)  # a forward pass may cache state (a head's anchors) that export
+            with torch.no_grad():                 # would then trace as constants: the same bytes, cached or not
+                chunks = np.array_split(samples.inputs, max(1, len(samples) // 16))
+                batches = [module(torch.from_numpy(chunk)) for chunk in chunks]
+            return {"outputs": torch.cat(batches).float().numpy()}
+
+        return ctx.cache.get_or_compute(key, compute)["outputs"]
+
+    def calibration(self, model: LoadedModel, data: ImageData, ctx: BuildContext) -> tuple[np.ndarray, dict[str, Any]]:
+        """The calibration images as model inputs, and how the report names them."""
+        files = data.calib_files[: ctx.plan.quantize.calib_limit]
+        return self.cached_samples(model, files, data.calib_dir, ctx).inputs, files_record(files, data.calib_dir)
+
+    def compress(self, model: LoadedModel, data: ImageData, ctx: BuildContext) -> Any:
+        """The module to export: the loaded one, or a pruned (and distilled) copy; the original stays the
+        reference. An ONNX input is exported as it is."""
+        plan = ctx.plan
+        if not model.is_torch:
+            if plan.prune.ratio or plan.distill.steps:
+                raise UsageError("pruning and distillation change a torch model; an ONNX input cannot be pruned")
+            return model.onnx_model
+        if not plan.prune.ratio:
+            if plan.distill.steps:
+                raise UsageError("distillation recovers what pruning lost: set prune.ratio too")
+            return model.module
+        from edgekit.passes.distill import distill, distilled
+        from edgekit.passes.prune import prune_channels
+
+        module = copy.deepcopy(model.module)
+        images = self.calibration(model, data, ctx)[0]
+        with ctx.progress.stage("prune") as note:
+            pruned = prune_channels(module, model.input_shape, plan.prune.ratio, self.prune_keep(module),
+                                    images[: plan.prune.images] if plan.prune.images else None,
+                                    rebuild=plan.prune.reconstruct)
+            ctx.sections["pruning"] = pruned
+            note["note"] = f"MACs {pruned['macs_before'] / 1e6:.0f} M -> {pruned['macs_after'] / 1e6:.0f} M"
+        if plan.distill.steps:
+            settings = plan.distill
+            with ctx.progress.stage("distill") as note:
+                done = distill(module, model.module, images[: settings.images], self.distill_targets,
+                               loss=self.distill_loss, steps=settings.steps, seconds=settings.seconds, lr=settings.lr,
+                               batch=settings.batch, seed=plan.seed,
+                               progress=lambda steps, total: ctx.progress.track(steps, total, "distillation steps"))
+                ctx.sections["distillation"] = done
+                note["note"] = distilled(done, "loss")
+        return module
+
+    def export(self, compressed: Any, model: LoadedModel, data: ImageData, reference: np.ndarray,
+               ctx: BuildContext) -> Artifact:
+        from edgekit.passes.analyze import analyze, analyze_tflite
+        from edgekit.passes.export import export_onnx
+        from edgekit.passes.tflite import convert_tflite
+
+        plan, tflite = ctx.plan, ctx.format == "tflite"
+        if model.is_torch:
+            note = "tflite via litert-torch, onnx graph for analysis" if tflite else f"onnx opset {plan.export.opset}"
+            with ctx.progress.stage("export", note=note):
+                graph = export_onnx(compressed, model.input_shape, plan.export.opset)
+                float_tflite = convert_tflite(compressed, model.input_shape) if tflite else b""
+        else:
+            graph = compressed
+            ctx.progress.skip("export", "input is ONNX: torch-only stages do not apply")
+            ctx.notes.append("input is ONNX: export and torch-only stages were skipped")
+            if opset_of(graph) > plan.export.opset:
+                ctx.notes.append(f"the input ONNX uses opset {opset_of(graph)}; {ctx.target.name}'s runtime is "
+                                 f"profiled for opset {plan.export.opset} and may refuse newer ops")
+        with ctx.progress.stage("analyze") as record:
+            reference_analysis = analyze(graph)
+            record["note"] = (f"{reference_analysis.params / 1e6:.2f} M params, "
+                              f"{reference_analysis.macs / 1e6:.1f} M MACs")
+        if tflite:
+            artifact_bytes, quantization = self._tflite(model, float_tflite, data, ctx)
+            ctx.notes.append("TFLite artifacts carry no edgekit metadata: report.json holds the preprocessing")
+            analysis, details = analyze_tflite(artifact_bytes), {}
+        else:
+            artifact_graph, quantization = self._onnx(model, graph, data, reference, ctx)
+            artifact_bytes = artifact_graph.SerializeToString(deterministic=True)
+            analysis, details = analyze(artifact_graph), {"opset": opset_of(artifact_graph)}
+        return Artifact(files={f"model.{ctx.format}": artifact_bytes}, format=ctx.format, precision=ctx.precision,
+                        details=details, quantization=quantization, analysis=analysis,
+                        reference_analysis=reference_analysis, deploy=tensorrt_deploy(ctx, f"model.{ctx.format}"))
+
+    def _onnx(self, model: LoadedModel, graph: onnx.ModelProto, data: ImageData, reference: np.ndarray,
+              ctx: BuildContext) -> tuple[onnx.ModelProto, dict[str, Any] | None]:
+        """The ONNX graph at the recipe's precision, with edgekit's metadata (preprocessing, quantization) inside."""
+        from edgekit.passes.export import set_metadata
+        from edgekit.passes.quantize import to_fp16
+
+        quantization = None
+        if ctx.precision == "int8":
+            artifact, quantization = self._int8(model, graph, data, reference, ctx)
+        else:
+            with ctx.progress.stage("quantize", note=ctx.precision):
+                artifact = to_fp16(graph) if ctx.precision == "fp16" else graph
+        metadata = {"edgekit.version": __version__, "edgekit.family": self.name, "edgekit.target": ctx.target.name,
+                    "edgekit.precision": ctx.precision, "edgekit.preprocess": model.preprocess}
+        if quantization:
+            metadata["edgekit.quantization"] = {k: quantization[k] for k in ("scheme", "kept_float", "calibration")}
+        set_metadata(artifact, metadata)
+        return artifact, quantization
+
+    def _int8(self, model: LoadedModel, graph: onnx.ModelProto, data: ImageData, reference: np.ndarray,
+              ctx: BuildContext) -> tuple[onnx.ModelProto, dict[str, Any]]:
+        """Calibrated INT8, sensitivity-ranked, with layers kept in float until the accuracy gates hold."""
+        from edgekit.passes.int8 import Int8Quantizer, Int8Scheme, accuracy_aware
+        from edgekit.runtimes.onnxruntime import OnnxRuntimeRunner
+        from edgekit.verify.gates import accuracy_shortfall
+        from edgekit.verify.latency import measure
+
+        settings, samples = ctx.plan.quantize, data.samples
+        assert samples is not None
+        scheme = Int8Scheme(settings.activations, settings.calibration, settings.bias_correction)
+        calibration, calib_record = self.calibration(model, data, ctx)
+        # everything the ranges depend on, the symmetric/asymmetric clip and the code that computes them included
+        ranges = ctx.cache.path({"kind": "int8-ranges", "model": model.fingerprint,
+                                 "calibration": calib_record["sha256"], "preprocess": model.preprocess,
+                                 "method": scheme.calibration, "activations": scheme.activations,
+                                 "edgekit": __version__}, ".json")
+        quantizer = Int8Quantizer(graph, calibration, scheme, ranges, ctx.threads, settings.bias_correction_images)
+        quantizer.keep_float(self.int8_float_nodes(quantizer.prepared))
+        with ctx.progress.stage("sensitivity") as record:
+            probe = calibration[: settings.sensitivity_images]
+            table = quantizer.sensitivity(probe, progress=lambda xs: ctx.progress.track(xs, len(xs),
+                                                                                       "layers quantized alone"))
+            record["note"] = f"{len(table)} layers, each quantized alone"
+
+        def evaluate(candidate: onnx.ModelProto) -> dict[str, Any]:
+            model_bytes = candidate.SerializeToString()
+            runner = OnnxRuntimeRunner(model_bytes, ctx.threads)
+            metrics = self.compare(reference, runner.run(samples.inputs), samples.labels)
+            return {k: metrics[k] for k in self.headline} | {
+                "size_bytes": len(model_bytes), "host_p50_ms": measure(runner, samples.inputs[0], 3, 20)["p50"]}
+
+        shortfall = partial(accuracy_shortfall, ctx.plan.gates, self.accuracy_gates)
+        with ctx.progress.stage("quantize", note="int8") as record:
+            artifact, steps, chosen = accuracy_aware(
+                quantizer, [row["layer"] for row in table], evaluate, shortfall, settings.max_float_layers,
+                progress=lambda xs: ctx.progress.track(xs, len(xs), "bias correction"))
+            kept = len(steps[chosen]["kept_float"])
+            record["note"] = f"{kept} layers kept in float (try {chosen + 1} of {len(steps)})"
+        return artifact, {
+            "scheme": scheme.describe() | {"activations_for": ctx.format},
+            "calibration": calib_record,
+            "kept_float": steps[chosen]["kept_float"],
+            "chosen_step": chosen,
+            "always_float": list(quantizer.always_float),
+            "max_float_layers": settings.max_float_layers,
+            "steps": steps,
+            "decided_on": "the held-out images, against the accuracy gates (if none meets them: the closest)",
+            "sensitivity": table,
+        }
+
+    def _tflite(self, model: LoadedModel, float_model: bytes, data: ImageData,
+                ctx: BuildContext) -> tuple[bytes, dict[str, Any] | None]:
+        """The TFLite artifact at the recipe's precision; full-integer INT8 is calibrated like the ONNX path."""
+        from edgekit.passes.tflite import Int8Fit, op_outputs, tflite_precision
+
+        settings, device = ctx.plan.quantize, ctx.target
+        precision = settings.precision
+        dynamic = precision == "int8" and settings.int8_mode == "dynamic"
+        mode = "int8-dynamic" if dynamic else str(precision)
+        calibration, record = self.calibration(model, data, ctx) if mode == "int8" else (None, None)
+        keep = [] if device.integer_only or mode != "int8" else self.tflite_float_ops(op_outputs(float_model))
+        fit = Int8Fit(settings.calibration, settings.range_sweeps, settings.refit, tuple(keep))
+        with ctx.progress.stage("quantize", note=mode):
+            artifact = tflite_precision(float_model, mode, calibration, fit,
+                                        progress=lambda xs, what: ctx.progress.track(xs, len(xs), what))
+        if precision != "int8":
+            return artifact, None
+        searched = f", each range then searched against the model's output ({fit.range_sweeps} sweeps at most)"
+        return artifact, {
+            "scheme": {"format": "TFLite", "engine": "ai-edge-quantizer",
+                       "weights": "int8, symmetric, per output channel",
+                       "activations": "float, quantized at run time per tensor" if dynamic
+                       else "int8, asymmetric, per tensor",
+                       "calibration": None if dynamic
+                       else settings.calibration + (searched if fit.range_sweeps else ""),
+                       "weights_fit": "layer-wise least squares on the integer model's inputs, GPTQ rounding"
+                       if fit.refit and not dynamic else None},
+            "calibration": record,
+            "kept_float": keep,
+            "decided_on": f"every op quantized: {device.name} runs no float op" if device.integer_only
+            else "the family's parts that one int8 scale cannot serve" if keep else "every op quantized",
+        }
+
+    def verify(self, artifact: Artifact, model: LoadedModel, data: ImageData, reference: np.ndarray,
+               ctx: BuildContext) -> Verification:
+        from edgekit.passes.tflite import io_details
+        from edgekit.runtimes import runner_for
+        from edgekit.verify.estimate import estimate
+        from edgekit.verify.latency import measure
+        from edgekit.verify.ops import op_placement
+
+        samples, plan, tflite = data.samples, ctx.plan, artifact.format == "tflite"
+        assert samples is not None
+        ops = op_placement(artifact.main, ctx.target) if tflite else None
+        with ctx.progress.stage("verify") as record:
+            runner = runner_for(artifact.main, artifact.format, ctx.threads)
+            outputs = np.concatenate([runner.run(row[None]) for row in
+                                      ctx.progress.track(samples.inputs, len(samples), "artifact on held-out images")])
+            accuracy = self.compare(reference, outputs, samples.labels)
+            latency = {"measured_host": measure(runner, samples.inputs[0], plan.verify.warmup, plan.verify.runs),
+                       "estimated_target": estimate(artifact.analysis, ctx.target)}
+            record["note"] = f"{accuracy['summary']}, host p50 {latency['measured_host']['p50']:.2f} ms"
+        if ops and ops["fallback_count"]:
+            first = ops["first_fallback"]
+            ctx.notes.append(f"{ops['fallback_count']} of {ops['ops']} ops fall back to the CPU on {ctx.target.name} "
+                             f"({', '.join(ops['fallback_ops'])}); the first is op {first['index']} {first['op']}")
+        return Verification(
+            accuracy={**accuracy, "eval_source": data.eval_source, "label_source": samples.label_source},
+            latency=latency, io=io_details(artifact.main) if tflite else _io_spec(runner), ops=ops)
+
+    def on_device(self, artifact: Artifact, data: ImageData, reference: np.ndarray,
+                  ctx: BuildContext) -> dict[str, Any]:
+        """Run the artifact on the device with the held-out inputs and compare it with the reference as on the
+        host; the device's figures are labelled `measured: <device>` (or `emulated: …` under qemu)."""
+        assert ctx.remote is not None and data.samples is not None
+        plan, remote = ctx.plan, ctx.remote
+        with ctx.progress.stage("device", note=remote.url) as record:
+            outputs, info = remote.verify(artifact.main, artifact.format, data.samples.inputs, plan.verify.threads,
+                                          plan.verify.warmup, plan.verify.runs)
+            accuracy = self.compare(reference, outputs, data.samples.labels)
+            record["note"] = f"{info['device']}: {accuracy['summary']}, p50 {info['latency_ms']['p50']:.2f} ms"
+        return {"name": info["device"], "url": remote.url, "runtime": info["runtime"], "sha256": info["sha256"],
+                "seconds": info["seconds"], "accuracy": {**accuracy, "eval_source": data.eval_source},
+                "latency_ms": info["latency_ms"]}
+
+    def inspect(self, source: object, options: LoadOptions) -> dict[str, Any]:
+        from edgekit.passes.analyze import analyze
+        from edgekit.passes.export import export_onnx
+
+        loaded = self.load(source, options)
+        graph = export_onnx(loaded.module, loaded.input_shape, 17) if loaded.is_torch else loaded.onnx_model
+        return {"model": loaded.name, "family": self.name, "input_shape": list(loaded.input_shape),
+                **analyze(graph).to_dict()}
+
+
+def _io_spec(runner: Any) -> dict[str, list[dict[str, Any]]]:
+    def spec(values: list[Any]) -> list[dict[str, Any]]:
+        return [{"name": v.name, "shape": v.shape, "dtype": v.type.removeprefix("tensor(").rstrip(")")} for v in values]
+
+    return {"inputs": spec(runner.session.get_inputs()), "outputs": spec(runner.session.get_outputs())}
+
+
+def tensorrt_deploy(ctx: BuildContext, artifact_file: str) -> dict[str, str] | None:
+    """How the device's engine takes the artifact, where it needs a step of its own (TensorRT builds an engine)."""
+    if ctx.runtime != "tensorrt":
+        return None
+    flags = {"int8": " --int8 --fp16", "fp16": " --fp16"}.get(ctx.precision, "")  # QDQ: int8, float layers fp16
+    return {"command": f"trtexec --onnx={artifact_file}{flags} --saveEngine=model.engine",
+            "note": "run on the Jetson: TensorRT engines are specific to the GPU and TensorRT version"}

