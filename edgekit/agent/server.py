@@ -185,6 +185,7 @@ class _DeadlineReader(io.RawIOBase):
 class _Handler(BaseHTTPRequestHandler):
     server: Agent
     protocol_version = "HTTP/1.1"
+    default_request_version = "HTTP/1.1"  # errors found before the version is parsed still get a status line
     busy = False  # _Busy: over the connection cap, every request is answered 503
 
     def setup(self) -> None:
@@ -227,7 +228,7 @@ class _Handler(BaseHTTPRequestHandler):
     def parse_request(self) -> bool:
         """http.server's parsing, without its HTTP/0.9 mode (answers without a status line) or silence on
         a blank request line."""
-        self.request_version, self.command = "HTTP/1.1", None
+        self.request_version, self.command = self.default_request_version, None
         self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
         if len(self.requestline.split()) != 3:
             self.close_connection = True
