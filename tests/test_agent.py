@@ -339,6 +339,7 @@ def test_every_field_is_checked_before_anything_is_allocated(tiny_onnx: bytes) -
     head = io.BytesIO()
     np.lib.format.write_array_header_1_0(head, claims)
     huge = head.getvalue() + bytes(16)  # says 4 TB, holds 16 bytes
+    unbalanced = good.replace(b"(1, 3, 32, 32)", b"(1, 3, 32, 32 ")  # numpy's tokenizer raises its own error
     zipped = io.BytesIO()
     np.savez(zipped, x=np.zeros((1, 3, 32, 32), np.float32))
     cases = {
@@ -350,6 +351,7 @@ def test_every_field_is_checked_before_anything_is_allocated(tiny_onnx: bytes) -
         "extra field": ({**base, "path": "/etc/passwd"}, good),
         "not hex": ({**base, "sha256": "z" * 64}, good),
         "shape over the body": ({**base, "inputs_bytes": len(huge)}, huge),
+        "unbalanced header": ({**base, "inputs_bytes": len(unbalanced)}, unbalanced),
         "an npz": ({**base, "inputs_bytes": len(zipped.getvalue())}, zipped.getvalue()),
         "empty inputs": ({**base, "inputs_bytes": len(npy(np.zeros((0, 3), np.float32)))},
                          npy(np.zeros((0, 3), np.float32))),

@@ -116,8 +116,8 @@ def plain_array(data: memoryview) -> np.ndarray:
         if version not in read_header:
             raise ValueError(f"unsupported .npy version {version}")
         shape, fortran_order, dtype = read_header[version](head, max_header_size=NPY_HEADER_BYTES)
-    except (ValueError, TypeError, SyntaxError) as err:
-        raise Refused(400, f"inputs are not a plain .npy array: {str(err)[:120]}") from None
+    except Exception as err:  # numpy parses the header with tokenize and ast: any of their errors means malformed
+        raise Refused(400, f"inputs are not a plain .npy array: {type(err).__name__}: {str(err)[:120]}") from None
     if dtype.kind not in "fiub" or dtype.fields is not None or dtype.subdtype is not None:
         raise Refused(400, f"inputs must be a plain .npy array of numbers, got dtype {str(dtype)[:40]}")
     if not shape or min(shape) < 1:

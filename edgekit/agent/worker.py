@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import queue
+import signal
 import sys
 import tempfile
 import threading
@@ -34,14 +35,22 @@ def run_job(job: Job) -> tuple[np.ndarray, dict[str, Any]]:
     return outputs, {"runtime": runner.description, "timings_ms": [round(t, 4) for t in timings]}
 
 
-def _serve(connection: Any, empty: str) -> None:  # the worker process: jobs in, results or the error's message out
+def _serve(connection: Any, empty: str) -> None:
+    """The worker process: jobs in, results or the error's message out, until the agent closes the pipe. Its
+    lifetime is the lane's: Ctrl-C reaches the agent, which stops it, and the agent's end leaves it quietly."""
     from edgekit.errors import first_line
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.path[:] = [os.path.abspath(entry) for entry in sys.path]  # imports still resolve after the chdir
-    os.chdir(empty)
-
+    try:
+        os.chdir(empty)
+    except OSError:  # the lane closed while this worker started
+        return
     while True:
-        job = connection.recv()
+        try:
+            job = connection.recv()
+        except (EOFError, OSError):  # the agent is gone
+            return
         try:
             connection.send(("ok", run_job(job)))
         except Exception as err:  # the runtime's own error types: reported to the client, the worker lives on
