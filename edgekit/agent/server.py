@@ -107,8 +107,12 @@ class Agent(ThreadingHTTPServer):
         else:
             self.shutdown_request(request)
             return
-        threading.Thread(target=self._serve_connection, args=(request, client_address, handler, slots),
-                         daemon=True).start()
+        try:
+            threading.Thread(target=self._serve_connection, args=(request, client_address, handler, slots),
+                             daemon=True).start()
+        except RuntimeError:  # no thread to be had: the slot goes back, the connection is closed (handle_error)
+            slots.release()
+            raise
 
     def _serve_connection(self, request: Any, client_address: Any, handler: type, slots: threading.Semaphore) -> None:
         try:
