@@ -127,12 +127,23 @@ def _parser() -> argparse.ArgumentParser:
         "LiteRT, one job at a time per runtime, and answer with outputs and latency. Requests need the token; "
         "only ONNX and TFLite models and plain arrays are accepted, nothing touches the filesystem.")
     a.add_argument("--port", type=int, default=8765, help="port to listen on (default 8765)")
-    a.add_argument("--host", default="0.0.0.0", help="address to listen on (default all)")
-    a.add_argument("--token", help="shared token, 8+ characters (default: $EDGEKIT_AGENT_TOKEN, else a new one)")
+    a.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0: every interface)")
+    a.add_argument("--token-file", help="file holding the shared token, 8+ characters "
+                   "(default: $EDGEKIT_AGENT_TOKEN, else a new one is printed)")
+    a.add_argument("--token", help="the token itself (visible in the process list: prefer --token-file)")
+    a.add_argument("--tls-cert", help="serve HTTPS with this PEM certificate (chain); needs --tls-key")
+    a.add_argument("--tls-key", help="the PEM private key of --tls-cert")
     a.add_argument("--name", help="device name in reports (default: the host name)")
     a.add_argument("--max-mb", type=float, default=256, help="largest request in MB (default 256)")
     a.add_argument("--queue", type=int, default=64, help="jobs waiting per runtime before refusing (default 64)")
     a.add_argument("--job-timeout", type=float, default=300, help="seconds one job may run (default 300)")
+    a.add_argument("--memory-mb", type=float, default=512,
+                   help="request bodies held at once, read or queued, in MB (default 512)")
+    a.add_argument("--max-connections", type=int, default=128,
+                   help="connections served at once, waiting ones included; more are answered 503 (default 128)")
+    a.add_argument("--request-timeout", type=float, default=120,
+                   help="seconds a whole request may take to arrive (default 120)")
     a.add_argument("--emulated", action="store_true",
                    help="running under emulation (tools/emulate-aarch64.sh): latencies are labelled emulated")
     a.add_argument("--quiet", "-q", action="store_true", help="no request log")
@@ -241,22 +252,12 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _agent(args: argparse.Namespace) -> int:
-    import secrets
+    from edgekit.agent.launch import serve
 
-    from edgekit.agent.server import serve
-    from edgekit.runtimes.remote import TOKEN_ENV
-
-    token = args.token or os.environ.get(TOKEN_ENV)
-    if token is None:
-        token = secrets.token_urlsafe(24)
-        print(f"edgekit agent: token {token}  (clients: {TOKEN_ENV}={token})", file=sys.stderr)
-    if len(token) < 8:
-        raise UsageError("the agent's token must have at least 8 characters")
-    try:
-        serve(args.host, args.port, token, name=args.name, max_mb=args.max_mb, queue_size=args.queue,
-              job_timeout=args.job_timeout, quiet=args.quiet, emulated=args.emulated)
-    except OSError as err:
-        raise UsageError(f"cannot listen on {args.host}:{args.port}: {err.strerror or err}") from None
+    serve(args.host, args.port, token=args.token, token_file=args.token_file, tls_cert=args.tls_cert,
+          tls_key=args.tls_key, name=args.name, max_mb=args.max_mb, memory_mb=args.memory_mb, queue_size=args.queue,
+          job_timeout=args.job_timeout, request_timeout=args.request_timeout, max_connections=args.max_connections,
+          quiet=args.quiet, emulated=args.emulated)
     return 0
 
 

@@ -212,3 +212,253 @@ def test_an_emulated_agent_labels_its_timings_and_gates_use_the_estimate(tiny_mo
     assert "measured_device" not in report["latency_ms"]
     latency_gate = next(g for g in report["gates"] if g["name"] == "max_latency_ms")
     assert latency_gate["basis"] == "estimated: raspberry-pi-5"
+
+
+def _external(location: str) -> onnx.TensorProto:
+    """A 4-float tensor whose data is said to live in the file `location`."""
+    tensor = onnx.TensorProto(name="w", data_type=onnx.TensorProto.FLOAT, dims=[4],
+                              data_location=onnx.TensorProto.EXTERNAL)
+    tensor.external_data.add(key="location", value=location)
+    tensor.external_data.add(key="length", value="16")
+    return tensor
+
+
+def _reading_model(where: str, location: str = "secret.bin") -> bytes:
+    """y = x + (4 floats from `location`), the tensor hidden `where` a top-level check does not look."""
+    from onnx import helper
+
+    floats = onnx.TensorProto.FLOAT
+    x, y = helper.make_tensor_value_info("x", floats, [1, 4]), helper.make_tensor_value_info("y", floats, [1, 4])
+    c = helper.make_tensor_value_info("c", floats, [4])
+    opsets = [helper.make_opsetid("", 17)]
+    functions = []
+    if where in ("if_constant", "if_initializer"):
+        then = (helper.make_graph([helper.make_node("Constant", [], ["c"], value=_external(location))], "then", [], [c])
+                if where == "if_constant" else
+                helper.make_graph([helper.make_node("Identity", ["w"], ["c"])], "then", [], [c],
+                                  initializer=[_external(location)]))
+        other = helper.make_graph([helper.make_node("Constant", [], ["c"], value=helper.make_tensor(
+            "zeros", floats, [4], [0.0] * 4))], "else", [], [c])
+        nodes = [helper.make_node("Constant", [], ["cond"], value=helper.make_tensor("t", onnx.TensorProto.BOOL, [],
+                                                                                    [True])),
+                 helper.make_node("If", ["cond"], ["c"], then_branch=then, else_branch=other)]
+    elif where in ("sparse_initializer", "sparse_constant"):
+        sparse = helper.make_sparse_tensor(_external(location), helper.make_tensor("i", onnx.TensorProto.INT64, [4],
+                                                                                  [0, 1, 2, 3]), [4])
+        nodes = [helper.make_node("Constant", [], ["c"], sparse_value=sparse)] if where == "sparse_constant" else []
+    else:  # a model-local function's Constant
+        functions = [helper.make_function("local", "Weights", [], ["c"],
+                                          [helper.make_node("Constant", [], ["c"], value=_external(location))],
+                                          opsets)]
+        nodes = [helper.make_node("Weights", [], ["c"], domain="local")]
+        opsets = [*opsets, helper.make_opsetid("local", 1)]
+    nodes.append(helper.make_node("Add", ["x", "w" if where == "sparse_initializer" else "c"], ["y"]))
+    graph = helper.make_graph(nodes, "g", [x], [y], sparse_initializer=[sparse] if where == "sparse_initializer"
+                              else None)
+    return helper.make_model(graph, opset_imports=opsets, functions=functions).SerializeToString()
+
+
+WHERE = ["if_constant", "if_initializer", "sparse_initializer", "sparse_constant", "function_constant"]
+
+
+@pytest.mark.parametrize("where", WHERE)
+def test_external_data_anywhere_in_the_model_is_refused(agent: Agent, where: str) -> None:
+    model = _reading_model(where)
+    status, answer = post(agent, encode(job(model, np.zeros((1, 4), np.float32))))
+    assert status == 400 and "external data" in answer["error"]
+
+
+def test_a_worker_never_resolves_files_even_past_the_checks(tmp_path: Path) -> None:
+    """Defence in depth: a model that reads a file beside the agent, handed to a worker without the protocol's
+    checks, finds an empty folder (onnxruntime reads these from bytes, resolving against the working folder)."""
+    from edgekit.agent.worker import Lane
+
+    (tmp_path / "secret.bin").write_bytes(np.array([1, 2, 3, 4], np.float32).tobytes())
+    lane = Lane("onnxruntime", 4, 60)  # started in tmp_path, where secret.bin is
+    try:
+        for where in ("if_constant", "if_initializer", "sparse_initializer", "sparse_constant"):
+            for location in ("secret.bin", f"../{tmp_path.name}/secret.bin"):
+                future = lane.submit(job(_reading_model(where, location), np.zeros((1, 4), np.float32), runs=1))
+                with pytest.raises(Exception, match="runtime refused the model"):
+                    future.result(timeout=60)
+    finally:
+        lane.close()
+
+
+def _raw(server: Agent, data: bytes, timeout: float = 10) -> tuple[int, bytes]:
+    """Send `data` as is, close the sending side, and return the status code and the whole answer."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=timeout) as connection:
+        connection.sendall(data)
+        connection.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    return int(answer.split(b" ", 2)[1]), answer
+
+
+def test_malformed_http_gets_a_status_never_a_dropped_connection(agent: Agent, tiny_onnx: bytes) -> None:
+    auth = f"Authorization: Bearer {TOKEN}\r\n".encode()
+    cases = {
+        b"\r\n": 400,
+        b"GET /v1/info\r\n\r\n": 400,  # no HTTP version: http.server would answer without a status line
+        b"GET /v1/info HTTP/1.1\r\n\r\n": 401,
+        b"PUT /v1/verify HTTP/1.1\r\n" + auth + b"\r\n": 405,
+        b"POST /v1/verify HTTP/1.1\r\n" + auth + b"\r\n": 411,
+        b"POST /v1/verify HTTP/1.1\r\n" + auth + b"Content-Length: \xb2\r\n\r\n": 400,  # isdigit() says yes
+        b"POST /v1/verify HTTP/1.1\r\n" + auth + b"Content-Length: 4\r\nContent-Length: 5\r\n\r\nabcd": 400,
+        b"POST /v1/verify HTTP/1.1\r\n" + auth + b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n": 411,
+        b"POST /v1/verify HTTP/1.1\r\n" + auth + b"Content-Length: 10\r\n\r\nabc": 400,  # ended early
+        b"POST /v1/verify HTTP/1.1\r\n" + auth + b"Content-Length: 0\r\n\r\n": 400,
+    }
+    for request, expected in cases.items():
+        status, answer = _raw(agent, request)
+        assert status == expected, (request, answer)
+        assert answer.startswith(b"HTTP/1.1 ")
+    assert post(agent, encode(job(tiny_onnx, np.zeros((1, 3, 32, 32), np.float32))))[0] == 200
+
+
+def _frame(header: dict, model: bytes, arrays: bytes) -> bytes:
+    text = json.dumps(header).encode()
+    return struct.pack(">I", len(text)) + text + model + arrays
+
+
+def test_every_field_is_checked_before_anything_is_allocated(tiny_onnx: bytes) -> None:
+    from edgekit.agent.protocol import Refused, decode
+
+    def npy(array: np.ndarray) -> bytes:
+        buffer = io.BytesIO()
+        np.save(buffer, array)
+        return buffer.getvalue()
+
+    good = npy(np.zeros((1, 3, 32, 32), np.float32))
+    base = {"format": "onnx", "sha256": hashlib.sha256(tiny_onnx).hexdigest(), "threads": 1, "warmup": 0, "runs": 1,
+            "model_bytes": len(tiny_onnx), "inputs_bytes": len(good)}
+    claims = np.lib.format.header_data_from_array_1_0(np.zeros(1, np.float32)) | {"shape": (10**12,)}
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(head, claims)
+    huge = head.getvalue() + bytes(16)  # says 4 TB, holds 16 bytes
+    unbalanced = good.replace(b"(1, 3, 32, 32)", b"(1, 3, 32, 32 ")  # numpy's tokenizer raises its own error
+    zipped = io.BytesIO()
+    np.savez(zipped, x=np.zeros((1, 3, 32, 32), np.float32))
+    cases = {
+        "threads NaN": ({**base, "threads": float("nan")}, good),
+        "threads float": ({**base, "threads": 1.5}, good),
+        "threads huge": ({**base, "threads": 10**30}, good),
+        "runs a bool": ({**base, "runs": True}, good),
+        "negative bytes": ({**base, "model_bytes": -5}, good),
+        "extra field": ({**base, "path": "/etc/passwd"}, good),
+        "not hex": ({**base, "sha256": "z" * 64}, good),
+        "shape over the body": ({**base, "inputs_bytes": len(huge)}, huge),
+        "unbalanced header": ({**base, "inputs_bytes": len(unbalanced)}, unbalanced),
+        "an npz": ({**base, "inputs_bytes": len(zipped.getvalue())}, zipped.getvalue()),
+        "empty inputs": ({**base, "inputs_bytes": len(npy(np.zeros((0, 3), np.float32)))},
+                         npy(np.zeros((0, 3), np.float32))),
+        "strings": ({**base, "inputs_bytes": len(npy(np.array(["a"])))}, npy(np.array(["a"]))),
+    }
+    for case, (header, arrays) in cases.items():
+        with pytest.raises(Refused) as refused:
+            decode(_frame(header, tiny_onnx, arrays))
+        assert refused.value.status == 400, case
+    deep = b"[" * 3000
+    for body in (b"", b"\0\0\0", struct.pack(">I", 2**31) + b"{}", struct.pack(">I", len(deep)) + deep):
+        with pytest.raises(Refused):
+            decode(body)
+    assert decode(_frame(base, tiny_onnx, good)).inputs.shape == (1, 3, 32, 32)
+
+
+@pytest.fixture
+def strict_agent() -> Iterator[Agent]:
+    server = Agent(("127.0.0.1", 0), TOKEN, max_mb=1, memory_mb=1, max_connections=2, request_timeout=1.5,
+                   quiet=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_trickling_client_is_cut_off_at_the_deadline(strict_agent: Agent) -> None:
+    import socket
+
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", strict_agent.server_address[1]), timeout=10) as connection:
+        connection.sendall(f"POST /v1/verify HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\n"
+                           "Content-Length: 1000\r\n\r\n".encode())
+        with pytest.raises(OSError):  # the agent stops listening while the client still trickles
+            for _ in range(40):
+                connection.sendall(b"x")
+                time.sleep(0.2)
+        answer = connection.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 408") and time.monotonic() - started < 4
+
+
+def test_connections_and_memory_are_capped_with_503(strict_agent: Agent) -> None:
+    import socket
+
+    address = ("127.0.0.1", strict_agent.server_address[1])
+    idle = [socket.create_connection(address, timeout=10) for _ in range(2)]  # both slots taken
+    time.sleep(0.2)
+    status, answer = _raw(strict_agent, f"GET /v1/info HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode())
+    assert status == 503 and b"retry later" in answer
+    for connection in idle:
+        connection.close()
+    time.sleep(0.3)
+    # one upload holds 0.9 MB of the 1 MB budget while its body arrives: a second one does not fit
+    holding = socket.create_connection(address, timeout=10)
+    holding.sendall(f"POST /v1/verify HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: 900000\r\n\r\n"
+                    .encode())
+    time.sleep(0.2)
+    status, answer = _raw(strict_agent, f"POST /v1/verify HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\n"
+                          "Content-Length: 500000\r\n\r\n".encode())
+    assert status == 503 and b"--memory-mb" in answer
+    holding.close()
+
+
+def test_tls_with_the_agents_certificate(tmp_path: Path, tiny_onnx: bytes) -> None:
+    import shutil
+    import subprocess
+
+    from edgekit.agent.launch import tls_context
+    from edgekit.errors import StageError
+
+    if not shutil.which("openssl"):
+        pytest.skip("needs the openssl command to make a certificate")
+    cert, key = tmp_path / "agent.pem", tmp_path / "agent.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    server = Agent(("127.0.0.1", 0), TOKEN, tls=tls_context(str(cert), str(key)), quiet=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"https://127.0.0.1:{server.server_address[1]}"
+        device = RemoteDevice(url, TOKEN, ca_file=str(cert))
+        assert device.info()["tls"] is True
+        inputs = np.zeros((1, 3, 32, 32), np.float32)
+        outputs, _ = device.verify(tiny_onnx, "onnx", inputs, 1, 0, 1)
+        np.testing.assert_allclose(outputs, OnnxRuntimeRunner(tiny_onnx, 1).run(inputs), rtol=1e-5, atol=1e-6)
+        with pytest.raises(StageError, match="CERTIFICATE_VERIFY_FAILED"):  # not signed by a CA the client trusts
+            RemoteDevice(url, TOKEN).info()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_agent_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgekit.agent.launch import agent_token, is_loopback
+
+    monkeypatch.delenv("EDGEKIT_AGENT_TOKEN", raising=False)
+    token_file = tmp_path / "token"
+    token_file.write_text("from-a-file-123\n")
+    assert agent_token(None, str(token_file)) == "from-a-file-123"
+    monkeypatch.setenv("EDGEKIT_AGENT_TOKEN", "from-the-env-123")
+    assert agent_token(None, None) == "from-the-env-123" and capsys.readouterr().err == ""
+    assert agent_token("on-the-command-line", None) == "on-the-command-line"
+    assert "visible to every user" in capsys.readouterr().err
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("board.local")
+    assert main(["agent", "--tls-cert", str(token_file)]) == 2
+    assert "--tls-cert and --tls-key go together" in capsys.readouterr().err
+    assert main(["agent", "--token-file", str(tmp_path / "missing")]) == 2
+    assert "cannot read the token file" in capsys.readouterr().err

@@ -29,7 +29,8 @@ def test_build_writes_verified_artifact_report_manifest(tiny_model: torch.nn.Mod
     result = build(tiny_model, "x86-64", calib=photos, input_size=32, out="out", overrides=FAST, quiet=True)
     assert result.exit_code == 0
     folder = Path("out")
-    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "model.onnx", "recipe.toml", "report.json"]
+    assert sorted(p.name for p in folder.iterdir()) == [".edgekit", "manifest.json", "model.onnx", "recipe.toml",
+                                                        "report.json"]
     report = json.loads((folder / "report.json").read_text())
     assert report["status"] == "ok"
     assert report["artifact"]["format"] == "onnx" and report["artifact"]["precision"] == "fp32"
@@ -205,17 +206,37 @@ def test_graph_the_runtime_cannot_load_exits_3(capsys, photos: Path, tmp_path: P
     assert _leftovers() == []
 
 
-def test_out_folder_rules(capsys, tiny_model: torch.nn.Module, photos: Path) -> None:
+def test_out_folder_rules(capsys, tiny_model: torch.nn.Module, photos: Path, tmp_path: Path) -> None:
+    def build_into(out: str | Path) -> Path:
+        return build(tiny_model, "x86-64", calib=photos, input_size=32, out=out, overrides=FAST, quiet=True).out
+
     mine = Path("mine")
     mine.mkdir()
     (mine / "thesis.txt").write_text("do not delete")
+    (mine / "manifest.json").write_text("{}")  # looks like an artifact folder, but edgekit never marked it
     with pytest.raises(UsageError, match="mine exists and is not an edgekit artifact folder"):
-        build(tiny_model, "x86-64", calib=photos, input_size=32, out=mine, overrides=FAST, quiet=True)
+        build_into(mine)
     assert (mine / "thesis.txt").read_text() == "do not delete"
-    first = build(tiny_model, "x86-64", calib=photos, input_size=32, out="again", overrides=FAST, quiet=True)
-    (first.out / "stale.txt").write_text("from an older build")
-    second = build(tiny_model, "x86-64", calib=photos, input_size=32, out="again", overrides=FAST, quiet=True)
-    assert not (second.out / "stale.txt").exists() and (second.out / "model.onnx").is_file()
+    first = build_into("again")
+    second = build_into("again")  # a rebuild replaces the folder edgekit wrote
+    assert (second / "model.onnx").is_file() and json.loads((second / ".edgekit").read_text())["files"] == [
+        "manifest.json", "model.onnx", "recipe.toml", "report.json"]
+    (first / "notes.txt").write_text("the user's, written into the artifact folder")
+    with pytest.raises(UsageError, match=r"again exists and holds files edgekit did not write \(notes.txt\)"):
+        build_into("again")
+    assert (first / "notes.txt").is_file() and (first / "model.onnx").is_file()
+    (first / "notes.txt").unlink()
+    # a build killed mid-way left its staging folder; its process is gone, so the next build removes it
+    stale = Path(".again.partial-999999999")
+    stale.mkdir()
+    (stale / "model.onnx").write_bytes(b"half")
+    build_into("again")
+    assert not stale.exists()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for unwritable in ("/proc/edgekit-out", blocker / "out"):
+        with pytest.raises(UsageError, match=f"cannot write the artifact folder {unwritable}"):
+            build_into(unwritable)
 
 
 def test_jetson_build_carries_the_trtexec_command(tiny_model: torch.nn.Module, photos: Path) -> None:

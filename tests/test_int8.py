@@ -13,6 +13,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from edgekit import build
+from edgekit.cache import read_checked_json
 from edgekit.cli import main
 from edgekit.data import files_digest
 from edgekit.passes.export import export_onnx
@@ -151,7 +152,7 @@ def test_robust_ranges_sit_inside_the_extremes(method: str, tiny_model: nn.Modul
         path = tmp_path / f"{name}.json"
         Int8Quantizer(graph, inputs, Int8Scheme("uint8", name, False), path, 1).quantize()
         ranges[name] = {k: (v["lowest"]["data"][0], v["highest"]["data"][0])
-                        for k, v in json.loads(path.read_text())["data"].items()}
+                        for k, v in read_checked_json(path)["data"].items()}
     assert ranges["minmax"].keys() == ranges[method].keys()
     narrower = [ranges["minmax"][k][0] - 1e-6 <= lo <= hi <= ranges["minmax"][k][1] + 1e-6
                 for k, (lo, hi) in ranges[method].items()]

@@ -1,7 +1,9 @@
 """Runs verification jobs on the board: one worker process per runtime, fed one job at a time.
 
 A job that hangs or crashes its runtime takes only its worker process with it: the lane kills it
-at the timeout and starts a fresh one, and the next job in the queue runs there.
+at the timeout and starts a fresh one, and the next job in the queue runs there. Workers load models
+from bytes only, and run in an empty read-only folder of their own: a reference to a file that got
+past the protocol's checks (ONNX external data resolves against the working folder) finds nothing.
 """
 
 from __future__ import annotations
@@ -9,6 +11,9 @@ from __future__ import annotations
 import multiprocessing
 import os
 import queue
+import signal
+import sys
+import tempfile
 import threading
 from concurrent.futures import Future
 from typing import Any
@@ -30,11 +35,22 @@ def run_job(job: Job) -> tuple[np.ndarray, dict[str, Any]]:
     return outputs, {"runtime": runner.description, "timings_ms": [round(t, 4) for t in timings]}
 
 
-def _serve(connection: Any) -> None:  # the worker process: jobs in, results or the error's message out
+def _serve(connection: Any, empty: str) -> None:
+    """The worker process: jobs in, results or the error's message out, until the agent closes the pipe. Its
+    lifetime is the lane's: Ctrl-C reaches the agent, which stops it, and the agent's end leaves it quietly."""
     from edgekit.errors import first_line
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.path[:] = [os.path.abspath(entry) for entry in sys.path]  # imports still resolve after the chdir
+    try:
+        os.chdir(empty)
+    except OSError:  # the lane closed while this worker started
+        return
     while True:
-        job = connection.recv()
+        try:
+            job = connection.recv()
+        except (EOFError, OSError):  # the agent is gone
+            return
         try:
             connection.send(("ok", run_job(job)))
         except Exception as err:  # the runtime's own error types: reported to the client, the worker lives on
@@ -49,6 +65,8 @@ class Lane:
         self.name = name
         self.timeout = timeout
         self.jobs: queue.Queue[tuple[Job, Future]] = queue.Queue(maxsize=capacity)
+        self._empty = tempfile.TemporaryDirectory(prefix=f"edgekit-{name}-")  # the workers' working folder
+        os.chmod(self._empty.name, 0o500)
         self._context = multiprocessing.get_context("spawn")  # no inherited server sockets or threads
         if os.environ.get(PYTHON_ENV):  # an interpreter that must be started through a wrapper (qemu emulation)
             self._context.set_executable(os.environ[PYTHON_ENV])
@@ -57,7 +75,8 @@ class Lane:
 
     def _start_worker(self) -> None:
         self._connection, child = self._context.Pipe()
-        self._process = self._context.Process(target=_serve, args=(child,), name=f"edgekit-{self.name}", daemon=True)
+        self._process = self._context.Process(target=_serve, args=(child, self._empty.name),
+                                              name=f"edgekit-{self.name}", daemon=True)
         self._process.start()
         child.close()
 
@@ -97,3 +116,4 @@ class Lane:
     def close(self) -> None:
         self._process.kill()
         self._process.join()
+        self._empty.cleanup()

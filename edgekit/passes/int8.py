@@ -13,8 +13,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-import shutil
 import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from edgekit.cache import canonical_json, checked_json
 from edgekit.runtimes.onnxruntime import OnnxRuntimeRunner
 
 if TYPE_CHECKING:
@@ -68,7 +70,8 @@ class Int8Quantizer:
 
     def __init__(self, model: onnx.ModelProto, calibration: np.ndarray, scheme: Int8Scheme, ranges: Path | None,
                  threads: int, bias_images: int | None = None) -> None:
-        """`ranges`: where the calibration ranges are cached across builds; None keeps them for this quantizer only.
+        """`ranges`: the cache entry of the calibration ranges across builds (checked when read, recomputed if it is
+        not intact); None keeps them for this quantizer only.
         `bias_images`: the first this many calibration images serve bias correction (default: all)."""
         import onnx
 
@@ -78,7 +81,9 @@ class Int8Quantizer:
         onnx.save(self.prepared, str(self._source))  # once: every quantization and the calibration read it
         self.calibration = calibration
         self.scheme = scheme
-        self.ranges = ranges or Path(self._scratch.name) / "ranges.json"
+        self.ranges = ranges
+        self._checked_ranges = Path(self._scratch.name) / "ranges.json"  # what onnxruntime reads: verified ranges
+        self.ranges_digest: str | None = None  # sha256 of the ranges every quantization used, once calibrated
         self.threads = threads
         self.always_float: tuple[str, ...] = ()
         self.bias_images = bias_images or len(calibration)
@@ -110,7 +115,7 @@ class Int8Quantizer:
                     calibrate_method=self._method(),
                     nodes_to_quantize=list(only) if only is not None else None,
                     nodes_to_exclude=[*self.always_float, *exclude],
-                    calibration_cache_path=str(self.ranges),
+                    calibration_cache_path=str(self._checked_ranges),
                     extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True,
                                    "QuantizeBias": self.scheme.int32_bias},
                 )
@@ -136,12 +141,19 @@ class Int8Quantizer:
         `mse` clips each tensor's range to the one that minimises the mean squared quantization
         error over a sample of its calibration values; `mean-minmax` averages each tensor's
         per-image min and max. Both stop a few outliers from stretching a range every value pays for.
-        Those and `minmax` are edgekit's own (`stream_ranges`); `entropy` and `percentile` onnxruntime's."""
+        Those and `minmax` are edgekit's own (`stream_ranges`); `entropy` and `percentile` onnxruntime's.
+        Cached ranges are used only if intact: onnxruntime reads a private copy of what was checked."""
+        if self.ranges_digest is not None:
+            return
+        canonical = canonical_json(checked_json(self.ranges, self._compute_ranges))
+        self._checked_ranges.write_bytes(canonical)
+        self.ranges_digest = hashlib.sha256(canonical).hexdigest()
+
+    def _compute_ranges(self) -> dict[str, Any]:
+        """The ranges in onnxruntime's calibration-cache form (`save_tensors_data`), as JSON."""
         from onnxruntime.quantization import TensorsData, create_calibrator, save_tensors_data
         from onnxruntime.quantization.calibrate import MinMaxCalibrater
 
-        if self.ranges.is_file():
-            return
         with tempfile.TemporaryDirectory() as tmp:
             if self.scheme.calibration in OWN_RULES:  # streamed image by image: a 1024 px ViT's every tensor for
                 plain = MinMaxCalibrater(self._source)  # 16 images, as onnxruntime's calibrators hold them, is 24 GB+
@@ -159,10 +171,9 @@ class Int8Quantizer:
                                                calibrate_method=self._method())
                 calibrator.collect_data(_Reader(self.prepared.graph.input[0].name, self.calibration))
                 ranges = calibrator.compute_data()
-            partial = Path(tmp) / "ranges.json"
-            save_tensors_data(ranges, partial)
-            self.ranges.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(partial, self.ranges)
+            saved = Path(tmp) / "ranges.json"
+            save_tensors_data(ranges, saved)
+            return json.loads(saved.read_text())
 
     def sensitivity(self, inputs: np.ndarray, progress: Callable[[list[str]], Any] = iter) -> list[dict[str, Any]]:
         """Each layer quantized alone: the output's noise-to-signal ratio (and top-1 changes for score vectors),

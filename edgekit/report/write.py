@@ -1,13 +1,17 @@
-"""Write the report files and publish the artifact folder atomically.
+"""Write the report files and publish the artifact folder atomically, never over a folder edgekit did not write.
 
-A build writes into a hidden sibling folder and renames it into place only at the end, so a
-folder at the final path is always complete; a failed build leaves nothing that looks finished.
+A build writes into a hidden sibling folder and renames it into place only at the end, so a folder
+at the final path is always complete; a failed build leaves nothing that looks finished. Every
+published folder carries a marker (`.edgekit`) listing the files edgekit put there: a later build
+replaces a folder only if its marker is intact and it holds nothing the marker does not list, so a
+user's folder, or a user's file dropped into an artifact folder, is never deleted.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -16,6 +20,9 @@ from typing import Any
 
 from edgekit.errors import UsageError
 
+MARKER = ".edgekit"
+_LEFTOVER = re.compile(r"\..+\.(partial|replaced)-(\d+)")  # staging and replaced folders, named by their process
+
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
@@ -23,22 +30,91 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 @contextmanager
 def staged(out: Path) -> Iterator[Path]:
-    """A fresh hidden folder beside `out`, renamed to `out` if the block succeeds and removed if it fails
-    (with any parent folders it had to create). A non-empty folder edgekit did not write is never replaced."""
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "manifest.json").exists())):
-        raise UsageError(f"{out} exists and is not an edgekit artifact folder; choose another --out")
+    """A fresh hidden folder beside `out`, marked and renamed to `out` if the block succeeds and removed if it
+    fails (with any parent folders it had to create). Only an empty folder or one `replaceable` says edgekit
+    wrote is replaced; leftovers of builds whose process is gone are removed first."""
+    _check_replaceable(out)
     created = [p for p in [out.parent, *out.parent.parents] if not p.exists()]
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    try:
+        _remove_leftovers(out.parent)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    except OSError as err:
+        raise UsageError(f"cannot write the artifact folder {out}: {err.strerror or err}") from None
     try:
         yield staging
+        _mark(staging)
+        _check_replaceable(out)  # again: the folder may have changed during the build
+        _publish(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         for folder in created:  # innermost first
             with suppress(OSError):
                 folder.rmdir()
         raise
+
+
+def replaceable(folder: Path) -> str | None:
+    """Why `folder` must not be replaced, or None when it may: it is missing, empty, or marked by edgekit and
+    holds only the files its marker lists."""
+    if not folder.exists() and not folder.is_symlink():
+        return None
+    if folder.is_symlink() or not folder.is_dir():
+        return "is not a folder"
+    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() or p.is_symlink()}
+    if not present and not any(folder.iterdir()):
+        return None
+    try:
+        listed = json.loads((folder / MARKER).read_text())["files"]
+        if not isinstance(listed, list):
+            raise TypeError
+    except (OSError, ValueError, KeyError, TypeError):
+        return "is not an edgekit artifact folder"
+    unknown = sorted(present - set(listed) - {MARKER})
+    if unknown:
+        return f"holds files edgekit did not write ({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''})"
+    return None
+
+
+def _check_replaceable(out: Path) -> None:
+    reason = replaceable(out)
+    if reason:
+        raise UsageError(f"{out} exists and {reason}: edgekit replaces only folders it wrote; choose another --out")
+
+
+def _mark(staging: Path) -> None:
+    files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
+    write_json(staging / MARKER, {"written_by": "edgekit", "files": files})
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Rename `staging` to `out`; a previous `out` is renamed aside first and removed after."""
+    previous = out.parent / f".{out.name}.replaced-{os.getpid()}"
     if out.exists():
-        shutil.rmtree(out)
+        shutil.rmtree(previous, ignore_errors=True)
+        os.replace(out, previous)
     os.replace(staging, out)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def _remove_leftovers(parent: Path) -> None:
+    """Staging and replaced folders left in `parent` by builds whose process no longer runs (killed, crashed)."""
+    if not parent.is_dir():
+        return
+    for entry in parent.iterdir():
+        match = _LEFTOVER.fullmatch(entry.name)
+        if match and entry.is_dir() and not entry.is_symlink() and not _running(int(match[2])):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    except (OverflowError, ValueError):  # a number no process has
+        return False
+    return True

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import ssl
 import urllib.error
 import urllib.request
 from typing import Any
@@ -19,10 +20,11 @@ from edgekit.agent.protocol import API, Job, encode, read_result
 from edgekit.errors import StageError, UsageError
 
 TOKEN_ENV = "EDGEKIT_AGENT_TOKEN"
+CA_ENV = "EDGEKIT_AGENT_CA"  # a PEM file of the CA (or the self-signed certificate) an https agent is checked with
 
 
 class RemoteDevice:
-    def __init__(self, url: str, token: str | None = None, timeout: float = 900) -> None:
+    def __init__(self, url: str, token: str | None = None, timeout: float = 900, ca_file: str | None = None) -> None:
         if not url.startswith(("http://", "https://")):
             raise UsageError(f"--device takes the agent's URL (http://board:8765), got {url!r}")
         self.url = url.rstrip("/")
@@ -30,6 +32,7 @@ class RemoteDevice:
         if not self.token:
             raise UsageError(f"the agent at {self.url} needs its token: --device-token or {TOKEN_ENV}")
         self.timeout = timeout
+        self._tls = _client_tls(ca_file or os.environ.get(CA_ENV)) if self.url.startswith("https://") else None
         self._info: dict[str, Any] | None = None
 
     def _call(self, path: str, body: bytes | None = None) -> bytes:
@@ -37,7 +40,7 @@ class RemoteDevice:
                                          headers={"Authorization": f"Bearer {self.token}",
                                                   "Content-Type": "application/octet-stream"})
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            with urllib.request.urlopen(request, timeout=self.timeout, context=self._tls) as response:
                 return response.read()
         except urllib.error.HTTPError as err:
             try:
@@ -67,3 +70,12 @@ class RemoteDevice:
         if info.get("sha256") != digest:
             raise StageError(f"the agent at {self.url} ran a different artifact (sha256 {info.get('sha256')})")
         return outputs, info
+
+
+def _client_tls(ca_file: str | None) -> ssl.SSLContext:
+    """Certificate and host name checked, against `ca_file` if given, else the system's CAs."""
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as err:
+        raise UsageError(f"{ca_file}: cannot load the agent's CA certificate ({getattr(err, 'strerror', None) or err})"
+                         f" (${CA_ENV})") from None

@@ -8,7 +8,6 @@ share no model: the microbenchmarks are single kernels, the validated artifacts 
 
 from __future__ import annotations
 
-import json
 import statistics
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from edgekit import __version__
-from edgekit.cache import ArrayCache
+from edgekit.cache import ArrayCache, checked_json
 from edgekit.errors import UsageError
 from edgekit.passes.analyze import Analysis, analyze, analyze_tflite
 from edgekit.runtimes import runner_for
@@ -61,12 +60,8 @@ def host_profile(threads: int, cache: ArrayCache, refresh: bool = False,
 
     key = {"kind": "host-microbenchmarks", "host": host_description(), "onnxruntime": onnxruntime.__version__,
            "threads": threads, "edgekit": __version__}
-    path = cache.path(key, ".json")
-    if path is not None and path.exists() and not refresh:
-        return host_target(json.loads(path.read_text()))
-    measured = measure_host(threads, progress=progress)
-    if path is not None:
-        path.write_text(json.dumps(measured, indent=2))
+    measured = checked_json(cache.path(key, ".json"), lambda: measure_host(threads, progress=progress), cache.note,
+                            refresh)
     return host_target(measured)
 
 
