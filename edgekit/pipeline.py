@@ -9,7 +9,6 @@ returned. It knows no family, no CLI and no target file format.
 from __future__ import annotations
 
 import platform
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -65,12 +64,10 @@ def run(ctx: BuildContext, source: object, out: str | Path | None) -> BuildResul
             device = adapter.on_device(artifact, data, reference, ctx) if ctx.remote else None
             report = build_report(ctx, model, artifact, verified, device)
             judge(report, ctx)
-            manifest = build_manifest(ctx, model, source, data.record(), artifact.deploy)
+            manifest = build_manifest(ctx, model, source, data.record(), artifact)
             seal(staging, report, manifest, [*artifact.files, *artifact.extras], ctx.plan.to_toml())
     except ConverterFailed as err:
-        log = out_dir / "converter.log"  # alone in the folder: nothing there looks like a finished build
-        shutil.rmtree(out_dir, ignore_errors=True)
-        out_dir.mkdir(parents=True)
+        log = out_dir.parent / f"{out_dir.name}.converter.log"  # beside the folder: no half-built folder is left
         log.write_text(err.log)
         raise StageError(f"{err} (full log: {log})") from err
     return BuildResult(out=out_dir, report=report)
@@ -115,7 +112,7 @@ def build_report(ctx: BuildContext, model: Loaded, artifact: Artifact, verified:
 
 
 def build_manifest(ctx: BuildContext, model: Loaded, source: object, data: dict[str, Any],
-                   deploy: dict[str, str] | None) -> dict[str, Any]:
+                   artifact: Artifact) -> dict[str, Any]:
     """What went in (by sha256), how the recipe was resolved, and the software that ran it."""
     recipe_file = ctx.recipe_file
     return Manifest(
@@ -126,7 +123,8 @@ def build_manifest(ctx: BuildContext, model: Loaded, source: object, data: dict[
                 "recipe_file": {"path": str(recipe_file), "sha256": file_sha256(recipe_file)} if recipe_file else None,
                 **data},
         load_options=asdict(ctx.options), recipe=ctx.plan.model_dump(), origins=ctx.origins, seed=ctx.plan.seed,
-        packages=package_versions(), platform=platform.platform(), deploy=deploy,
+        int8_ranges_sha256=(artifact.quantization or {}).get("ranges_sha256"), packages=package_versions(),
+        platform=platform.platform(), deploy=artifact.deploy,
     ).model_dump(mode="json")
 
 

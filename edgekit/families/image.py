@@ -312,6 +312,7 @@ class ImageFamily:
         return artifact, {
             "scheme": scheme.describe() | {"activations_for": ctx.format},
             "calibration": calib_record,
+            "ranges_sha256": quantizer.ranges_digest,
             "kept_float": steps[chosen]["kept_float"],
             "chosen_step": chosen,
             "always_float": list(quantizer.always_float),

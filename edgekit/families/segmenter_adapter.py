@@ -234,9 +234,10 @@ def _int8(encoder: Any, loaded: LoadedSegmenter, plan: Recipe, files: list[Path]
     ranges = cache.path({"kind": "int8-ranges", "model": _model_sha256(encoder), "calibration": record["sha256"],
                          "preprocess": loaded.preprocess, "method": scheme.calibration,
                          "activations": scheme.activations, "edgekit": __version__}, ".json")
-    quantized = Int8Quantizer(encoder, calibration, scheme, ranges, threads).quantize()
+    quantizer = Int8Quantizer(encoder, calibration, scheme, ranges, threads)
+    quantized = quantizer.quantize()
     return quantized, {"scheme": scheme.describe() | {"activations_for": "onnx"},
-                       "calibration": record,
+                       "calibration": record, "ranges_sha256": quantizer.ranges_digest,
                        "kept_float": [], "part": "image encoder; the decoder stays float"}
 
 

@@ -98,6 +98,7 @@ class Manifest(BaseModel):
     load_options: dict[str, Any]
     recipe: dict[str, Any]
     origins: dict[str, str]
+    int8_ranges_sha256: str | None = None  # the activation ranges the artifact's bytes depend on (cache or not)
     seed: int
     packages: dict[str, str]
     platform: str
