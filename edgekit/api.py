@@ -69,12 +69,12 @@ def build(
     )
     host = "LiteRT" if ctx.format == "tflite" else "onnxruntime"
     ctx.notes.append(f"verified in {host} on this host's CPU; on {device.name} the artifact runs in {ctx.runtime}")
-    if ctx.precision not in (runtime := device.runtime_for(ctx.format)).precisions:  # type: ignore[union-attr]
-        ctx.notes.append(f"{ctx.precision} is not among {device.name}'s fast precisions "
-                         f"({', '.join(runtime.precisions)})")  # type: ignore[union-attr]
-    if ctx.threads < (resolved.verify.threads or 1):
+    fast = device.runtime_for(ctx.format).precisions  # type: ignore[union-attr]  # resolve() checked the format
+    if ctx.precision not in fast:
+        ctx.notes.append(f"{ctx.precision} is not among {device.name}'s fast precisions ({', '.join(fast)})")
+    if ctx.threads < ctx.target_threads:
         ctx.notes.append(f"host latency uses {ctx.threads} threads (this host's cores); the target uses "
-                         f"{resolved.verify.threads}")
+                         f"{ctx.target_threads}")
     return run(ctx, model, out)
 
 

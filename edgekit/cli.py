@@ -11,7 +11,7 @@ import json
 import os
 import sys
 import traceback
-from typing import Any
+from typing import Any, NoReturn
 
 from edgekit.errors import EdgekitError, UsageError
 
@@ -37,7 +37,7 @@ exit codes:
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse exits 2 too; keep its message to one line
+    def error(self, message: str) -> NoReturn:  # argparse exits 2 too; keep its message to one line
         self.print_usage(sys.stderr)
         raise UsageError(message)
 

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from edgekit.progress import Progress
     from edgekit.recipe import Recipe
     from edgekit.runtimes.remote import RemoteDevice
-    from edgekit.targets import Target
+    from edgekit.targets import Format, Int8Activations, Target
 
 
 @dataclass
@@ -38,13 +38,31 @@ class BuildContext:
     notes: list[str] = field(default_factory=list)
     sections: dict[str, Any] = field(default_factory=dict)  # report sections the steps add (pruning, search, …)
 
+    # what resolve() always sets, typed as set
     @property
-    def format(self) -> str:
-        return str(self.plan.export.format)
+    def format(self) -> Format:
+        assert self.plan.export.format is not None
+        return self.plan.export.format
 
     @property
     def precision(self) -> str:
-        return str(self.plan.quantize.precision)
+        assert self.plan.quantize.precision is not None
+        return self.plan.quantize.precision
+
+    @property
+    def opset(self) -> int:
+        assert self.plan.export.opset is not None
+        return self.plan.export.opset
+
+    @property
+    def activations(self) -> Int8Activations:
+        assert self.plan.quantize.activations is not None
+        return self.plan.quantize.activations
+
+    @property
+    def target_threads(self) -> int:
+        assert self.plan.verify.threads is not None
+        return self.plan.verify.threads
 
     @property
     def runtime(self) -> str:

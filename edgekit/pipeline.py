@@ -91,7 +91,7 @@ def build_report(ctx: BuildContext, model: Loaded, artifact: Artifact, verified:
     preprocess = getattr(model, "preprocess", None)
     analysis = {"reference": artifact.reference_analysis.to_dict(),
                 "artifact": artifact.analysis.to_dict(layers=False)} if artifact.reference_analysis else None
-    report = Report(
+    report = Report.model_validate(dict(
         edgekit_version=__version__,
         model={"name": model.name, "family": ctx.adapter.name, "source": model.source, **model.details,
                **({"preprocess": preprocess} if preprocess else {})},
@@ -107,7 +107,7 @@ def build_report(ctx: BuildContext, model: Loaded, artifact: Artifact, verified:
         notes=ctx.notes,
         cache={"hits": ctx.cache.hits, "misses": ctx.cache.misses,
                "dir": str(ctx.cache.root) if ctx.cache.root else None},
-    )
+    ))
     return report.model_dump(mode="json", exclude_none=False)
 
 
@@ -131,7 +131,7 @@ def build_manifest(ctx: BuildContext, model: Loaded, source: object, data: dict[
 def judge(report: dict[str, Any], ctx: BuildContext) -> None:
     """Check the gates: on the real device's figures where it verified the artifact, else the host's accuracy and
     the target's estimated latency."""
-    on_device = report.get("device")
+    on_device: dict[str, Any] | None = report.get("device")
     accuracy = on_device["accuracy"] if on_device else report["accuracy"]
     measured = on_device and on_device["latency_ms"]["label"].startswith("measured")  # not an emulator's timings
     latency, basis = ((on_device["latency_ms"]["p50"], on_device["latency_ms"]["label"]) if measured else

@@ -184,7 +184,7 @@ def resolve(recipe: Recipe, target: Target, adapter: Family) -> Recipe:
     """Every unset field filled from the target; refuses combinations this build cannot produce."""
     family = adapter.name
     fmt = recipe.export.format or target.default(family, "format") or target.runtimes[0].format
-    runtime = target.runtime_for(fmt)
+    runtime = target.runtime_for(fmt)  # type: ignore[arg-type]  # a format name from the target file
     if runtime is None:
         takes = ", ".join(sorted({r.format for r in target.runtimes}))
         raise UsageError(f"{target.name} does not run {fmt} models (it takes: {takes})")
@@ -248,7 +248,7 @@ def refuse_irrelevant(adapter: Family, keys: set[str], where: str) -> None:
 
 
 def _dotted(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
+    flat: dict[str, Any] = {}
     for key, value in data.items():
         if isinstance(value, dict) and key != "ranks":  # lowrank.ranks is one value: a table of layers
             flat |= _dotted(value, f"{prefix}{key}.")

@@ -9,8 +9,9 @@ from __future__ import annotations
 import difflib
 import hashlib
 import tomllib
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -182,7 +183,7 @@ class Target(_Strict):
         return None
 
 
-def describe_errors(errors: list[dict]) -> str:
+def describe_errors(errors: Sequence[Mapping[str, Any]]) -> str:
     parts = []
     for err in errors:
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"

@@ -136,9 +136,12 @@ def settled_yolo(tmp_path: Path, family: str) -> torch.nn.Module:
 
 def test_pruning_and_distillation_shrink_and_recover(tmp_path: Path, boxes: Path) -> None:
     model = settled_yolo(tmp_path, "yolo11")
+    # without the refit the pruned model is visibly off (with it, a settled random model is matched almost exactly,
+    # leaving distillation nothing to recover)
     result = edgekit.build(model, "x86-64", calib=boxes / "images", eval=boxes / "images", input_size=SIZE,
-                           overrides={**FAST, "prune.ratio": 0.3, "distill.steps": 12, "distill.batch": 4,
-                                      "distill.images": 4, "distill.lr": 1e-3}, out="out", quiet=True)
+                           overrides={**FAST, "prune.ratio": 0.3, "prune.reconstruct": False, "distill.steps": 12,
+                                      "distill.batch": 4, "distill.images": 4, "distill.lr": 1e-3}, out="out",
+                           quiet=True)
     report = result.report
     pruning, distillation = report["pruning"], report["distillation"]
     assert pruning["macs_after"] < 0.8 * pruning["macs_before"] and pruning["params_after"] < pruning["params_before"]

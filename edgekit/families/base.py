@@ -112,16 +112,16 @@ class Family(Protocol):
     """A model family: how to recognise, load, feed, compress, export and verify its models."""
 
     name: str
-    headline: tuple[str, ...]  # metrics of the accuracy block a report also carries at its top level
+    headline: ClassVar[tuple[str, ...]]  # metrics of the accuracy block a report also carries at its top level
     recipe_defaults: ClassVar[dict[str, Any]]  # dotted recipe keys this family sets unless the recipe does
     # recipe sections (and their keys, or "*" for all) this family reads beyond the common ones
     # (recipe.COMMON_SETTINGS); a key set outside them is refused rather than recorded as if it ran
     settings: ClassVar[dict[str, Section]]
     # gate name -> (the accuracy metric it reads, what that metric is measured on, why it can be missing)
     accuracy_gates: ClassVar[dict[str, tuple[str, str, str]]]
-    precisions: tuple[str, ...]  # artifact precisions this family builds
-    formats: tuple[str, ...]  # artifact formats this family exports
-    device_verifiable: bool  # whether `edgekit agent` on a board can run its artifact and answer
+    precisions: ClassVar[tuple[str, ...]]  # artifact precisions this family builds
+    formats: ClassVar[tuple[str, ...]]  # artifact formats this family exports
+    device_verifiable: ClassVar[bool]  # whether `edgekit agent` on a board can run its artifact and answer
 
     def claims(self, source: object, options: LoadOptions) -> bool:
         """True when this family recognises the model source."""

@@ -128,7 +128,7 @@ def _load_weights(module: torch.nn.Module, state: dict[str, Any], path: Path, ar
 
 class ClassifierFamily(ImageFamily):
     name = "classifier"
-    headline = ("top1_agreement", "top1_drop_pt", "top1_reference", "top1_artifact")
+    headline: ClassVar[tuple[str, ...]] = ("top1_agreement", "top1_drop_pt", "top1_reference", "top1_artifact")
     accuracy_gates: ClassVar[dict[str, tuple[str, str, str]]] = {
         "max_top1_drop_pt": ("top1_drop_pt", "held-out labels", "no labels in the held-out set"),
         "min_top1_agreement": ("top1_agreement", "held-out images vs the original", "no agreement measured"),

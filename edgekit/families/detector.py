@@ -88,8 +88,8 @@ class DetectorFamily(ImageFamily):
                                                  "quantize.sensitivity_images": 8,
                                                  "quantize.calibration": "mean-minmax",
                                                  "quantize.range_sweeps": 0, "quantize.refit": False}
-    headline = ("box_agreement", "map50_95_reference", "map50_95_artifact", "map50_95_drop_pt", "map50_reference",
-                "map50_artifact")
+    headline: ClassVar[tuple[str, ...]] = ("box_agreement", "map50_95_reference", "map50_95_artifact",
+                                           "map50_95_drop_pt", "map50_reference", "map50_artifact")
     accuracy_gates: ClassVar[dict[str, tuple[str, str, str]]] = {
         "max_map_drop_pt": ("map50_95_drop_pt", "held-out boxes (mAP50-95)", "no boxes in the held-out set"),
     }

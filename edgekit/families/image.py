@@ -78,16 +78,16 @@ class ImageFamily:
     """The build steps of one-tensor image models; subclasses add load, samples, compare and the family's hooks."""
 
     name: str
-    headline: tuple[str, ...]
+    headline: ClassVar[tuple[str, ...]]
     recipe_defaults: ClassVar[dict[str, Any]] = {}
     settings: ClassVar[dict[str, Section]] = {
         "quantize": "*", "verify": "*", "prune": ("ratio", "images", "reconstruct"),
         "distill": ("steps", "seconds", "lr", "batch", "images"), "gates": ("on_cpu_fallback",),
     }
     accuracy_gates: ClassVar[dict[str, tuple[str, str, str]]] = {}
-    precisions: tuple[str, ...] = ("fp32", "fp16", "int8")
-    formats: tuple[str, ...] = ("onnx", "tflite")
-    device_verifiable = True
+    precisions: ClassVar[tuple[str, ...]] = ("fp32", "fp16", "int8")
+    formats: ClassVar[tuple[str, ...]] = ("onnx", "tflite")
+    device_verifiable: ClassVar[bool] = True
 
     # --- what a subclass provides -------------------------------------------------------------------------------
 
@@ -164,13 +164,15 @@ class ImageFamily:
             if not model.is_torch:
                 from edgekit.runtimes.onnxruntime import OnnxRuntimeRunner
 
+                assert model.onnx_model is not None
                 return {"outputs": OnnxRuntimeRunner(model.onnx_model.SerializeToString(),
                                                      ctx.threads).run(samples.inputs)}
             import torch
 
             torch.set_num_threads(ctx.threads)
-            module = copy.deepcopy(model.module)  # a forward pass may cache state (a head's anchors) that export
-            with torch.no_grad():                 # would then trace as constants: the same bytes, cached or not
+            # a forward pass may cache state (a head's anchors) that export would then trace as constants:
+            module: Any = copy.deepcopy(model.module)  # a copy keeps the bytes the same, cached or not
+            with torch.no_grad():
                 chunks = np.array_split(samples.inputs, max(1, len(samples) // 16))
                 batches = [module(torch.from_numpy(chunk)) for chunk in chunks]
             return {"outputs": torch.cat(batches).float().numpy()}
@@ -222,19 +224,19 @@ class ImageFamily:
         from edgekit.passes.export import export_onnx
         from edgekit.passes.tflite import convert_tflite
 
-        plan, tflite = ctx.plan, ctx.format == "tflite"
+        tflite = ctx.format == "tflite"
         if model.is_torch:
-            note = "tflite via litert-torch, onnx graph for analysis" if tflite else f"onnx opset {plan.export.opset}"
+            note = "tflite via litert-torch, onnx graph for analysis" if tflite else f"onnx opset {ctx.opset}"
             with ctx.progress.stage("export", note=note):
-                graph = export_onnx(compressed, model.input_shape, plan.export.opset)
+                graph = export_onnx(compressed, model.input_shape, ctx.opset)
                 float_tflite = convert_tflite(compressed, model.input_shape) if tflite else b""
         else:
             graph = compressed
             ctx.progress.skip("export", "input is ONNX: torch-only stages do not apply")
             ctx.notes.append("input is ONNX: export and torch-only stages were skipped")
-            if opset_of(graph) > plan.export.opset:
+            if opset_of(graph) > ctx.opset:
                 ctx.notes.append(f"the input ONNX uses opset {opset_of(graph)}; {ctx.target.name}'s runtime is "
-                                 f"profiled for opset {plan.export.opset} and may refuse newer ops")
+                                 f"profiled for opset {ctx.opset} and may refuse newer ops")
         with ctx.progress.stage("analyze") as record:
             reference_analysis = analyze(graph)
             record["note"] = (f"{reference_analysis.params / 1e6:.2f} M params, "
@@ -280,7 +282,7 @@ class ImageFamily:
 
         settings, samples = ctx.plan.quantize, data.samples
         assert samples is not None
-        scheme = Int8Scheme(settings.activations, settings.calibration, settings.bias_correction)
+        scheme = Int8Scheme(ctx.activations, settings.calibration, settings.bias_correction)
         calibration, calib_record = self.calibration(model, data, ctx)
         # everything the ranges depend on, the symmetric/asymmetric clip and the code that computes them included
         ranges = ctx.cache.path({"kind": "int8-ranges", "model": model.fingerprint,
@@ -389,7 +391,7 @@ class ImageFamily:
         assert ctx.remote is not None and data.samples is not None
         plan, remote = ctx.plan, ctx.remote
         with ctx.progress.stage("device", note=remote.url) as record:
-            outputs, info = remote.verify(artifact.main, artifact.format, data.samples.inputs, plan.verify.threads,
+            outputs, info = remote.verify(artifact.main, artifact.format, data.samples.inputs, ctx.target_threads,
                                           plan.verify.warmup, plan.verify.runs)
             accuracy = self.compare(reference, outputs, data.samples.labels)
             record["note"] = f"{info['device']}: {accuracy['summary']}, p50 {info['latency_ms']['p50']:.2f} ms"

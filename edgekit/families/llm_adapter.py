@@ -173,7 +173,7 @@ def prune_lm(module: Any, calibration: Any, ratio: float, blocks: int, progress:
                 raise UsageError(f"prune.blocks {blocks} would leave none of the {len(importance)} decoder blocks")
             dropped = sorted(int(i) for i in np.argsort(importance)[:blocks])
             llm.drop_blocks(module, dropped)
-        widths = []
+        widths: list[dict[str, Any]] = []
         if ratio:
             _, widths = prune_width(list(llm.decoder_layers(module)), hidden, kwargs, ratio, llm.width_consumers,
                                     llm.prune_block_width, track=lambda xs, n: progress.track(xs, n, "blocks pruned"))
@@ -198,7 +198,7 @@ def verify_lm(artifact: bytes, text: Text, ref: dict[str, np.ndarray], threads: 
     runs = [runner.greedy(p.numpy(), ref["tokens"].shape[1]) for p in text.prompts]
     agreement = [_common_prefix(run["tokens"], list(expected)) / len(expected)
                  for run, expected in zip(runs, ref["tokens"], strict=True)]
-    accuracy = {
+    accuracy: dict[str, Any] = {
         "ppl_reference": round(ppl_reference, 4), "ppl_artifact": round(ppl_artifact, 4),
         "ppl_ratio": round(ppl_artifact / ppl_reference, 4), "eval_tokens": tokens,
         "next_token_agreement": round(float((predictions == ref["predictions"]).mean()), 4),
@@ -258,10 +258,11 @@ class LanguageModelFamily:
     accuracy_gates: ClassVar[dict[str, tuple[str, str, str]]] = {
         "max_ppl_ratio": ("ppl_ratio", "held-out text (perplexity vs the original's)", "no perplexity measured"),
     }
-    headline = ("ppl_reference", "ppl_artifact", "ppl_ratio", "next_token_agreement", "generation_agreement")
-    precisions = ("fp32", "fp16", "int8", "int4")  # int4 and int8 are weight-only
-    formats = ("onnx",)
-    device_verifiable = False  # verified here: the agent runs one-tensor image models
+    headline: ClassVar[tuple[str, ...]] = ("ppl_reference", "ppl_artifact", "ppl_ratio", "next_token_agreement",
+                                           "generation_agreement")
+    precisions: ClassVar[tuple[str, ...]] = ("fp32", "fp16", "int8", "int4")  # int4 and int8 are weight-only
+    formats: ClassVar[tuple[str, ...]] = ("onnx",)
+    device_verifiable: ClassVar[bool] = False  # verified here: the agent runs one-tensor image models
 
     def claims(self, source: object, options: LoadOptions) -> bool:
         if not isinstance(source, (str, Path)):
@@ -328,7 +329,7 @@ class LanguageModelFamily:
         elif plan.lowrank.rank or any(plan.lowrank.ranks.values()):
             raise UsageError("EoRA compensates quantization: set precision int4 or int8 with lowrank.rank")
         with ctx.progress.stage("export", note=f"onnx opset {plan.export.opset}, key/value cache"):
-            graph = export_lm(module, plan.export.opset, plan.weights.accuracy_level)
+            graph = export_lm(module, ctx.opset, plan.weights.accuracy_level)
             if precision == "fp16":
                 graph = to_fp16(graph)
             set_metadata(graph, {"edgekit.version": __version__, "edgekit.family": self.name,

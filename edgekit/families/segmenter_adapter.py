@@ -74,10 +74,10 @@ class SegmenterFamily:
     accuracy_gates: ClassVar[dict[str, tuple[str, str, str]]] = {
         "max_miou_drop_pt": ("miou_drop_pt", "held-out instance polygons (box prompts)", "no instance polygons"),
     }
-    headline = ("miou_reference", "miou_artifact", "miou_drop_pt", "miou_vs_reference")
-    precisions = ("fp32", "fp16", "int8")
-    formats = ("onnx",)
-    device_verifiable = False  # the agent runs one-graph models; the pair is verified here
+    headline: ClassVar[tuple[str, ...]] = ("miou_reference", "miou_artifact", "miou_drop_pt", "miou_vs_reference")
+    precisions: ClassVar[tuple[str, ...]] = ("fp32", "fp16", "int8")
+    formats: ClassVar[tuple[str, ...]] = ("onnx",)
+    device_verifiable: ClassVar[bool] = False  # the agent runs one-graph models; the pair is verified here
 
     def claims(self, source: object, options: LoadOptions) -> bool:
         if not isinstance(source, (str, Path)):
@@ -161,10 +161,10 @@ class SegmenterFamily:
             found = [_masks(runner, data.decoder, frame)
                      for frame in ctx.progress.track(data.frames, len(data.frames), "artifact pair on held-out images")]
             accuracy = _compare(reference, found, data.frames)
-            latency = {"measured_host": measure(runner, data.frames[0][0][0], ctx.plan.verify.warmup,
-                                                ctx.plan.verify.runs),
-                       "estimated_target": estimate(artifact.analysis, ctx.target),
-                       "part": "image encoder (the decoder runs once per prompt, on the encoder's embedding)"}
+            latency: dict[str, Any] = {
+                "measured_host": measure(runner, data.frames[0][0][0], ctx.plan.verify.warmup, ctx.plan.verify.runs),
+                "estimated_target": estimate(artifact.analysis, ctx.target),
+                "part": "image encoder (the decoder runs once per prompt, on the encoder's embedding)"}
             record["note"] = f"{accuracy['summary']}, encoder host p50 {latency['measured_host']['p50']:.0f} ms"
         return Verification(accuracy=accuracy, latency=latency)
 
@@ -230,6 +230,7 @@ def _int8(encoder: Any, loaded: LoadedSegmenter, plan: Recipe, files: list[Path]
             return encoder_input(image)[0]
 
     calibration = np.concatenate([read(path) for path in progress.track(files, len(files), "calibration images read")])
+    assert settings.activations is not None
     scheme = Int8Scheme(settings.activations, settings.calibration, bias_correction=False)
     ranges = cache.path({"kind": "int8-ranges", "model": _model_sha256(encoder), "calibration": record["sha256"],
                          "preprocess": loaded.preprocess, "method": scheme.calibration,
@@ -292,7 +293,8 @@ def _slim_encoder(original: Any, plan: Recipe, files: list[Path], progress: Prog
     teacher = set_resolution(tinyvit_from_onnx(original), CROP)
     student = copy.deepcopy(teacher)
     crops = torch.from_numpy(encoder_crops(files[: plan.prune.images], CROP, 1, plan.seed))
-    steps, kept = [], {}
+    steps: list[dict[str, Any]] = []
+    kept: dict[Any, Any] = {}
     for kind in ("embedding", "bottleneck"):  # SlimSAM's alternate order: the residual stream first
         groups = [g for g in slim_groups(student) if g.kind == kind]
         step, cut_rows = slim(student, groups, plan.prune.ratio, list(crops.split(1)), teacher)
@@ -307,18 +309,22 @@ def _slim_encoder(original: Any, plan: Recipe, files: list[Path], progress: Prog
     settings = plan.distill
     if settings.steps:
         data = encoder_crops(files[: settings.images], CROP, 1, plan.seed + 1)
-        bounds = {"steps": settings.steps, "seconds": settings.seconds, "lr": settings.lr, "batch": settings.batch,
-                  "seed": plan.seed}
+        def whole(model: Any, x: Any) -> list[Any]:
+            return [model(x)]
+
         if settings.scope == "blocks":
             done = distill_blocks(student, teacher, data, [(name, kept.get(writer) if writer else None)
                                                            for name, writer in blocks(student)],
-                                  lambda model, x: [model(x)], **bounds,
+                                  whole, steps=settings.steps, seconds=settings.seconds, lr=settings.lr,
+                                  batch=settings.batch, seed=plan.seed,
                                   progress=lambda items, total: progress.track(items, total, "blocks distilled"))
         else:
-            done = distill(student, teacher, data, lambda model, x: [model(x)], **bounds,
+            done = distill(student, teacher, data, whole, steps=settings.steps, seconds=settings.seconds,
+                           lr=settings.lr, batch=settings.batch, seed=plan.seed,
                            progress=lambda items, total: progress.track(items, total, "distillation steps"))
         record["distillation"] = done
         note["note"] = f"distilled {done['steps']} steps, probe loss {done['probe_loss_before']:.2e} -> " \
                        f"{done['probe_loss_after']:.2e}"
     set_resolution(student, ENCODER_SIZE)
+    assert plan.export.opset is not None
     return export_onnx(student, (1, 3, ENCODER_SIZE, ENCODER_SIZE), plan.export.opset), record
