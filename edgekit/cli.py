@@ -13,7 +13,7 @@ import sys
 import traceback
 from typing import Any
 
-from edgekit.errors import EdgekitError, UsageError
+from edgekit.errors import EdgekitError, StageError, UsageError, first_line
 
 BUILD_EXAMPLES = """\
 examples:
@@ -42,6 +42,23 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+class _CommandParser(_Parser):
+    """A command's arguments: every one without a type of its own (a name, a path, a URL) must not be empty.
+    (Not the top-level parser's: argparse passes a command's whole argument list through the command type.)"""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.register("type", None, _given)
+
+
+def _given(text: str) -> str:
+    """An empty name or path is refused: left to the commands it would read as "not given" (`--out ''` writing to
+    dist/, `--calib ''` calibrating on the shipped photos)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty")
+    return text
+
+
 def _device_arguments(group: Any, required: bool) -> None:
     also = "" if required else " (also verify there)"
     group.add_argument("--device", required=required, metavar="URL",
@@ -55,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="edgekit", description="Turn a trained model into a small, fast, verified artifact "
                      "for one edge device.")
     parser.add_argument("--version", action="version", version=f"edgekit {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
 
     b = commands.add_parser("build", help="build and verify an artifact for a target",
                             description="Load, export, convert, verify on held-out images, and write "
@@ -368,6 +385,9 @@ def _estimate(args: argparse.Namespace) -> int:
         target = load_target(args.target or "x86-64")
         results["estimates"] = [{"artifact": str(path), "target": target.name,
                                  **estimate(analyze_artifact(path), target, top=args.top)} for path in paths]
+        unrunnable = next((row for row in results["estimates"] if row["ms"] is None), None)
+        if unrunnable:
+            raise UsageError(f"{unrunnable['artifact']}: {unrunnable['reason']}")
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
@@ -409,4 +429,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("edgekit: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # a defect of edgekit's, not bad input: still one line, the traceback on request
+        if os.environ.get("EDGEKIT_DEBUG"):
+            traceback.print_exc()
+        print(f"edgekit: unexpected {type(err).__name__}: {first_line(err)} (EDGEKIT_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return StageError.exit_code
 

@@ -15,6 +15,7 @@ import hashlib
 import importlib.util
 import json
 import shutil
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from edgekit.data import file_sha256
-from edgekit.errors import UsageError
+from edgekit.errors import UsageError, first_line
 from edgekit.families.base import LoadOptions
 
 if TYPE_CHECKING:
@@ -33,6 +34,9 @@ WIKI = ("gensim", "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p0
         "pip install gensim==4.4.0")
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+# what transformers loads weights from: one file or the index of shards, safetensors or torch pickles
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 HELD_OUT_EVERY = 5  # every fifth article is evaluation text
 MASK_VALUE = -1e9  # additive mask of future positions: finite, so fp16 graphs and fully masked rows stay NaN-free
 
@@ -72,6 +76,33 @@ def _folder_fingerprint(folder: Path) -> str:
     return digest.hexdigest()
 
 
+def check_gguf(path: Path) -> None:
+    """Read a GGUF file's header, metadata and tensor table (memory-mapped: no weight is decoded) and check that
+    every tensor's data lies inside the file, so a truncated or foreign file is one line of bad input here rather
+    than a failure deep inside transformers."""
+    from gguf import GGUFReader
+
+    try:
+        with path.open("rb") as handle:
+            magic = handle.read(4)
+    except OSError as err:
+        raise UsageError(f"{path}: cannot read the GGUF file ({err.strerror or err})") from None
+    if magic != b"GGUF":
+        raise UsageError(f"{path} is not a GGUF file (it does not start with the GGUF magic)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # numpy's notes on the odd dtypes a damaged header spells
+            tensors = GGUFReader(path).tensors
+    except Exception as err:  # gguf's reader raises ValueError, IndexError, KeyError, … on a damaged header
+        raise UsageError(f"{path}: truncated or damaged GGUF header ({type(err).__name__}: {first_line(err)})"
+                         ) from None
+    size = path.stat().st_size
+    for tensor in tensors:
+        if tensor.data_offset + int(tensor.n_bytes) > size:
+            raise UsageError(f"{path} is truncated: tensor {tensor.name} ends at byte "
+                             f"{tensor.data_offset + int(tensor.n_bytes)}, the file has {size}")
+
+
 def _from_gguf(gguf: Path, cache_root: Path | None) -> Path:
     """A safetensors folder for a GGUF file: dequantized by transformers once, then cached by the file's hash."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -79,8 +110,11 @@ def _from_gguf(gguf: Path, cache_root: Path | None) -> Path:
     folder = (cache_root or Path(".")) / f"gguf-{file_sha256(gguf)[:24]}"
     if (folder / "config.json").is_file():
         return folder
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
+    except (OSError, ValueError, KeyError) as err:  # e.g. an architecture transformers does not read from GGUF
+        raise UsageError(f"cannot load {gguf} with transformers: {type(err).__name__}: {first_line(err)}") from None
     config = model.config
     del config.quantization_config  # the weights are now plain float32: nothing of GGUF remains to serialise
     clean = AutoModelForCausalLM.from_config(config)
@@ -110,21 +144,29 @@ class LanguageModelFamily:
         """Load a named model, a GGUF file or a Hugging Face folder in float32 with eager attention (exportable)."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as transformers_logging
 
+        transformers_logging.set_verbosity_error()  # its advice about configs is not edgekit's output; errors are
         path = _package_file(*NAMED[str(source)], str(source)) if str(source) in NAMED else Path(source)
         if not path.exists():
             raise UsageError(f"model not found: {path}")
         if path.suffix.lower() == ".gguf":
+            check_gguf(path)
             fingerprint, folder = file_sha256(path), _from_gguf(path, cache_root)
         elif _is_causal_lm_folder(path):
+            if not any((path / name).is_file() for name in WEIGHT_FILES):
+                raise UsageError(f"{path}: no weights found (looked for {', '.join(WEIGHT_FILES)})")
             fingerprint, folder = _folder_fingerprint(path), path
         else:
             raise UsageError(f"{path} is neither a GGUF file nor a Hugging Face causal-LM folder (config.json)")
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder)
+        except (OSError, ValueError) as err:
+            raise UsageError(f"cannot load {path}'s tokenizer with transformers: {first_line(err)}") from None
+        try:
             module = AutoModelForCausalLM.from_pretrained(folder, dtype="float32", attn_implementation="eager")
         except (OSError, ValueError) as err:
-            raise UsageError(f"cannot load {path} with transformers: {err}") from None
+            raise UsageError(f"cannot load {path}'s weights with transformers: {first_line(err)}") from None
         module.eval()
         layers = _submodule(module, "model.layers")
         if not isinstance(layers, torch.nn.ModuleList):
