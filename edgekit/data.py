@@ -48,7 +48,7 @@ class ImageReader:
 
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # a large photo is still a photo
+                warnings.simplefilter("ignore")  # a large photo is still a photo; damaged metadata is no news
                 with Image.open(path) as image:
                     sixteen = _sixteen_bit(image)
                     rgb = to_rgb8(image)

@@ -107,17 +107,39 @@ def test_cli_refuses_sizes_below_one(capsys, argv: list[str]) -> None:
 
 
 def test_truncated_gguf_is_named_with_the_problem(capsys, tiny_gguf: Path, tmp_path: Path) -> None:
+    """Before transformers reads it (it would fail deep inside, or its reader loop on a damaged count)."""
     from gguf import GGUFReader
 
     data = tiny_gguf.read_bytes()
     last = max(GGUFReader(tiny_gguf).tensors, key=lambda tensor: tensor.data_offset)
     cut = tmp_path / "cut.gguf"
-    for size, expected in [(last.data_offset + 2, "cut.gguf: truncated or damaged GGUF file (ValueError: "),
-                           (10, "cut.gguf: truncated or damaged GGUF file"), (0, "cut.gguf is not a GGUF file")]:
+    for size, expected in [
+        (last.data_offset + 2, f"cut.gguf: truncated or damaged GGUF file (tensor {last.name}'s data ends at byte "
+                               f"{last.data_offset + last.n_bytes}, past the end of the file ({last.data_offset + 2} "
+                               "bytes))"),
+        (10, "cut.gguf: truncated or damaged GGUF file (tensor count at byte 8 runs past the end of the file"),
+        (0, "cut.gguf is not a GGUF file (it does not start with the GGUF magic)"),
+    ]:
         cut.write_bytes(data[:size])
         code, out, err = _run(capsys, "inspect", str(cut))
         assert code == 2 and out == ""
         assert expected in _one_line(err)
+
+
+def test_gguf_with_a_damaged_array_count_is_refused_at_once(tiny_gguf: Path) -> None:
+    """gguf's reader trusts the count: 2^60 elements read past the end one empty slice at a time, for hours."""
+    import time
+
+    from edgekit.families.gguf_check import check_gguf
+
+    data = bytearray(tiny_gguf.read_bytes())
+    count = data.index(b"tokenizer.ggml.tokens") + len(b"tokenizer.ggml.tokens") + 8  # after value and element types
+    data[count : count + 8] = (1 << 60).to_bytes(8, "little")
+    tiny_gguf.write_bytes(data)
+    start = time.perf_counter()
+    with pytest.raises(UsageError, match=r"tokens at byte \d+ claims 1152921504606846976 elements, more than"):
+        check_gguf(tiny_gguf)
+    assert time.perf_counter() - start < 2
 
 
 @pytest.mark.parametrize(("line", "expected"), [

@@ -15,7 +15,6 @@ import hashlib
 import importlib.util
 import json
 import shutil
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from edgekit.data import file_sha256
 from edgekit.errors import UsageError, first_line
 from edgekit.families.base import LoadOptions
+from edgekit.families.gguf_check import check_gguf
 
 if TYPE_CHECKING:
     import torch
@@ -76,35 +76,15 @@ def _folder_fingerprint(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def check_gguf(path: Path) -> None:
-    """Read a GGUF file's header, metadata and tensor table, and map every tensor's data (memory-mapped: no weight
-    is decoded), so a truncated or foreign file is one line of bad input here rather than a failure deep inside
-    transformers."""
-    from gguf import GGUFReader
-
-    try:
-        with path.open("rb") as handle:
-            magic = handle.read(4)
-    except OSError as err:
-        raise UsageError(f"{path}: cannot read the GGUF file ({err.strerror or err})") from None
-    if magic != b"GGUF":
-        raise UsageError(f"{path} is not a GGUF file (it does not start with the GGUF magic)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # numpy's notes on the odd dtypes a damaged header spells
-            GGUFReader(path)  # a tensor whose data runs past the end of the file fails here too
-    except Exception as err:  # gguf's reader raises ValueError, IndexError, KeyError, … on a damaged file
-        raise UsageError(f"{path}: truncated or damaged GGUF file ({type(err).__name__}: {first_line(err)})"
-                         ) from None
-
-
 def _from_gguf(gguf: Path, cache_root: Path | None) -> Path:
-    """A safetensors folder for a GGUF file: dequantized by transformers once, then cached by the file's hash."""
+    """A safetensors folder for a GGUF file: checked, dequantized by transformers once, then cached by the file's
+    hash."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = (cache_root or Path(".")) / f"gguf-{file_sha256(gguf)[:24]}"
     if (folder / "config.json").is_file():
         return folder
+    check_gguf(gguf)
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
@@ -146,7 +126,6 @@ class LanguageModelFamily:
         if not path.exists():
             raise UsageError(f"model not found: {path}")
         if path.suffix.lower() == ".gguf":
-            check_gguf(path)
             fingerprint, folder = file_sha256(path), _from_gguf(path, cache_root)
         elif _is_causal_lm_folder(path):
             if not any((path / name).is_file() for name in WEIGHT_FILES):
