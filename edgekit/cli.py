@@ -51,6 +51,13 @@ class _CommandParser(_Parser):
         self.register("type", None, _given)
 
 
+def _count(text: str) -> int:
+    """A whole number of at least 0 (a negative one would slice a table from its end)."""
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 0, got {text!r}")
+    return int(text)
+
+
 def _given(text: str) -> str:
     """An empty name or path is refused: left to the commands it would read as "not given" (`--out ''` writing to
     dist/, `--calib ''` calibrating on the shipped photos)."""
@@ -164,7 +171,7 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--arch", help="architecture of a state dict")
     i.add_argument("--num-classes", type=int, help="classes of a state dict (default: read from its weights)")
     i.add_argument("--input-size", type=int, help="square input side in pixels (default 224)")
-    i.add_argument("--top", type=int, default=20, help="layers to list, by MACs (0: all; default 20)")
+    i.add_argument("--top", type=_count, default=20, help="layers to list, by MACs (0: all; default 20)")
     i.add_argument("--json", action="store_true", help="print the full analysis as JSON")
     g = commands.add_parser(
         "generate", help="generate text with a built language model, in onnxruntime through its key/value cache",
@@ -187,7 +194,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="run the microbenchmarks and write this host's profile as a target file")
     e.add_argument("--threads", type=int, default=1, help="threads for --validate and --calibrate-host (default 1)")
     e.add_argument("--recalibrate", action="store_true", help="re-run the microbenchmarks instead of the cached ones")
-    e.add_argument("--top", type=int, default=10, help="slowest layers to list per artifact (default 10)")
+    e.add_argument("--top", type=_count, default=10, help="slowest layers to list per artifact (default 10)")
     e.add_argument("--json", action="store_true", help="print the results as JSON")
     return parser
 

@@ -270,3 +270,28 @@ def test_an_empty_path_is_refused_not_read_as_the_default(capsys, float_onnx: Pa
     assert code == 2 and out == ""
     assert f"argument {flag}" in _one_line(err) and "is empty" in err
     assert not Path("dist").exists()
+
+
+def test_a_negative_table_length_is_refused(capsys, float_onnx: Path) -> None:
+    code, out, err = _run(capsys, "estimate", str(float_onnx), "--top", "-2")
+    assert code == 2 and out == "" and "argument --top: expected a whole number of at least 0, got '-2'" in err
+
+
+def test_classes_txt_that_is_not_text_is_named(tmp_path: Path) -> None:
+    root = tmp_path / "eval"
+    files = _class_folders(root, ["a", "b"])
+    (root / "classes.txt").write_bytes(b"a\nb\xff\xfe\n")
+    with pytest.raises(UsageError, match=r"classes\.txt: not UTF-8 text"):
+        ClassifierFamily().samples(_classifier(2), files, root)
+
+
+def test_an_unexpected_error_is_still_one_line_and_exit_3(capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    import edgekit.targets
+
+    def broken() -> None:
+        raise KeyError("compute")
+
+    monkeypatch.setattr(edgekit.targets, "builtin_targets", broken)
+    code, out, err = _run(capsys, "targets")
+    assert code == 3 and out == ""
+    assert _one_line(err) == ("edgekit: unexpected KeyError: 'compute' (EDGEKIT_DEBUG=1 shows the traceback)")

@@ -287,7 +287,11 @@ def _labels(files: list[Path], root: Path | None, model: LoadedModel) -> tuple[n
     num_classes = model.details.get("num_classes")
     classes_file = root / "classes.txt"
     if classes_file.is_file():
-        order = [line.split()[0] for line in classes_file.read_text().splitlines() if line.strip()]
+        try:
+            text = classes_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UsageError(f"{classes_file}: not UTF-8 text (one class name a line)") from None
+        order = [line.split()[0] for line in text.splitlines() if line.strip()]
         names, source = order, "classes.txt"
     else:
         names, source = None, None
