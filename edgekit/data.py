@@ -71,8 +71,8 @@ class ImageReader:
         return notes
 
     def none_read(self, total: int) -> UsageError:
-        path, reason = self.skipped[0] if self.skipped else (None, "no files")
-        return UsageError(f"none of the {total} images could be read (first: {path}: {reason})")
+        first = f" (first: {self.skipped[0][0]}: {self.skipped[0][1]})" if self.skipped else ""
+        return UsageError(f"none of the {total} images could be read{first}")
 
 
 def _sixteen_bit(image: Image.Image) -> bool:

@@ -295,3 +295,14 @@ def test_an_unexpected_error_is_still_one_line_and_exit_3(capsys, monkeypatch: p
     code, out, err = _run(capsys, "targets")
     assert code == 3 and out == ""
     assert _one_line(err) == ("edgekit: unexpected KeyError: 'compute' (EDGEKIT_DEBUG=1 shows the traceback)")
+
+
+@pytest.mark.parametrize(("text", "problem"), [("nc: 3\nbackbone: 5\nhead: []\n", "TypeError"),
+                                               ("nc: 3\nbackbone:\n  - [-1, 1, NoSuchLayer, [64]]\nhead: []\n",
+                                                "KeyError: 'NoSuchLayer'")])
+def test_a_broken_model_yaml_is_named(capsys, tmp_path: Path, text: str, problem: str) -> None:
+    path = tmp_path / "mine.yaml"
+    path.write_text(text)
+    code, out, err = _run(capsys, "inspect", str(path))
+    assert code == 2 and out == ""
+    assert _one_line(err).startswith(f"edgekit: {path} is not an Ultralytics model YAML ({problem}")

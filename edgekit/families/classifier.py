@@ -336,4 +336,3 @@ def _unmatched_folders(files: list[Path], root: Path, model: LoadedModel) -> lis
     return [f"warning: the class folders of {root} ({shown}) are not named for the model's ImageNet classes at the "
             f"indices their sorted order gives them (index 0 is {' '.join(classes[0])}): top-1 against them is "
             "likely meaningless; name each folder by its synset (n01440764) or list the order in classes.txt"]
-

@@ -32,7 +32,7 @@ class _Walker:
         self.data, self.order, self.at = data, order, 0
 
     def take(self, size: int, what: str) -> bytes:
-        if size < 0 or self.at + size > len(self.data):
+        if self.at + size > len(self.data):
             raise _Damaged(f"{what} at byte {self.at} runs past the end of the file ({len(self.data)} bytes)")
         chunk = self.data[self.at : self.at + size]
         self.at += size
@@ -48,7 +48,7 @@ class _Walker:
         return self.take(self.u64(f"{what}'s length"), what)
 
     def value(self, kind: int, what: str, depth: int = 0) -> bytes | None:
-        """Step over one metadata value; a uint32's bytes are returned (general.alignment is one)."""
+        """Step over one metadata value; a fixed-size one's bytes are returned (general.alignment is a uint32)."""
         if kind in FIXED:
             return self.take(FIXED[kind], what)
         if kind == STRING:

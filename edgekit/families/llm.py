@@ -121,7 +121,7 @@ class LanguageModelFamily:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as transformers_logging
 
-        transformers_logging.set_verbosity_error()  # its advice about configs is not edgekit's output; errors are
+        transformers_logging.set_verbosity_error()  # its advice on configs is not edgekit's output (errors still raise)
         path = _package_file(*NAMED[str(source)], str(source)) if str(source) in NAMED else Path(source)
         if not path.exists():
             raise UsageError(f"model not found: {path}")
