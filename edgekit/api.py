@@ -11,11 +11,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from edgekit import families
 from edgekit.cache import ArrayCache, default_cache_dir
 from edgekit.context import BuildContext
 from edgekit.data import file_sha256
-from edgekit.errors import UsageError
+from edgekit.errors import UsageError, first_line
 from edgekit.families.base import LoadOptions
 from edgekit.pipeline import BuildResult, judge, run
 from edgekit.progress import Progress
@@ -52,6 +54,9 @@ def build(
     for the most common two. With `device_url` (an `edgekit agent`), the artifact is also verified on that
     device, and its figures decide the gates.
     """
+    for name, given in (("out", out), ("calib", calib), ("eval", eval)):
+        if given is not None and not str(given).strip():
+            raise UsageError(f"{name} is empty: name a folder, or leave it out")
     options = LoadOptions(arch=arch, num_classes=num_classes, input_size=input_size)
     adapter = families.resolve(model, options, family)
     device = target if isinstance(target, Target) else load_target(target)
@@ -119,16 +124,20 @@ def verify(folder: str | Path, device_url: str, *, device_token: str | None = No
                          "image models; this family is verified where it is built")
     if stored.get("schema_version") is None:
         raise UsageError(f"{folder} was built by an earlier edgekit (its manifest has no schema_version); rebuild it")
-    manifest = Manifest.model_validate(stored)
-    given = manifest.inputs["model"].get("given")
+    try:
+        manifest = Manifest.model_validate(stored)
+        given = manifest.inputs["model"].get("given")
+        resolved = Recipe.model_validate(manifest.recipe)
+        calib, held_out = manifest.inputs["calibration"]["path"], manifest.inputs["eval"]["dir"]
+    except (ValidationError, KeyError, TypeError, AttributeError) as err:
+        raise UsageError(f"{folder}/manifest.json is damaged ({first_line(err)}); rebuild the folder") from None
     if given is None:
         raise UsageError(f"{folder} was built from a Python object: verify it with edgekit.build(..., device_url=...)")
-    resolved = Recipe.model_validate(manifest.recipe)
     options = LoadOptions(**manifest.load_options)
     remote = _reach(device_url, device_token)
     ctx = BuildContext(
         plan=resolved, origins=manifest.origins, target=load_target(report["target"]["name"]), adapter=adapter,
-        options=options, calib=manifest.inputs["calibration"]["path"], eval=manifest.inputs["eval"]["dir"],
+        options=options, calib=calib, eval=held_out,
         cache=ArrayCache(default_cache_dir() if use_cache else None), progress=Progress(quiet),
         threads=min(resolved.verify.threads or 1, os.cpu_count() or 1), remote=remote,
     )
@@ -207,4 +216,7 @@ def estimate(artifacts: list[str], target: str | None, *, validate: bool = False
         device = load_target(target or "x86-64")
         results["estimates"] = [{"artifact": str(path), "target": device.name,
                                  **estimate_graph(analyze_artifact(path), device, top=top)} for path in paths]
+        unrunnable = next((row for row in results["estimates"] if row["ms"] is None), None)
+        if unrunnable:
+            raise UsageError(f"{unrunnable['artifact']}: {unrunnable['reason']}")
     return results

@@ -13,7 +13,7 @@ import sys
 import traceback
 from typing import Any, NoReturn
 
-from edgekit.errors import EdgekitError, UsageError
+from edgekit.errors import EdgekitError, StageError, UsageError, first_line
 
 BUILD_EXAMPLES = """\
 examples:
@@ -42,6 +42,30 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+class _CommandParser(_Parser):
+    """A command's arguments: every one without a type of its own (a name, a path, a URL) must not be empty.
+    (Not the top-level parser's: argparse passes a command's whole argument list through the command type.)"""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.register("type", None, _given)
+
+
+def _count(text: str) -> int:
+    """A whole number of at least 0 (a negative one would slice a table from its end)."""
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 0, got {text!r}")
+    return int(text)
+
+
+def _given(text: str) -> str:
+    """An empty name or path is refused: left to the commands it would read as "not given" (`--out ''` writing to
+    dist/, `--calib ''` calibrating on the shipped photos)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty")
+    return text
+
+
 def _device_arguments(group: Any, required: bool) -> None:
     also = "" if required else " (also verify there)"
     group.add_argument("--device", required=required, metavar="URL",
@@ -55,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="edgekit", description="Turn a trained model into a small, fast, verified artifact "
                      "for one edge device.")
     parser.add_argument("--version", action="version", version=f"edgekit {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
 
     b = commands.add_parser("build", help="build and verify an artifact for a target",
                             description="Load, export, convert, verify on held-out images, and write "
@@ -158,7 +182,7 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--arch", help="architecture of a state dict")
     i.add_argument("--num-classes", type=int, help="classes of a state dict (default: read from its weights)")
     i.add_argument("--input-size", type=int, help="square input side in pixels (default 224)")
-    i.add_argument("--top", type=int, default=20, help="layers to list, by MACs (0: all; default 20)")
+    i.add_argument("--top", type=_count, default=20, help="layers to list, by MACs (0: all; default 20)")
     i.add_argument("--json", action="store_true", help="print the full analysis as JSON")
     g = commands.add_parser(
         "generate", help="generate text with a built language model, in onnxruntime through its key/value cache",
@@ -181,7 +205,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="run the microbenchmarks and write this host's profile as a target file")
     e.add_argument("--threads", type=int, default=1, help="threads for --validate and --calibrate-host (default 1)")
     e.add_argument("--recalibrate", action="store_true", help="re-run the microbenchmarks instead of the cached ones")
-    e.add_argument("--top", type=int, default=10, help="slowest layers to list per artifact (default 10)")
+    e.add_argument("--top", type=_count, default=10, help="slowest layers to list per artifact (default 10)")
     e.add_argument("--json", action="store_true", help="print the results as JSON")
     return parser
 
@@ -383,4 +407,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("edgekit: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # a defect of edgekit's, not bad input: still one line, the traceback on request
+        if os.environ.get("EDGEKIT_DEBUG"):
+            traceback.print_exc()
+        print(f"edgekit: unexpected {type(err).__name__}: {first_line(err)} (EDGEKIT_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return StageError.exit_code
 

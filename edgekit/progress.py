@@ -6,6 +6,7 @@ user watched.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -49,6 +50,10 @@ class Progress:
         record["seconds"] = round(time.perf_counter() - start, 3)
         record["status"] = status
         self.stages.append(record)
+
+    def warn(self, text: str) -> None:
+        """Legal but suspicious input: one line on stderr even when progress is quiet (the report notes it too)."""
+        print(f"edgekit: warning: {text}", file=sys.stderr)
 
     def skip(self, name: str, reason: str) -> None:
         self.stages.append({"name": name, "status": "skipped", "seconds": 0.0, "note": reason})

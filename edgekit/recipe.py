@@ -8,7 +8,6 @@ rather than recorded as if it ran.
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -16,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from edgekit.errors import UsageError
 from edgekit.passes.int8 import OWN_RULES, Calibration
-from edgekit.targets import Budgets, Format, Int8Activations, Precision, Target, describe_errors
+from edgekit.targets import Budgets, Format, Int8Activations, Precision, Target, describe_errors, read_toml
 
 if TYPE_CHECKING:
     from edgekit.families.base import Family
@@ -150,13 +149,7 @@ def _validate(data: dict[str, Any], where: str) -> Recipe:
 
 
 def load_recipe(path: Path) -> Recipe:
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise UsageError(f"recipe file not found: {path}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise UsageError(f"{path}: not valid TOML ({err})") from None
-    return _validate(data, str(path))
+    return _validate(read_toml(path, "recipe")[0], str(path))
 
 
 def with_overrides(recipe: Recipe, overrides: dict[str, Any]) -> Recipe:

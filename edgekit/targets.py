@@ -13,14 +13,18 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from edgekit.errors import UsageError
+from edgekit.errors import UsageError, first_line
 from edgekit.resources import resource_dir
 
 Precision = Literal["fp32", "fp16", "int8", "int4"]  # int4: weight-only (language models)
 Format = Literal["onnx", "tflite"]
 Int8Activations = Literal["uint8", "int8-symmetric"]
+# the engines edgekit builds for, and the file format each takes
+RUNTIME_FORMATS: dict[str, str] = {"onnxruntime": "onnx", "onnxruntime-qnn": "onnx", "tensorrt": "onnx",
+                                   "litert": "tflite", "litert-qnn": "tflite", "edgetpu": "tflite",
+                                   "tflite-micro": "tflite"}
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -36,6 +40,21 @@ class Runtime(_Strict):
     int8_activations: Int8Activations = Field(
         default="uint8", description="uint8 (asymmetric: onnxruntime, LiteRT) or int8-symmetric (TensorRT)"
     )
+
+    @field_validator("name")
+    @classmethod
+    def _known_engine(cls, name: str) -> str:
+        if name not in RUNTIME_FORMATS:
+            raise ValueError(f"unknown runtime {name!r} (known: {', '.join(RUNTIME_FORMATS)})")
+        return name
+
+    @field_validator("format")
+    @classmethod
+    def _the_engine_s_format(cls, fmt: str, info: ValidationInfo) -> str:
+        name = info.data.get("name")  # absent when the name itself was refused
+        if name is not None and RUNTIME_FORMATS[name] != fmt:
+            raise ValueError(f"{name} takes {RUNTIME_FORMATS[name]} models, not {fmt}")
+        return fmt
 
 
 class Compute(_Strict):
@@ -138,6 +157,18 @@ class Target(_Strict):
     sha256: str = Field(default="", description="of the profile file, for the manifest")
 
     @model_validator(mode="after")
+    def _a_peak_for_every_fast_precision(self) -> Target:
+        """The device model times each op at its precision's peak: a precision a runtime says it runs fast needs
+        one (int4 is weight-only: its arithmetic runs at another precision's peak)."""
+        for i, runtime in enumerate(self.runtimes):
+            for precision in runtime.precisions:
+                if precision != "int4" and self.compute.peak_gops(precision) is None:
+                    key = {"fp32": "fp32_gflops", "fp16": "fp16_gflops", "int8": "int8_gops"}[precision]
+                    raise ValueError(f"compute.{key} is missing: runtimes.{i} ({runtime.name}) runs {precision}, "
+                                     "so the device model needs its peak")
+        return self
+
+    @model_validator(mode="after")
     def _every_number_has_a_source(self) -> Target:
         missing = [key for key in self.device_numbers() if key not in self.sources]
         if missing:
@@ -184,24 +215,36 @@ class Target(_Strict):
 
 
 def describe_errors(errors: Sequence[Mapping[str, Any]]) -> str:
+    """Pydantic's errors as `key: problem, got value`; a whole-file rule's own message names its keys."""
     parts = []
     for err in errors:
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        key = ".".join(str(p) for p in err["loc"])
+        message = err["msg"].removeprefix("Value error, ")
         got = err.get("input")
-        got_text = "" if isinstance(got, dict) or got is None else f", got {got!r}"
-        parts.append(f"{key}: {err['msg'].lower()}{got_text}")
+        got_text = "" if isinstance(got, dict) or got is None or err["type"] == "value_error" else f", got {got!r}"
+        parts.append(f"{key + ': ' if key else ''}{message[:1].lower()}{message[1:]}{got_text}")
     return "; ".join(parts)
+
+
+def read_toml(path: Path, what: str) -> tuple[dict[str, Any], bytes]:
+    """A TOML file's table and its bytes; a missing, unreadable or malformed file is a UsageError naming it."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise UsageError(f"{what} file not found: {path}") from None
+    except OSError as err:  # a folder, no permission, …
+        raise UsageError(f"{path}: cannot read the {what} file ({err.strerror or err})") from None
+    try:
+        return tomllib.loads(raw.decode("utf-8")), raw
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise UsageError(f"{path}: not valid TOML ({first_line(err)})") from None
+    except RecursionError:  # tomllib recurses once per nested array or inline table
+        raise UsageError(f"{path}: not valid TOML (arrays or tables nested too deeply)") from None
 
 
 def load_target_file(path: Path) -> Target:
     """Read and validate one profile; any problem is a UsageError naming the file and the key."""
-    try:
-        raw = path.read_bytes()
-        data = tomllib.loads(raw.decode("utf-8"))
-    except FileNotFoundError:
-        raise UsageError(f"target file not found: {path}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise UsageError(f"{path}: not valid TOML ({err})") from None
+    data, raw = read_toml(path, "target")
     data["sha256"] = hashlib.sha256(raw).hexdigest()
     try:
         return Target.model_validate(data)

@@ -103,3 +103,23 @@ def instances(tmp_path: Path) -> Path:
         (root / "images" / photo.name).symlink_to(photo)
         (root / "seg-labels" / f"{photo.stem}.txt").write_text("0 0.3 0.3 0.7 0.3 0.7 0.8 0.3 0.8\n")
     return root
+
+
+@pytest.fixture
+def tiny_gguf(tmp_path: Path) -> Path:
+    """A small valid GGUF file (a header, metadata with a string array, two tensors), written by the gguf
+    package's own writer."""
+    import gguf
+
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_context_length(16)
+    writer.add_array("tokenizer.ggml.tokens", ["a", "b", "c"])
+    writer.add_tensor("token_embd.weight", np.arange(32, dtype=np.float32).reshape(8, 4))
+    writer.add_tensor("output_norm.weight", np.ones(4, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -52,6 +52,11 @@ def test_user_profile_by_path(tmp_path: Path) -> None:
     (('format = "onnx"\nopset', 'format = "pt"\nopset'),
      r"board\.toml: runtimes\.1\.format: input should be 'onnx' or 'tflite'"),
     (("cores = 4", "cores = 0"), r"board\.toml: compute\.cores: input should be greater than 0"),
+    (('name = "litert"', 'name = "litrt"'), r"board\.toml: runtimes\.0\.name: unknown runtime 'litrt' \(known: "),
+    (('name = "onnxruntime"\nformat = "onnx"', 'name = "onnxruntime"\nformat = "tflite"'),
+     r"board\.toml: runtimes\.1\.format: onnxruntime takes onnx models, not tflite"),
+    (("fp16_gflops = 307.2\n", ""),
+     r"board\.toml: compute\.fp16_gflops is missing: runtimes\.0 \(litert\) runs fp16, so the device model"),
 ])
 def test_schema_errors_name_file_key_and_expectation(tmp_path: Path, edit: tuple[str, str], expected: str) -> None:
     with pytest.raises(UsageError, match=expected):
@@ -65,3 +70,10 @@ def test_broken_toml_and_missing_file(tmp_path: Path) -> None:
         load_target(str(bad))
     with pytest.raises(UsageError, match="target file not found"):
         load_target(str(tmp_path / "none.toml"))
+    folder = tmp_path / "folder.toml"
+    folder.mkdir()
+    with pytest.raises(UsageError, match=r"folder\.toml: cannot read the target file \(Is a directory\)"):
+        load_target(str(folder))
+    bad.write_text("a = " + "[" * 5000 + "]" * 5000)
+    with pytest.raises(UsageError, match=r"bad\.toml: not valid TOML \(arrays or tables nested too deeply\)"):
+        load_target(str(bad))

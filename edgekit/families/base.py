@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 import numpy as np
 
+from edgekit.errors import UsageError
+
 if TYPE_CHECKING:
     import onnx
     import torch
@@ -28,6 +30,15 @@ class LoadOptions:
     arch: str | None = None
     num_classes: int | None = None
     input_size: int | None = None
+
+    def __post_init__(self) -> None:
+        """Checked where they are made, so every family (and `edgekit verify`, which reads them back from a
+        manifest) refuses them in one line before any loading; a family never sees a size of 0 or -3."""
+        for flag, value in (("--num-classes", self.num_classes), ("--input-size", self.input_size)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise UsageError(f"{flag} must be a whole number of at least 1, got {value!r}")
+        if self.arch is not None and not (isinstance(self.arch, str) and self.arch.strip()):
+            raise UsageError(f"--arch must name an architecture, got {self.arch!r}")
 
 
 class Loaded(Protocol):
@@ -67,6 +78,9 @@ class Samples:
     files: list[str]
     labels: np.ndarray | None = None
     label_source: str | None = None
+    # what the report's notes should say about this data: files skipped or converted, labels that look wrong
+    # (those start with "warning:" and belong on stderr too)
+    notes: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.files)

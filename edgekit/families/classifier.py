@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from edgekit.data import file_sha256
+from edgekit.data import ImageReader, file_sha256
 from edgekit.errors import UsageError, first_line
 from edgekit.families.base import LoadedModel, LoadOptions, Samples, module_fingerprint
 from edgekit.families.image import ImageFamily
 from edgekit.passes.distill import mse
-from edgekit.resources import imagenet_synsets
+from edgekit.resources import imagenet_classes, imagenet_synsets
 
 if TYPE_CHECKING:
     import torch
@@ -27,6 +27,7 @@ IMAGENET_MEAN = [123.675, 116.28, 103.53]
 IMAGENET_STD = [58.395, 57.12, 57.375]
 SYNSET = re.compile(r"^(n\d{8})")
 TORCH_SUFFIXES = {".pth", ".pt", ".bin", ".ckpt"}
+FOLDER_LABELS = "class folders (sorted names)"
 
 
 def _mobilenet_v2_weights() -> Path:
@@ -82,19 +83,24 @@ def _build_arch(arch: str, num_classes: int) -> torch.nn.Module:
 
 
 def _read_state_dict(path: Path) -> dict[str, Any]:
-    """Plain weights only (`weights_only=True`): a pickle carrying code is refused, not run."""
+    """Plain weights only (`weights_only=True`): a pickle carrying code is refused, not run. torch's warnings about
+    the file (a legacy pickle protocol, say) are silenced: whatever it finds ends in one line of edgekit's own."""
     import pickle
+    import warnings
 
     import torch
 
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "Unsupported global" in str(err):  # a class or function the file wants run at load time
             raise UsageError(
                 f"{path} holds Python objects, not plain weights; save `model.state_dict()` instead"
             ) from None
-        raise UsageError(f"{path} is not a readable torch checkpoint (not a pickle of tensors)") from None
+        raise UsageError(f"{path} is not a readable torch checkpoint (no torch.save file of plain tensors); save "
+                         "the weights with torch.save(model.state_dict(), path)") from None
     except (RuntimeError, EOFError, ValueError, OSError) as err:
         raise UsageError(f"{path} is not a readable torch checkpoint ({first_line(err)})") from None
     for wrapper in ("state_dict", "model_state_dict", "model"):
@@ -202,25 +208,25 @@ class ClassifierFamily(ImageFamily):
         )
 
     def samples(self, model: LoadedModel, files: list[Path], root: Path | None) -> Samples:
-        from PIL import Image, UnidentifiedImageError
-
         spec = model.preprocess
         mean = np.array(spec["mean"], dtype=np.float32)[:, None, None]
         std = np.array(spec["std"], dtype=np.float32)[:, None, None]
+        reader = ImageReader()
         rows, kept = [], []
         for path in files:
-            try:
-                with Image.open(path) as image:
-                    rows.append((_resize_crop(image.convert("RGB"), spec) - mean) / std)
+            image = reader.rgb(path)
+            if image is not None:
+                rows.append((_resize_crop(image, spec) - mean) / std)
                 kept.append(path)
-            except (UnidentifiedImageError, OSError):
-                continue  # an unreadable file is skipped; an empty result is caught by the caller
         if not rows:
-            raise UsageError(f"none of the {len(files)} images could be read")
+            raise reader.none_read(len(files))
         labels, label_source = _labels(kept, root, model)
+        notes = reader.notes(len(files))
+        if label_source == FOLDER_LABELS:
+            notes += _unmatched_folders(kept, root, model)
         return Samples(
             inputs=np.stack(rows).astype(np.float32), files=[str(p) for p in kept],
-            labels=labels, label_source=label_source,
+            labels=labels, label_source=label_source, notes=notes,
         )
 
     def prune_keep(self, module: torch.nn.Module) -> list[torch.nn.Module]:
@@ -281,7 +287,11 @@ def _labels(files: list[Path], root: Path | None, model: LoadedModel) -> tuple[n
     num_classes = model.details.get("num_classes")
     classes_file = root / "classes.txt"
     if classes_file.is_file():
-        order = [line.split()[0] for line in classes_file.read_text().splitlines() if line.strip()]
+        try:
+            text = classes_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UsageError(f"{classes_file}: not UTF-8 text (one class name a line)") from None
+        order = [line.split()[0] for line in text.splitlines() if line.strip()]
         names, source = order, "classes.txt"
     else:
         names, source = None, None
@@ -297,7 +307,7 @@ def _labels(files: list[Path], root: Path | None, model: LoadedModel) -> tuple[n
         if all(SYNSET.match(k) for k in keys) and num_classes in (None, 1000):
             names, source = imagenet_synsets(), "imagenet synsets"
         elif all(len(path.relative_to(root).parts) > 1 for path in files):
-            names, source = sorted(set(keys)), "class folders (sorted names)"
+            names, source = sorted(set(keys)), FOLDER_LABELS
         else:
             return None, None
     index = {name: i for i, name in enumerate(names)}
@@ -307,3 +317,22 @@ def _labels(files: list[Path], root: Path | None, model: LoadedModel) -> tuple[n
     if num_classes is not None and len(names) > num_classes and source != "imagenet synsets":
         raise UsageError(f"{root} has {len(names)} classes but the model has {num_classes} outputs")
     return np.array([index[k] for k in keys]), source
+
+
+def _unmatched_folders(files: list[Path], root: Path, model: LoadedModel) -> list[str]:
+    """A warning when class folders label an ImageNet model and not one folder is named for the class its sorted
+    position gives it: legal (any names index by sorted order), but then top-1 against them measures nothing."""
+    if model.details.get("num_classes") != 1000:
+        return []  # a model's own classes have no names edgekit knows: sorted folders are the convention
+
+    def plain(text: str) -> str:
+        return " ".join(text.replace("_", " ").replace("-", " ").lower().split())
+
+    folders = sorted({path.relative_to(root).parts[0] for path in files})
+    classes = imagenet_classes()
+    if any(plain(folder) in (classes[i][0], plain(classes[i][1])) for i, folder in enumerate(folders)):
+        return []
+    shown = ", ".join(folders[:3]) + (", …" if len(folders) > 3 else "")
+    return [f"warning: the class folders of {root} ({shown}) are not named for the model's ImageNet classes at the "
+            f"indices their sorted order gives them (index 0 is {' '.join(classes[0])}): top-1 against them is "
+            "likely meaningless; name each folder by its synset (n01440764) or list the order in classes.txt"]

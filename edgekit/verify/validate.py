@@ -17,7 +17,7 @@ import numpy as np
 
 from edgekit import __version__
 from edgekit.cache import ArrayCache, checked_json
-from edgekit.errors import UsageError
+from edgekit.errors import UsageError, first_line
 from edgekit.passes.analyze import Analysis, analyze, analyze_tflite
 from edgekit.runtimes import runner_for
 from edgekit.runtimes.base import Runner
@@ -41,16 +41,34 @@ def artifact_file(path: str | Path) -> Path:
         raise UsageError(f"artifact not found: {path}")
     if path.suffix not in FORMATS:
         raise UsageError(f"{path}: an artifact is an .onnx or .tflite file (or a build folder)")
+    read_artifact(path)  # its content too, before any long work
     return path
 
 
-def analyze_artifact(path: Path) -> Analysis:
+def read_artifact(path: Path) -> Any:
+    """The artifact as its format's parser reads it: an onnx.ModelProto, or the bytes of a flatbuffer LiteRT
+    accepted; a file the parser refuses (damaged, truncated, another format) is a UsageError naming it."""
+    fmt = FORMATS[path.suffix]
     data = path.read_bytes()
-    if FORMATS[path.suffix] == "tflite":
-        return analyze_tflite(data)
-    import onnx
+    try:
+        if fmt == "tflite":
+            from ai_edge_litert.interpreter import Interpreter
 
-    return analyze(onnx.load_from_string(data))
+            Interpreter(model_content=data)
+            return data
+        import onnx
+
+        model = onnx.load_from_string(data)
+    except Exception as err:  # protobuf's DecodeError, LiteRT's ValueError, …
+        raise UsageError(f"{path} is not a valid {fmt} model ({first_line(err)})") from None
+    if not model.graph.node:
+        raise UsageError(f"{path} is not a valid onnx model (it holds no graph)")
+    return model
+
+
+def analyze_artifact(path: Path) -> Analysis:
+    model = read_artifact(path)
+    return analyze_tflite(model) if isinstance(model, bytes) else analyze(model)
 
 
 def host_profile(threads: int, cache: ArrayCache, refresh: bool = False,
