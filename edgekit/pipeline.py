@@ -337,13 +337,13 @@ def _run_stages(progress: Progress, adapter: families.Family, loaded: LoadedMode
         record["note"] = f"{len(samples)} held-out images, labels: {samples.label_source or 'none'}"
     compression: dict[str, Any] = {}
     if loaded.is_torch:
-        module = _compress(progress, adapter, loaded, plan, data, cache, compression)
+        module = _compress(progress, adapter, loaded, device, plan, data, cache, compression)
         note = "tflite via litert-torch, onnx graph for analysis" if tflite else f"onnx opset {plan.export.opset}"
         with progress.stage("export", note=note):
             graph = export_onnx(module, loaded.input_shape, plan.export.opset)
             float_tflite = convert_tflite(module, loaded.input_shape) if tflite else b""
     else:
-        if plan.prune.ratio or plan.distill.steps:
+        if plan.prune.ratio or plan.search.budget or plan.distill.steps:
             raise UsageError("pruning and distillation change a torch model; an ONNX input cannot be pruned")
         graph = loaded.onnx_model
         progress.skip("export", "input is ONNX: torch-only stages do not apply")
@@ -424,23 +424,31 @@ def _deploy(runtime: str, precision: str, artifact_file: str) -> dict[str, str] 
             "note": "run on the Jetson: TensorRT engines are specific to the GPU and TensorRT version"}
 
 
-def _compress(progress: Progress, adapter: families.Family, loaded: LoadedModel, plan: Recipe, data: _DataPlan,
-              cache: ArrayCache, record: dict[str, Any]) -> Any:
-    """The module to export: the loaded one, or a pruned (and distilled) copy; the original stays the reference."""
-    if not plan.prune.ratio:
+def _compress(progress: Progress, adapter: families.Family, loaded: LoadedModel, device: Target, plan: Recipe,
+              data: _DataPlan, cache: ArrayCache, record: dict[str, Any]) -> Any:
+    """The module to export: the loaded one, or a pruned (uniformly, or per unit to a budget) and distilled copy;
+    the original stays the reference."""
+    if not plan.prune.ratio and not plan.search.budget:
         if plan.distill.steps:
-            raise UsageError("distillation recovers what pruning lost: set prune.ratio too")
+            raise UsageError("distillation recovers what pruning lost: set prune.ratio or search.budget too")
         return loaded.module
     import copy
 
-    module = copy.deepcopy(loaded.module)
-    images = _calibration(adapter, loaded, plan, data, cache)[0]
-    with progress.stage("prune") as note:
-        record["pruning"] = prune_channels(module, loaded.input_shape, plan.prune.ratio, adapter.prune_keep(module),
-                                           images[: plan.prune.images] if plan.prune.images else None,
-                                           rebuild=plan.prune.reconstruct)
-        pruned = record["pruning"]
-        note["note"] = f"MACs {pruned['macs_before'] / 1e6:.0f} M -> {pruned['macs_after'] / 1e6:.0f} M"
+    images, calibration = _calibration(adapter, loaded, plan, data, cache)
+    if plan.search.budget:
+        from edgekit.passes.levels import search
+
+        module, record["search"] = search(loaded.module, loaded.input_shape, loaded.fingerprint, adapter, images,
+                                          calibration["sha256"], plan, device, cache, progress)
+    else:
+        module = copy.deepcopy(loaded.module)
+        with progress.stage("prune") as note:
+            record["pruning"] = prune_channels(module, loaded.input_shape, plan.prune.ratio,
+                                               adapter.prune_keep(module),
+                                               images[: plan.prune.images] if plan.prune.images else None,
+                                               rebuild=plan.prune.reconstruct)
+            pruned = record["pruning"]
+            note["note"] = f"MACs {pruned['macs_before'] / 1e6:.0f} M -> {pruned['macs_after'] / 1e6:.0f} M"
     if plan.distill.steps:
         settings = plan.distill
         images = images[: settings.images]

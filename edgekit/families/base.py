@@ -79,6 +79,14 @@ class Family(Protocol):
     def distill_loss(self, student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
         """How far the student's `distill_targets` are from the teacher's (0 when they match)."""
 
+    def search_units(self, module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+        """Image families: the blocks a budget search compresses each to its own level, by name in `module` (none
+        inside another); the search prunes only channels that stay inside a block (passes/levels.py)."""
+
+    def search_distance(self, student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+        """Image families: the fitness a budget search minimises, between `distill_targets` of a candidate and of
+        the original, per image on average."""
+
     def int8_float_nodes(self, graph: onnx.ModelProto) -> list[str]:
         """Nodes of `graph` every INT8 build keeps in float: parts of this family known to break in INT8."""
 

@@ -50,7 +50,7 @@ class Budget:
             return f"{value:.3f} ms"
         if self.metric == "bytes":
             return f"{value / 1e6:.3f} MB"
-        return f"{value / 1e9:.4g} G MACs"
+        return f"{value / 1e9:.3f} G MACs" if value >= 1e9 else f"{value / 1e6:.3f} M MACs"
 
 
 def parse_budget(text: str) -> Budget:
