@@ -173,3 +173,32 @@ def test_bad_budget_in_a_recipe_names_the_file(capsys: pytest.CaptureFixture[str
     assert code == 2 and str(recipe) in err and "size takes a number with a unit" in err
     code = main(["build", str(onnx_path), "--target", "x86-64", "--budget", "macs=1M"])
     assert code == 2 and "an ONNX input cannot be pruned" in capsys.readouterr().err
+
+
+def test_detector_units_prune_only_their_hidden_channels(tmp_path: Path) -> None:
+    from edgekit.families.base import LoadOptions
+    from edgekit.families.detector import DetectorFamily
+
+    from .test_detector import tiny_yaml
+
+    family = DetectorFamily()
+    model = family.load(tiny_yaml(tmp_path, "yolo11"), LoadOptions(input_size=64)).module
+    units = family.search_units(model)
+    assert [name for name, _ in units] == ["model.2", "model.4", "model.6", "model.8", "model.9", "model.13",
+                                           "model.16", "model.19", "model.22", *[f"model.23.{b}.{i}" for b in
+                                                                                ("cv2", "cv3") for i in range(3)]]
+    images = np.random.default_rng(0).random((4, 3, 64, 64), dtype=np.float32)
+    kinds = [units[0], units[4], units[-1]]  # a C3k2, the SPPF, a class branch of the head
+    found = variants(model, kinds, family.prune_keep(model), images, [0.0, 0.5], ArrayCache(None), {}, progress=iter)
+    assert found.names == ["model.2", "model.9", "model.23.cv3.2"]
+    stitched = copy.deepcopy(model)
+    for name, row in zip(found.names, found.modules, strict=True):
+        stitched.set_submodule(name, row[1])
+    x = torch.as_tensor(images[:2])
+    with torch.no_grad():
+        assert [t.shape for t in family.distill_targets(stitched, x)] == [
+            t.shape for t in family.distill_targets(model, x)]
+        assert stitched(x).shape == model(x).shape
+    for name, _ in kinds:
+        pruned = sum(p.numel() for p in stitched.get_submodule(name).parameters())
+        assert pruned < sum(p.numel() for p in model.get_submodule(name).parameters())

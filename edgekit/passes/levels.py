@@ -249,9 +249,13 @@ def unit_costs(stitched: Callable[[Config], torch.nn.Module], found: Variants,
     owners = _owners([layer.name for layer, _ in base_ops], found)
     deltas = [[Costs() for _ in range(levels)] for _ in found.names]
     for level, (_analysis, _size, ops, _total) in enumerate(per_level[1:], start=1):
-        if [layer.op for layer, _ in ops] != [layer.op for layer, _ in base_ops]:
-            raise StageError(f"the artifact at level {found.labels[level]} has other ops than at level 0: unit costs "
-                             "would not add up")
+        kinds, base_kinds = [layer.op for layer, _ in ops], [layer.op for layer, _ in base_ops]
+        if kinds != base_kinds:
+            at = next((i for i, pair in enumerate(zip(kinds, base_kinds, strict=False)) if pair[0] != pair[1]),
+                      min(len(kinds), len(base_kinds)))
+            first = ops[at][0].name if at < len(ops) else "(none)"
+            raise StageError(f"the artifact at level {found.labels[level]} has other ops than at level 0 ({len(ops)} "
+                             f"vs {len(base_ops)}, from op {at}: {first}): unit costs would not add up")
         for index, ((now, now_ms), (before, before_ms)) in enumerate(zip(ops, base_ops, strict=True)):
             change = Costs(now.macs - before.macs, now.weight_bytes - before.weight_bytes, now_ms - before_ms)
             if change == Costs():
@@ -297,7 +301,8 @@ def search(module: torch.nn.Module, input_shape: tuple[int, ...], fingerprint: s
                          "MBConv, ResNet blocks; YOLO C3k2/C2f, SPPF and head branches)")
     refit = images[: plan.prune.images]
     rest = images[len(refit):]
-    scoring = rest[: settings.images] if len(rest) >= min(settings.images, 16) else images[: settings.images]
+    disjoint = len(rest) >= min(settings.images, 16)
+    scoring = rest[: settings.images] if disjoint else images[: settings.images]
     scoring = scoring[np.random.default_rng(plan.seed).permutation(len(scoring))]
     key = {"kind": "search-levels", "model": fingerprint, "calibration": calibration_sha, "images": len(refit),
            "levels": settings.levels, "input_shape": list(input_shape), "edgekit": __version__}
@@ -319,11 +324,11 @@ def search(module: torch.nn.Module, input_shape: tuple[int, ...], fingerprint: s
         note["note"] = (f"{budget.text}: {budget.format(result.best.costs.of(budget.metric))}, fitness "
                         f"{result.best.fitness:.4g}" + (f" (uniform {space.found.labels[result.uniform.config[0]]}: "
                                                         f"{result.uniform.fitness:.4g})" if result.uniform else ""))
-    chosen = copy.deepcopy(space.stitched(result.best.config))
-    return chosen, _record(space, result, budget.text, len(refit), settings.levels, adapter, plan.seed)
+    chosen = _settled(copy.deepcopy(space.stitched(result.best.config)), input_shape)
+    return chosen, _record(space, result, budget.text, len(refit), disjoint, adapter, plan.seed)
 
 
-def _record(space: ImageSpace, result: SearchResult, budget: str, refit: int, levels: list[float], adapter: Family,
+def _record(space: ImageSpace, result: SearchResult, budget: str, refit: int, disjoint: bool, adapter: Family,
             seed: int) -> dict[str, Any]:
     """The report's `search` block."""
 
@@ -341,9 +346,10 @@ def _record(space: ImageSpace, result: SearchResult, budget: str, refit: int, le
         "costs": f"{space.basis}: per-op device model on the artifact's format and precision, summed per unit",
         "latency_label": space.basis,
         "fitness": f"{adapter.name} output distance to the original (search_distance), mean over "
-                   f"{space.samples} calibration images",
+                   f"{space.samples} calibration images" + (" the refit did not see" if disjoint else
+                                                              " (too few to keep apart from the refit's)"),
         "refit_images": refit,
-        "levels": [f"{level:g}" for level in levels],
+        "levels": space.found.labels,
         "units": [{"name": name, "level": space.found.labels[level]}
                   for name, level in zip(space.found.names, result.best.config, strict=True)],
         "chosen": point(result.best),
@@ -365,6 +371,7 @@ def price_artifact(module: torch.nn.Module, input_shape: tuple[int, ...], plan: 
     int8 calibrated on two images (ranges do not change an op's cost), without the accuracy search."""
     from edgekit.passes.analyze import analyze, analyze_tflite
 
+    module = _settled(module, input_shape)
     precision = plan.quantize.precision
     if plan.export.format == "tflite":
         from edgekit.passes.tflite import Int8Fit, convert_tflite, op_outputs, tflite_precision
@@ -390,3 +397,13 @@ def price_artifact(module: torch.nn.Module, input_shape: tuple[int, ...], plan: 
         quantizer.keep_float(adapter.int8_float_nodes(quantizer.prepared))
         graph = quantizer.quantize()
     return analyze(graph), graph.ByteSize()
+
+
+def _settled(module: torch.nn.Module, input_shape: tuple[int, ...]) -> torch.nn.Module:
+    """`module` after one pass at the artifact's input shape: a module that caches shape-dependent constants (a
+    detection head's anchors, recomputed when the batch changes) then traces the same ops every time."""
+    import torch
+
+    with torch.no_grad():
+        module.eval()(torch.zeros(input_shape))
+    return module
