@@ -8,7 +8,8 @@ in its own runtime on held-out images: top-1 against the labels (classifiers) or
 Budgets are fractions of the original artifact's estimated latency on the target. Data:
 - mobilenet_v2, raspberry-pi-5 (fp32 TFLite): ImageNet-sample, the first 100 images (sorted by name) calibrate,
   the other 400 are scored;
-- yolo11n, jetson-orin-nano (int8 ONNX, TensorRT's symmetric QDQ): coco128, the first 64 images calibrate, the
+- yolo11n, jetson-orin-nano (fp16 ONNX, the target's default; `--precision int8` for TensorRT's symmetric QDQ, whose
+  accuracy-aware quantization costs tens of minutes per row on 2 cores): coco128, the first 64 images calibrate, the
   other 64 are scored.
 
     .venv/bin/python bench/search.py [--model mobilenet_v2] [--fractions 0.85 0.7] [--threads 1]
@@ -50,15 +51,16 @@ def split(work: Path, model: str) -> tuple[Path, Path]:
     return folders[0], folders[1]
 
 
-def matched_ratio(model: str, target: str, budget_ms: float, calib: Path) -> tuple[float, float]:
-    """The largest uniform `--prune` ratio whose artifact the device model puts within `budget_ms`... found by
+def matched_ratio(model: str, target: str, budget_ms: float, calib: Path, precision: str | None
+                  ) -> tuple[float, float]:
+    """The largest uniform `--prune` ratio whose artifact the device model puts within `budget_ms`, and its estimate:
     bisection on the artifact's estimate (channel counts alone set it: magnitude pruning, no refit)."""
     import numpy as np
 
     from edgekit.families import LoadOptions, resolve
     from edgekit.passes.levels import price_artifact
     from edgekit.passes.prune import prune_channels
-    from edgekit.recipe import Recipe, with_defaults
+    from edgekit.recipe import Recipe, with_defaults, with_overrides
     from edgekit.recipe import resolve as resolve_recipe
     from edgekit.targets import load_target
     from edgekit.verify.estimate import estimate
@@ -66,7 +68,8 @@ def matched_ratio(model: str, target: str, budget_ms: float, calib: Path) -> tup
     device = load_target(target)
     adapter = resolve(model, LoadOptions())
     loaded = adapter.load(model, LoadOptions())
-    plan = resolve_recipe(with_defaults(Recipe(), adapter.recipe_defaults), device, adapter.name)
+    recipe = with_overrides(with_defaults(Recipe(), adapter.recipe_defaults), {"quantize.precision": precision})
+    plan = resolve_recipe(recipe, device, adapter.name)
     images = adapter.samples(loaded, sorted(p for p in calib.iterdir())[:2], None).inputs
 
     def latency(ratio: float) -> float:
@@ -104,9 +107,12 @@ def main() -> None:
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.85, 0.7],
                         help="budgets as fractions of the original artifact's estimated latency")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--precision", help="artifact precision (default: the target's)")
     parser.add_argument("--generations", type=int, default=50)
     parser.add_argument("--seconds", type=float, default=900)
     parser.add_argument("--no-uniform", action="store_true", help="skip the --prune rows")
+    parser.add_argument("--distill-steps", type=int, default=0,
+                        help="also a searched row with this much distillation after the search (0: none)")
     args = parser.parse_args()
     target, root, *_ = SETUPS[args.model]
     if not root.is_dir():
@@ -123,9 +129,9 @@ def main() -> None:
 
     def build(name: str, **overrides: Any) -> dict[str, Any]:
         start = time.perf_counter()
+        settings = {"verify.eval_limit": 500, "verify.threads": args.threads, "verify.runs": 10, **overrides}
         result = edgekit.build(args.model, target, calib=calib, eval=held_out, out=work / name.replace(" ", "-"),
-                               quiet=True, overrides={"verify.eval_limit": 500, "verify.threads": args.threads,
-                                                      "verify.runs": 10, **overrides})
+                               precision=args.precision, quiet=True, overrides=settings)
         found = row(name, result, time.perf_counter() - start)
         rows.append(found)
         print(f"{name:<32} {_line(found)}", flush=True)
@@ -136,11 +142,13 @@ def main() -> None:
         budget = round(fraction * original["estimated_ms"], 3)
         text = f"latency={budget}ms"
         if not args.no_uniform:
-            ratio, _ = matched_ratio(args.model, target, budget, calib)
+            ratio, _ = matched_ratio(args.model, target, budget, calib, args.precision)
             build(f"uniform --prune {ratio:.3f}", **{"prune.ratio": ratio})
         build(f"unit-uniform {text}", **{"search.budget": text, "search.generations": 0})
-        build(f"searched {text}", **{"search.budget": text, "search.generations": args.generations,
-                                     "search.seconds": args.seconds})
+        searched = {"search.budget": text, "search.generations": args.generations, "search.seconds": args.seconds}
+        build(f"searched {text}", **searched)
+        if args.distill_steps:
+            build(f"searched+distill {text}", **searched, **{"distill.steps": args.distill_steps})
     print(f"\n{args.model} for {target}; {rows[0]['images']} held-out images; {args.threads} torch thread(s)")
     for found in rows:
         print(f"{found['row']:<40} {_line(found)}")
