@@ -108,8 +108,12 @@ def _parser() -> argparse.ArgumentParser:
                         help="int8: most layers the accuracy gates may keep in float (default 8)")
     stages.add_argument("--prune", type=float, metavar="RATIO",
                         help="remove this share of each prunable layer's channels (0-1; torch models)")
+    stages.add_argument("--budget", metavar="KIND=VALUE",
+                        help="compress to a budget on the target: latency=6ms (estimated there), size=4MB or "
+                        "macs=1.5G; a search picks each block's pruning level (torch image models; not with --prune)")
     stages.add_argument("--distill-steps", type=int,
-                        help="after --prune: training steps towards the original on the calibration images")
+                        help="after --prune or --budget: training steps towards the original on the calibration "
+                        "images")
     stages.add_argument("--runs", type=int, help="timed inferences for host latency (default 50)")
     stages.add_argument("--threads", type=int, help="threads for host latency (default: the target's, capped by cores)")
     stages.add_argument("--seed", type=int, help="random seed recorded in the manifest (default 0)")
@@ -230,7 +234,8 @@ def _build(args: argparse.Namespace) -> int:
         device_url=args.device, device_token=args.device_token,
         overrides={
             "export.opset": args.opset, "quantize.max_float_layers": args.max_float_layers,
-            "quantize.int8_mode": args.int8_mode, "prune.ratio": args.prune, "distill.steps": args.distill_steps,
+            "quantize.int8_mode": args.int8_mode, "prune.ratio": args.prune, "search.budget": args.budget,
+            "distill.steps": args.distill_steps,
             "verify.runs": args.runs, "verify.threads": args.threads,
             "verify.eval_limit": args.eval_limit, "seed": args.seed, "gates.max_top1_drop_pt": args.max_top1_drop,
             "gates.min_top1_agreement": args.min_agreement, "gates.max_size_mb": args.max_size_mb,

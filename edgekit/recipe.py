@@ -11,10 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edgekit.errors import UsageError
 from edgekit.passes.int8 import OWN_RULES, Calibration
+from edgekit.search.budget import Budget, parse_budget
 from edgekit.targets import Budgets, Format, Int8Activations, Precision, Target, describe_errors, read_toml
 
 if TYPE_CHECKING:
@@ -66,6 +67,42 @@ class DistillStage(_Stage):
     scope: Literal["model", "blocks"] = Field(
         default="model", description="model: the whole model learns the original's output; blocks (segmenter "
         "encoders): each block in turn learns the original block's output, `steps` steps each")
+
+
+class SearchStage(_Stage):
+    """Compression to a device budget: per-unit pruning levels chosen by evolutionary search (passes/levels.py)."""
+
+    budget: str | None = Field(default=None, description="latency=6ms, size=4MB or macs=1.5G: the artifact must "
+                               "meet it on the target (latency: the device model's estimate); not with prune.ratio")
+    levels: list[float] = Field(default=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5],
+                                description="shares of each unit's own channels a level removes, from 0, increasing")
+    generations: int = Field(default=50, ge=0)
+    seconds: float = Field(default=900, gt=0, description="wall-time bound of the search (the generation under way "
+                           "finishes)")
+    offspring: int = Field(default=16, ge=4, description="children per generation; 4 samples score them all, 16 the "
+                           "best quarter, all the best one against the parent")
+    images: int = Field(default=64, gt=0, description="calibration images fitness is measured on (those after the "
+                        "prune.images that refit the variants, where there are enough)")
+
+    @field_validator("budget")
+    @classmethod
+    def _budget(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            return parse_budget(value).text
+        except UsageError as err:
+            raise ValueError(str(err)) from None
+
+    @field_validator("levels")
+    @classmethod
+    def _levels(cls, value: list[float]) -> list[float]:
+        if len(value) < 2 or value[0] != 0 or value != sorted(set(value)) or value[-1] >= 1:
+            raise ValueError("levels must start at 0, increase, stay below 1, and be at least two")
+        return value
+
+    def parsed_budget(self) -> Budget | None:
+        return parse_budget(self.budget) if self.budget else None
 
 
 class WeightsStage(_Stage):
@@ -127,6 +164,7 @@ class Recipe(_Stage):
     seed: int = 0
     prune: PruneStage = PruneStage()
     distill: DistillStage = DistillStage()
+    search: SearchStage = SearchStage()
     quantize: QuantizeStage = QuantizeStage()
     weights: WeightsStage = WeightsStage()
     lowrank: LowRankStage = LowRankStage()
@@ -199,7 +237,10 @@ def resolve(recipe: Recipe, target: Target, adapter: Family) -> Recipe:
     if fmt == "tflite" and static and recipe.quantize.calibration not in OWN_RULES:
         raise UsageError(f"TFLite int8 calibrates with {', '.join(OWN_RULES)}, "
                          f"not {recipe.quantize.calibration}")
-    gates = {k: v for k, v in recipe.gates.model_dump().items() if v is not None}
+    budget = recipe.search.parsed_budget()
+    if budget and recipe.prune.ratio:
+        raise UsageError("prune.ratio and search.budget both decide how much to prune: set one of them")
+    gates = {**_budget_gates(budget), **{k: v for k, v in recipe.gates.model_dump().items() if v is not None}}
     return with_overrides(recipe, {
         "quantize.precision": precision,
         "quantize.activations": recipe.quantize.activations or runtime.int8_activations,
@@ -269,3 +310,11 @@ def plan(adapter: Family, target: Target, recipe: str | Path | Recipe | None,
         origins[key] = ("flag" if key in flag_keys else "recipe file" if key in file_keys
                         else "family" if key in family_keys else "target" if before.get(key) != value else "default")
     return resolved, origins, recipe_file
+
+
+def _budget_gates(budget: Budget | None) -> dict[str, float]:
+    """The gate that holds the built artifact to a search budget (a recipe's own gate wins): latency on the target,
+    or the artifact's size. MACs need no gate: the artifact has the searched configuration's exactly."""
+    if budget is None or budget.metric == "macs":
+        return {}
+    return {"max_latency_ms": budget.limit} if budget.metric == "latency_ms" else {"max_size_mb": budget.limit / 1e6}

@@ -81,6 +81,31 @@ def tiny_model() -> nn.Module:
     return settle_batchnorm(TinyNet(), 32)
 
 
+class TinyBlocks(nn.Module):
+    """A stem and three torchvision inverted residuals (one with a residual add, one strided): a classifier with
+    search units, small enough to search and build in seconds."""
+
+    def __init__(self, num_classes: int = 5) -> None:
+        from torchvision.models.mobilenetv2 import InvertedResidual
+
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU6(),
+            InvertedResidual(8, 8, 1, 6), InvertedResidual(8, 16, 2, 6), InvertedResidual(16, 16, 1, 6),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.classifier = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+@pytest.fixture
+def tiny_blocks() -> nn.Module:
+    torch.manual_seed(0)
+    return settle_batchnorm(TinyBlocks(), 32)
+
+
 @pytest.fixture
 def mobilenet_v3_pth(tmp_path: Path) -> Path:
     """A 4-class torchvision mobilenet_v3_small state dict, as a user's fine-tuned checkpoint would be."""

@@ -17,7 +17,7 @@ from edgekit.data import ImageReader, file_sha256
 from edgekit.errors import UsageError, first_line
 from edgekit.families.base import LoadedModel, LoadOptions, Samples, module_fingerprint
 from edgekit.families.image import ImageFamily
-from edgekit.passes.distill import mse
+from edgekit.passes.distill import mse, next_token_kl
 from edgekit.resources import imagenet_classes, imagenet_synsets
 
 if TYPE_CHECKING:
@@ -28,6 +28,8 @@ IMAGENET_STD = [58.395, 57.12, 57.375]
 SYNSET = re.compile(r"^(n\d{8})")
 TORCH_SUFFIXES = {".pth", ".pt", ".bin", ".ckpt"}
 FOLDER_LABELS = "class folders (sorted names)"
+# residual blocks with channels of their own (an expansion, a bottleneck): the units a budget search sizes
+SEARCH_BLOCKS = {"InvertedResidual", "MBConv", "FusedMBConv", "MBConvBlock", "BasicBlock", "Bottleneck"}
 
 
 def _mobilenet_v2_weights() -> Path:
@@ -240,6 +242,15 @@ class ClassifierFamily(ImageFamily):
 
     def distill_loss(self, student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
         return mse(student, teacher)
+
+    def search_units(self, module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+        """Residual blocks by class name (torchvision's inverted residuals, MBConvs, ResNet blocks; EfficientNet-Lite's
+        MBConvBlock): their hidden channels are the search's to size."""
+        return [(name, layer) for name, layer in module.named_modules() if type(layer).__name__ in SEARCH_BLOCKS]
+
+    def search_distance(self, student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+        """KL divergence of the class distributions (softmax of the logits) from the original's."""
+        return next_token_kl(student, teacher)  # softmax over the last axis: the classes here
 
     # int8_float_nodes, tflite_float_ops: none. The sensitivity pass and the accuracy gates decide; a
     # classifier's scores share one range, which the range search and layer refit serve whole.

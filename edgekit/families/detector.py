@@ -236,6 +236,24 @@ class DetectorFamily(ImageFamily):
         confidence = wanted.amax(dim=1)
         return (classes.sum() + (sides_kl * confidence).sum()) / confidence.sum().clamp(min=1.0)
 
+    def search_units(self, module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+        """Every C2f-style block (C3k2) and SPPF, and each of the head's box and class branches (cv2.i, cv3.i): the
+        hidden channels of each are the search's to size. C2PSA stays whole (`prune_keep`: its reshapes count
+        heads)."""
+        from ultralytics.nn.modules import SPPF, C2f, Detect
+
+        units = []
+        for name, layer in module.named_modules():
+            if isinstance(layer, (C2f, SPPF)):
+                units.append((name, layer))
+            elif isinstance(layer, Detect):
+                units += [(f"{name}.{branch}.{i}", stack) for branch in ("cv2", "cv3")
+                          for i, stack in enumerate(getattr(layer, branch))]
+        return units
+
+    def search_distance(self, student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+        return self.distill_loss(student, teacher)
+
     def int8_float_nodes(self, graph: onnx.ModelProto) -> list[str]:
         """The head's decode (box distribution softmax, distance-to-box arithmetic, class sigmoid, the concat of
         pixel boxes with 0-1 scores) and every attention softmax: one int8 scale cannot serve their ranges. The

@@ -81,7 +81,7 @@ class ImageFamily:
     headline: ClassVar[tuple[str, ...]]
     recipe_defaults: ClassVar[dict[str, Any]] = {}
     settings: ClassVar[dict[str, Section]] = {
-        "quantize": "*", "verify": "*", "prune": ("ratio", "images", "reconstruct"),
+        "quantize": "*", "verify": "*", "search": "*", "prune": ("ratio", "images", "reconstruct"),
         "distill": ("steps", "seconds", "lr", "batch", "images"), "gates": ("on_cpu_fallback",),
     }
     accuracy_gates: ClassVar[dict[str, tuple[str, str, str]]] = {}
@@ -112,6 +112,16 @@ class ImageFamily:
 
     def distill_loss(self, student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
         """How far the student's `distill_targets` are from the teacher's (0 when they match)."""
+        raise NotImplementedError
+
+    def search_units(self, module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+        """The blocks a budget search compresses each to its own level, by name in `module` (none inside another);
+        the search prunes only channels that stay inside a block (passes/levels.py)."""
+        raise NotImplementedError
+
+    def search_distance(self, student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+        """The fitness a budget search minimises, between `distill_targets` of a candidate and of the original, per
+        image on average."""
         raise NotImplementedError
 
     def int8_float_nodes(self, graph: onnx.ModelProto) -> list[str]:
@@ -195,24 +205,32 @@ class ImageFamily:
         reference. An ONNX input is exported as it is."""
         plan = ctx.plan
         if not model.is_torch:
-            if plan.prune.ratio or plan.distill.steps:
-                raise UsageError("pruning and distillation change a torch model; an ONNX input cannot be pruned")
+            if plan.prune.ratio or plan.search.budget or plan.distill.steps:
+                raise UsageError("pruning, budget search and distillation change a torch model; an ONNX input "
+                                 "cannot be pruned")
             return model.onnx_model
-        if not plan.prune.ratio:
+        if not plan.prune.ratio and not plan.search.budget:
             if plan.distill.steps:
-                raise UsageError("distillation recovers what pruning lost: set prune.ratio too")
+                raise UsageError("distillation recovers what pruning lost: set prune.ratio or search.budget too")
             return model.module
         from edgekit.passes.distill import distill, distilled
-        from edgekit.passes.prune import prune_channels
 
-        module = copy.deepcopy(model.module)
-        images = self.calibration(model, data, ctx)[0]
-        with ctx.progress.stage("prune") as note:
-            pruned = prune_channels(module, model.input_shape, plan.prune.ratio, self.prune_keep(module),
-                                    images[: plan.prune.images] if plan.prune.images else None,
-                                    rebuild=plan.prune.reconstruct)
-            ctx.sections["pruning"] = pruned
-            note["note"] = f"MACs {pruned['macs_before'] / 1e6:.0f} M -> {pruned['macs_after'] / 1e6:.0f} M"
+        images, calibration = self.calibration(model, data, ctx)
+        if plan.search.budget:
+            from edgekit.passes.levels import search
+
+            module, ctx.sections["search"] = search(model.module, model.input_shape, model.fingerprint, self, images,
+                                                    calibration["sha256"], plan, ctx.target, ctx.cache, ctx.progress)
+        else:
+            from edgekit.passes.prune import prune_channels
+
+            module = copy.deepcopy(model.module)
+            with ctx.progress.stage("prune") as note:
+                pruned = prune_channels(module, model.input_shape, plan.prune.ratio, self.prune_keep(module),
+                                        images[: plan.prune.images] if plan.prune.images else None,
+                                        rebuild=plan.prune.reconstruct)
+                ctx.sections["pruning"] = pruned
+                note["note"] = f"MACs {pruned['macs_before'] / 1e6:.0f} M -> {pruned['macs_after'] / 1e6:.0f} M"
         if plan.distill.steps:
             settings = plan.distill
             with ctx.progress.stage("distill") as note:

@@ -19,7 +19,8 @@ from edgekit.targets import Target
 
 
 def estimate(analysis: Analysis, target: Target, top: int | None = None) -> dict[str, Any]:
-    """Estimated milliseconds for one inference on `target`, with every layer's (or the `top` slowest).
+    """Estimated milliseconds for one inference on `target`, with every layer's (or the `top` slowest; `index`: its
+    position in `analysis.layers`, so estimates of graphs with the same ops can be compared op by op).
 
     Compute classes (conv, depthwise, grouped, gemm, gemv) scale the compute peak by their efficiency;
     elementwise ops, which compute next to nothing, scale the bandwidth by theirs."""
@@ -30,7 +31,7 @@ def estimate(analysis: Analysis, target: Target, top: int | None = None) -> dict
     if reason:
         return {"label": "estimated", "ms": None, "reason": reason}
     rows, compute_total, memory_total = [], 0.0, 0.0
-    for layer in analysis.layers:
+    for index, layer in enumerate(analysis.layers):
         if layer.op_class == "fused":
             continue
         peak_precision, peak = _peak(target, layer.precision)
@@ -43,12 +44,12 @@ def estimate(analysis: Analysis, target: Target, top: int | None = None) -> dict
         overhead_s = (model.node_overhead_us if model else 0.0) * 1e-6
         compute_total += compute_s
         memory_total += memory_s
-        rows.append({"name": layer.name, "op": layer.op, "class": layer.op_class, "precision": peak_precision,
-                     "ms": (overhead_s + max(compute_s, memory_s)) * 1e3,
+        rows.append({"index": index, "name": layer.name, "op": layer.op, "class": layer.op_class,
+                     "precision": peak_precision, "ms": (overhead_s + max(compute_s, memory_s)) * 1e3,
                      "bound": "compute" if compute_s >= memory_s else "memory"})
     if model and model.activations_on_chip and analysis.layers:  # the graph's input and output cross the link
         io = analysis.layers[0].activation_bytes + analysis.layers[-1].activation_bytes
-        rows.append({"name": "graph input and output", "op": "transfer", "class": "io", "precision": "-",
+        rows.append({"index": None, "name": "graph input and output", "op": "transfer", "class": "io", "precision": "-",
                      "ms": io / bandwidth * 1e3, "bound": "memory"})
     total = sum(row["ms"] for row in rows)
     slowest = sorted(rows, key=lambda row: -row["ms"])[:top]  # None: all
@@ -59,7 +60,7 @@ def estimate(analysis: Analysis, target: Target, top: int | None = None) -> dict
         "compute_ms": round(compute_total * 1e3, 4),
         "memory_ms": round(memory_total * 1e3, 4),
         "ops": len(rows),
-        "layers": [{**row, "ms": round(row["ms"], 4)} for row in slowest],
+        "layers": [{**row, "ms": round(row["ms"], 6)} for row in slowest],
         "method": ("per op: overhead + max(2*MACs / (peak * class efficiency), bytes moved / bandwidth), summed "
                    "(elementwise ops: bytes / (bandwidth * their efficiency)); "
                    f"numbers from {target.name}'s profile" if model else

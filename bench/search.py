@@ -1,0 +1,183 @@
+"""Compression to a latency budget, side by side at equal estimated target latency: uniform pruning (`--prune r`,
+r chosen so its artifact's estimate meets the budget), the search space's own uniform configuration (the search's
+starting point: every unit at the least compressed level within the budget, `search.generations = 0`), and the
+searched configuration (`--budget latency=...`). Every row is built by `edgekit build` for the target, and scored
+in its own runtime on held-out images: top-1 against the labels (classifiers) or mAP50-95 against the boxes
+(detectors), and agreement with the original.
+
+Budgets are fractions of the original artifact's estimated latency on the target. Data:
+- mobilenet_v2, raspberry-pi-5 (fp32 TFLite): ImageNet-sample, the first 100 images (sorted by name) calibrate,
+  the other 400 are scored;
+- yolo11n, jetson-orin-nano (fp16 ONNX, the target's default; `--precision int8` for TensorRT's symmetric QDQ, whose
+  accuracy-aware quantization costs tens of minutes per row on 2 cores): coco128, the first 64 images calibrate, the
+  other 64 are scored.
+
+    .venv/bin/python bench/search.py [--model mobilenet_v2] [--fractions 0.85 0.7] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SETUPS = {  # model -> target, data folder, calibration images, files glob
+    "mobilenet_v2": ("raspberry-pi-5", DATA / "imagenet-sample", 100, "*.JPEG"),
+    "yolo11n": ("jetson-orin-nano", DATA / "coco128", 64, "images/train2017/*.jpg"),
+}
+
+
+def split(work: Path, model: str) -> tuple[Path, Path]:
+    """Calibration and scoring folders of links into the data set (a detector's with labels/ beside images/)."""
+    _, root, calib_images, pattern = SETUPS[model]
+    files = sorted(root.glob(pattern))
+    folders = []
+    for part, chosen in (("calib", files[:calib_images]), ("eval", files[calib_images:])):
+        images = work / part / "images"
+        images.mkdir(parents=True)
+        for image in chosen:
+            (images / image.name).symlink_to(image)
+            label = root / "labels" / image.parent.name / f"{image.stem}.txt"
+            if label.is_file():
+                (work / part / "labels").mkdir(exist_ok=True)
+                (work / part / "labels" / label.name).symlink_to(label)
+        folders.append(images)
+    return folders[0], folders[1]
+
+
+def matched_ratio(model: str, target: str, budget_ms: float, calib: Path, precision: str | None
+                  ) -> tuple[float, float]:
+    """The largest uniform `--prune` ratio whose artifact the device model puts within `budget_ms`, and its estimate:
+    bisection on the artifact's estimate (channel counts alone set it: magnitude pruning, no refit)."""
+    import numpy as np
+
+    from edgekit.families import LoadOptions, resolve
+    from edgekit.passes.levels import price_artifact
+    from edgekit.passes.prune import prune_channels
+    from edgekit.recipe import Recipe, with_defaults, with_overrides
+    from edgekit.recipe import resolve as resolve_recipe
+    from edgekit.targets import load_target
+    from edgekit.verify.estimate import estimate
+
+    device = load_target(target)
+    adapter = resolve(model, LoadOptions())
+    loaded = adapter.load(model, LoadOptions())
+    recipe = with_overrides(with_defaults(Recipe(), adapter.recipe_defaults), {"quantize.precision": precision})
+    plan = resolve_recipe(recipe, device, adapter.name)
+    images = adapter.samples(loaded, sorted(p for p in calib.iterdir())[:2], None).inputs
+
+    def latency(ratio: float) -> float:
+        module = copy.deepcopy(loaded.module)
+        prune_channels(module, loaded.input_shape, ratio, adapter.prune_keep(module))
+        analysis, _ = price_artifact(module, loaded.input_shape, plan, device, adapter, np.asarray(images))
+        return estimate(analysis, device)["ms"]
+
+    low, high = 0.0, 0.6
+    found = (0.0, math.inf)
+    for _ in range(7):
+        middle = (low + high) / 2
+        ms = latency(middle)
+        if ms <= budget_ms:
+            found, high = (middle, ms), middle
+        else:
+            low = middle
+    return found
+
+
+def row(name: str, result: Any, seconds: float) -> dict[str, Any]:
+    report = result.report
+    accuracy = report["accuracy"]
+    return {"row": name, "estimated_ms": report["latency_ms"]["estimated_target"]["ms"], "size_mb":
+            report["size_bytes"] / 1e6, "macs_m": report["analysis"]["artifact"]["macs"] / 1e6,
+            "top1": accuracy.get("top1_artifact"), "agreement": accuracy.get("top1_agreement"),
+            "map50_95": accuracy.get("map50_95_artifact"), "box_agreement": accuracy.get("box_agreement"),
+            "images": accuracy["eval_images"], "build_s": seconds, "search": report.get("search"),
+            "exit": result.exit_code}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(SETUPS), default="mobilenet_v2")
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.85, 0.7],
+                        help="budgets as fractions of the original artifact's estimated latency")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--precision", help="artifact precision (default: the target's)")
+    parser.add_argument("--generations", type=int, default=50)
+    parser.add_argument("--seconds", type=float, default=900)
+    parser.add_argument("--no-uniform", action="store_true", help="skip the --prune rows")
+    parser.add_argument("--distill-steps", type=int, default=0,
+                        help="also a searched row with this much distillation after the search (0: none)")
+    args = parser.parse_args()
+    target, root, *_ = SETUPS[args.model]
+    if not root.is_dir():
+        raise SystemExit(f"{root} is absent: this bench needs the labelled data set")
+    os.environ["YOLO_OFFLINE"] = "1"
+    import torch
+
+    import edgekit
+
+    torch.set_num_threads(args.threads)  # the search's forward passes; verification uses the same count
+    work = Path(tempfile.mkdtemp(prefix="edgekit-search-bench-"))
+    calib, held_out = split(work, args.model)
+    rows = []
+
+    def build(name: str, **overrides: Any) -> dict[str, Any]:
+        start = time.perf_counter()
+        settings = {"verify.eval_limit": 500, "verify.threads": args.threads, "verify.runs": 10, **overrides}
+        result = edgekit.build(args.model, target, calib=calib, eval=held_out, out=work / name.replace(" ", "-"),
+                               precision=args.precision, quiet=True, overrides=settings)
+        found = row(name, result, time.perf_counter() - start)
+        rows.append(found)
+        print(f"{name:<32} {_line(found)}", flush=True)
+        return found
+
+    original = build("original")
+    for fraction in args.fractions:
+        budget = round(fraction * original["estimated_ms"], 3)
+        text = f"latency={budget}ms"
+        if not args.no_uniform:
+            ratio, _ = matched_ratio(args.model, target, budget, calib, args.precision)
+            build(f"uniform --prune {ratio:.3f}", **{"prune.ratio": ratio})
+        build(f"unit-uniform {text}", **{"search.budget": text, "search.generations": 0})
+        searched = {"search.budget": text, "search.generations": args.generations, "search.seconds": args.seconds}
+        build(f"searched {text}", **searched)
+        if args.distill_steps:
+            build(f"searched+distill {text}", **searched, **{"distill.steps": args.distill_steps})
+    print(f"\n{args.model} for {target}; {rows[0]['images']} held-out images; {args.threads} torch thread(s)")
+    for found in rows:
+        print(f"{found['row']:<40} {_line(found)}")
+        search = found["search"]
+        if search:
+            chosen, uniform = search["chosen"], search["uniform"]
+            print(f"{'':<40} search: fitness {chosen['fitness']:.4g} vs uniform "
+                  f"{uniform['level'] if uniform else '-'} {uniform['fitness'] if uniform else float('nan'):.4g}; "
+                  f"predicted {chosen['latency_ms']:.3f} ms; {search['candidates']} candidates, "
+                  f"{search['generations']} generations, {search['seconds']:.0f} s; levels "
+                  f"{' '.join(u['level'] for u in search['units'])}")
+    _noise(rows)
+
+
+def _line(found: dict[str, Any]) -> str:
+    accuracy = (f"top-1 {found['top1']:.4f} agreement {found['agreement']:.4f}" if found["top1"] is not None
+                else f"mAP50-95 {found['map50_95']:.4f} box agreement {found['box_agreement']:.4f}")
+    return (f"{found['estimated_ms']:.3f} ms (estimated)  {found['size_mb']:.2f} MB  {found['macs_m']:.0f} M MACs  "
+            f"{accuracy}  exit {found['exit']}  built in {found['build_s']:.0f} s")
+
+
+def _noise(rows: list[dict[str, Any]]) -> None:
+    """The binomial standard error of a top-1 (or agreement) on this many images: differences below about twice it
+    are within what another draw of images could change."""
+    n = rows[0]["images"]
+    p = rows[0]["top1"] if rows[0]["top1"] is not None else None
+    if p is not None:
+        print(f"noise: top-1 standard error on {n} images about {100 * math.sqrt(p * (1 - p) / n):.1f} pt")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,409 @@
+"""The level database of a torch image model, and the search space built on it (edgekit/search/evolve.py).
+
+A unit is a block the family names (an inverted residual, a C3k2, one branch of a detection head). It is pruned
+only in channels that stay inside it: a channel group whose removal would change the unit's input or output
+shape stays whole (`internal_keep` finds them by trying). One unit's level then never changes another's
+layers, and a model stitched from any mix of levels is exactly its variants side by side.
+
+Each unit's variant at each level (a share of its internal channels) is computed once: Torch-Pruning on the unit,
+FLAP ranking and bias compensation from the unit's own calibration inputs, and a least-squares refit of its
+layers towards the original unit's outputs on those inputs (`prune_channels`). Variants are cached by model,
+calibration images, levels and edgekit version; their costs also by target, format and precision.
+
+Costs come from the device model on the artifact as the build makes it: the model with every unit at level l is
+exported in the build's format and precision, analysed and estimated op by op, and each op's change from level 0 is
+charged to the unit whose scope its name carries. So a configuration's cost is the level-0 artifact's plus its
+units' deltas; a changed op that no unit claims, or that two claim, stops the build, since the sum would be wrong.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edgekit import __version__
+from edgekit.errors import StageError, UsageError
+from edgekit.search.evolve import Config, Costs, Level, Scored, SearchResult, Unit, evolve
+
+if TYPE_CHECKING:
+    import torch
+
+    from edgekit.cache import ArrayCache
+    from edgekit.families.image import ImageFamily as Family
+    from edgekit.passes.analyze import Analysis
+    from edgekit.progress import Progress
+    from edgekit.recipe import Recipe
+    from edgekit.targets import Target
+
+BATCH = 8  # images through a stitched model at once
+
+
+def internal_keep(unit: torch.nn.Module, example: torch.Tensor, keep: list[str]) -> list[str] | None:
+    """Names of the layers of `unit` whose output channels pruning must keep so that only channels internal to the
+    unit go (`keep` first: the family's own); None when the unit has no internal channel group at all.
+
+    Each channel group is tried on a copy of the unit: one channel removed, the copy must still take the unit's
+    input and give an output of the unit's shape. The unit itself is not changed."""
+    import torch
+
+    unit = copy.deepcopy(unit)
+    with torch.no_grad():
+        shape = unit(example).shape
+    kept = [layer for name in keep for layer in unit.get_submodule(name).modules()]
+    names = {module: name for name, module in unit.named_modules()}
+    graph = _dependency_graph(unit, example)
+    roots = [names[group[0].dep.target.module] for group in graph.get_all_groups(ignored_layers=kept)
+             if len(group[0].idxs) > 1]
+    internal, external = [], []
+    for root in roots:
+        trial = copy.deepcopy(unit)
+        layer = trial.get_submodule(root)
+        trial_graph = _dependency_graph(trial, example)
+        pruner = trial_graph.get_pruner_of_module(layer)
+        try:
+            trial_graph.get_pruning_group(layer, pruner.prune_out_channels, [0]).prune()
+            with torch.no_grad():
+                fits = trial(example).shape == shape
+        except (RuntimeError, ValueError, IndexError):  # the unit's input no longer fits its first layers
+            fits = False
+        (internal if fits else external).append(root)
+    return [*keep, *external] if internal else None
+
+
+def _dependency_graph(module: torch.nn.Module, example: torch.Tensor) -> Any:
+    import torch_pruning as tp
+
+    for parameter in module.parameters():
+        parameter.requires_grad_(True)  # the graph is traced through autograd
+    return tp.DependencyGraph().build_dependency(module, example_inputs=example)
+
+
+@dataclass
+class Variants:
+    """Every unit's modules, one per level (level 0: the original unit), and the labels of the levels."""
+
+    names: list[str]
+    labels: list[str]
+    modules: list[list[torch.nn.Module]]
+
+
+def unit_inputs(model: torch.nn.Module, images: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
+    """Each unit's input over `images`, in the original model."""
+    from edgekit.passes.reconstruct import recorded
+
+    found = recorded(model, images, [], names)
+    return {name: found[name, False] for name in names}
+
+
+def variants(model: torch.nn.Module, units: list[tuple[str, torch.nn.Module]], family_keep: list[torch.nn.Module],
+             images: np.ndarray, ratios: list[float], cache: ArrayCache, key: dict[str, Any],
+             progress: Callable[[list[Any]], Iterable[Any]]) -> Variants:
+    """The level database's modules: each unit pruned at each ratio (`ratios[0]` is 0: the unit as it is) and
+    refitted on `images`, from the cache where it has them. Units without internal channels are left out;
+    `model` is not changed."""
+    import torch
+
+    from edgekit.passes.prune import prune_channels
+
+    inputs = unit_inputs(model, torch.as_tensor(images), [name for name, _ in units])
+    plans = []
+    for name, unit in units:
+        names = {module: path for path, module in unit.named_modules()}
+        keep = internal_keep(unit, inputs[name][:1], [names[k] for k in family_keep if k in names])
+        if keep is not None:
+            plans.append((name, unit, keep))
+    if not plans:
+        raise UsageError("no search unit of this model has channels of its own to prune")
+
+    def compute() -> dict[str, np.ndarray]:
+        arrays = {}
+        work = [(name, unit, keep, level) for name, unit, keep in plans for level in range(1, len(ratios))]
+        for name, unit, keep, level in progress(work):
+            pruned = copy.deepcopy(unit)
+            prune_channels(pruned, tuple(inputs[name][:1].shape), ratios[level],
+                           [pruned.get_submodule(k) for k in keep], inputs[name])
+            for param, value in pruned.state_dict().items():
+                arrays[f"{name}|{level}|{param}"] = value.detach().cpu().numpy()
+        return arrays
+
+    stored = cache.get_or_compute({**key, "units": [[name, keep] for name, _, keep in plans]}, compute)
+    modules = []
+    for name, unit, _ in plans:
+        row = [copy.deepcopy(unit).eval()]
+        for level in range(1, len(ratios)):
+            prefix = f"{name}|{level}|"
+            state = {k[len(prefix):]: torch.from_numpy(v) for k, v in stored.items() if k.startswith(prefix)}
+            row.append(_load_pruned(copy.deepcopy(unit), state))
+        modules.append(row)
+    return Variants([name for name, *_ in plans], [f"{r:g}" for r in ratios], modules)
+
+
+def _load_pruned(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """`module` (a copy of an unpruned unit) with the channel counts of the pruned `state`, then its values."""
+    import torch
+
+    for name, layer in module.named_modules():
+        prefix = f"{name}." if name else ""
+        own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
+        if not own:
+            continue
+        weight = own.get("weight")
+        if isinstance(layer, torch.nn.Conv2d) and weight is not None:
+            depthwise = 1 < layer.groups == layer.in_channels
+            layer.out_channels = weight.shape[0]
+            layer.groups = weight.shape[0] if depthwise else layer.groups
+            layer.in_channels = weight.shape[1] * layer.groups
+        elif isinstance(layer, torch.nn.modules.batchnorm._BatchNorm) and weight is not None:
+            layer.num_features = weight.shape[0]
+        elif isinstance(layer, torch.nn.Linear) and weight is not None:
+            layer.out_features, layer.in_features = weight.shape
+        for key, value in own.items():
+            if key in layer._buffers:
+                layer._buffers[key] = torch.empty_like(value)
+            else:
+                setattr(layer, key, torch.nn.Parameter(torch.empty_like(value), requires_grad=False))
+    module.load_state_dict(state)
+    return module.eval()
+
+
+class ImageSpace:
+    """The search space of a torch image model (the `Space` of edgekit/search/evolve.py): a configuration is stitched
+    from the variants (unit modules swapped in place, nothing recomputed); its costs are the level database's, its
+    fitness the family's output distance to the original on calibration images."""
+
+    def __init__(self, model: torch.nn.Module, found: Variants, images: np.ndarray,
+                 targets: Callable[[torch.nn.Module, torch.Tensor], list[torch.Tensor]],
+                 distance: Callable[[list[torch.Tensor], list[torch.Tensor]], torch.Tensor],
+                 price: Callable[[torch.nn.Module], tuple[Analysis, int]], target: Target, cache: ArrayCache,
+                 key: dict[str, Any]) -> None:
+        """`price(module)`: the analysis and size in bytes of `module`'s artifact as the build makes it; the costs
+        are cached under `key` (what the variants and the artifact depend on)."""
+        import torch
+
+        self.found = found
+        self.model = copy.deepcopy(model).eval()
+
+        def compute() -> dict[str, np.ndarray]:
+            base, deltas = unit_costs(self.stitched, found, price, target)
+            return {"base": _vector(base), "deltas": np.array([[_vector(c) for c in row] for row in deltas])}
+
+        stored = cache.get_or_compute(key, compute)
+        self.base = Costs(*map(float, stored["base"]))
+        deltas = [[Costs(*map(float, c)) for c in row] for row in stored["deltas"]]
+        self.units = [Unit(name, tuple(Level(label, delta) for label, delta in zip(found.labels, row, strict=False)))
+                      for name, row in zip(found.names, deltas, strict=True)]
+        self.basis = f"estimated: {target.name}"
+        self.images = torch.as_tensor(images)
+        self.samples = len(images)
+        self.targets, self.distance = targets, distance
+        with torch.no_grad():
+            self.wanted = [targets(model, batch) for batch in self.images.split(BATCH)]
+
+    def stitched(self, config: Config) -> torch.nn.Module:
+        """The working model with each unit at its level in `config` (the next call changes it: copy to keep)."""
+        for name, row, level in zip(self.found.names, self.found.modules, config, strict=True):
+            self.model.set_submodule(name, row[level])
+        return self.model
+
+    def fitness(self, config: Config, samples: int) -> float:
+        """The family's distance to the original's outputs, averaged over the first `samples` images."""
+        import torch
+
+        model = self.stitched(config)
+        total = 0.0
+        with torch.no_grad():
+            for batch, wanted in zip(self.images[:samples].split(BATCH), self.wanted, strict=False):
+                distance = self.distance(self.targets(model, batch), [w[: len(batch)] for w in wanted])
+                total += float(distance) * len(batch)
+        return total / min(samples, self.samples)
+
+
+def _vector(costs: Costs) -> np.ndarray:
+    return np.array([costs.macs, costs.bytes, costs.latency_ms], dtype=np.float64)
+
+
+def unit_costs(stitched: Callable[[Config], torch.nn.Module], found: Variants,
+               price: Callable[[torch.nn.Module], tuple[Analysis, int]], target: Target
+               ) -> tuple[Costs, list[list[Costs]]]:
+    """The level-0 artifact's costs and each unit's change at each level (a unit with fewer levels: zero beyond),
+    from artifacts with every unit at one level: op by op, each changed op charged to the unit whose scope its
+    name carries."""
+    from edgekit.verify.estimate import estimate
+
+    levels = len(found.labels)
+    per_level = []
+    for level in range(levels):
+        analysis, size = price(stitched(tuple(min(level, len(row) - 1) for row in found.modules)))
+        rows = estimate(analysis, target)
+        if rows.get("ms") is None:
+            raise UsageError(f"search budgets need a latency estimate: {rows.get('reason')}")
+        ms = {row["index"]: row["ms"] for row in rows["layers"]}
+        # ops a runtime runs (no folded constants, whose count can change with the weights' values)
+        ops = [(layer, ms.get(i, 0.0)) for i, layer in enumerate(analysis.layers) if layer.op_class != "fused"]
+        per_level.append((analysis, size, ops, sum(row["ms"] for row in rows["layers"])))
+    base_analysis, base_size, base_ops, base_total = per_level[0]
+    owners = _owners([layer.name for layer, _ in base_ops], found)
+    deltas = [[Costs() for _ in range(levels)] for _ in found.names]
+    for level, (_analysis, _size, ops, _total) in enumerate(per_level[1:], start=1):
+        kinds, base_kinds = [layer.op for layer, _ in ops], [layer.op for layer, _ in base_ops]
+        if kinds != base_kinds:
+            at = next((i for i, pair in enumerate(zip(kinds, base_kinds, strict=False)) if pair[0] != pair[1]),
+                      min(len(kinds), len(base_kinds)))
+            first = ops[at][0].name if at < len(ops) else "(none)"
+            raise StageError(f"the artifact at level {found.labels[level]} has other ops than at level 0 ({len(ops)} "
+                             f"vs {len(base_ops)}, from op {at}: {first}): unit costs would not add up")
+        for index, ((now, now_ms), (before, before_ms)) in enumerate(zip(ops, base_ops, strict=True)):
+            change = Costs(now.macs - before.macs, now.weight_bytes - before.weight_bytes, now_ms - before_ms)
+            if change == Costs():
+                continue
+            if len(owners[index]) != 1:
+                claim = "no unit" if not owners[index] else f"units {', '.join(found.names[u] for u in owners[index])}"
+                raise StageError(f"op {before.name} changes with the units' levels but {claim} claims it: unit costs "
+                                 "would not add up")
+            unit = owners[index][0]
+            if level < len(found.modules[unit]):
+                deltas[unit][level] = deltas[unit][level] + change
+    return Costs(float(base_analysis.macs), float(base_size), float(base_total)), deltas
+
+
+def _owners(names: list[str], found: Variants) -> list[list[int]]:
+    """For each op name, the units whose scope it carries, in the exporters' two spellings: ONNX's
+    `/features.3/` (the module path from its last named attribute) and litert-torch's
+    `/torchvision.models.mobilenetv2.InvertedResidual_3/` (class and attribute). A fused TFLite op is named by
+    `;`-joined locations, the op's own first (later ones can name other blocks' identical ops): only the first
+    counts."""
+    tokens = []
+    for name, row in zip(found.names, found.modules, strict=True):
+        parts = name.split(".")
+        last = max(i for i, part in enumerate(parts) if not part.isdigit())
+        module = row[0]
+        kind = f"{type(module).__module__}.{type(module).__qualname__}"
+        tokens.append((f"/{'.'.join(parts[last:])}/", f"/{kind}_{parts[-1]}/"))
+    own = [name.split(";")[0] for name in names]
+    return [[u for u, spellings in enumerate(tokens) if any(t in op for t in spellings)] for op in own]
+
+
+def search(module: torch.nn.Module, input_shape: tuple[int, ...], fingerprint: str, adapter: Family,
+           images: np.ndarray, calibration_sha: str, plan: Recipe, target: Target, cache: ArrayCache,
+           progress: Progress) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A copy of `module` with each search unit at the level the search chose for `plan.search.budget` on `target`,
+    and the report's `search` block. The first `plan.prune.images` calibration images refit the variants, the next
+    `plan.search.images` (in a seeded order) measure fitness; with too few images, the same ones do both."""
+    budget = plan.search.parsed_budget()
+    settings = plan.search
+    units = adapter.search_units(module)
+    if not units:
+        raise UsageError(f"no search units in this {adapter.name}: budgets size residual blocks (inverted residuals, "
+                         "MBConv, ResNet blocks; YOLO C3k2/C2f, SPPF and head branches)")
+    refit = images[: plan.prune.images]
+    rest = images[len(refit):]
+    disjoint = len(rest) >= min(settings.images, 16)
+    scoring = rest[: settings.images] if disjoint else images[: settings.images]
+    scoring = scoring[np.random.default_rng(plan.seed).permutation(len(scoring))]
+    key = {"kind": "search-levels", "model": fingerprint, "calibration": calibration_sha, "images": len(refit),
+           "levels": settings.levels, "input_shape": list(input_shape), "edgekit": __version__}
+    with progress.stage("levels") as note:
+        found = variants(module, units, adapter.prune_keep(module), refit, settings.levels, cache, key,
+                         progress=lambda work: progress.track(work, len(work), "unit variants"))
+        artifact = {"target": target.sha256, "format": plan.export.format, "precision": plan.quantize.precision,
+                    "int8_mode": plan.quantize.int8_mode, "activations": plan.quantize.activations,
+                    "opset": plan.export.opset}
+        space = ImageSpace(module, found, scoring, adapter.distill_targets, adapter.search_distance,
+                           lambda candidate: price_artifact(candidate, input_shape, plan, target, adapter, images[:2]),
+                           target, cache, {**key, "kind": "search-costs", "artifact": artifact,
+                                           "units": found.names})
+        note["note"] = f"{len(found.names)} units x {len(found.labels)} levels, {space.basis}"
+    with progress.stage("search") as note:
+        result = evolve(space, budget, seed=plan.seed, generations=settings.generations, seconds=settings.seconds,
+                        offspring=settings.offspring,
+                        progress=lambda rounds, total: progress.track(rounds, total, "generations"))
+        note["note"] = (f"{budget.text}: {budget.format(result.best.costs.of(budget.metric))}, fitness "
+                        f"{result.best.fitness:.4g}" + (f" (uniform {space.found.labels[result.uniform.config[0]]}: "
+                                                        f"{result.uniform.fitness:.4g})" if result.uniform else ""))
+    chosen = _settled(copy.deepcopy(space.stitched(result.best.config)), input_shape)
+    return chosen, _record(space, result, budget.text, len(refit), disjoint, adapter, plan.seed)
+
+
+def _record(space: ImageSpace, result: SearchResult, budget: str, refit: int, disjoint: bool, adapter: Family,
+            seed: int) -> dict[str, Any]:
+    """The report's `search` block."""
+
+    def point(scored: Scored) -> dict[str, Any]:
+        return {"levels": [space.found.labels[level] for level in scored.config], "fitness": scored.fitness,
+                "samples": scored.samples, "latency_ms": round(scored.costs.latency_ms, 4),
+                "bytes": int(scored.costs.bytes), "macs": int(scored.costs.macs)}
+
+    uniform = result.uniform
+    return {
+        "budget": budget,
+        "method": "EvoPress-style evolutionary search (level-switch mutations within the budget, selection in steps "
+                  "on 4, 16 and all fitness images); levels are shares of each unit's own channels removed "
+                  "(Torch-Pruning, FLAP ranking, least-squares refit of the unit to the original's outputs)",
+        "costs": f"{space.basis}: per-op device model on the artifact's format and precision, summed per unit",
+        "latency_label": space.basis,
+        "fitness": f"{adapter.name} output distance to the original (search_distance), mean over "
+                   f"{space.samples} calibration images" + (" the refit did not see" if disjoint else
+                                                              " (too few to keep apart from the refit's)"),
+        "refit_images": refit,
+        "levels": space.found.labels,
+        "units": [{"name": name, "level": space.found.labels[level]}
+                  for name, level in zip(space.found.names, result.best.config, strict=True)],
+        "chosen": point(result.best),
+        "uniform": None if uniform is None else {"level": space.found.labels[max(uniform.config)], **point(uniform)},
+        "unpruned": {"latency_ms": round(space.base.latency_ms, 4), "bytes": int(space.base.bytes),
+                     "macs": int(space.base.macs)},
+        "front": [point(s) for s in result.front()],
+        "candidates": len(result.scored),
+        "evaluations": result.evaluations,
+        "generations": result.generations,
+        "seconds": result.seconds,
+        "seed": seed,
+    }
+
+
+def price_artifact(module: torch.nn.Module, input_shape: tuple[int, ...], plan: Recipe, target: Target, adapter: Family,
+            calibration: np.ndarray) -> tuple[Analysis, int]:
+    """`module`'s artifact as the build makes it, for its costs only: the same format, precision and float parts;
+    int8 calibrated on two images (ranges do not change an op's cost), without the accuracy search."""
+    from edgekit.passes.analyze import analyze, analyze_tflite
+
+    module = _settled(module, input_shape)
+    precision = plan.quantize.precision
+    if plan.export.format == "tflite":
+        from edgekit.passes.tflite import Int8Fit, convert_tflite, op_outputs, tflite_precision
+
+        flat = convert_tflite(module, input_shape)
+        if precision == "int8" and plan.quantize.int8_mode == "static":
+            keep = () if target.integer_only else tuple(adapter.tflite_float_ops(op_outputs(flat)))
+            flat = tflite_precision(flat, "int8", calibration, Int8Fit("minmax", 0, False, keep))
+        else:
+            flat = tflite_precision(flat, "int8-dynamic" if precision == "int8" else precision)
+        return analyze_tflite(flat), len(flat)
+    from edgekit.passes.export import export_onnx
+
+    graph = export_onnx(module, input_shape, plan.export.opset)
+    if precision == "fp16":
+        from edgekit.passes.quantize import to_fp16
+
+        graph = to_fp16(graph)
+    elif precision == "int8":
+        from edgekit.passes.int8 import Int8Quantizer, Int8Scheme
+
+        quantizer = Int8Quantizer(graph, calibration, Int8Scheme(plan.quantize.activations, "minmax", False), None, 1)
+        quantizer.keep_float(adapter.int8_float_nodes(quantizer.prepared))
+        graph = quantizer.quantize()
+    return analyze(graph), graph.ByteSize()
+
+
+def _settled(module: torch.nn.Module, input_shape: tuple[int, ...]) -> torch.nn.Module:
+    """`module` after one pass at the artifact's input shape: a module that caches shape-dependent constants (a
+    detection head's anchors, recomputed when the batch changes) then traces the same ops every time."""
+    import torch
+
+    with torch.no_grad():
+        module.eval()(torch.zeros(input_shape))
+    return module
