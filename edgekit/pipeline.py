@@ -131,7 +131,7 @@ def build_manifest(ctx: BuildContext, model: Loaded, source: object, data: dict[
 def judge(report: dict[str, Any], ctx: BuildContext) -> None:
     """Check the gates: on the real device's figures where it verified the artifact, else the host's accuracy and
     the target's estimated latency."""
-    on_device: dict[str, Any] | None = report.get("device")
+    on_device: dict[str, Any] = report.get("device") or {}
     accuracy = on_device["accuracy"] if on_device else report["accuracy"]
     measured = on_device and on_device["latency_ms"]["label"].startswith("measured")  # not an emulator's timings
     latency, basis = ((on_device["latency_ms"]["p50"], on_device["latency_ms"]["label"]) if measured else

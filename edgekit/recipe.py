@@ -269,7 +269,7 @@ def set_keys(recipe: BaseModel, prefix: str = "") -> set[str]:
 def _reads(adapter: Family, key: str) -> bool:
     section, _, name = key.rpartition(".")
     family = dict(adapter.settings)
-    family["gates"] = (*family.get("gates", ()), *adapter.accuracy_gates)  # type: ignore[misc]
+    family["gates"] = (*family.get("gates", ()), *adapter.accuracy_gates)
     return name in COMMON_SETTINGS.get(section, ()) or family.get(section) == "*" or name in family.get(section, ())
 
 

@@ -64,7 +64,7 @@ class Compute(_Strict):
     fp16_gflops: float | None = Field(default=None, gt=0)
     int8_gops: float | None = Field(default=None, gt=0)
 
-    def peak_gops(self, precision: Precision) -> float | None:
+    def peak_gops(self, precision: str) -> float | None:
         return {"fp32": self.fp32_gflops, "fp16": self.fp16_gflops, "int8": self.int8_gops}.get(precision)
 
 

@@ -95,7 +95,7 @@ def _header(text: bytes) -> dict[str, Any]:
         raise Refused(400, f"request header must have exactly the fields {', '.join(HEADER_FIELDS)}")
     for field, (low, high) in HEADER_FIELDS.items():
         value = header[field]
-        if low is None:
+        if low is None or high is None:
             continue
         if type(value) is not int or not low <= value <= high:  # not bool, not float: a count, within bounds
             raise Refused(400, f"{field} must be a whole number from {low} to {high}, got {str(value)[:40]}")

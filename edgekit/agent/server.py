@@ -232,7 +232,8 @@ class _Handler(BaseHTTPRequestHandler):
     def parse_request(self) -> bool:
         """http.server's parsing, without its HTTP/0.9 mode (answers without a status line) or silence on
         a blank request line."""
-        self.request_version, self.command = self.default_request_version, None
+        self.request_version = self.default_request_version
+        self.command = None  # type: ignore[assignment]  # typeshed says str; http.server's parse_request sets None
         self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
         if len(self.requestline.split()) != 3:
             self.close_connection = True

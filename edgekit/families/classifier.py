@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.util
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeGuard
 
 import numpy as np
 
@@ -225,6 +225,7 @@ class ClassifierFamily(ImageFamily):
         labels, label_source = _labels(kept, root, model)
         notes = reader.notes(len(files))
         if label_source == FOLDER_LABELS:
+            assert root is not None  # folder labels come from a root
             notes += _unmatched_folders(kept, root, model)
         return Samples(
             inputs=np.stack(rows).astype(np.float32), files=[str(p) for p in kept],
@@ -271,7 +272,7 @@ class ClassifierFamily(ImageFamily):
         return metrics
 
 
-def _is_torch_module(obj: object) -> bool:
+def _is_torch_module(obj: object) -> TypeGuard[torch.nn.Module]:
     if "torch" not in type(obj).__module__ and not hasattr(obj, "state_dict"):
         return False
     import torch
@@ -306,14 +307,15 @@ def _labels(files: list[Path], root: Path | None, model: LoadedModel) -> tuple[n
         names, source = order, "classes.txt"
     else:
         names, source = None, None
-    keys = []
+    keys: list[str] = []
     for path in files:
         relative = path.relative_to(root)
         folder = relative.parts[0] if len(relative.parts) > 1 else None
         synset = SYNSET.match(path.name)
-        keys.append(folder or (synset.group(1) if synset else None))
-    if any(k is None for k in keys):
-        return None, None
+        key = folder or (synset.group(1) if synset else None)
+        if key is None:
+            return None, None
+        keys.append(key)
     if names is None:
         if all(SYNSET.match(k) for k in keys) and num_classes in (None, 1000):
             names, source = imagenet_synsets(), "imagenet synsets"

@@ -157,7 +157,8 @@ class DetectorFamily(ImageFamily):
     def samples(self, model: LoadedModel, files: list[Path], root: Path | None) -> Samples:
         size = model.preprocess["size"]
         reader = ImageReader()
-        rows, kept, boxes = [], [], []
+        rows: list[np.ndarray] = []
+        kept, boxes = [], []
         for path in files:
             rgb = reader.rgb(path)
             if rgb is None:
@@ -171,22 +172,22 @@ class DetectorFamily(ImageFamily):
                 y1 = (centre_size[:, 1] - centre_size[:, 3] / 2) * height * scale + pad[1]
                 x2 = x1 + centre_size[:, 2] * width * scale
                 y2 = y1 + centre_size[:, 3] * height * scale
-                index = np.full(len(classes), len(rows), dtype=np.float32)
+                index: np.ndarray = np.full(len(classes), len(rows), dtype=np.float32)
                 boxes.append(np.stack([index, classes, x1, y1, x2, y2], axis=1).astype(np.float32))
             rows.append(array)
             kept.append(path)
         if not rows:
             raise reader.none_read(len(files))
-        labelled = bool(boxes)
-        labels = np.concatenate(boxes) if labelled else None
+        labels = np.concatenate(boxes) if boxes else None
         notes = reader.notes(len(files))
-        classes = model.details.get("num_classes")
-        if labelled and classes and len(labels) and labels[:, 1].max() >= classes:
-            beyond = int((labels[:, 1] >= classes).sum())
+        num_classes = model.details.get("num_classes")
+        if labels is not None and num_classes and len(labels) and labels[:, 1].max() >= num_classes:
+            beyond = int((labels[:, 1] >= num_classes).sum())
             notes.append(f"warning: {beyond} of {len(labels)} labelled boxes have a class the model does not have "
-                         f"(up to {int(labels[:, 1].max())}; the model has {classes}): no detection can match them")
+                         f"(up to {int(labels[:, 1].max())}; the model has {num_classes}): no detection can match them")
         return Samples(inputs=np.stack(rows), files=[str(p) for p in kept], labels=labels,
-                       label_source=f"YOLO label files ({len(labels)} boxes)" if labelled else None, notes=notes)
+                       label_source=f"YOLO label files ({len(labels)} boxes)" if labels is not None else None,
+                       notes=notes)
 
     def prune_keep(self, module: torch.nn.Module) -> list[torch.nn.Module]:
         """Layers whose output channels pruning must not touch: the head's output convs and DFL (their channels

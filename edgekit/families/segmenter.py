@@ -88,7 +88,7 @@ def encoder_input(image: Any) -> tuple[np.ndarray, float]:
     scale = ENCODER_SIZE / max(rgb.size)
     size = (round(rgb.width * scale), round(rgb.height * scale))
     resized = (np.asarray(rgb.resize(size, Image.Resampling.BILINEAR), np.float32) - PIXEL_MEAN) / PIXEL_STD
-    frame = np.zeros((ENCODER_SIZE, ENCODER_SIZE, 3), np.float32)
+    frame: np.ndarray = np.zeros((ENCODER_SIZE, ENCODER_SIZE, 3), np.float32)
     frame[: size[1], : size[0]] = resized
     return frame.transpose(2, 0, 1)[None], scale
 

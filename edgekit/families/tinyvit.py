@@ -92,8 +92,8 @@ def tinyvit_from_onnx(model: onnx.ModelProto) -> torch.nn.Module:
     weights = _graph_weights(model)
     try:
         encoder = TinyViT(**_architecture(model, weights))
-    except KeyError as missing:
-        raise UsageError(f"the encoder is not a MobileSAM TinyViT exported with its module names ({missing})") from None
+    except KeyError as err:
+        raise UsageError(f"the encoder is not a MobileSAM TinyViT exported with its module names ({err})") from None
     state = encoder.state_dict()
     for name, module in encoder.named_modules():
         if isinstance(module, Conv2d_BN):  # the batch norm is already in the conv: make it the identity

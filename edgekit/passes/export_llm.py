@@ -143,7 +143,7 @@ def _integer_weights(graph: onnx.ModelProto, model: torch.nn.Module, accuracy_le
     gathered: dict[str, tuple[str, str]] = {}  # table initializer -> keys of the table and of its transpose
     for node in graph.graph.node:
         if node.op_type == "Gather" and node.input[0] in initializers and node.input[0] not in gathered:
-            table = constant(node, 0)
+            table = numpy_helper.to_array(initializers[node.input[0]])
             if table.ndim == 2:  # tables are large: read and hash each once
                 gathered[node.input[0]] = (_key(table), _key(table.T))
     tables = {transposed: name for name, (_, transposed) in gathered.items()}

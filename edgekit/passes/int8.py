@@ -196,7 +196,7 @@ def noise_to_signal(reference: np.ndarray, outputs: np.ndarray) -> float:
     detector's boxes in pixels beside scores in 0-1), each channel's ratio is taken alone and averaged, so a
     channel with small values counts as much as one with large."""
     noise = (outputs.astype(np.float64) - reference) ** 2
-    signal = reference.astype(np.float64) ** 2
+    signal: np.ndarray = reference.astype(np.float64) ** 2
     if reference.ndim < 3:
         return float(noise.sum() / signal.sum())
     axes = tuple(i for i in range(reference.ndim) if i != 1)
@@ -376,7 +376,9 @@ def correct_bias(quantized: onnx.ModelProto, prepared: onnx.ModelProto, inputs: 
     targets = channel_means(prepared, [node.output[0] for node in layers], inputs, threads)
     for node, target in progress(list(zip(layers, targets, strict=True))):
         (current,) = channel_means(quantized, [as_read(node.output[0])], inputs, threads)
-        bias, scale = bias_of(node)
+        found = bias_of(node)
+        assert found is not None  # `layers` keeps only nodes with a bias
+        bias, scale = found
         values = numpy_helper.to_array(bias)
         if scale is None:
             corrected = (values + (target - current)).astype(values.dtype)

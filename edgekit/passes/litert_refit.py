@@ -50,7 +50,7 @@ class Layer:
         return self.kind == "DEPTHWISE_CONV_2D"
 
 
-def layers_of(model: bytes, tensor_names: dict[int, str], ops: list[dict[str, Any]]) -> list[Layer]:
+def layers_of(model: bytes | bytearray, tensor_names: dict[int, str], ops: list[dict[str, Any]]) -> list[Layer]:
     """The model's refittable layers in graph order, with the convolution options read from the flatbuffer: those
     with a bias and, when quantized, one weight scale per output channel (depthwise: one output per input
     channel)."""
@@ -82,10 +82,10 @@ def layers_of(model: bytes, tensor_names: dict[int, str], ops: list[dict[str, An
     return found
 
 
-def patches(layer: Layer, x: np.ndarray, kernel: tuple[int, int]) -> torch.Tensor:
+def patches(layer: Layer, array: np.ndarray, kernel: tuple[int, int]) -> torch.Tensor:
     """The layer's NHWC input as the rows its weights multiply: `[rows, groups, width]`, one group for a dense
     layer (width kh·kw·cin, TFLite's weight order), one per channel for a depthwise layer (width kh·kw)."""
-    x = torch.from_numpy(np.ascontiguousarray(x)).double()
+    x = torch.from_numpy(np.ascontiguousarray(array)).double()
     if layer.kind == "FULLY_CONNECTED":
         return x.reshape(-1, 1, x.shape[-1])
     x = x.permute(0, 3, 1, 2)

@@ -30,11 +30,13 @@ def estimate(analysis: Analysis, target: Target, top: int | None = None) -> dict
     reason = unrunnable(analysis, target)
     if reason:
         return {"label": "estimated", "ms": None, "reason": reason}
-    rows, compute_total, memory_total = [], 0.0, 0.0
+    rows: list[dict[str, Any]] = []
+    compute_total, memory_total = 0.0, 0.0
     for index, layer in enumerate(analysis.layers):
         if layer.op_class == "fused":
             continue
         peak_precision, peak = _peak(target, layer.precision)
+        assert peak is not None  # unrunnable() found none missing
         efficiency = _efficiency(target, layer)
         compute_s = 2 * layer.macs / (peak * 1e9 * efficiency) if layer.macs else 0.0
         streamed = max(0.0, layer.weight_bytes - resident)
@@ -102,5 +104,7 @@ def _efficiency(target: Target, layer: LayerStats) -> float:
         reduction = layer.macs / outputs
         nearest = min(measured, key=lambda k: abs(log(k.reduction / reduction)) + abs(log(k.outputs / outputs)))
         return nearest.efficiency
-    table = {**model.efficiency, **model.int8_efficiency} if layer.precision == "int8" else model.efficiency
+    table: dict[str, float] = dict(model.efficiency.items())  # looked up by any op class ("data" has no entry)
+    if layer.precision == "int8":
+        table.update(model.int8_efficiency.items())
     return table.get(layer.op_class, 1.0)

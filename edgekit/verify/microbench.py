@@ -96,10 +96,11 @@ def _kernel_graph(spec: Kernel, int8: bool, ops: int = 1) -> tuple[Any, tuple[in
 
     rng = np.random.default_rng(0)
     elem = TensorProto.UINT8 if int8 else TensorProto.FLOAT
+    shape: tuple[int, ...]
     if spec.rows:
         shape, spatial = (1, spec.rows, spec.channels), spec.rows
-        out = (1, spec.rows, spec.out_channels)
-        weight_shapes = [(spec.channels, spec.out_channels), (spec.out_channels, spec.channels)]
+        out: tuple[int, ...] = (1, spec.rows, spec.out_channels)
+        weight_shapes: list[tuple[int, ...]] = [(spec.channels, spec.out_channels), (spec.out_channels, spec.channels)]
     else:
         shape, spatial = (1, spec.channels, spec.size, spec.size), spec.size * spec.size
         out = (1, spec.out_channels, spec.size, spec.size)
@@ -152,6 +153,7 @@ def _elementwise_graph(op: str, shape: tuple[int, ...], other: tuple[int, ...] |
     nodes = []
     for source, target in itertools.pairwise(names):
         if op == "Transpose":
+            assert other is not None  # ELEMENTWISE gives each transpose its permutation
             nodes.append(helper.make_node("Transpose", [source], [target], perm=list(other)))
         elif not int8:
             nodes.append(helper.make_node(op, [source, "c"] if other else [source], [target]))
@@ -167,7 +169,7 @@ def _chain_graph(length: int, shape: tuple[int, ...] = (1, 8, 4, 4)) -> tuple[An
 
     names = ["x", *[f"t{i}" for i in range(length)]]
     nodes = [helper.make_node("Conv", [names[i], "w"], [names[i + 1]]) for i in range(length)]
-    weight = np.full((shape[1], shape[1], 1, 1), 0.1, np.float32)
+    weight: np.ndarray = np.full((shape[1], shape[1], 1, 1), 0.1, np.float32)
     return _model(nodes, *_io(TensorProto.FLOAT, shape, names[-1]), {"w": weight}), shape
 
 

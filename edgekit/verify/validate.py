@@ -21,6 +21,8 @@ from edgekit.errors import UsageError, first_line
 from edgekit.passes.analyze import Analysis, analyze, analyze_tflite
 from edgekit.runtimes import runner_for
 from edgekit.runtimes.base import Runner
+from edgekit.runtimes.litert import LiteRtRunner
+from edgekit.runtimes.onnxruntime import OnnxRuntimeRunner
 from edgekit.targets import Target
 from edgekit.verify.estimate import estimate
 from edgekit.verify.latency import host_description, steady_ms
@@ -83,13 +85,13 @@ def host_profile(threads: int, cache: ArrayCache, refresh: bool = False,
     return host_target(measured)
 
 
-def _sample(runner: Runner, fmt: str) -> np.ndarray:
+def _sample(runner: Runner) -> np.ndarray:
     """A random single input (without the batch axis) in the layout the runner takes: NCHW for images."""
-    if fmt == "tflite":
-        detail = runner.input
-        shape = list(detail["shape"][1:])
+    if isinstance(runner, LiteRtRunner):
+        shape = list(runner.input["shape"][1:])
         shape = [shape[-1], *shape[:-1]] if len(shape) == 3 else shape
     else:
+        assert isinstance(runner, OnnxRuntimeRunner)  # runner_for makes one of the two
         shape = [d if isinstance(d, int) else 1 for d in runner.session.get_inputs()[0].shape[1:]]
     return np.random.default_rng(0).random(shape, dtype=np.float32)
 
@@ -98,7 +100,7 @@ def measure_artifact(path: Path, threads: int, runs: int = 30, repeats: int = 3)
     """Best of `repeats` medians of `runs` timed inferences, in the artifact's runtime on this host."""
     fmt = FORMATS[path.suffix]
     runner = runner_for(path.read_bytes(), fmt, threads)
-    sample = _sample(runner, fmt)
+    sample = _sample(runner)
     return steady_ms(runner, sample, warmup=5, runs=runs, repeats=repeats)
 
 
