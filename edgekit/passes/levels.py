@@ -19,7 +19,7 @@ units' deltas; a changed op that no unit claims, or that two claim, stops the bu
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -58,7 +58,8 @@ def internal_keep(unit: torch.nn.Module, example: torch.Tensor, keep: list[str])
     graph = _dependency_graph(unit, example)
     roots = [names[group[0].dep.target.module] for group in graph.get_all_groups(ignored_layers=kept)
              if len(group[0].idxs) > 1]
-    internal, external = [], []
+    internal: list[str] = []
+    external: list[str] = []
     for root in roots:
         trial = copy.deepcopy(unit)
         layer = trial.get_submodule(root)
@@ -194,8 +195,9 @@ class ImageSpace:
         stored = cache.get_or_compute(key, compute)
         self.base = Costs(*map(float, stored["base"]))
         deltas = [[Costs(*map(float, c)) for c in row] for row in stored["deltas"]]
-        self.units = [Unit(name, tuple(Level(label, delta) for label, delta in zip(found.labels, row, strict=False)))
-                      for name, row in zip(found.names, deltas, strict=True)]
+        self.units: Sequence[Unit] = [
+            Unit(name, tuple(Level(label, delta) for label, delta in zip(found.labels, row, strict=False)))
+            for name, row in zip(found.names, deltas, strict=True)]
         self.basis = f"estimated: {target.name}"
         self.images = torch.as_tensor(images)
         self.samples = len(images)
@@ -294,6 +296,7 @@ def search(module: torch.nn.Module, input_shape: tuple[int, ...], fingerprint: s
     and the report's `search` block. The first `plan.prune.images` calibration images refit the variants, the next
     `plan.search.images` (in a seeded order) measure fitness; with too few images, the same ones do both."""
     budget = plan.search.parsed_budget()
+    assert budget is not None, "the build searches only with a budget"
     settings = plan.search
     units = adapter.search_units(module)
     if not units:
@@ -372,7 +375,8 @@ def price_artifact(module: torch.nn.Module, input_shape: tuple[int, ...], plan: 
     from edgekit.passes.analyze import analyze, analyze_tflite
 
     module = _settled(module, input_shape)
-    precision = plan.quantize.precision
+    precision, opset, activations = plan.quantize.precision, plan.export.opset, plan.quantize.activations
+    assert precision is not None and opset is not None and activations is not None, "a resolved recipe's"
     if plan.export.format == "tflite":
         from edgekit.passes.tflite import Int8Fit, convert_tflite, op_outputs, tflite_precision
 
@@ -385,7 +389,7 @@ def price_artifact(module: torch.nn.Module, input_shape: tuple[int, ...], plan: 
         return analyze_tflite(flat), len(flat)
     from edgekit.passes.export import export_onnx
 
-    graph = export_onnx(module, input_shape, plan.export.opset)
+    graph = export_onnx(module, input_shape, opset)
     if precision == "fp16":
         from edgekit.passes.quantize import to_fp16
 
@@ -393,7 +397,7 @@ def price_artifact(module: torch.nn.Module, input_shape: tuple[int, ...], plan: 
     elif precision == "int8":
         from edgekit.passes.int8 import Int8Quantizer, Int8Scheme
 
-        quantizer = Int8Quantizer(graph, calibration, Int8Scheme(plan.quantize.activations, "minmax", False), None, 1)
+        quantizer = Int8Quantizer(graph, calibration, Int8Scheme(activations, "minmax", False), None, 1)
         quantizer.keep_float(adapter.int8_float_nodes(quantizer.prepared))
         graph = quantizer.quantize()
     return analyze(graph), graph.ByteSize()

@@ -42,6 +42,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol
 
 import numpy as np
@@ -223,7 +224,7 @@ def evolve(space: Space, budget: Budget, *, seed: int, generations: int = 50, se
         if not children:  # no move keeps the budget: the parent is the only candidate
             break
         for samples, survivors in stages:
-            children = sorted(children, key=lambda c, n=samples: score(c, n))[:survivors]
+            children = sorted(children, key=partial(score, samples=samples))[:survivors]
         parent = min([*children, parent], key=lambda c: score(c, space.samples))
         done += 1
     return SearchResult(best=known[parent], uniform=known[start_uniform] if start_uniform else None,
