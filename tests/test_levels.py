@@ -62,6 +62,9 @@ def test_only_channels_inside_a_unit_are_pruned(tiny_blocks: torch.nn.Module) ->
     assert internal_keep(strided, example, []) == ["conv.2"]
     assert internal_keep(InvertedResidual(8, 8, 1, 1).eval(), example, []) is None  # no expansion: nothing inside
     assert internal_keep(residual, example, ["conv.0"]) is None  # the family keeps the expansion: nothing left
+    fused = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.SiLU(inplace=True),
+                                torch.nn.Conv2d(16, 8, 1))  # a fused Conv+SiLU, as YOLO checkpoints load
+    assert internal_keep(fused, example, []) == ["2"] and fused[1].inplace
 
 
 def test_stitched_variants_keep_every_unit_boundary_and_come_back_from_the_cache(tiny_blocks: torch.nn.Module,

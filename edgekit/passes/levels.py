@@ -78,8 +78,9 @@ def internal_keep(unit: torch.nn.Module, example: torch.Tensor, keep: list[str])
 def _dependency_graph(module: torch.nn.Module, example: torch.Tensor) -> Any:
     import torch_pruning as tp
 
-    for parameter in module.parameters():
-        parameter.requires_grad_(True)  # the graph is traced through autograd
+    from edgekit.passes.prune import traceable
+
+    traceable(module)
     return tp.DependencyGraph().build_dependency(module, example_inputs=example)
 
 

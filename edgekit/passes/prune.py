@@ -40,8 +40,7 @@ def prune_channels(module: torch.nn.Module, input_shape: tuple[int, ...], ratio:
     kept_outputs = {name: list(range(layer.weight.shape[0])) for layer, name in names.items() if dense(layer)}
     moments = _reader_moments(module, images) if images is not None else {}
     importance = _Fluctuation(moments) if moments else tp.importance.GroupMagnitudeImportance(p=2)
-    for parameter in module.parameters():
-        parameter.requires_grad_(True)  # the dependency graph is traced through autograd
+    traceable(module)
     macs_before, params_before = tp.utils.count_ops_and_params(module, example)
     pruner = tp.pruner.BasePruner(module, example, importance=importance, pruning_ratio=ratio, ignored_layers=keep,
                                   global_pruning=False)
@@ -73,6 +72,18 @@ def prune_channels(module: torch.nn.Module, input_shape: tuple[int, ...], ratio:
             "reconstruction": reconstruction if original is not None else None,
             "macs_before": int(macs_before), "macs_after": int(macs_after),
             "params_before": int(params_before), "params_after": int(params_after), "kept_layers": len(keep)}
+
+
+def traceable(module: torch.nn.Module) -> None:
+    """Ready `module` for Torch-Pruning's dependency graph, which is traced through autograd: parameters that require
+    gradients, and activations out of place. An in-place activation right after a convolution (YOLO's fused
+    Conv + SiLU) rewrites the convolution's output in autograd's graph: the convolution would not be seen, and its
+    channels never pruned. Outputs are unchanged."""
+    for parameter in module.parameters():
+        parameter.requires_grad_(True)
+    for layer in module.modules():
+        if getattr(layer, "inplace", False):
+            layer.inplace = False
 
 
 def _reads(pruning_fn: Any) -> bool:

@@ -15,7 +15,7 @@ knows nothing else about:
   removed) and additive cost deltas (`Costs`: MACs, bytes, estimated latency on the target). A configuration
   is one level index per unit, and its cost is `base` plus the sum of its levels' deltas: that is how the
   search keeps every candidate within the budget without building it. Additivity is exact where a unit's
-  levels change only what is inside the unit; the space says how its costs were made (`basis`).
+  levels change only what is inside the unit (passes/levels.py checks it op by op).
 - `fitness(config, samples)` says how far the model stitched from `config` is from the original, lower is
   better, on the first `samples` calibration samples of a fixed order: a pure function of its arguments (the
   search memoises it), and never computed on evaluation data.
