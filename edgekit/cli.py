@@ -22,6 +22,7 @@ examples:
       --target jetson --calib ./photos/ --eval ./labelled/ --precision fp16
   edgekit build model.onnx --target x86-64 --max-top1-drop 0.5 --json
   edgekit build smollm2-135m --target android-arm64 --precision int4 --eora-rank 32
+  edgekit build smollm2-135m --target android-arm64 --budget bytes=90MB
 
 data folders:
   --calib and --eval take folders of images (searched recursively). Labels for top-1
@@ -84,6 +85,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="int8: most layers the accuracy gates may keep in float (default 8)")
     stages.add_argument("--prune", type=float, metavar="RATIO",
                         help="remove this share of each prunable layer's channels (0-1; torch models)")
+    stages.add_argument("--budget", metavar="KIND=VALUE",
+                        help="compress to a budget on the target: bytes=90MB (or size=), tokens_per_s=40 or "
+                        "latency=25ms (estimated there); a search picks each unit's level (language models: each "
+                        "block's attention and MLP weight level, int8/int4/+EoRA; not with --prune)")
     stages.add_argument("--distill-steps", type=int,
                         help="after --prune: training steps towards the original on the calibration images")
     stages.add_argument("--runs", type=int, help="timed inferences for host latency (default 50)")
@@ -206,7 +211,8 @@ def _build(args: argparse.Namespace) -> int:
         device_url=args.device, device_token=args.device_token,
         overrides={
             "export.opset": args.opset, "quantize.max_float_layers": args.max_float_layers,
-            "quantize.int8_mode": args.int8_mode, "prune.ratio": args.prune, "distill.steps": args.distill_steps,
+            "quantize.int8_mode": args.int8_mode, "prune.ratio": args.prune, "search.budget": args.budget,
+            "distill.steps": args.distill_steps,
             "verify.runs": args.runs, "verify.threads": args.threads,
             "verify.eval_limit": args.eval_limit, "seed": args.seed, "gates.max_top1_drop_pt": args.max_top1_drop,
             "gates.min_top1_agreement": args.min_agreement, "gates.max_size_mb": args.max_size_mb,

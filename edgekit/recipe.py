@@ -8,14 +8,17 @@ rather than recorded as if it ran.
 
 from __future__ import annotations
 
+import itertools
+import re
 import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edgekit.errors import UsageError
 from edgekit.passes.int8 import OWN_RULES, Calibration
+from edgekit.search.budget import Budget, parse_budget
 from edgekit.targets import Budgets, Format, Int8Activations, Precision, Target, describe_errors
 
 if TYPE_CHECKING:
@@ -23,6 +26,7 @@ if TYPE_CHECKING:
 
 EXPORTABLE_FORMATS = ("onnx", "tflite")
 DEFAULT_OPSET = 17
+WEIGHT_LEVEL = re.compile(r"int(4|8)(?:\+eora([1-9]\d*))?")
 
 
 class _Stage(BaseModel):
@@ -67,6 +71,53 @@ class DistillStage(_Stage):
     scope: Literal["model", "blocks"] = Field(
         default="model", description="model: the whole model learns the original's output; blocks (segmenter "
         "encoders): each block in turn learns the original block's output, `steps` steps each")
+
+
+def weight_level(label: str) -> tuple[int, int]:
+    """(bits, EoRA rank) of a language model's search level: `int8`, `int4`, `int4+eora32` (rank 0: none)."""
+    match = WEIGHT_LEVEL.fullmatch(label)
+    if match is None:
+        raise ValueError(f"{label!r} is not a weight level: int8, int4, or either with +eora<rank> (int4+eora32)")
+    return int(match.group(1)), int(match.group(2) or 0)
+
+
+class SearchStage(_Stage):
+    """Compression to a device budget: each unit's level chosen by evolutionary search (edgekit/search/).
+    Language models: units are each decoder block's attention and MLP linears (passes/weight_levels.py)."""
+
+    budget: str | None = Field(default=None, description="bytes=90MB (or size=), tokens_per_s=40 or latency=6ms "
+                               "(estimated on the target): the artifact must meet it; not with prune.*")
+    weight_levels: list[str] = Field(default=["int8", "int4+eora32", "int4"], description="language models: how "
+                                     "a unit's linears may be stored, least compressed first (int8, int4, +eora<rank>)")
+    generations: int = Field(default=50, ge=0)
+    seconds: float = Field(default=900, gt=0, description="wall-time bound of the search (the generation under way "
+                           "finishes)")
+    offspring: int = Field(default=16, ge=4, description="children per generation; 4 samples score them all, 16 the "
+                           "best quarter, all the best one against the parent")
+    images: int = Field(default=64, gt=0, description="calibration images (language models: text windows, the first "
+                        "ones) fitness is measured on")
+
+    @field_validator("budget")
+    @classmethod
+    def _budget(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            return parse_budget(value).text
+        except UsageError as err:
+            raise ValueError(str(err)) from None
+
+    @field_validator("weight_levels")
+    @classmethod
+    def _weight_levels(cls, value: list[str]) -> list[str]:
+        parsed = [weight_level(label) for label in value]
+        if len(parsed) < 2 or any(a <= b for a, b in itertools.pairwise(parsed)):
+            raise ValueError("weight_levels must be at least two, least compressed first (more bits first; of equal "
+                             "bits, the larger EoRA rank first)")
+        return value
+
+    def parsed_budget(self) -> Budget | None:
+        return parse_budget(self.budget) if self.budget else None
 
 
 class WeightsStage(_Stage):
@@ -128,6 +179,7 @@ class Recipe(_Stage):
     seed: int = 0
     prune: PruneStage = PruneStage()
     distill: DistillStage = DistillStage()
+    search: SearchStage = SearchStage()
     quantize: QuantizeStage = QuantizeStage()
     weights: WeightsStage = WeightsStage()
     lowrank: LowRankStage = LowRankStage()
@@ -206,7 +258,10 @@ def resolve(recipe: Recipe, target: Target, adapter: Family) -> Recipe:
     if fmt == "tflite" and static and recipe.quantize.calibration not in OWN_RULES:
         raise UsageError(f"TFLite int8 calibrates with {', '.join(OWN_RULES)}, "
                          f"not {recipe.quantize.calibration}")
-    gates = {k: v for k, v in recipe.gates.model_dump().items() if v is not None}
+    budget = recipe.search.parsed_budget()
+    if budget and (recipe.prune.ratio or recipe.prune.blocks):
+        raise UsageError("prune.* and search.budget both decide how much to compress: set one of them")
+    gates = {**_budget_gates(budget), **{k: v for k, v in recipe.gates.model_dump().items() if v is not None}}
     return with_overrides(recipe, {
         "quantize.precision": precision,
         "quantize.activations": recipe.quantize.activations or runtime.int8_activations,
@@ -214,6 +269,14 @@ def resolve(recipe: Recipe, target: Target, adapter: Family) -> Recipe:
         "export.opset": recipe.export.opset or runtime.opset or DEFAULT_OPSET,
         "verify.threads": recipe.verify.threads or target.compute.threads,
     }).model_copy(update={"gates": target.budgets.model_copy(update=gates)})
+
+
+def _budget_gates(budget: Budget | None) -> dict[str, float]:
+    """The gate that holds the built artifact to a search budget (a recipe's own gate wins): latency on the target,
+    or the artifact's size. MACs need no gate: the artifact has the searched configuration's exactly."""
+    if budget is None or budget.metric == "macs":
+        return {}
+    return {"max_latency_ms": budget.limit} if budget.metric == "latency_ms" else {"max_size_mb": budget.limit / 1e6}
 
 
 # what every family reads; a family's adapter names the rest (`Family.settings`, `Family.accuracy_gates`)

@@ -22,7 +22,7 @@ class ToySpace:
     sensitivity: np.ndarray  # fitness a unit loses per squared level
     levels: int = 5
     samples: int = 32
-    basis: str = "toy costs"
+    basis: str = "toy latencies"
     calls: list[tuple[Config, int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -111,7 +111,7 @@ def test_unreachable_budget_names_the_closest_configuration() -> None:
     with pytest.raises(BudgetUnreachable) as raised:
         evolve(space, parse_budget(f"latency={cheapest * 0.9}ms"), seed=0)
     assert raised.value.exit_code == 1 and raised.value.closest.latency_ms == pytest.approx(cheapest)
-    assert f"{cheapest:.3f} ms" in str(raised.value) and "toy costs" in str(raised.value)
+    assert f"{cheapest:.3f} ms" in str(raised.value) and "toy latencies" in str(raised.value)
 
 
 def test_a_budget_the_original_meets_keeps_every_unit_whole() -> None:

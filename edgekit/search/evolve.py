@@ -8,7 +8,7 @@ knows nothing else about:
         units: Sequence[Unit]    # the independently compressible parts; each has levels, least compressed first
         base: Costs              # costs of the model around the units' levels: config cost = base + Σ deltas
         samples: int             # calibration samples `fitness` can read
-        basis: str               # where the costs come from, for messages: "estimated: raspberry-pi-5"
+        basis: str               # where latencies come from, for messages: "estimated: raspberry-pi-5"
         def fitness(self, config: Config, samples: int) -> float: ...
 
 - A `Unit` is a name and its `Level`s; each level has a label ("0.3": the share of the unit's channels
@@ -146,8 +146,9 @@ class BudgetUnreachable(EdgekitError):
     exit_code = 1
 
     def __init__(self, budget: Budget, closest: Costs, basis: str) -> None:
+        where = f" ({basis})" if budget.metric == "latency_ms" else ""
         super().__init__(f"no configuration meets the budget {budget.text}: the closest (every unit at its "
-                         f"cheapest level) is {budget.format(closest.of(budget.metric))} ({basis})")
+                         f"cheapest level) is {budget.format(closest.of(budget.metric))}{where}")
         self.closest = closest
 
 
