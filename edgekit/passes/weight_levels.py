@@ -8,11 +8,10 @@ of the original model (GPTQ and EoRA on its inputs, not block by block on a comp
 candidate is stitched by swapping modules, never recompressed. The database is cached by content.
 
 Costs are the artifact's own. Each unit's bytes, kernels and parameters at each level are read from one export
-of the model with every unit at that level (the nodes and initializers its names own), so a configuration's
-file is the all-first-level export plus each unit's change. Only the exporter's running counters in some names
-(`onnx::Unsqueeze_97`) can differ, by a digit at most: those references are counted into the base (`drift`), so
-the predicted size is an upper bound, within a few kB of the file. Decode latency is the target's device model,
-linear in the bytes streamed, the kernels and the parameters around the all-first-level model.
+of the model with every unit at that level (the nodes and initializers its names own; the exporter renumbers its
+running counters, so no other name depends on a unit's level), and a configuration's file is the all-first-level
+export plus each unit's change, to the byte. Decode latency is the target's device model, linear in the bytes
+streamed, the kernels and the parameters around the all-first-level model.
 
 Fitness: KL(original ‖ candidate) of next-token distributions on the first calibration windows.
 """
@@ -40,7 +39,6 @@ if TYPE_CHECKING:
 GROUPS = {"self_attn": llm.LINEARS[:4], "mlp": llm.LINEARS[4:]}  # a unit's linears, by the block's submodule
 FITNESS_BATCH = 2  # windows whose logits (tokens × vocabulary) are alive at once
 _OWNER = re.compile(r"layers\.(\d+)[/_](self_attn|mlp)[/_]")  # a unit's scope in node, value and initializer names
-_COUNTED = re.compile(r"(?:onnx::)?[A-Za-z]+_\d+")  # names numbered by the exporter's running counters
 
 
 @dataclass(frozen=True)
@@ -128,26 +126,22 @@ def _varint_length(value: int) -> int:
 
 def graph_shares(graph: onnx.ModelProto, units: int) -> dict[str, Any]:
     """What each unit's nodes and initializers take in the serialized graph (`bytes`, one repeated-field entry each:
-    tag, length, message) and how many kernels it launches (`nodes`); `drift`: the bytes the exporter's running
-    counters may add or remove elsewhere when other levels change the number of nodes traced before them (each
-    counted name a digit, each entry holding one a length byte)."""
+    tag, length, message; an entry is the unit's whose scope its name, or else one of its values, is in) and how
+    many kernels it launches (`nodes`); the file's and the graph's own size."""
     from edgekit.verify.estimate_lm import METADATA_OPS
 
     owned = np.zeros((units, 2), np.int64)  # bytes, kernels
-    drift = 1  # the graph's own length
-    entries = [(node, [node.name, *node.output, *node.input]) for node in graph.graph.node]
-    entries += [(init, [init.name]) for init in graph.graph.initializer]
-    for entry, names in entries:
-        counted = sum(bool(_COUNTED.fullmatch(name)) for name in names)
-        drift += counted + bool(counted)
+    entries = [(node, [node.name, *node.output, *node.input], node.op_type not in METADATA_OPS)
+               for node in graph.graph.node]
+    entries += [(init, [init.name], False) for init in graph.graph.initializer]
+    for entry, names, kernel in entries:
         owner = next((m for m in map(_OWNER.search, names) if m), None)
-        if owner is None:
-            continue
-        size = entry.ByteSize()
-        unit = 2 * int(owner.group(1)) + list(GROUPS).index(owner.group(2))
-        owned[unit, 0] += 1 + _varint_length(size) + size
-        owned[unit, 1] += getattr(entry, "op_type", "Constant") not in METADATA_OPS
-    return {"size": graph.ByteSize(), "bytes": owned[:, 0].tolist(), "nodes": owned[:, 1].tolist(), "drift": drift}
+        if owner is not None:
+            size = entry.ByteSize()
+            unit = len(GROUPS) * int(owner.group(1)) + list(GROUPS).index(owner.group(2))
+            owned[unit] += (1 + _varint_length(size) + size, kernel)
+    return {"size": graph.ByteSize(), "graph": graph.graph.ByteSize(), "bytes": owned[:, 0].tolist(),
+            "nodes": owned[:, 1].tolist()}
 
 
 @dataclass
@@ -212,9 +206,13 @@ class LanguageModelSpace:
                               "nodes": base["nodes"] + shares[level]["nodes"][unit] - first["nodes"][unit],
                               "params": base["params"] + params[unit, level] - params[unit, 0]})
 
+        deltas = np.array([share["bytes"] for share in shares]).T - np.array(first["bytes"])[:, None]
+        graph = (first["graph"] + deltas.min(1).sum(), first["graph"] + deltas.max(1).sum())
+        # the graph's length prefix, a byte longer for some configurations if their sizes straddle 2^(7k)
+        prefix = _varint_length(int(graph[1])) - _varint_length(int(graph[0]))
         start = decode_ms(base)
-        self.base = Costs(bytes=first["size"] + max(share["drift"] for share in shares), latency_ms=start)
-        self.units = [Unit(name, tuple(Level(label, Costs(bytes=shares[level]["bytes"][unit] - first["bytes"][unit],
+        self.base = Costs(bytes=first["size"] + prefix, latency_ms=start)
+        self.units = [Unit(name, tuple(Level(label, Costs(bytes=int(deltas[unit, level]),
                                                           latency_ms=ms(unit, level) - start))
                                        for level, label in enumerate(self.labels)))
                       for unit, name in enumerate(self.names)]
@@ -249,8 +247,8 @@ def record_search(space: LanguageModelSpace, result: SearchResult, budget: str, 
         "method": "EvoPress-style evolutionary search (level-switch mutations within the budget, selection in steps "
                   "on 4, 16 and all fitness windows); every level of every linear computed once (GPTQ, EoRA) from "
                   "the original model's calibration activations",
-        "costs": f"{space.basis}; bytes: the artifact file, each unit's share measured in one export per level "
-                 "(an upper bound)",
+        "costs": f"decode latency {space.basis}; bytes: the artifact file's, each unit's share measured in one "
+                 "export per level",
         "fitness": f"KL(original ‖ candidate) of next-token distributions per token, mean over the first "
                    f"{space.samples} calibration windows",
         "levels": space.labels,
