@@ -287,8 +287,10 @@ def generate(folder: Path, report: dict[str, Any], prompt: str, new_tokens: int,
 class LanguageModelFamily:
     name = "llm"
     # one ONNX graph with a key/value cache; weight-only int4 is what small LMs ship at on phones and boards
+    # a budget search's fitness reads 16 windows (4,096 tokens at the default length): each candidate is forward
+    # passes of the whole decoder, the search's whole cost
     recipe_defaults: ClassVar[dict[str, Any]] = {"export.format": "onnx", "quantize.precision": "int4",
-                                                 "gates.max_ppl_ratio": 1.2}
+                                                 "gates.max_ppl_ratio": 1.2, "search.images": 16}
     settings: ClassVar[dict[str, Section]] = {
         "weights": "*", "lowrank": "*", "text": "*", "prune": ("ratio", "blocks"),
         "distill": ("steps", "seconds", "lr", "batch", "images"),
