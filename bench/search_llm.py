@@ -2,7 +2,7 @@
 a budget build (`--budget bytes=<its size>`: each decoder block's attention and MLP linears at int8, int4+EoRA r32
 or int4, chosen by the EvoPress search), side by side in one run.
 
-    .venv/bin/python bench/search_llm.py [--generations 50] [--offspring 16] [--images 64] [--seconds 900]
+    .venv/bin/python bench/search_llm.py [--generations 50] [--offspring 16] [--images 16] [--seconds 900]
     .venv/bin/python bench/search_llm.py --uniform dist/uniform-eora32   # reuse a uniform build made before
 
 Both are verified the same way (edgekit's verification: perplexity of the exported graph in onnxruntime on the
@@ -27,7 +27,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=32, help="EoRA rank of the uniform build (and of the level)")
     parser.add_argument("--generations", type=int, default=50)
     parser.add_argument("--offspring", type=int, default=16)
-    parser.add_argument("--images", type=int, default=64, help="calibration windows fitness reads")
+    parser.add_argument("--images", type=int, default=16, help="calibration windows fitness reads")
     parser.add_argument("--seconds", type=float, default=900, help="the search's wall-time bound")
     parser.add_argument("--uniform", type=Path, help="a uniform build folder made before with the same settings")
     parser.add_argument("--out", type=Path, default=Path("dist/bench-search-llm"))
