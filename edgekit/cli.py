@@ -22,6 +22,7 @@ examples:
       --target jetson --calib ./photos/ --eval ./labelled/ --precision fp16
   edgekit build model.onnx --target x86-64 --max-top1-drop 0.5 --json
   edgekit build smollm2-135m --target android-arm64 --precision int4 --eora-rank 32
+  edgekit build smollm2-135m --target android-arm64 --budget bytes=90MB
 
 data folders:
   --calib and --eval take folders of images (searched recursively). Labels for top-1
@@ -109,8 +110,10 @@ def _parser() -> argparse.ArgumentParser:
     stages.add_argument("--prune", type=float, metavar="RATIO",
                         help="remove this share of each prunable layer's channels (0-1; torch models)")
     stages.add_argument("--budget", metavar="KIND=VALUE",
-                        help="compress to a budget on the target: latency=6ms (estimated there), size=4MB or "
-                        "macs=1.5G; a search picks each block's pruning level (torch image models; not with --prune)")
+                        help="compress to a budget on the target: latency=6ms (estimated there), size=4MB, "
+                        "macs=1.5G (image models), bytes=90MB or tokens_per_s=40 (language models); a search picks "
+                        "each unit's level (image models: each block's pruning; language models: each block's "
+                        "attention and MLP weights, int8/int4/+EoRA; not with --prune)")
     stages.add_argument("--distill-steps", type=int,
                         help="after --prune or --budget: training steps towards the original on the calibration "
                         "images")

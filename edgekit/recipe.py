@@ -8,6 +8,8 @@ rather than recorded as if it ran.
 
 from __future__ import annotations
 
+import itertools
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -23,6 +25,7 @@ if TYPE_CHECKING:
 
 EXPORTABLE_FORMATS = ("onnx", "tflite")
 DEFAULT_OPSET = 17
+WEIGHT_LEVEL = re.compile(r"int(4|8)(?:\+eora([1-9]\d*))?")
 
 
 class _Stage(BaseModel):
@@ -69,20 +72,34 @@ class DistillStage(_Stage):
         "encoders): each block in turn learns the original block's output, `steps` steps each")
 
 
-class SearchStage(_Stage):
-    """Compression to a device budget: per-unit pruning levels chosen by evolutionary search (passes/levels.py)."""
+def weight_level(label: str) -> tuple[int, int]:
+    """(bits, EoRA rank) of a language model's search level: `int8`, `int4`, `int4+eora32` (rank 0: none)."""
+    match = WEIGHT_LEVEL.fullmatch(label)
+    if match is None:
+        raise ValueError(f"{label!r} is not a weight level: int8, int4, or either with +eora<rank> (int4+eora32)")
+    return int(match.group(1)), int(match.group(2) or 0)
 
-    budget: str | None = Field(default=None, description="latency=6ms, size=4MB or macs=1.5G: the artifact must "
-                               "meet it on the target (latency: the device model's estimate); not with prune.ratio")
-    levels: list[float] = Field(default=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5],
-                                description="shares of each unit's own channels a level removes, from 0, increasing")
+
+class SearchStage(_Stage):
+    """Compression to a device budget: each unit's level chosen by evolutionary search (edgekit/search/). Image
+    models: units are blocks pruned inside (passes/levels.py); language models: each decoder block's attention
+    and MLP linears (passes/weight_levels.py)."""
+
+    budget: str | None = Field(default=None, description="latency=6ms (estimated on the target), size=4MB, "
+                               "macs=1.5G; language models bytes=90MB, tokens_per_s=40: the artifact must meet it; "
+                               "not with prune.*")
+    levels: list[float] = Field(default=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5], description="image models: shares of each "
+                                "unit's own channels a level removes, from 0, increasing")
+    weight_levels: list[str] = Field(default=["int8", "int4+eora32", "int4"], description="language models: how "
+                                     "a unit's linears may be stored, least compressed first (int8, int4, +eora<rank>)")
     generations: int = Field(default=50, ge=0)
     seconds: float = Field(default=900, gt=0, description="wall-time bound of the search (the generation under way "
                            "finishes)")
     offspring: int = Field(default=16, ge=4, description="children per generation; 4 samples score them all, 16 the "
                            "best quarter, all the best one against the parent")
-    images: int = Field(default=64, gt=0, description="calibration images fitness is measured on (those after the "
-                        "prune.images that refit the variants, where there are enough)")
+    images: int = Field(default=64, gt=0, description="calibration images (language models: text windows, the first "
+                        "ones) fitness is measured on (image models: those after the prune.images that refit the "
+                        "variants, where there are enough)")
 
     @field_validator("budget")
     @classmethod
@@ -99,6 +116,15 @@ class SearchStage(_Stage):
     def _levels(cls, value: list[float]) -> list[float]:
         if len(value) < 2 or value[0] != 0 or value != sorted(set(value)) or value[-1] >= 1:
             raise ValueError("levels must start at 0, increase, stay below 1, and be at least two")
+        return value
+
+    @field_validator("weight_levels")
+    @classmethod
+    def _weight_levels(cls, value: list[str]) -> list[str]:
+        parsed = [weight_level(label) for label in value]
+        if len(parsed) < 2 or any(a <= b for a, b in itertools.pairwise(parsed)):
+            raise ValueError("weight_levels must be at least two, least compressed first (more bits first; of equal "
+                             "bits, the larger EoRA rank first)")
         return value
 
     def parsed_budget(self) -> Budget | None:
@@ -238,8 +264,8 @@ def resolve(recipe: Recipe, target: Target, adapter: Family) -> Recipe:
         raise UsageError(f"TFLite int8 calibrates with {', '.join(OWN_RULES)}, "
                          f"not {recipe.quantize.calibration}")
     budget = recipe.search.parsed_budget()
-    if budget and recipe.prune.ratio:
-        raise UsageError("prune.ratio and search.budget both decide how much to prune: set one of them")
+    if budget and (recipe.prune.ratio or recipe.prune.blocks):
+        raise UsageError("prune.* and search.budget both decide how much to compress: set one of them")
     gates = {**_budget_gates(budget), **{k: v for k, v in recipe.gates.model_dump().items() if v is not None}}
     return with_overrides(recipe, {
         "quantize.precision": precision,
@@ -248,6 +274,14 @@ def resolve(recipe: Recipe, target: Target, adapter: Family) -> Recipe:
         "export.opset": recipe.export.opset or runtime.opset or DEFAULT_OPSET,
         "verify.threads": recipe.verify.threads or target.compute.threads,
     }).model_copy(update={"gates": target.budgets.model_copy(update=gates)})
+
+
+def _budget_gates(budget: Budget | None) -> dict[str, float]:
+    """The gate that holds the built artifact to a search budget (a recipe's own gate wins): latency on the target,
+    or the artifact's size. MACs need no gate: the artifact has the searched configuration's exactly."""
+    if budget is None or budget.metric == "macs":
+        return {}
+    return {"max_latency_ms": budget.limit} if budget.metric == "latency_ms" else {"max_size_mb": budget.limit / 1e6}
 
 
 # what every family reads; a family's adapter names the rest (`Family.settings`, `Family.accuracy_gates`)
@@ -310,11 +344,3 @@ def plan(adapter: Family, target: Target, recipe: str | Path | Recipe | None,
         origins[key] = ("flag" if key in flag_keys else "recipe file" if key in file_keys
                         else "family" if key in family_keys else "target" if before.get(key) != value else "default")
     return resolved, origins, recipe_file
-
-
-def _budget_gates(budget: Budget | None) -> dict[str, float]:
-    """The gate that holds the built artifact to a search budget (a recipe's own gate wins): latency on the target,
-    or the artifact's size. MACs need no gate: the artifact has the searched configuration's exactly."""
-    if budget is None or budget.metric == "macs":
-        return {}
-    return {"max_latency_ms": budget.limit} if budget.metric == "latency_ms" else {"max_size_mb": budget.limit / 1e6}

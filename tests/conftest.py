@@ -13,6 +13,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parent.parent
 PHOTOS = sorted((REPO / "calibration" / "images").glob("*.jpg"))
 SHARED_DATA = REPO.parent / "shared" / "data"
+VOCAB = 384  # tiny language models' vocabulary
 
 
 @pytest.fixture(autouse=True)
@@ -148,3 +149,34 @@ def tiny_gguf(tmp_path: Path) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def tiny_llama(seed: int = 0, tie: bool = True) -> torch.nn.Module:
+    """A 2-block random Llama (grouped-query attention), small enough to quantize and export in a second."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=tie, attn_implementation="eager")
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def tiny_lm_folder(tmp_path: Path) -> Path:
+    """A Hugging Face causal-LM folder: a tiny random Llama and a byte-level BPE tokenizer trained on real text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from edgekit.families import llm
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(llm.wiki_articles()[:20], trainer)
+    folder = tmp_path / "tiny-llama"
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", unk_token="<unk>").save_pretrained(folder)
+    tiny_llama().save_pretrained(folder)
+    return folder

@@ -18,9 +18,7 @@ from edgekit.passes.sequential import WeightScheme
 from edgekit.passes.weightonly import block_size, gptq, rtn
 from edgekit.runtimes.onnx_lm import OnnxCausalLM
 
-from .conftest import TinyNet
-
-VOCAB = 384
+from .conftest import VOCAB, TinyNet, tiny_llama
 
 
 def _inputs(rows: int = 2048, features: int = 128, seed: int = 0) -> torch.Tensor:
@@ -82,18 +80,8 @@ def test_codes_pack_low_bits_first() -> None:
     assert pack_codes(codes, 8).tolist() == codes.tolist()
 
 
-def _tiny_llama(seed: int = 0, tie: bool = True) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=tie, attn_implementation="eager")
-    return LlamaForCausalLM(config).eval()
-
-
 def test_export_prefills_and_decodes_through_the_cache_like_torch() -> None:
-    model = _tiny_llama()
+    model = tiny_llama()
     ids = torch.randint(0, VOCAB, (1, 24))
     runner = OnnxCausalLM(export_lm(model, 17).SerializeToString(), 1)
     with torch.no_grad():
@@ -117,7 +105,7 @@ def test_fp16_graph_keeps_float32_inputs_and_outputs_and_the_logits() -> None:
     def weight_bytes(graph: object) -> int:
         return sum(numpy_helper.to_array(i).nbytes for i in graph.graph.initializer)
 
-    model = _tiny_llama()
+    model = tiny_llama()
     graph = to_fp16(export_lm(model, 17))
     assert weight_bytes(graph) < 0.55 * weight_bytes(export_lm(model, 17))
     ids = torch.randint(0, VOCAB, (1, 16))
@@ -138,7 +126,7 @@ def test_integer_graph_computes_what_the_quantized_torch_model_does(scheme: Weig
 
     from edgekit.progress import Progress
 
-    model = _tiny_llama(tie=tie)
+    model = tiny_llama(tie=tie)
     calibration = torch.randint(0, VOCAB, (8, 32))
     record = quantize_lm(model, calibration, scheme, head_bits=4, embedding_bits=8, progress=Progress(quiet=True))
     graph = export_lm(model, 17)
@@ -158,7 +146,7 @@ def test_integer_graph_computes_what_the_quantized_torch_model_does(scheme: Weig
     runner = OnnxCausalLM(graph.SerializeToString(), 1)
     logits, _ = runner.step(ids[0].numpy(), runner.empty_cache())
     np.testing.assert_allclose(logits, expected, atol=1e-4)  # float activations: the same arithmetic as torch
-    assert graph.ByteSize() < export_lm(_tiny_llama(tie=tie), 17).ByteSize() / 2
+    assert graph.ByteSize() < export_lm(tiny_llama(tie=tie), 17).ByteSize() / 2
     fast = OnnxCausalLM(export_lm(model, 17, accuracy_level=4).SerializeToString(), 1)
     approx, _ = fast.step(ids[0].numpy(), fast.empty_cache())  # int8 activations: close, not equal
     assert 0 < np.abs(approx - expected).max() < 0.05 * np.abs(expected).max()
@@ -169,7 +157,7 @@ def test_width_and_depth_pruning_keep_the_model_runnable_and_exportable() -> Non
     from edgekit.passes.distill import distill, next_token_kl
     from edgekit.progress import Progress
 
-    teacher = _tiny_llama(tie=False)
+    teacher = tiny_llama(tie=False)
     teacher.config.num_hidden_layers = 3
     from transformers import LlamaForCausalLM
 
@@ -194,24 +182,6 @@ def test_width_and_depth_pruning_keep_the_model_runnable_and_exportable() -> Non
     done = distill(student, teacher, calibration, llm.logits, loss=next_token_kl, steps=8, seconds=60, lr=1e-3,
                    batch=4, seed=0, progress=lambda xs, _n: xs)
     assert done["steps"] == 8 and done["probe_loss_after"] < done["probe_loss_before"]
-
-
-@pytest.fixture
-def tiny_lm_folder(tmp_path: Path) -> Path:
-    """A Hugging Face causal-LM folder: a tiny random Llama and a byte-level BPE tokenizer trained on real text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tokenizer.train_from_iterator(llm.wiki_articles()[:20], trainer)
-    folder = tmp_path / "tiny-llama"
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", unk_token="<unk>").save_pretrained(folder)
-    _tiny_llama().save_pretrained(folder)
-    return folder
 
 
 def test_wikipedia_text_splits_into_disjoint_parts() -> None:

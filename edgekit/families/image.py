@@ -81,7 +81,8 @@ class ImageFamily:
     headline: ClassVar[tuple[str, ...]]
     recipe_defaults: ClassVar[dict[str, Any]] = {}
     settings: ClassVar[dict[str, Section]] = {
-        "quantize": "*", "verify": "*", "search": "*", "prune": ("ratio", "images", "reconstruct"),
+        "quantize": "*", "verify": "*", "prune": ("ratio", "images", "reconstruct"),
+        "search": ("budget", "levels", "generations", "seconds", "offspring", "images"),
         "distill": ("steps", "seconds", "lr", "batch", "images"), "gates": ("on_cpu_fallback",),
     }
     accuracy_gates: ClassVar[dict[str, tuple[str, str, str]]] = {}

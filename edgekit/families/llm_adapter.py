@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from edgekit import __version__
-from edgekit.cache import ArrayCache
+from edgekit.cache import ArrayCache, checked_json
 from edgekit.errors import UsageError
 from edgekit.families import llm
 from edgekit.families.base import Artifact, LoadOptions, Section, Verification
@@ -29,6 +29,15 @@ from edgekit.passes.export_llm import export_lm
 from edgekit.passes.prune_llm import block_importance, prune_width
 from edgekit.passes.quantize import to_fp16
 from edgekit.passes.sequential import BATCH, Covariance, WeightScheme, compress_blocks, compress_linear
+from edgekit.passes.weight_levels import (
+    LanguageModelSpace,
+    WeightLevel,
+    chosen_layers,
+    graph_shares,
+    level_database,
+    record_search,
+    variants,
+)
 from edgekit.passes.weightonly import rtn
 from edgekit.progress import Progress
 from edgekit.runtimes.onnx_lm import OnnxCausalLM, window_nll
@@ -36,6 +45,8 @@ from edgekit.verify.estimate_lm import estimate_lm, kernels
 from edgekit.verify.latency import host_description
 
 if TYPE_CHECKING:
+    import onnx
+
     from edgekit.context import BuildContext
     from edgekit.recipe import Recipe
 
@@ -54,12 +65,28 @@ class Text:
         return {"text": {"source": self.source, "sha256": self.digest()}}
 
     def digest(self) -> str:
-        import hashlib
+        return _sha256(self.calibration, self.evaluation, self.prompts)
 
-        digest = hashlib.sha256()
-        for part in (self.calibration, self.evaluation, self.prompts):
-            digest.update(np.ascontiguousarray(part.numpy()).tobytes())
-        return digest.hexdigest()
+    def calibration_digest(self) -> str:
+        return _sha256(self.calibration)
+
+
+def _sha256(*parts: Any) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(np.ascontiguousarray(part.numpy()).tobytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class Decoder:
+    """What compress hands export: the decoder, and its quantization record where compress already quantized it
+    (a budget search stitches quantized layers)."""
+
+    module: Any
+    quantization: dict[str, Any] | None = None
 
 
 def load_text(loaded: llm.LoadedLM, plan: Recipe, calib: str | Path | None, eval_text: str | Path | None) -> Text:
@@ -120,19 +147,34 @@ def reference(loaded: llm.LoadedLM, text: Text, new_tokens: int, cache: ArrayCac
 
 def quantize_lm(module: Any, calibration: Any, scheme: WeightScheme, head_bits: int | None,
                 embedding_bits: int | None, progress: Progress) -> dict[str, Any]:
-    """Quantize every decoder block's linears (GPTQ/RTN, EoRA), then the output layer and the embedding table.
+    """Quantize every decoder block's linears (GPTQ/RTN, EoRA), then the output layer and the embedding table."""
+    import torch
+
+    with torch.no_grad():
+        hidden, kwargs = llm.block_inputs(module, calibration)
+        hidden, records = compress_blocks(llm.decoder_layers(module), llm.block_linears, hidden, kwargs, scheme,
+                                          track=lambda xs, n: progress.track(xs, n, "decoder blocks"))
+        records += quantize_ends(module, hidden, scheme, head_bits, embedding_bits)
+    errors = [r["output_error"] for r in records if "output_error" in r]
+    compensated = [r["output_error_eora"] for r in records if "output_error_eora" in r]
+    return {"layers": records,
+            "mean_output_error": float(np.mean(errors)) if errors else None,
+            "mean_output_error_eora": float(np.mean(compensated)) if compensated else None}
+
+
+def quantize_ends(module: Any, hidden: Any, scheme: WeightScheme, head_bits: int | None,
+                  embedding_bits: int | None) -> list[dict[str, Any]]:
+    """Quantize the output layer (GPTQ on `hidden`, the last block's outputs) and the embedding table, in place.
 
     A table tied to the head stays tied: it is the head's codes, stored once and read by row."""
     import torch
 
+    records: list[dict[str, Any]] = []
     tied = bool(module.config.tie_word_embeddings)
     if tied and not head_bits and embedding_bits:  # a float head beside an integer table: two tables after all
         module.lm_head.weight = torch.nn.Parameter(module.lm_head.weight.detach().clone())
         module.config.tie_word_embeddings = tied = False
     with torch.no_grad():
-        hidden, kwargs = llm.block_inputs(module, calibration)
-        hidden, records = compress_blocks(llm.decoder_layers(module), llm.block_linears, hidden, kwargs, scheme,
-                                          track=lambda xs, n: progress.track(xs, n, "decoder blocks"))
         if head_bits:
             covariance = Covariance(module.lm_head.in_features)
             for part in hidden.split(BATCH):
@@ -151,11 +193,7 @@ def quantize_lm(module: Any, calibration: Any, scheme: WeightScheme, head_bits: 
             table.edgekit_quantized = quantized
             records.append({"block": None, "layer": "embed_tokens", "bits": embedding_bits,
                             "bytes": quantized.nbytes})
-    errors = [r["output_error"] for r in records if "output_error" in r]
-    compensated = [r["output_error_eora"] for r in records if "output_error_eora" in r]
-    return {"layers": records,
-            "mean_output_error": float(np.mean(errors)) if errors else None,
-            "mean_output_error_eora": float(np.mean(compensated)) if compensated else None}
+    return records
 
 
 def prune_lm(module: Any, calibration: Any, ratio: float, blocks: int, progress: Progress) -> dict[str, Any]:
@@ -249,11 +287,14 @@ def generate(folder: Path, report: dict[str, Any], prompt: str, new_tokens: int,
 class LanguageModelFamily:
     name = "llm"
     # one ONNX graph with a key/value cache; weight-only int4 is what small LMs ship at on phones and boards
+    # a budget search's fitness reads 16 windows (4,096 tokens at the default length): each candidate is forward
+    # passes of the whole decoder, the search's whole cost
     recipe_defaults: ClassVar[dict[str, Any]] = {"export.format": "onnx", "quantize.precision": "int4",
-                                                 "gates.max_ppl_ratio": 1.2}
+                                                 "gates.max_ppl_ratio": 1.2, "search.images": 16}
     settings: ClassVar[dict[str, Section]] = {
         "weights": "*", "lowrank": "*", "text": "*", "prune": ("ratio", "blocks"),
         "distill": ("steps", "seconds", "lr", "batch", "images"),
+        "search": ("budget", "weight_levels", "generations", "seconds", "offspring", "images"),
     }
     accuracy_gates: ClassVar[dict[str, tuple[str, str, str]]] = {
         "max_ppl_ratio": ("ppl_ratio", "held-out text (perplexity vs the original's)", "no perplexity measured"),
@@ -295,14 +336,16 @@ class LanguageModelFamily:
             record["note"] = "original model in torch: held-out NLL, greedy tokens"
         return ref
 
-    def compress(self, model: llm.LoadedLM, data: Text, ctx: BuildContext) -> Any:
-        """A copy of the decoder, pruned (width, depth) and distilled where the recipe says."""
+    def compress(self, model: llm.LoadedLM, data: Text, ctx: BuildContext) -> Decoder:
+        """A copy of the decoder, pruned (width, depth) and distilled, or quantized to a budget, as the recipe says."""
         plan, progress = ctx.plan, ctx.progress
+        if plan.distill.steps and not (plan.prune.ratio or plan.prune.blocks):
+            raise UsageError("distillation recovers what pruning lost: set prune.ratio or prune.blocks too")
+        if plan.search.budget:
+            return search_lm(model, data, ctx)
         module = copy.deepcopy(model.module)
         if not (plan.prune.ratio or plan.prune.blocks):
-            if plan.distill.steps:
-                raise UsageError("distillation recovers what pruning lost: set prune.ratio or prune.blocks too")
-            return module
+            return Decoder(module)
         with progress.stage("prune") as record:
             done = ctx.sections["pruning"] = prune_lm(module, data.calibration, plan.prune.ratio, plan.prune.blocks,
                                                       progress)
@@ -316,31 +359,26 @@ class LanguageModelFamily:
                     steps=settings.steps, seconds=settings.seconds, lr=settings.lr, batch=settings.batch,
                     seed=plan.seed, progress=lambda steps, total: progress.track(steps, total, "distillation steps"))
                 record["note"] = distilled(done, "KL")
-        return module
+        return Decoder(module)
 
-    def export(self, compressed: Any, model: llm.LoadedLM, data: Text, reference: Any,
+    def export(self, compressed: Decoder, model: llm.LoadedLM, data: Text, reference: Any,
                ctx: BuildContext) -> Artifact:
-        """Weight-only quantization (GPTQ/RTN, EoRA) of the compressed decoder, then one ONNX graph with its
-        key/value cache; the tokenizer travels beside it."""
-        plan, precision, module = ctx.plan, ctx.precision, compressed
-        quantization = None
-        if precision in BITS:
+        """Weight-only quantization (GPTQ/RTN, EoRA) of the compressed decoder, unless the search already chose each
+        layer's, then one ONNX graph with its key/value cache; the tokenizer travels beside it."""
+        plan, precision, module = ctx.plan, ctx.precision, compressed.module
+        quantization = compressed.quantization
+        if quantization is None and precision in BITS:
             quantization = _quantize(module, data, plan, precision, ctx.progress)
-        elif plan.lowrank.rank or any(plan.lowrank.ranks.values()):
+        elif quantization is None and (plan.lowrank.rank or any(plan.lowrank.ranks.values())):
             raise UsageError("EoRA compensates quantization: set precision int4 or int8 with lowrank.rank")
         with ctx.progress.stage("export", note=f"onnx opset {plan.export.opset}, key/value cache"):
-            graph = export_lm(module, ctx.opset, plan.weights.accuracy_level)
-            if precision == "fp16":
-                graph = to_fp16(graph)
-            set_metadata(graph, {"edgekit.version": __version__, "edgekit.family": self.name,
-                                 "edgekit.target": ctx.target.name, "edgekit.precision": precision,
-                                 "edgekit.tokenizer": model.source})
+            graph = _graph(module, model, ctx)
         config = module.config  # the exported model's: depth pruning leaves fewer blocks (and cache tensors)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         ctx.notes.append("the artifact takes token ids: tokenizer/ holds the tokenizer to encode and decode text")
         return Artifact(
             files={"model.onnx": graph.SerializeToString(deterministic=True)}, extras=_tokenizer_files(model.tokenizer),
-            format="onnx", precision=precision, quantization=quantization, analysis=_costs(graph, module),
+            format="onnx", precision=_precision(ctx), quantization=quantization, analysis=_costs(graph, module),
             details={"opset": plan.export.opset,
                      "inputs": ["input_ids [1, tokens] int64", "past_key_i / past_value_i "
                                 f"[1, {config.num_key_value_heads}, past, {head_dim}] float32 per block"],
@@ -351,13 +389,8 @@ class LanguageModelFamily:
         with ctx.progress.stage("verify") as record:
             accuracy, measured = verify_lm(artifact.main, data, reference, ctx.threads, ctx.progress)
             record["note"] = f"{accuracy['summary']}, decode {measured['tokens_per_s']} tok/s on host"
-        plan = ctx.plan
-        estimated = estimate_lm(
-            ctx.target, **artifact.analysis, prompt_tokens=plan.text.prompt_length,
-            context=plan.text.prompt_length + plan.text.new_tokens,
-            int8_compute=ctx.precision in BITS and plan.weights.accuracy_level == 4)
         return Verification(accuracy={**accuracy, "eval_source": data.source},
-                            latency={"measured_host": measured, "estimated_target": estimated})
+                            latency={"measured_host": measured, "estimated_target": _estimate(ctx, artifact.analysis)})
 
     def on_device(self, artifact: Artifact, data: Any, reference: Any, ctx: BuildContext) -> dict[str, Any]:
         raise UsageError("device verification through an agent takes image models; language models verify here")
@@ -371,12 +404,116 @@ class LanguageModelFamily:
                 "weight_bytes_fp32": lm.details["params"] * 4}
 
 
+def search_lm(model: llm.LoadedLM, text: Text, ctx: BuildContext) -> Decoder:
+    """The decoder with each block's attention and MLP linears at the weight level the search chose for the budget
+    (passes/weight_levels.py), and its quantization record; the report's `search` block goes to ctx.sections."""
+    import torch
+
+    from edgekit.search import evolve
+
+    plan, settings, progress = ctx.plan, ctx.plan.search, ctx.progress
+    budget = settings.parsed_budget()
+    assert budget is not None
+    if ctx.precision not in BITS:
+        raise UsageError(f"search.budget picks each unit's weight level (int8, int4, +EoRA): precision {ctx.precision} "
+                         "does not apply; leave it at int4")
+    if budget.metric == "macs":
+        raise UsageError(f"budget {budget.text}: language models take bytes= (size=), tokens_per_s= or latency=")
+    if plan.lowrank.rank or any(plan.lowrank.ranks.values()):
+        raise UsageError("with search.budget, EoRA ranks are levels (search.weight_levels = [..., 'int4+eora32', "
+                         "...]): lowrank.rank and lowrank.ranks do not apply")
+    levels = [WeightLevel.parse(label) for label in settings.weight_levels]
+    scheme = _scheme(plan, BITS[ctx.precision], with_ranks=False)
+    weights = plan.weights
+    key = {"kind": "lm-weight-levels", "model": model.fingerprint, "calibration": text.calibration_digest(),
+           "levels": sorted({(level.bits, level.rank) for level in levels}), "method": weights.method,
+           "group_size": weights.group_size, "symmetric": weights.symmetric, "damp": weights.damp,
+           "act_order": weights.act_order, "edgekit": __version__}
+    with progress.stage("levels") as note:
+        arrays = ctx.cache.get_or_compute(key, lambda: level_database(model.module, text.calibration, levels, scheme,
+                                                                      progress))
+        working = copy.deepcopy(model.module)
+        hidden = torch.from_numpy(arrays["hidden"])
+        ends = quantize_ends(working, hidden, scheme, weights.head_bits, weights.embedding_bits)
+        samples = min(settings.images, len(text.calibration))
+        space = LanguageModelSpace(model.module, working, variants(model.module, arrays, levels, scheme),
+                                   list(settings.weight_levels), text.calibration[:samples], hidden[:samples],
+                                   basis=f"estimated: {ctx.target.name}")
+        costs_key = {**key, "kind": "lm-weight-level-costs", "labels": settings.weight_levels,
+                     "head_bits": weights.head_bits, "embedding_bits": weights.embedding_bits,
+                     "rank_bits": plan.lowrank.bits, "opset": plan.export.opset,
+                     "accuracy_level": weights.accuracy_level, "target": ctx.target.name, "tokenizer": model.source}
+        measured = checked_json(ctx.cache.path(costs_key, ".json"), lambda: _uniform_exports(space, model, ctx))
+        space.set_costs(measured["shares"], measured["analysis"], lambda analysis: _estimate(ctx, analysis)["ms"])
+        note["note"] = (f"{len(space.units)} units x {len(levels)} levels; all at {levels[0].label}: "
+                        f"{budget.format(space.base.of(budget.metric))}")
+    with progress.stage("search") as note:
+        result = evolve(space, budget, seed=plan.seed, generations=settings.generations, seconds=settings.seconds,
+                        offspring=settings.offspring,
+                        progress=lambda rounds, total: progress.track(rounds, total, "generations"))
+        uniform = result.uniform
+        note["note"] = (f"{budget.text}: {budget.format(result.best.costs.of(budget.metric))}, fitness "
+                        f"{result.best.fitness:.4g}" + (f" (uniform {space.labels[uniform.config[0]]}: "
+                                                        f"{uniform.fitness:.4g})" if uniform else ""))
+    ctx.sections["search"] = record_search(space, result, budget.text, plan.seed)
+    quantization = {"layers": chosen_layers(space, result.best.config) + ends,
+                    "scheme": {"weights": "searched: " + ", ".join(settings.weight_levels) + " per unit",
+                               "method": weights.method, "act_order": weights.act_order,
+                               "group_size": weights.group_size, "symmetric": weights.symmetric,
+                               "head_bits": weights.head_bits, "embedding_bits": weights.embedding_bits,
+                               "accuracy_level": weights.accuracy_level, "eora_bits": plan.lowrank.bits,
+                               "calibration_tokens": int(text.calibration.numel())}}
+    return Decoder(space.stitch(result.best.config), quantization)
+
+
+def _uniform_exports(space: LanguageModelSpace, model: llm.LoadedLM, ctx: BuildContext) -> dict[str, Any]:
+    """Each level's share of the graph per unit, from one export with every unit at that level, and the device
+    model's inputs for the first level's."""
+    shares, analysis = [], None
+    for level in ctx.progress.track(range(len(space.labels)), len(space.labels), "uniform exports"):
+        module = space.stitch((level,) * len(space.found))
+        graph = _graph(module, model, ctx)
+        shares.append(graph_shares(graph, len(space.found)))
+        analysis = analysis or _costs(graph, module)
+    return {"shares": shares, "analysis": analysis}
+
+
+def _graph(module: Any, model: llm.LoadedLM, ctx: BuildContext) -> onnx.ModelProto:
+    """The artifact's graph: the decoder exported with its cache, fp16 where asked, edgekit's metadata."""
+    graph = export_lm(module, ctx.opset, ctx.plan.weights.accuracy_level)
+    if ctx.precision == "fp16":
+        graph = to_fp16(graph)
+    set_metadata(graph, {"edgekit.version": __version__, "edgekit.family": "llm", "edgekit.target": ctx.target.name,
+                         "edgekit.precision": _precision(ctx), "edgekit.tokenizer": model.source})
+    return graph
+
+
+def _precision(ctx: BuildContext) -> str:
+    """The artifact's precision: the recipe's, or the levels a search chose among (the same for every candidate,
+    so the metadata does not change a candidate's bytes)."""
+    return "/".join(ctx.plan.search.weight_levels) if ctx.plan.search.budget else ctx.precision
+
+
+def _estimate(ctx: BuildContext, analysis: dict[str, Any]) -> dict[str, Any]:
+    """The device model's prefill and decode estimate for an exported decoder (`_costs`) on the target."""
+    text = ctx.plan.text
+    return estimate_lm(ctx.target, **analysis, prompt_tokens=text.prompt_length,
+                       context=text.prompt_length + text.new_tokens,
+                       int8_compute=ctx.precision in BITS and ctx.plan.weights.accuracy_level == 4)
+
+
+def _scheme(plan: Recipe, bits: int, with_ranks: bool = True) -> WeightScheme:
+    """The recipe's weight scheme at `bits`; EoRA ranks from `lowrank` (or none: a search's levels name them)."""
+    settings, lowrank = plan.weights, plan.lowrank
+    return WeightScheme(bits, settings.group_size, settings.symmetric, settings.method, settings.damp,
+                        lowrank.rank if with_ranks else 0, lowrank.bits, settings.act_order,
+                        tuple(lowrank.ranks.items()) if with_ranks else ())
+
+
 def _quantize(module: Any, text: Text, plan: Recipe, precision: str, progress: Progress) -> dict[str, Any]:
     """Weight-only quantization of the decoder in place; the report's quantization block."""
     settings = plan.weights
-    scheme = WeightScheme(BITS[precision], settings.group_size, settings.symmetric, settings.method,
-                          settings.damp, plan.lowrank.rank, plan.lowrank.bits, settings.act_order,
-                          tuple(plan.lowrank.ranks.items()))
+    scheme = _scheme(plan, BITS[precision])
     eora = scheme.rank or any(rank for _, rank in scheme.ranks)
     note = f"{precision} {settings.method}, groups of {settings.group_size}" + (
         f", EoRA rank {scheme.rank}" + (" (per layer: recipe)" if scheme.ranks else "") if eora else "")

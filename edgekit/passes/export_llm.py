@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import re
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -97,7 +98,35 @@ def export_lm(model: torch.nn.Module, opset: int, accuracy_level: int = 0) -> on
         raise StageError(f"ONNX export of the decoder failed at opset {opset}: {first_line(err)}") from err
     graph = onnx.load_from_string(buffer.getvalue())
     _integer_weights(graph, model, accuracy_level)
+    _renumber(graph)
     return graph
+
+
+COUNTED = re.compile(r"((?:onnx::)?[A-Za-z]+_)\d+")  # names the exporter numbers by its running counters
+
+
+def _renumber(graph: onnx.ModelProto) -> None:
+    """Renumber the exporter's running counters (`onnx::Unsqueeze_97`, `Constant_247`) in order of first use.
+
+    Traced through an EoRA-compensated layer, every later counter moves on; renumbered, a layer's form changes no
+    name outside its own scope, so each part of the graph has the same bytes whatever the other layers' forms (a
+    budget search adds up the file's size from its parts exactly)."""
+    numbers: dict[str, str] = {}
+
+    def renamed(name: str) -> str:
+        match = COUNTED.fullmatch(name)
+        if match is None:
+            return name
+        return numbers.setdefault(name, f"{match.group(1)}{len(numbers)}")
+
+    for node in graph.graph.node:
+        node.name = renamed(node.name)
+        node.input[:] = [renamed(name) for name in node.input]
+        node.output[:] = [renamed(name) for name in node.output]
+    for init in graph.graph.initializer:
+        init.name = renamed(init.name)
+    for info in graph.graph.value_info:
+        info.name = renamed(info.name)
 
 
 def _key(array: np.ndarray) -> str:

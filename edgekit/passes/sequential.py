@@ -78,16 +78,30 @@ def input_statistics(block: torch.nn.Module, layers: dict[str, torch.nn.Module],
     return stats
 
 
+def hold(layer: torch.nn.Linear, quantized: QuantizedWeight) -> torch.nn.Linear:
+    """`layer`, computing with `quantized`'s dequantized weights from now on (in place: a table tied to it follows);
+    its codes ride along as `edgekit_quantized` for the exporter."""
+    layer.weight.data = quantized.dequantize().to(layer.weight.dtype)
+    layer.edgekit_quantized = quantized
+    return layer
+
+
+def quantized_copy(layer: torch.nn.Linear, quantized: QuantizedWeight) -> torch.nn.Linear:
+    """A new linear layer like `layer` (its bias kept) holding `quantized`; `layer` is left as it was."""
+    copy = torch.nn.utils.skip_init(torch.nn.Linear, layer.in_features, layer.out_features,
+                                    bias=layer.bias is not None)
+    if layer.bias is not None:
+        copy.bias.data = layer.bias.detach().clone()
+    return hold(copy, quantized)
+
+
 def compress_linear(parent: torch.nn.Module, name: str, layer: torch.nn.Linear, covariance: torch.Tensor,
                     scheme: WeightScheme) -> dict[str, Any]:
     """Quantize one linear layer in place (its weight becomes the dequantized one, its codes ride along as
     `edgekit_quantized` for the exporter) and, with a rank, replace it by its EoRA-compensated form."""
     weight = layer.weight.detach().float()
     quantized = scheme.quantize(weight, covariance)
-    approx = quantized.dequantize()
-    delta = weight - approx
-    layer.weight.data = approx.to(layer.weight.dtype)
-    layer.edgekit_quantized = quantized
+    delta = weight - hold(layer, quantized).weight.detach()
     signal = output_error(weight, covariance)
     record: dict[str, Any] = {"layer": name, "bits": scheme.bits, "bytes": quantized.nbytes,
                               "output_error": output_error(delta, covariance) / signal}
@@ -96,12 +110,13 @@ def compress_linear(parent: torch.nn.Module, name: str, layer: torch.nn.Linear, 
         compensated = Compensated(layer, b, a, scheme.rank_bits, scheme.group_size)
         residual = delta - compensated.b.weight @ compensated.a.weight
         record["output_error_eora"] = output_error(residual, covariance) / signal
-        record["bytes"] += sum(_factor_bytes(f) for f in (compensated.a, compensated.b))
+        record["bytes"] += sum(stored_bytes(f) for f in (compensated.a, compensated.b))
         parent.set_submodule(name, compensated)
     return record
 
 
-def _factor_bytes(layer: torch.nn.Linear) -> int:
+def stored_bytes(layer: torch.nn.Linear) -> int:
+    """The bytes a linear layer's weights take in the artifact: its codes and scales, or float32 weights."""
     quantized = getattr(layer, "edgekit_quantized", None)
     return quantized.nbytes if quantized is not None else layer.weight.numel() * 4
 

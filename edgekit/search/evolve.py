@@ -85,10 +85,19 @@ class Unit:
 
 
 class Space(Protocol):
-    units: Sequence[Unit]
-    base: Costs
-    samples: int
-    basis: str
+    """Read-only members: a space may hold them as attributes or compute them."""
+
+    @property
+    def units(self) -> Sequence[Unit]: ...
+
+    @property
+    def base(self) -> Costs: ...
+
+    @property
+    def samples(self) -> int: ...
+
+    @property
+    def basis(self) -> str: ...
 
     def fitness(self, config: Config, samples: int) -> float:
         """Distance of the model built from `config` to the original on the first `samples` calibration samples."""
