@@ -50,7 +50,8 @@ def recorded(model: torch.nn.Module, images: torch.Tensor, outputs: list[str], i
         def hook(_m: torch.nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor | None = None) -> None:
             parts = seen.setdefault(key, [])
             if len(parts) == batch[0]:  # a module called again in one pass: its first call counts, as in the refit
-                parts.append((out if key[1] else args[0]).detach())
+                # a copy: a later in-place op (the SiLU of a fused Conv + SiLU) would rewrite a view of it
+                parts.append((out if key[1] else args[0]).detach().clone())
         return hook
 
     hooks = [modules[n].register_forward_hook(keep((n, True))) for n in outputs]
