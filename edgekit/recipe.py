@@ -242,7 +242,10 @@ def resolve(recipe: Recipe, target: Target, family: str) -> Recipe:
         raise UsageError("prune.ratio and search.budget both decide how much to prune: set one of them")
     if budget and family not in ("classifier", "detector"):
         raise UsageError(f"search.budget sizes image classifiers and detectors; not yet {family} models")
-    gates = {**_budget_gates(budget), **{k: v for k, v in recipe.gates.model_dump().items() if v is not None}}
+    if budget and budget.kind == "tokens_per_s":
+        raise UsageError(f"search.budget {budget.text}: image models take latency, size or macs budgets")
+    gates = {k: v for k, v in recipe.gates.model_dump().items() if v is not None}
+    gates |= {k: min(v, gates.get(k, v)) for k, v in _budget_gates(budget).items()}
     return with_overrides(recipe, {
         "quantize.precision": precision,
         "quantize.activations": recipe.quantize.activations or runtime.int8_activations,
@@ -253,8 +256,9 @@ def resolve(recipe: Recipe, target: Target, family: str) -> Recipe:
 
 
 def _budget_gates(budget: Budget | None) -> dict[str, float]:
-    """The gate that holds the built artifact to a search budget (a recipe's own gate wins): latency on the target,
-    or the artifact's size. MACs need no gate: the artifact has the searched configuration's exactly."""
+    """The gate that holds the built artifact to a search budget (with a recipe's own gate, the tighter of the two):
+    latency on the target, or the artifact's size. MACs need no gate: the artifact has the searched configuration's
+    exactly."""
     if budget is None or budget.metric == "macs":
         return {}
     return {"max_latency_ms": budget.limit} if budget.metric == "latency_ms" else {"max_size_mb": budget.limit / 1e6}
