@@ -266,7 +266,8 @@ def resolve(recipe: Recipe, target: Target, adapter: Family) -> Recipe:
     budget = recipe.search.parsed_budget()
     if budget and (recipe.prune.ratio or recipe.prune.blocks):
         raise UsageError("prune.* and search.budget both decide how much to compress: set one of them")
-    gates = {**_budget_gates(budget), **{k: v for k, v in recipe.gates.model_dump().items() if v is not None}}
+    gates = {k: v for k, v in recipe.gates.model_dump().items() if v is not None}
+    gates |= {k: min(v, gates.get(k, v)) for k, v in _budget_gates(budget).items()}  # a gate cannot loosen it
     return with_overrides(recipe, {
         "quantize.precision": precision,
         "quantize.activations": recipe.quantize.activations or runtime.int8_activations,
@@ -277,8 +278,9 @@ def resolve(recipe: Recipe, target: Target, adapter: Family) -> Recipe:
 
 
 def _budget_gates(budget: Budget | None) -> dict[str, float]:
-    """The gate that holds the built artifact to a search budget (a recipe's own gate wins): latency on the target,
-    or the artifact's size. MACs need no gate: the artifact has the searched configuration's exactly."""
+    """The gate that holds the built artifact to a search budget (with a recipe's own gate, the tighter of the two):
+    latency on the target, or the artifact's size. MACs need no gate: the artifact has the searched configuration's
+    exactly."""
     if budget is None or budget.metric == "macs":
         return {}
     return {"max_latency_ms": budget.limit} if budget.metric == "latency_ms" else {"max_size_mb": budget.limit / 1e6}

@@ -78,3 +78,14 @@ def test_distillation_that_makes_the_student_worse_on_held_out_inputs_is_undone(
     assert not outcome[1e-3]["reverted"] and outcome[1e-3]["probe_loss_after"] < outcome[1e-3]["probe_loss_before"]
     assert outcome[1e3]["reverted"] and outcome[1e3]["probe_loss_after"] > outcome[1e3]["probe_loss_before"]
     assert all(torch.equal(value, start[name]) for name, value in student.state_dict().items())
+
+
+def test_recorded_outputs_survive_an_in_place_activation_after_them() -> None:
+    from edgekit.passes.reconstruct import recorded
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.SiLU(inplace=True)).eval()  # a fused Conv + SiLU
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        wanted = net[0](x)
+    assert torch.equal(recorded(net, x, ["0"], [])["0", True], wanted)  # the conv's output, not the SiLU's

@@ -220,6 +220,10 @@ class ImageFamily:
         if plan.search.budget:
             from edgekit.passes.levels import search
 
+            if plan.search.budget.startswith("tokens_per_s"):
+                raise UsageError(f"search.budget {plan.search.budget}: image models take latency, size or macs "
+                                 "budgets")
+
             module, ctx.sections["search"] = search(model.module, model.input_shape, model.fingerprint, self, images,
                                                     calibration["sha256"], plan, ctx.target, ctx.cache, ctx.progress)
         else:

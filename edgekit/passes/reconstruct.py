@@ -52,7 +52,8 @@ def recorded(model: torch.nn.Module, images: torch.Tensor, outputs: list[str], i
             if len(parts) == batch[0]:  # a module called again in one pass: its first call counts, as in the refit
                 value = out if key[1] else args[0]
                 assert value is not None  # a forward hook (key[1]) always receives the output
-                parts.append(value.detach())
+                # a copy: a later in-place op (the SiLU of a fused Conv + SiLU) would rewrite a view of it
+                parts.append(value.detach().clone())
         return hook
 
     hooks = [modules[n].register_forward_hook(keep((n, True))) for n in outputs]
