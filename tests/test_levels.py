@@ -151,7 +151,7 @@ def test_unreachable_budget_exits_1_naming_the_closest(capsys: pytest.CaptureFix
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"prune.ratio": 0.2, "search.budget": "macs=1M"}, "prune.\* and search.budget"),
+    ({"prune.ratio": 0.2, "search.budget": "macs=1M"}, r"prune.\* and search.budget"),
     ({"search.budget": "speed=3ms"}, "expected kind=value"),
     ({"search.budget": "latency=6"}, "with a unit"),
     ({"search.levels": [0.2, 0.4]}, "levels must start at 0"),
