@@ -303,6 +303,9 @@ def search(module: torch.nn.Module, input_shape: tuple[int, ...], fingerprint: s
     if not units:
         raise UsageError(f"no search units in this {adapter.name}: budgets size residual blocks (inverted residuals, "
                          "MBConv, ResNet blocks; YOLO C3k2/C2f, SPPF and head branches)")
+    if not plan.prune.images:
+        raise UsageError("search.budget ranks and refits each unit's variants on calibration images: prune.images "
+                         "must be at least 1")
     refit = images[: plan.prune.images]
     rest = images[len(refit):]
     disjoint = len(rest) >= min(settings.images, 16)
@@ -326,7 +329,7 @@ def search(module: torch.nn.Module, input_shape: tuple[int, ...], fingerprint: s
                         offspring=settings.offspring,
                         progress=lambda rounds, total: progress.track(rounds, total, "generations"))
         note["note"] = (f"{budget.text}: {budget.format(result.best.costs.of(budget.metric))}, fitness "
-                        f"{result.best.fitness:.4g}" + (f" (uniform {space.found.labels[result.uniform.config[0]]}: "
+                        f"{result.best.fitness:.4g}" + (f" (uniform {space.found.labels[max(result.uniform.config)]}: "
                                                         f"{result.uniform.fitness:.4g})" if result.uniform else ""))
     chosen = _settled(copy.deepcopy(space.stitched(result.best.config)), input_shape)
     return chosen, _record(space, result, budget.text, len(refit), disjoint, adapter, plan.seed)
