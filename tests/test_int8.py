@@ -137,6 +137,17 @@ def test_int8_bytes_are_reproducible_through_the_ranges_cache(tiny_model: nn.Mod
     assert len(list(Path("cache").glob("*.json"))) == 1  # one calibration, reused by the second build
 
 
+def test_int8_bytes_do_not_depend_on_where_the_calibration_images_lie(tiny_model: nn.Module, photos: Path,
+                                                                       tmp_path: Path) -> None:
+    import shutil
+
+    moved = shutil.copytree(photos, tmp_path / "elsewhere" / "photos")
+    hashes = {build(tiny_model, "x86-64", precision="int8", calib=folder, input_size=32, out=f"m{i}",
+                    overrides=FAST, quiet=True, use_cache=False).report["artifact"]["sha256"]
+              for i, folder in enumerate((photos, moved))}
+    assert len(hashes) == 1
+
+
 @pytest.mark.parametrize("method", ["mean-minmax", "mse"])
 def test_robust_ranges_sit_inside_the_extremes(method: str, tiny_model: nn.Module, photos: Path,
                                                tmp_path: Path) -> None:

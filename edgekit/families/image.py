@@ -297,7 +297,10 @@ class ImageFamily:
         metadata = {"edgekit.version": __version__, "edgekit.family": self.name, "edgekit.target": ctx.target.name,
                     "edgekit.precision": ctx.precision, "edgekit.preprocess": model.preprocess}
         if quantization:
-            metadata["edgekit.quantization"] = {k: quantization[k] for k in ("scheme", "kept_float", "calibration")}
+            # the calibration set by content, not by where it lay: the same images give the same bytes anywhere
+            calibration = {k: v for k, v in quantization["calibration"].items() if k != "path"}
+            metadata["edgekit.quantization"] = {"scheme": quantization["scheme"],
+                                                "kept_float": quantization["kept_float"], "calibration": calibration}
         set_metadata(artifact, metadata)
         return artifact, quantization
 
