@@ -116,6 +116,9 @@ def test_budget_build_meets_a_macs_budget_and_reports_the_search(tiny_blocks: to
     assert search["front"] and all(p["macs"] <= limit for p in search["front"])
     assert [s["name"] for s in report["stages"]][:4] == ["load", "data", "levels", "search"]
     assert report["top1_agreement"] >= 0  # verified like any build
+    again = build(tiny_blocks, "x86-64", calib=photos, input_size=32, out="again", quiet=True, use_cache=False,
+                  overrides={**FAST, "search.budget": f"macs={limit}"})
+    assert again.report["artifact"]["sha256"] == report["artifact"]["sha256"]  # recomputed: the same seed, same bytes
 
 
 def test_latency_budget_becomes_the_artifacts_latency_gate(tiny_blocks: torch.nn.Module, photos: Path) -> None:
