@@ -270,6 +270,7 @@ class ImageFamily:
             reference_analysis = analyze(graph)
             record["note"] = (f"{reference_analysis.params / 1e6:.2f} M params, "
                               f"{reference_analysis.macs / 1e6:.1f} M MACs")
+        diagnostics = self._calibration_check(graph, model, data, ctx)
         if tflite:
             artifact_bytes, quantization = self._tflite(model, float_tflite, data, ctx)
             ctx.notes.append("TFLite artifacts carry no edgekit metadata: report.json holds the preprocessing")
@@ -278,9 +279,32 @@ class ImageFamily:
             artifact_graph, quantization = self._onnx(model, graph, data, reference, ctx)
             artifact_bytes = artifact_graph.SerializeToString(deterministic=True)
             analysis, details = analyze(artifact_graph), {"opset": opset_of(artifact_graph)}
+        if quantization is not None and diagnostics is not None:
+            quantization["calibration_diagnostics"] = diagnostics
         return Artifact(files={f"model.{ctx.format}": artifact_bytes}, format=ctx.format, precision=ctx.precision,
                         details=details, quantization=quantization, analysis=analysis,
                         reference_analysis=reference_analysis, deploy=tensorrt_deploy(ctx, f"model.{ctx.format}"))
+
+    def _calibration_check(self, graph: onnx.ModelProto, model: LoadedModel, data: ImageData,
+                           ctx: BuildContext) -> dict[str, Any] | None:
+        """Whether the calibration images cover the held-out ones (verify/calibration.py), for builds that
+        calibrate activation ranges; each warning on stderr too."""
+        from edgekit.resources import resource_dir
+        from edgekit.verify.calibration import diagnose
+
+        if ctx.precision != "int8" or (ctx.format == "tflite" and ctx.plan.quantize.int8_mode == "dynamic"):
+            return None
+        assert data.samples is not None
+        with ctx.progress.stage("calibration check") as record:
+            calibration, _ = self.calibration(model, data, ctx)
+            shipped = data.calib_dir.resolve() == (resource_dir("calibration") / "images").resolve()
+            found = diagnose(graph, calibration, data.samples.inputs, ctx.threads, shipped)
+            record["note"] = (f"{found['images']} images, {found['near_duplicates']} near-duplicates, "
+                              f"{found['tensors_poorly_covered']} of {found['tensors']} tensors poorly covered")
+        for warning in found["warnings"]:
+            ctx.notes.append(f"warning: {warning}")
+            ctx.progress.warn(warning)
+        return found
 
     def _onnx(self, model: LoadedModel, graph: onnx.ModelProto, data: ImageData, reference: np.ndarray,
               ctx: BuildContext) -> tuple[onnx.ModelProto, dict[str, Any] | None]:

@@ -159,7 +159,7 @@ class Int8Quantizer:
                 plain = MinMaxCalibrater(self._source)  # 16 images, as onnxruntime's calibrators hold them, is 24 GB+
                 # sorted: onnxruntime's order varies between processes; the samples must not
                 names = sorted(plain.select_tensors_to_calibrate(plain.model)[0])
-                runner = OnnxRuntimeRunner(_with_outputs(self.prepared, names), self.threads)
+                runner = OnnxRuntimeRunner(with_outputs(self.prepared, names), self.threads)
                 per_tensor = stream_ranges(runner.stream(self.calibration, names), self.scheme.calibration,
                                            self.scheme.symmetric)
                 ranges = TensorsData(self._method(), {
@@ -298,7 +298,8 @@ class _Reader:
         return next(self.rows, None)
 
 
-def _with_outputs(model: onnx.ModelProto, names: list[str]) -> bytes:
+def with_outputs(model: onnx.ModelProto, names: list[str]) -> bytes:
+    """`model` serialised with `names` (any intermediate tensors) as its outputs."""
     import onnx
     from onnx import helper
 
@@ -311,7 +312,7 @@ def _with_outputs(model: onnx.ModelProto, names: list[str]) -> bytes:
 
 def channel_means(model: onnx.ModelProto, names: list[str], inputs: np.ndarray, threads: int) -> list[np.ndarray]:
     """Per-channel (axis 1, NCHW) mean of each named tensor of an ONNX graph over `inputs`."""
-    runner = OnnxRuntimeRunner(_with_outputs(model, names), threads)
+    runner = OnnxRuntimeRunner(with_outputs(model, names), threads)
     return stream_channel_means(runner.stream(inputs, names), axis=1)
 
 
