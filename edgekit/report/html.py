@@ -55,7 +55,8 @@ def _headline(report: dict[str, Any]) -> str:
     artifact = report["artifact"]
     metrics = {key: report[key] for key in report if key not in Report.model_fields}  # the family's headline keys
     latency = [[entry.get("label", key), _figures(entry), entry.get("runtime", report["target"]["name"])]
-               for key, entry in report["latency_ms"].items() if isinstance(entry, dict)]
+               if isinstance(entry, dict) else [key, entry, ""]  # a segmenter's `part`: what was timed
+               for key, entry in report["latency_ms"].items()]
     return (f"<h1>{escape(report['model']['name'])} → {escape(report['target']['name'])}</h1>\n"
             f"<p>status <span class=\"{escape(status)}\">{escape(status)}</span> (exit "
             f"{1 if status == 'gate_failed' else 0}) · {escape(artifact['file'])} · {escape(artifact['precision'])} "
@@ -98,7 +99,7 @@ def _layer_charts(report: dict[str, Any]) -> list[str]:
                              for r in rows], "output error"))
     for key, entry in report["latency_ms"].items():
         if isinstance(entry, dict) and entry.get("layers"):
-            charts.append(_bars(f"Time per layer on the target, {entry.get('label', key)} ({key}.layers)",
+            charts.append(_bars(f"Time per layer on the target, {entry.get('label', key)}: latency_ms.{key}.layers",
                                 [(r["name"], r["ms"]) for r in entry["layers"]], "ms"))
     return charts
 
@@ -149,7 +150,7 @@ def _bars(title: str, rows: list[tuple[str, float]], unit: str) -> str:
             ax.xaxis.set_major_formatter("{x:g}")
             ax.xaxis.set_minor_formatter(NullFormatter())
 
-    more = f" (the {len(shown)} largest of {len(rows)})" if len(rows) > len(shown) else ""
+    more = f", the {len(shown)} largest of {len(rows)}" if len(rows) > len(shown) else ""
     return _chart(title + more, draw, (8, 0.9 + 0.2 * len(shown)))
 
 
