@@ -100,7 +100,7 @@ def assert_page(folder: Path) -> Page:
     if (report.get("quantization") or {}).get("sensitivity"):
         assert any(caption.startswith("Sensitivity per layer") for caption in captions)
     if report["latency_ms"]["estimated_target"].get("layers"):
-        assert any(caption.startswith("Time per layer on the target, estimated") for caption in captions)
+        assert any(caption.startswith("Time per layer (estimated)") for caption in captions)
     if report.get("search"):
         assert any(caption.startswith("Pareto front") for caption in captions)
     assert not page.tags & {"script", "link", "img", "iframe", "object"}

@@ -99,7 +99,7 @@ def _layer_charts(report: dict[str, Any]) -> list[str]:
                              for r in rows], "output error"))
     for key, entry in report["latency_ms"].items():
         if isinstance(entry, dict) and entry.get("layers"):
-            charts.append(_bars(f"Time per layer on the target, {entry.get('label', key)}: latency_ms.{key}.layers",
+            charts.append(_bars(f"Time per layer ({entry.get('label', key)}): latency_ms.{key}.layers",
                                 [(r["name"], r["ms"]) for r in entry["layers"]], "ms"))
     return charts
 
