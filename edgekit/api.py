@@ -1,4 +1,4 @@
-"""The Python API the `edgekit` command calls: build, verify, inspect, generate, estimate.
+"""The Python API the `edgekit` command calls: build, verify, report, inspect, generate, estimate.
 
 Each function checks its input, makes the build context once and hands it to the pipeline or the family
 adapter; bad input raises UsageError (exit 2), a broken stage StageError (exit 3).
@@ -23,8 +23,8 @@ from edgekit.pipeline import BuildResult, judge, run
 from edgekit.progress import Progress
 from edgekit.recipe import Recipe, plan
 from edgekit.report.manifest import output_hashes
-from edgekit.report.schema import Manifest
-from edgekit.report.write import write_json
+from edgekit.report.schema import Manifest, Report
+from edgekit.report.write import adopt, write_html, write_json
 from edgekit.targets import Target, load_target
 
 
@@ -158,10 +158,43 @@ def verify(folder: str | Path, device_url: str, *, device_token: str | None = No
     report["latency_ms"][f"{kind}_device"] = device["latency_ms"]
     judge(report, ctx)
     write_json(folder / "report.json", report)
+    write_html(folder / "report.html", report, stored)
+    adopt(folder, "report.html")
     updated = manifest.model_dump(mode="json")
-    updated["outputs"] = output_hashes(folder, list(manifest.outputs))
+    updated["outputs"] = output_hashes(folder, list(dict.fromkeys([*manifest.outputs, "report.html"])))
     write_json(folder / "manifest.json", updated)
     return BuildResult(out=folder, report=report)
+
+
+def report(folder: str | Path) -> Path:
+    """Rewrite a build folder's report.html from its report.json (with manifest.json's facts when it has one): for a
+    folder built by an earlier edgekit, or a report.json edited by hand. The manifest's hash of the page follows."""
+    folder = Path(folder)
+    source = _json_object(folder / "report.json")
+    try:
+        Report.model_validate(source)
+    except ValidationError as err:
+        raise UsageError(f"{folder / 'report.json'} is not an edgekit report ({first_line(err)})") from None
+    manifest = _json_object(folder / "manifest.json") if (folder / "manifest.json").exists() else None
+    page = folder / "report.html"
+    write_html(page, source, manifest)
+    adopt(folder, page.name)
+    if manifest and isinstance(manifest.get("outputs"), dict):
+        manifest["outputs"] |= output_hashes(folder, [page.name])
+        write_json(folder / "manifest.json", manifest)
+    return page
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except OSError as err:
+        raise UsageError(f"{path}: {err.strerror or err}") from None
+    except ValueError as err:
+        raise UsageError(f"{path} is not JSON ({first_line(err)})") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path} is not a JSON object")
+    return data
 
 
 def inspect(model: object, *, arch: str | None = None, num_classes: int | None = None,

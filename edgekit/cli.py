@@ -179,6 +179,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="running under emulation (tools/emulate-aarch64.sh): latencies are labelled emulated")
     a.add_argument("--quiet", "-q", action="store_true", help="no request log")
 
+    r = commands.add_parser(
+        "report", help="rewrite a build folder's report.html from its report.json",
+        description="Render a build folder's report.json (and manifest.json) as report.html: one self-contained page "
+        "with the headline metrics, gates, per-layer charts and the compression steps. Every build writes it; "
+        "this rewrites it, e.g. for a folder built by an earlier edgekit.")
+    r.add_argument("folder", help="a build folder (dist/<name>-<target>)")
+
     t = commands.add_parser("targets", help="list device profiles",
                             description="Device profiles from targets/*.toml: peaks, bandwidth, runtime, defaults.")
     t.add_argument("--json", action="store_true", help="print the profiles as JSON")
@@ -281,6 +288,13 @@ def _verify(args: argparse.Namespace) -> int:
     from edgekit.api import verify
 
     return _finish(verify(args.artifact, args.device, device_token=args.device_token, quiet=args.quiet), args.json)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from edgekit.api import report
+
+    print(f"wrote {report(args.folder)}")
+    return 0
 
 
 def _agent(args: argparse.Namespace) -> int:
@@ -404,8 +418,8 @@ def _estimate(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
-        commands = {"build": _build, "verify": _verify, "agent": _agent, "targets": _targets, "inspect": _inspect,
-                    "estimate": _estimate, "generate": _generate}
+        commands = {"build": _build, "verify": _verify, "report": _report, "agent": _agent, "targets": _targets,
+                    "inspect": _inspect, "estimate": _estimate, "generate": _generate}
         return commands[args.command](args)
     except EdgekitError as err:
         if os.environ.get("EDGEKIT_DEBUG"):

@@ -20,7 +20,7 @@ from edgekit.errors import StageError
 from edgekit.families.base import Artifact, Loaded, Verification
 from edgekit.report.manifest import output_hashes, package_versions
 from edgekit.report.schema import Manifest, Report
-from edgekit.report.write import staged, write_json
+from edgekit.report.write import staged, write_html, write_json
 from edgekit.verify.gates import check_gates
 
 
@@ -145,9 +145,11 @@ def judge(report: dict[str, Any], ctx: BuildContext) -> None:
 
 
 def seal(folder: Path, report: dict[str, Any], manifest: dict[str, Any], files: list[str], recipe_toml: str) -> None:
-    """Write the folder's recipe, report and manifest (with every output's hash)."""
+    """Write the folder's recipe, report (JSON, and the page a person reads) and manifest (with every output's
+    hash)."""
     Report.model_validate(report)
     (folder / "recipe.toml").write_text(recipe_toml)
     write_json(folder / "report.json", report)
-    manifest["outputs"] = output_hashes(folder, [*files, "recipe.toml", "report.json"])
+    write_html(folder / "report.html", report, manifest)
+    manifest["outputs"] = output_hashes(folder, [*files, "recipe.toml", "report.json", "report.html"])
     write_json(folder / "manifest.json", manifest)

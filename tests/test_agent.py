@@ -30,6 +30,7 @@ from edgekit.runtimes.onnxruntime import OnnxRuntimeRunner
 from edgekit.runtimes.remote import RemoteDevice
 
 from .conftest import TinyNet
+from .test_report_html import assert_page
 
 TOKEN = "test-token-0123"
 
@@ -98,6 +99,7 @@ def test_verify_command_updates_a_built_folder(agent: Agent, mobilenet_v3_pth: P
     manifest = json.loads(Path("built/manifest.json").read_text())
     assert manifest["outputs"]["report.json"]["sha256"] == hashlib.sha256(Path("built/report.json").read_bytes()
                                                                           ).hexdigest()
+    assert "measured: test-board" in assert_page(Path("built")).column("latency")  # the page shows the device
     Path("built/model.onnx").write_bytes(b"tampered")
     assert main(["verify", "built", "--device", url_of(agent)]) == 2
     assert "changed since it was built" in capsys.readouterr().err

@@ -30,7 +30,7 @@ def test_build_writes_verified_artifact_report_manifest(tiny_model: torch.nn.Mod
     assert result.exit_code == 0
     folder = Path("out")
     assert sorted(p.name for p in folder.iterdir()) == [".edgekit", "manifest.json", "model.onnx", "recipe.toml",
-                                                        "report.json"]
+                                                        "report.html", "report.json"]
     report = json.loads((folder / "report.json").read_text())
     assert report["status"] == "ok"
     assert report["artifact"]["format"] == "onnx" and report["artifact"]["precision"] == "fp32"
@@ -220,7 +220,7 @@ def test_out_folder_rules(capsys, tiny_model: torch.nn.Module, photos: Path, tmp
     first = build_into("again")
     second = build_into("again")  # a rebuild replaces the folder edgekit wrote
     assert (second / "model.onnx").is_file() and json.loads((second / ".edgekit").read_text())["files"] == [
-        "manifest.json", "model.onnx", "recipe.toml", "report.json"]
+        "manifest.json", "model.onnx", "recipe.toml", "report.html", "report.json"]
     (first / "notes.txt").write_text("the user's, written into the artifact folder")
     with pytest.raises(UsageError, match=r"again exists and holds files edgekit did not write \(notes.txt\)"):
         build_into("again")

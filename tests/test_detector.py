@@ -14,6 +14,7 @@ import edgekit
 from edgekit.families.detector import letterbox, mean_average_precision
 
 from .conftest import PHOTOS, SHARED_DATA
+from .test_report_html import assert_page
 
 SIZE = 64
 FAST = {"verify.runs": 3, "verify.warmup": 1, "quantize.sensitivity_images": 2, "quantize.calib_limit": 8}
@@ -92,6 +93,7 @@ def test_fp32_build_is_verified_by_map(tmp_path: Path, boxes: Path, family: str)
     assert {g["name"] for g in report["gates"]} >= {"max_map_drop_pt"}
     assert "min_top1_agreement" not in {g["name"] for g in report["gates"]}  # top-1 is not a detector metric
     assert report["model"]["preprocess"]["kind"] == "letterbox" and result.exit_code == 0
+    assert_page(result.out)
 
 
 def test_int8_keeps_the_decode_and_attention_softmax_in_float(tmp_path: Path, boxes: Path) -> None:

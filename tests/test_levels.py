@@ -26,6 +26,7 @@ from edgekit.targets import load_target
 from edgekit.verify.estimate import estimate
 
 from .conftest import PHOTOS, TinyBlocks, settle_batchnorm
+from .test_report_html import assert_page
 
 FAST = {"verify.runs": 3, "verify.warmup": 1, "search.generations": 4, "search.levels": [0.0, 0.25, 0.5]}
 FAMILY = ClassifierFamily()
@@ -119,6 +120,7 @@ def test_budget_build_meets_a_macs_budget_and_reports_the_search(tiny_blocks: to
     again = build(tiny_blocks, "x86-64", calib=photos, input_size=32, out="again", quiet=True, use_cache=False,
                   overrides={**FAST, "search.budget": f"macs={limit}"})
     assert again.report["artifact"]["sha256"] == report["artifact"]["sha256"]  # recomputed: the same seed, same bytes
+    assert_page(Path("out"))
 
 
 def test_latency_budget_becomes_the_artifacts_latency_gate(tiny_blocks: torch.nn.Module, photos: Path) -> None:

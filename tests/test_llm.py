@@ -19,6 +19,7 @@ from edgekit.passes.weightonly import block_size, gptq, rtn
 from edgekit.runtimes.onnx_lm import OnnxCausalLM
 
 from .conftest import VOCAB, TinyNet, tiny_llama
+from .test_report_html import assert_page
 
 
 def _inputs(rows: int = 2048, features: int = 128, seed: int = 0) -> torch.Tensor:
@@ -214,6 +215,8 @@ def test_build_int4_eora_tiny_llama_is_verified_in_onnxruntime(tiny_lm_folder: P
     manifest = json.loads((result.out / "manifest.json").read_text())
     assert manifest["outputs"]["model.onnx"]["sha256"] == report["artifact"]["sha256"]
     assert (result.out / "tokenizer" / "tokenizer.json").is_file()
+    page = assert_page(result.out)
+    assert any(caption.startswith("Quantization error per layer") for caption, _ in page.charts)
 
 
 def test_depth_pruned_build_reports_the_exported_models_cache(tiny_lm_folder: Path) -> None:

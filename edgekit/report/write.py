@@ -28,6 +28,24 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
+def write_html(path: Path, report: dict[str, Any], manifest: dict[str, Any] | None) -> None:
+    from edgekit.report.html import render
+
+    path.write_text(render(report, manifest), encoding="utf-8")
+
+
+def adopt(folder: Path, name: str) -> None:
+    """List `name` in the marker of a folder edgekit published, so that a later build may still replace the folder;
+    a folder without an intact marker is left as it is."""
+    try:
+        marker = json.loads((folder / MARKER).read_text())
+        files = marker["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if isinstance(files, list) and name not in files:
+        write_json(folder / MARKER, {**marker, "files": sorted([*files, name])})
+
+
 @contextmanager
 def staged(out: Path) -> Iterator[Path]:
     """A fresh hidden folder beside `out`, marked and renamed to `out` if the block succeeds and removed if it
