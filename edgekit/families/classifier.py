@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 IMAGENET_MEAN = [123.675, 116.28, 103.53]
 IMAGENET_STD = [58.395, 57.12, 57.375]
 SYNSET = re.compile(r"^(n\d{8})")
-TORCH_SUFFIXES = {".pth", ".pt", ".bin", ".ckpt"}
+TORCH_SUFFIXES = {".pth", ".pt", ".bin", ".ckpt", ".safetensors"}
 FOLDER_LABELS = "class folders (sorted names)"
 # residual blocks with channels of their own (an expansion, a bottleneck): the units a budget search sizes
 SEARCH_BLOCKS = {"InvertedResidual", "MBConv", "FusedMBConv", "MBConvBlock", "BasicBlock", "Bottleneck"}
@@ -51,8 +51,17 @@ def _efficientnet_lite0_weights() -> Path:
 NAMED_WEIGHTS = {"mobilenet_v2": _mobilenet_v2_weights, "efficientnet_lite0": _efficientnet_lite0_weights}
 
 
-def preprocess_spec(arch: str | None, input_size: int | None) -> dict[str, Any]:
-    """The input recipe a classifier was trained with: ImageNet mean/std, or the Lite (x−127)/128 scaling."""
+def preprocess_spec(arch: str | None, input_size: int | None, module: torch.nn.Module | None = None
+                    ) -> dict[str, Any]:
+    """The input recipe a classifier was trained with: a timm model's own (its `pretrained_cfg`: mean, std, crop
+    share, interpolation), the Lite (x−127)/128 scaling, or torchvision's ImageNet mean/std."""
+    config = getattr(module, "pretrained_cfg", None)
+    if config:
+        crop = input_size or int(config["input_size"][-1])
+        return {"resize_short_side": round(crop / config.get("crop_pct", 0.875)), "center_crop": crop,
+                "interpolation": config.get("interpolation", "bilinear"),
+                "mean": [round(m * 255, 4) for m in config["mean"]], "std": [round(s * 255, 4) for s in config["std"]],
+                "pixel_range": "0-255", "color": "RGB", "layout": "NCHW"}
     crop = input_size or 224
     lite = arch is not None and arch.startswith("efficientnet_lite")
     return {
@@ -68,20 +77,25 @@ def preprocess_spec(arch: str | None, input_size: int | None) -> dict[str, Any]:
 
 
 def _build_arch(arch: str, num_classes: int) -> torch.nn.Module:
+    """A randomly initialised `arch`: torchvision's name first, then timm's (`timm/` may prefix it)."""
     if arch == "efficientnet_lite0":
         from efficientnet_lite_pytorch import EfficientNet
 
         return EfficientNet.from_name("efficientnet-lite0", num_classes=num_classes)
+    import timm
     import torchvision
 
     known = torchvision.models.list_models(module=torchvision.models)
-    if arch not in known:
-        import difflib
+    if arch in known:
+        return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+    name = arch.removeprefix("timm/")
+    if timm.is_model(name):
+        return timm.create_model(name, pretrained=False, num_classes=num_classes)
+    import difflib
 
-        near = difflib.get_close_matches(arch, [*known, "efficientnet_lite0"], n=3, cutoff=0.5)
-        hint = f"; did you mean {', '.join(near)}?" if near else ""
-        raise UsageError(f"unknown --arch {arch!r}{hint}")
-    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+    near = difflib.get_close_matches(name, [*known, "efficientnet_lite0", *timm.list_models()], n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(near)}?" if near else ""
+    raise UsageError(f"unknown --arch {arch!r} (neither torchvision nor timm has it){hint}")
 
 
 def _read_state_dict(path: Path) -> dict[str, Any]:
@@ -92,6 +106,14 @@ def _read_state_dict(path: Path) -> dict[str, Any]:
 
     import torch
 
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return {k.removeprefix("module."): v for k, v in load_file(path).items()}
+        except (SafetensorError, OSError) as err:
+            raise UsageError(f"{path} is not a readable safetensors file ({first_line(err)})") from None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -169,10 +191,11 @@ class ClassifierFamily(ImageFamily):
         module = _build_arch(arch, num_classes)
         _load_weights(module, state, path, arch)
         module.eval()
-        size = options.input_size or 224
+        preprocess = preprocess_spec(arch, options.input_size, module)
+        size = preprocess["center_crop"]
         return LoadedModel(
             name=name, family=self.name, source=str(path), input_shape=(1, 3, size, size),
-            preprocess=preprocess_spec(arch, options.input_size), fingerprint=file_sha256(path),
+            preprocess=preprocess, fingerprint=file_sha256(path),
             module=module, source_file=path, details={"arch": arch, "num_classes": num_classes},
         )
 
@@ -181,10 +204,11 @@ class ClassifierFamily(ImageFamily):
             kind = type(module).__name__
             raise UsageError(f"cannot build from a {kind}: pass a path, a model name or a torch module")
         module.eval()
-        size = options.input_size or 224
+        preprocess = preprocess_spec(options.arch, options.input_size, module)
+        size = preprocess["center_crop"]
         return LoadedModel(
             name=type(module).__name__.lower(), family=self.name, source=f"<torch module {type(module).__name__}>",
-            input_shape=(1, 3, size, size), preprocess=preprocess_spec(options.arch, options.input_size),
+            input_shape=(1, 3, size, size), preprocess=preprocess,
             fingerprint=module_fingerprint(module), module=module, details={"arch": options.arch},
         )
 
@@ -286,7 +310,7 @@ def _resize_crop(image: Any, spec: dict[str, Any]) -> np.ndarray:
     short, crop = spec["resize_short_side"], spec["center_crop"]
     scale = short / min(image.size)
     w, h = max(crop, round(image.width * scale)), max(crop, round(image.height * scale))
-    image = image.resize((w, h), Image.BILINEAR)
+    image = image.resize((w, h), Image.Resampling[spec["interpolation"].upper()])
     left, top = (w - crop) // 2, (h - crop) // 2
     image = image.crop((left, top, left + crop, top + crop))
     return np.asarray(image, dtype=np.float32).transpose(2, 0, 1)
