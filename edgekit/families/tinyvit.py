@@ -14,22 +14,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgekit.errors import UsageError
+from edgekit.passes.export import module_path
 from edgekit.passes.slim import Group, Slice
 
 if TYPE_CHECKING:
     import onnx
     import torch
-
-
-def _module_path(node_name: str) -> str:
-    """`/patch_embed/seq/seq.0/c/Conv` -> `patch_embed.seq.0.c`: an exporter scope repeats its parent's name."""
-    parts: list[str] = []
-    for part in node_name.strip("/").split("/")[:-1]:
-        if parts and part.startswith(parts[-1] + "."):
-            parts[-1] = part
-        else:
-            parts.append(part)
-    return ".".join(parts)
 
 
 def _graph_weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -46,7 +36,7 @@ def _graph_weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
             values[node.output[0]] = values[node.input[0]]
     weights = {name: value for name, value in values.items() if not name.startswith("onnx::")}
     for node in model.graph.node:
-        path = _module_path(node.name)
+        path = module_path(node.name)
         constant = next((values[i] for i in node.input if i in values and values[i].size > 1), None)
         if constant is None:
             continue
