@@ -195,6 +195,14 @@ def blocks(encoder: torch.nn.Module) -> list[tuple[str, str | None]]:
     return [*order, ("neck", None)]
 
 
+def block_groups(encoder: torch.nn.Module) -> dict[str, list[Group]]:
+    """Each block's own hidden units (the bottleneck groups of `slim_groups` inside it), by block name in running
+    order: what a block may lose without changing any other block's layers."""
+    inside = [group for group in slim_groups(encoder) if group.kind == "bottleneck"]
+    found = {name: [g for g in inside if f"{g.name}.".startswith(f"{name}.")] for name, _ in blocks(encoder)}
+    return {name: groups for name, groups in found.items() if groups}
+
+
 def sync_sizes(encoder: torch.nn.Module) -> torch.nn.Module:
     """Tell every module of a slimmed encoder its sizes, read back from its tensors; refresh the attention bias
     caches (eval mode)."""

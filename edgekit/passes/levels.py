@@ -124,26 +124,40 @@ def variants(model: torch.nn.Module, units: list[tuple[str, torch.nn.Module]], f
         raise UsageError("no search unit of this model has channels of its own to prune")
 
     def compute() -> dict[str, np.ndarray]:
-        arrays = {}
+        arrays: dict[str, np.ndarray] = {}
         work = [(name, unit, keep, level) for name, unit, keep in plans for level in range(1, len(ratios))]
         for name, unit, keep, level in progress(work):
             pruned = copy.deepcopy(unit)
             prune_channels(pruned, tuple(inputs[name][:1].shape), ratios[level],
                            [pruned.get_submodule(k) for k in keep], inputs[name])
-            for param, value in pruned.state_dict().items():
-                arrays[f"{name}|{level}|{param}"] = value.detach().cpu().numpy()
+            arrays |= variant_arrays(name, level, pruned)
         return arrays
 
     stored = cache.get_or_compute({**key, "units": [[name, keep] for name, _, keep in plans]}, compute)
+    return stored_variants([(name, unit) for name, unit, _ in plans], ratios, stored)
+
+
+def variant_arrays(name: str, level: int, module: torch.nn.Module) -> dict[str, np.ndarray]:
+    """Unit `name`'s variant at `level` as cache arrays (`stored_variants` reads them back)."""
+    return {f"{name}|{level}|{param}": value.detach().cpu().numpy() for param, value in module.state_dict().items()}
+
+
+def stored_variants(units: list[tuple[str, torch.nn.Module]], ratios: list[float], stored: dict[str, np.ndarray],
+                    settle: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> Variants:
+    """The level database from its arrays: each unit as it is, then a copy of it per level with the stored shapes
+    and values (`settle` tells a family's own modules their new sizes)."""
+    import torch
+
     modules = []
-    for name, unit, _ in plans:
+    for name, unit in units:
         row = [copy.deepcopy(unit).eval()]
         for level in range(1, len(ratios)):
             prefix = f"{name}|{level}|"
             state = {k[len(prefix):]: torch.from_numpy(v) for k, v in stored.items() if k.startswith(prefix)}
-            row.append(_load_pruned(copy.deepcopy(unit), state))
+            variant = _load_pruned(copy.deepcopy(unit), state)
+            row.append(settle(variant) if settle else variant)
         modules.append(row)
-    return Variants([name for name, *_ in plans], [f"{r:g}" for r in ratios], modules)
+    return Variants([name for name, _ in units], [f"{r:g}" for r in ratios], modules)
 
 
 def _load_pruned(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
