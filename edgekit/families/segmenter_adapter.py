@@ -15,7 +15,7 @@ from edgekit import __version__
 from edgekit.cache import ArrayCache
 from edgekit.data import files_record
 from edgekit.errors import UsageError
-from edgekit.families.base import Artifact, LoadOptions, Section, Verification
+from edgekit.families.base import Artifact, FloatParts, LoadOptions, Section, Verification
 from edgekit.families.image import ImageData, image_folders, tensorrt_deploy
 from edgekit.families.segmenter import (
     ENCODER_SIZE,
@@ -24,6 +24,7 @@ from edgekit.families.segmenter import (
     box_of,
     box_prompt,
     encoder_crops,
+    encoder_frames,
     encoder_input,
     instance_masks,
     iou,
@@ -57,7 +58,7 @@ class SegmenterData(ImageData):
     decoder: Any = None  # the prompt encoder + mask decoder session, shared by the reference and the artifact
 
 
-class SegmenterFamily:
+class SegmenterFamily(FloatParts):
     name = "segmenter"
     # a 1024 px encoder runs ~0.65 s a frame here: a few frames calibrate and score; empirical bias correction
     # would run it once per layer
@@ -71,6 +72,7 @@ class SegmenterFamily:
     settings: ClassVar[dict[str, Section]] = {
         "quantize": ("activations", "calibration", "calib_limit", "bias_correction"), "verify": "*",
         "prune": ("ratio", "images", "reconstruct"), "distill": "*",
+        "search": ("budget", "levels", "generations", "seconds", "offspring", "images"),
     }
     accuracy_gates: ClassVar[dict[str, tuple[str, str, str]]] = {
         "max_miou_drop_pt": ("miou_drop_pt", "held-out instance polygons (box prompts)", "no instance polygons"),
@@ -112,19 +114,38 @@ class SegmenterFamily:
                 for frame in ctx.progress.track(data.frames, len(data.frames), "original pair on held-out images")]
 
     def compress(self, model: LoadedSegmenter, data: SegmenterData, ctx: BuildContext) -> Any:
-        """The encoder graph to quantize: the original, or slimmed (and distilled) SlimSAM's way."""
+        """The encoder graph to quantize: the original, slimmed (and distilled) SlimSAM's way, or each block slimmed
+        to the level a budget search chose (families/segmenter_search.py)."""
         import onnx
 
         original = onnx.load(str(model.encoder))
-        if not ctx.plan.prune.ratio:
-            if ctx.plan.distill.steps:
-                raise UsageError("distillation recovers what slimming lost: set prune.ratio too")
-            return original
         plan = ctx.plan
+        if plan.search.budget:
+            return self._searched(original, model, data, ctx)
+        if not plan.prune.ratio:
+            if plan.distill.steps:
+                raise UsageError("distillation recovers what slimming lost: set prune.ratio or search.budget too")
+            return original
         slim_files = data.calib_files[: max(plan.prune.images, plan.distill.images)]
         slimmed, ctx.sections["slimming"] = _slimmed(original, model, plan, slim_files,
                                                      files_record(slim_files, data.calib_dir), ctx.cache, ctx.progress)
         return slimmed
+
+    def _searched(self, original: Any, model: LoadedSegmenter, data: SegmenterData, ctx: BuildContext) -> Any:
+        """The encoder with each block at the level the budget search chose, then distilled where the recipe says,
+        as ONNX at the encoder's input size."""
+        from edgekit.families.segmenter_search import search_encoder
+        from edgekit.passes.distill import distilled
+
+        plan = ctx.plan
+        teacher, student, ctx.sections["search"] = search_encoder(
+            original, model, plan, data.calib_files, data.calib_dir, CROP, self, ctx.target, ctx.cache, ctx.progress)
+        if plan.distill.steps:
+            with ctx.progress.stage("distill") as note:
+                ctx.sections["distillation"] = done = _distill(student, teacher, {}, data.calib_files, plan,
+                                                               ctx.progress)
+                note["note"] = distilled(done, "loss")
+        return _exported(student, plan)
 
     def export(self, compressed: Any, model: LoadedSegmenter, data: SegmenterData, reference: Any,
                ctx: BuildContext) -> Artifact:
@@ -221,15 +242,8 @@ def _int8(encoder: Any, loaded: LoadedSegmenter, plan: Recipe, files: list[Path]
           threads: int, cache: ArrayCache, progress: Progress) -> tuple[Any, dict[str, Any]]:
     """The encoder (the original or a slimmed one) in static INT8 QDQ, calibrated on `files` (ranges cached per
     encoder, images and rule)."""
-    from PIL import Image
-
     settings = plan.quantize
-
-    def read(path: Path) -> np.ndarray:
-        with Image.open(path) as image:
-            return encoder_input(image)[0]
-
-    calibration = np.concatenate([read(path) for path in progress.track(files, len(files), "calibration images read")])
+    calibration = encoder_frames(list(progress.track(files, len(files), "calibration images read")))
     assert settings.activations is not None
     scheme = Int8Scheme(settings.activations, settings.calibration, bias_correction=False)
     ranges = cache.path({"kind": "int8-ranges", "model": _model_sha256(encoder), "calibration": record["sha256"],
@@ -283,9 +297,7 @@ def _slim_encoder(original: Any, plan: Recipe, files: list[Path], progress: Prog
 
     import torch
 
-    from edgekit.families.tinyvit import blocks, set_resolution, slim_groups, sync_sizes, tinyvit_from_onnx
-    from edgekit.passes.distill import distill, distill_blocks
-    from edgekit.passes.export import export_onnx
+    from edgekit.families.tinyvit import set_resolution, slim_groups, sync_sizes, tinyvit_from_onnx
     from edgekit.passes.reconstruct import reconstruct
     from edgekit.passes.slim import chain_kept, slim
 
@@ -306,25 +318,39 @@ def _slim_encoder(original: Any, plan: Recipe, files: list[Path], progress: Prog
         note["note"] = f"{kind} channels slimmed"
     record: dict[str, Any] = {"method": "SlimSAM-style alternate slimming (embedding, then bottleneck)",
                               "ratio": plan.prune.ratio, "crop": CROP, "steps": steps}
-    settings = plan.distill
-    if settings.steps:
-        data = encoder_crops(files[: settings.images], CROP, 1, plan.seed + 1)
-        def whole(model: Any, x: Any) -> list[Any]:
-            return [model(x)]
-
-        if settings.scope == "blocks":
-            done = distill_blocks(student, teacher, data, [(name, kept.get(writer) if writer else None)
-                                                           for name, writer in blocks(student)],
-                                  whole, steps=settings.steps, seconds=settings.seconds, lr=settings.lr,
-                                  batch=settings.batch, seed=plan.seed,
-                                  progress=lambda items, total: progress.track(items, total, "blocks distilled"))
-        else:
-            done = distill(student, teacher, data, whole, steps=settings.steps, seconds=settings.seconds,
-                           lr=settings.lr, batch=settings.batch, seed=plan.seed,
-                           progress=lambda items, total: progress.track(items, total, "distillation steps"))
-        record["distillation"] = done
+    if plan.distill.steps:
+        record["distillation"] = done = _distill(student, teacher, kept, files, plan, progress)
         note["note"] = f"distilled {done['steps']} steps, probe loss {done['probe_loss_before']:.2e} -> " \
                        f"{done['probe_loss_after']:.2e}"
+    return _exported(student, plan), record
+
+
+def _distill(student: Any, teacher: Any, kept: dict[str, list[int]], files: list[Path], plan: Recipe,
+             progress: Progress) -> dict[str, Any]:
+    """`student` distilled towards `teacher` in place (recipe `distill`) on crops of `files`; `kept`: the original
+    output rows each cut layer kept (those a block's output is compared on). Returns the record."""
+    from edgekit.families.segmenter_search import embedding
+    from edgekit.families.tinyvit import blocks
+    from edgekit.passes.distill import distill, distill_blocks
+
+    settings = plan.distill
+    data = encoder_crops(files[: settings.images], CROP, 1, plan.seed + 1)
+    if settings.scope == "blocks":
+        return distill_blocks(student, teacher, data, [(name, kept.get(writer) if writer else None)
+                                                       for name, writer in blocks(student)],
+                              embedding, steps=settings.steps, seconds=settings.seconds, lr=settings.lr,
+                              batch=settings.batch, seed=plan.seed,
+                              progress=lambda items, total: progress.track(items, total, "blocks distilled"))
+    return distill(student, teacher, data, embedding, steps=settings.steps, seconds=settings.seconds, lr=settings.lr,
+                   batch=settings.batch, seed=plan.seed,
+                   progress=lambda items, total: progress.track(items, total, "distillation steps"))
+
+
+def _exported(student: Any, plan: Recipe) -> Any:
+    """A torch encoder (slimmed at crop resolution) as ONNX at the encoder's input size."""
+    from edgekit.families.tinyvit import set_resolution
+    from edgekit.passes.export import export_onnx
+
     set_resolution(student, ENCODER_SIZE)
     assert plan.export.opset is not None
-    return export_onnx(student, (1, 3, ENCODER_SIZE, ENCODER_SIZE), plan.export.opset), record
+    return export_onnx(student, (1, 3, ENCODER_SIZE, ENCODER_SIZE), plan.export.opset)

@@ -14,22 +14,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgekit.errors import UsageError
+from edgekit.passes.export import module_path
 from edgekit.passes.slim import Group, Slice
 
 if TYPE_CHECKING:
     import onnx
     import torch
-
-
-def _module_path(node_name: str) -> str:
-    """`/patch_embed/seq/seq.0/c/Conv` -> `patch_embed.seq.0.c`: an exporter scope repeats its parent's name."""
-    parts: list[str] = []
-    for part in node_name.strip("/").split("/")[:-1]:
-        if parts and part.startswith(parts[-1] + "."):
-            parts[-1] = part
-        else:
-            parts.append(part)
-    return ".".join(parts)
 
 
 def _graph_weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -46,7 +36,7 @@ def _graph_weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
             values[node.output[0]] = values[node.input[0]]
     weights = {name: value for name, value in values.items() if not name.startswith("onnx::")}
     for node in model.graph.node:
-        path = _module_path(node.name)
+        path = module_path(node.name)
         constant = next((values[i] for i in node.input if i in values and values[i].size > 1), None)
         if constant is None:
             continue
@@ -203,6 +193,14 @@ def blocks(encoder: torch.nn.Module) -> list[tuple[str, str | None]]:
         if layer.downsample is not None:
             order.append((f"layers.{s}.downsample", f"layers.{s}.downsample.conv3.c"))
     return [*order, ("neck", None)]
+
+
+def block_groups(encoder: torch.nn.Module) -> dict[str, list[Group]]:
+    """Each block's own hidden units (the bottleneck groups of `slim_groups` inside it), by block name in running
+    order: what a block may lose without changing any other block's layers."""
+    inside = [group for group in slim_groups(encoder) if group.kind == "bottleneck"]
+    found = {name: [g for g in inside if f"{g.name}.".startswith(f"{name}.")] for name, _ in blocks(encoder)}
+    return {name: groups for name, groups in found.items() if groups}
 
 
 def sync_sizes(encoder: torch.nn.Module) -> torch.nn.Module:

@@ -41,6 +41,19 @@ def export_onnx(module: torch.nn.Module, input_shape: tuple[int, ...], opset: in
     return onnx.load_from_string(buffer.getvalue())
 
 
+def module_path(node_name: str) -> str:
+    """The torch module an exported ONNX node came from: `/patch_embed/seq/seq.0/c/Conv` -> `patch_embed.seq.0.c`,
+    `/layers.1/blocks.0/attn/MatMul` -> `layers.1.blocks.0.attn` (a called container's scope repeats in its
+    children's: `seq`, then `seq.0`; a ModuleList's children name it themselves)."""
+    parts: list[str] = []
+    for part in node_name.strip("/").split("/")[:-1]:
+        if parts and part.startswith(parts[-1] + "."):
+            parts[-1] = part
+        else:
+            parts.append(part)
+    return ".".join(parts)
+
+
 def set_metadata(model: onnx.ModelProto, entries: dict[str, Any]) -> None:
     """Write `entries` into the model's metadata as sorted JSON strings (stable bytes, readable by apps)."""
     del model.metadata_props[:]

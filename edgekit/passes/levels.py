@@ -33,10 +33,12 @@ if TYPE_CHECKING:
     import torch
 
     from edgekit.cache import ArrayCache
+    from edgekit.families.base import FloatParts
     from edgekit.families.image import ImageFamily as Family
     from edgekit.passes.analyze import Analysis
     from edgekit.progress import Progress
     from edgekit.recipe import Recipe
+    from edgekit.search.budget import Budget
     from edgekit.targets import Target
 
 BATCH = 8  # images through a stitched model at once
@@ -122,26 +124,40 @@ def variants(model: torch.nn.Module, units: list[tuple[str, torch.nn.Module]], f
         raise UsageError("no search unit of this model has channels of its own to prune")
 
     def compute() -> dict[str, np.ndarray]:
-        arrays = {}
+        arrays: dict[str, np.ndarray] = {}
         work = [(name, unit, keep, level) for name, unit, keep in plans for level in range(1, len(ratios))]
         for name, unit, keep, level in progress(work):
             pruned = copy.deepcopy(unit)
             prune_channels(pruned, tuple(inputs[name][:1].shape), ratios[level],
                            [pruned.get_submodule(k) for k in keep], inputs[name])
-            for param, value in pruned.state_dict().items():
-                arrays[f"{name}|{level}|{param}"] = value.detach().cpu().numpy()
+            arrays |= variant_arrays(name, level, pruned)
         return arrays
 
     stored = cache.get_or_compute({**key, "units": [[name, keep] for name, _, keep in plans]}, compute)
+    return stored_variants([(name, unit) for name, unit, _ in plans], ratios, stored)
+
+
+def variant_arrays(name: str, level: int, module: torch.nn.Module) -> dict[str, np.ndarray]:
+    """Unit `name`'s variant at `level` as cache arrays (`stored_variants` reads them back)."""
+    return {f"{name}|{level}|{param}": value.detach().cpu().numpy() for param, value in module.state_dict().items()}
+
+
+def stored_variants(units: list[tuple[str, torch.nn.Module]], ratios: list[float], stored: dict[str, np.ndarray],
+                    settle: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> Variants:
+    """The level database from its arrays: each unit as it is, then a copy of it per level with the stored shapes
+    and values (`settle` tells a family's own modules their new sizes)."""
+    import torch
+
     modules = []
-    for name, unit, _ in plans:
+    for name, unit in units:
         row = [copy.deepcopy(unit).eval()]
         for level in range(1, len(ratios)):
             prefix = f"{name}|{level}|"
             state = {k[len(prefix):]: torch.from_numpy(v) for k, v in stored.items() if k.startswith(prefix)}
-            row.append(_load_pruned(copy.deepcopy(unit), state))
+            variant = _load_pruned(copy.deepcopy(unit), state)
+            row.append(settle(variant) if settle else variant)
         modules.append(row)
-    return Variants([name for name, *_ in plans], [f"{r:g}" for r in ratios], modules)
+    return Variants([name for name, _ in units], [f"{r:g}" for r in ratios], modules)
 
 
 def _load_pruned(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -274,20 +290,49 @@ def unit_costs(stitched: Callable[[Config], torch.nn.Module], found: Variants,
 
 
 def _owners(names: list[str], found: Variants) -> list[list[int]]:
-    """For each op name, the units whose scope it carries, in the exporters' two spellings: ONNX's
-    `/features.3/` (the module path from its last named attribute) and litert-torch's
-    `/torchvision.models.mobilenetv2.InvertedResidual_3/` (class and attribute). A fused TFLite op is named by
-    `;`-joined locations, the op's own first (later ones can name other blocks' identical ops): only the first
-    counts."""
-    tokens = []
-    for name, row in zip(found.names, found.modules, strict=True):
-        parts = name.split(".")
-        last = max(i for i, part in enumerate(parts) if not part.isdigit())
-        module = row[0]
-        kind = f"{type(module).__module__}.{type(module).__qualname__}"
-        tokens.append((f"/{'.'.join(parts[last:])}/", f"/{kind}_{parts[-1]}/"))
-    own = [name.split(";")[0] for name in names]
-    return [[u for u, spellings in enumerate(tokens) if any(t in op for t in spellings)] for op in own]
+    """For each op name, the units it belongs to, in the exporters' two spellings: ONNX's scopes, read back as the
+    module path (`/features/features.3/conv/...` or `/layers.1/blocks.0/attn/...`: `module_path`), within a unit's
+    path; litert-torch's `/torchvision.models.mobilenetv2.InvertedResidual_3/` (class and attribute). A fused TFLite
+    op is named by `;`-joined locations, the op's own first (later ones can name other blocks' identical ops): only
+    the first counts."""
+    from edgekit.passes.export import module_path
+
+    kinds = [f"/{type(row[0]).__module__}.{type(row[0]).__qualname__}_{name.split('.')[-1]}/"
+             for name, row in zip(found.names, found.modules, strict=True)]
+    owners = []
+    for op in (name.split(";")[0] for name in names):
+        path = f"{module_path(op)}."
+        owners.append([u for u, name in enumerate(found.names) if path.startswith(f"{name}.") or kinds[u] in op])
+    return owners
+
+
+def image_budget(plan: Recipe) -> Budget:
+    """The build's budget, of a kind an image model's search can meet."""
+    budget = plan.search.parsed_budget()
+    assert budget is not None, "the build searches only with a budget"
+    if budget.kind == "tokens_per_s":
+        raise UsageError(f"search.budget {budget.text}: image models take latency, size or macs budgets")
+    return budget
+
+
+def fitness_split(count: int, plan: Recipe) -> tuple[int, np.ndarray, bool]:
+    """Of `count` calibration images, how many refit the variants (the first `plan.prune.images`), the indices of
+    those fitness reads (the next `plan.search.images`, in a seeded order; with too few, the first ones: then the
+    two overlap), and whether they are apart."""
+    if not plan.prune.images:
+        raise UsageError("search.budget ranks and refits each unit's variants on calibration images: prune.images "
+                         "must be at least 1")
+    refit = min(plan.prune.images, count)
+    disjoint = count - refit >= min(plan.search.images, 16)
+    first = refit if disjoint else 0
+    scoring = np.arange(first, min(count, first + plan.search.images))
+    return refit, scoring[np.random.default_rng(plan.seed).permutation(len(scoring))], disjoint
+
+
+def artifact_key(plan: Recipe, target: Target) -> dict[str, Any]:
+    """What an artifact's costs depend on besides the model: the target and how the build makes the artifact."""
+    return {"target": target.sha256, "format": plan.export.format, "precision": plan.quantize.precision,
+            "int8_mode": plan.quantize.int8_mode, "activations": plan.quantize.activations, "opset": plan.export.opset}
 
 
 def search(module: torch.nn.Module, input_shape: tuple[int, ...], fingerprint: str, adapter: Family,
@@ -296,34 +341,39 @@ def search(module: torch.nn.Module, input_shape: tuple[int, ...], fingerprint: s
     """A copy of `module` with each search unit at the level the search chose for `plan.search.budget` on `target`,
     and the report's `search` block. The first `plan.prune.images` calibration images refit the variants, the next
     `plan.search.images` (in a seeded order) measure fitness; with too few images, the same ones do both."""
-    budget = plan.search.parsed_budget()
-    assert budget is not None, "the build searches only with a budget"
+    image_budget(plan)
     settings = plan.search
     units = adapter.search_units(module)
     if not units:
         raise UsageError(f"no search units in this {adapter.name}: budgets size residual blocks (inverted residuals, "
                          "MBConv, ResNet blocks; YOLO C3k2/C2f, SPPF and head branches)")
-    if not plan.prune.images:
-        raise UsageError("search.budget ranks and refits each unit's variants on calibration images: prune.images "
-                         "must be at least 1")
-    refit = images[: plan.prune.images]
-    rest = images[len(refit):]
-    disjoint = len(rest) >= min(settings.images, 16)
-    scoring = rest[: settings.images] if disjoint else images[: settings.images]
-    scoring = scoring[np.random.default_rng(plan.seed).permutation(len(scoring))]
+    refit_count, scoring, disjoint = fitness_split(len(images), plan)
+    refit = images[:refit_count]
     key = {"kind": "search-levels", "model": fingerprint, "calibration": calibration_sha, "images": len(refit),
            "levels": settings.levels, "input_shape": list(input_shape), "edgekit": __version__}
     with progress.stage("levels") as note:
         found = variants(module, units, adapter.prune_keep(module), refit, settings.levels, cache, key,
                          progress=lambda work: progress.track(work, len(work), "unit variants"))
-        artifact = {"target": target.sha256, "format": plan.export.format, "precision": plan.quantize.precision,
-                    "int8_mode": plan.quantize.int8_mode, "activations": plan.quantize.activations,
-                    "opset": plan.export.opset}
-        space = ImageSpace(module, found, scoring, adapter.distill_targets, adapter.search_distance,
+        space = ImageSpace(module, found, images[scoring], adapter.distill_targets, adapter.search_distance,
                            lambda candidate: price_artifact(candidate, input_shape, plan, target, adapter, images[:2]),
-                           target, cache, {**key, "kind": "search-costs", "artifact": artifact,
+                           target, cache, {**key, "kind": "search-costs", "artifact": artifact_key(plan, target),
                                            "units": found.names})
         note["note"] = f"{len(found.names)} units x {len(found.labels)} levels, {space.basis}"
+    config, record = choose(space, plan, progress, refit=len(refit), disjoint=disjoint,
+                            levels="shares of each unit's own channels removed (Torch-Pruning, FLAP ranking, "
+                                   "least-squares refit of the unit to the original's outputs)",
+                            fitness=f"{adapter.name} output distance to the original (search_distance), mean over "
+                                    f"{space.samples} calibration images")
+    return _settled(copy.deepcopy(space.stitched(config)), input_shape), record
+
+
+def choose(space: ImageSpace, plan: Recipe, progress: Progress, *, refit: int, disjoint: bool, levels: str,
+           fitness: str) -> tuple[Config, dict[str, Any]]:
+    """The search stage: the configuration of `space` the search chooses for `plan.search.budget`, and the report's
+    `search` block (`levels`: what a level removes, and how its variants were made; `fitness`: what it measures, on
+    what)."""
+    budget = image_budget(plan)
+    settings = plan.search
     with progress.stage("search") as note:
         result = evolve(space, budget, seed=plan.seed, generations=settings.generations, seconds=settings.seconds,
                         offspring=settings.offspring,
@@ -331,12 +381,12 @@ def search(module: torch.nn.Module, input_shape: tuple[int, ...], fingerprint: s
         note["note"] = (f"{budget.text}: {budget.format(result.best.costs.of(budget.metric))}, fitness "
                         f"{result.best.fitness:.4g}" + (f" (uniform {space.found.labels[max(result.uniform.config)]}: "
                                                         f"{result.uniform.fitness:.4g})" if result.uniform else ""))
-    chosen = _settled(copy.deepcopy(space.stitched(result.best.config)), input_shape)
-    return chosen, _record(space, result, budget.text, len(refit), disjoint, adapter, plan.seed)
+    fitness += " the refit did not see" if disjoint else " (too few to keep apart from the refit's)"
+    return result.best.config, search_record(space, result, budget.text, refit, levels, fitness, plan.seed)
 
 
-def _record(space: ImageSpace, result: SearchResult, budget: str, refit: int, disjoint: bool, adapter: Family,
-            seed: int) -> dict[str, Any]:
+def search_record(space: ImageSpace, result: SearchResult, budget: str, refit: int, levels: str, fitness: str,
+                  seed: int) -> dict[str, Any]:
     """The report's `search` block."""
 
     def point(scored: Scored) -> dict[str, Any]:
@@ -348,13 +398,10 @@ def _record(space: ImageSpace, result: SearchResult, budget: str, refit: int, di
     return {
         "budget": budget,
         "method": "EvoPress-style evolutionary search (level-switch mutations within the budget, selection in steps "
-                  "on 4, 16 and all fitness images); levels are shares of each unit's own channels removed "
-                  "(Torch-Pruning, FLAP ranking, least-squares refit of the unit to the original's outputs)",
+                  f"on 4, 16 and all fitness images); levels are {levels}",
         "costs": f"{space.basis}: per-op device model on the artifact's format and precision, summed per unit",
         "latency_label": space.basis,
-        "fitness": f"{adapter.name} output distance to the original (search_distance), mean over "
-                   f"{space.samples} calibration images" + (" the refit did not see" if disjoint else
-                                                              " (too few to keep apart from the refit's)"),
+        "fitness": fitness,
         "refit_images": refit,
         "levels": space.found.labels,
         "units": [{"name": name, "level": space.found.labels[level]}
@@ -372,8 +419,8 @@ def _record(space: ImageSpace, result: SearchResult, budget: str, refit: int, di
     }
 
 
-def price_artifact(module: torch.nn.Module, input_shape: tuple[int, ...], plan: Recipe, target: Target, adapter: Family,
-            calibration: np.ndarray) -> tuple[Analysis, int]:
+def price_artifact(module: torch.nn.Module, input_shape: tuple[int, ...], plan: Recipe, target: Target,
+                   adapter: FloatParts, calibration: np.ndarray) -> tuple[Analysis, int]:
     """`module`'s artifact as the build makes it, for its costs only: the same format, precision and float parts;
     int8 calibrated on two images (ranges do not change an op's cost), without the accuracy search."""
     from edgekit.passes.analyze import analyze, analyze_tflite

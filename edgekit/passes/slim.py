@@ -121,14 +121,21 @@ def slim(model: torch.nn.Module, groups: list[Group], ratio: float, images: list
          reference: Callable[[torch.Tensor], torch.Tensor]) -> tuple[dict[str, Any], dict[str, list[int]]]:
     """Score `groups` on `images` against `reference` and remove `ratio` of each group's units, in place.
     Returns a record and, by layer name, the original output rows each cut layer kept."""
-    scores = disturbed_taylor(model, groups, images, reference)
+    removed, outputs = remove(model, groups, disturbed_taylor(model, groups, images, reference), ratio)
+    record = {"groups": len(groups), "units_before": sum(g.units for g in groups), "units_removed": removed,
+              "score": "disturbed Taylor (SlimSAM)", "images": len(images)}
+    return record, outputs
+
+
+def remove(model: torch.nn.Module, groups: list[Group], scores: dict[str, torch.Tensor], ratio: float
+           ) -> tuple[int, dict[str, list[int]]]:
+    """Remove the lowest-scoring `ratio` of each group's units from `model` (or a module holding every layer the
+    groups cut), in place. Returns how many units went and, by layer name in `model`, the original output rows each
+    cut layer kept."""
     kept = {group.name: keep_units(group, scores[group.name], ratio) for group in groups}
     names = {module: name for name, module in model.named_modules()}
     outputs = {names[module]: rows for module, rows in cut(groups, kept).items()}
-    record = {"groups": len(groups), "units_before": sum(g.units for g in groups),
-              "units_removed": sum(g.units - len(kept[g.name]) for g in groups), "score": "disturbed Taylor (SlimSAM)",
-              "images": len(images)}
-    return record, outputs
+    return sum(g.units - len(kept[g.name]) for g in groups), outputs
 
 
 def chain_kept(earlier: dict[str, list[int]], later: dict[str, list[int]]) -> dict[str, list[int]]:
