@@ -90,7 +90,8 @@ def _parser() -> argparse.ArgumentParser:
                    "state dict, an Ultralytics .pt, a Hugging Face causal-LM folder, a .gguf, or an .onnx file")
     b.add_argument("--target", "-t", required=True, help="device name or alias (see `edgekit targets`) or a .toml")
     model = b.add_argument_group("model")
-    model.add_argument("--arch", help="architecture of a state dict: a torchvision classifier name, or a timm one (timm/ may prefix it)")
+    model.add_argument("--arch", help="architecture of a state dict: a torchvision classifier name, or a timm one "
+                       "(timm/ may prefix it)")
     model.add_argument("--num-classes", type=int, help="classes of a state dict (default: read from its weights)")
     model.add_argument("--input-size", type=int, help="square input side in pixels (default 224)")
     data = b.add_argument_group("data")
