@@ -114,6 +114,7 @@ def parsers(work: Path) -> dict[str, tuple[Callable[[random.Random], tuple[str, 
     from PIL import Image
 
     from edgekit.data import list_images
+    from edgekit.families import FAMILIES
     from edgekit.families.base import LoadedModel
     from edgekit.families.classifier import ClassifierFamily, preprocess_spec
     from edgekit.families.gguf_check import check_gguf
@@ -124,7 +125,7 @@ def parsers(work: Path) -> dict[str, tuple[Callable[[random.Random], tuple[str, 
 
     Image.MAX_IMAGE_PIXELS = 1 << 20  # a mutated header's huge size is refused before it is decoded
     targets = [p.read_text() for p in sorted(resource_dir("targets").glob("*.toml"))]
-    recipe = resolve(Recipe(), load_target("x86-64"), "classifier").to_toml()
+    recipe = resolve(Recipe(), load_target("x86-64"), FAMILIES["classifier"]).to_toml()
     gguf = gguf_seed(work)
     images = image_seeds()
     model = LoadedModel(name="m", family="classifier", source="m", input_shape=(1, 3, 8, 8),

@@ -78,7 +78,7 @@ def matched_ratio(model: str, target: str, budget_ms: float, calib: Path, precis
     adapter = resolve(model, LoadOptions())
     loaded = adapter.load(model, LoadOptions())
     recipe = with_overrides(with_defaults(Recipe(), adapter.recipe_defaults), {"quantize.precision": precision})
-    plan = resolve_recipe(recipe, device, adapter.name)
+    plan = resolve_recipe(recipe, device, adapter)
     images = adapter.samples(loaded, sorted(p for p in calib.iterdir())[:2], None).inputs
 
     def latency(ratio: float) -> float:
