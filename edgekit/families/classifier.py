@@ -94,8 +94,8 @@ def _build_arch(arch: str, num_classes: int) -> torch.nn.Module:
     import difflib
 
     near = difflib.get_close_matches(name, [*known, "efficientnet_lite0", *timm.list_models()], n=3, cutoff=0.6)
-    hint = f"; did you mean {', '.join(near)}?" if near else ""
-    raise UsageError(f"unknown --arch {arch!r} (neither torchvision nor timm has it){hint}")
+    hint = f"; did you mean {', '.join(near)}?" if near else " (neither torchvision nor timm has it)"
+    raise UsageError(f"unknown --arch {arch!r}{hint}")
 
 
 def _read_state_dict(path: Path) -> dict[str, Any]:

@@ -49,6 +49,7 @@ class ImageData:
     eval_source: str
     eval_dir: Path | None  # None: held out of the calibration folder
     samples: Samples | None = None
+    calibration: tuple[np.ndarray, dict[str, Any]] | None = None  # inputs and record, once read
 
     def record(self) -> dict[str, Any]:
         """How the manifest names them (and `edgekit verify` finds them again)."""
@@ -196,9 +197,12 @@ class ImageFamily(FloatParts):
         return ctx.cache.get_or_compute(key, compute)["outputs"]
 
     def calibration(self, model: LoadedModel, data: ImageData, ctx: BuildContext) -> tuple[np.ndarray, dict[str, Any]]:
-        """The calibration images as model inputs, and how the report names them."""
-        files = data.calib_files[: ctx.plan.quantize.calib_limit]
-        return self.cached_samples(model, files, data.calib_dir, ctx).inputs, files_record(files, data.calib_dir)
+        """The calibration images as model inputs, and how the report names them (read once per build)."""
+        if data.calibration is None:
+            files = data.calib_files[: ctx.plan.quantize.calib_limit]
+            data.calibration = (self.cached_samples(model, files, data.calib_dir, ctx).inputs,
+                                files_record(files, data.calib_dir))
+        return data.calibration
 
     def compress(self, model: LoadedModel, data: ImageData, ctx: BuildContext) -> Any:
         """The module to export: the loaded one, or a pruned (and distilled) copy; the original stays the
