@@ -27,7 +27,7 @@ import numpy as np
 
 from edgekit import __version__
 from edgekit.errors import StageError, UsageError
-from edgekit.search.evolve import Config, Costs, Level, Scored, SearchResult, Unit, evolve
+from edgekit.search.evolve import Config, Costs, Level, SearchResult, Unit, evolve
 
 if TYPE_CHECKING:
     import torch
@@ -388,13 +388,6 @@ def choose(space: ImageSpace, plan: Recipe, progress: Progress, *, refit: int, d
 def search_record(space: ImageSpace, result: SearchResult, budget: str, refit: int, levels: str, fitness: str,
                   seed: int) -> dict[str, Any]:
     """The report's `search` block."""
-
-    def point(scored: Scored) -> dict[str, Any]:
-        return {"levels": [space.found.labels[level] for level in scored.config], "fitness": scored.fitness,
-                "samples": scored.samples, "latency_ms": round(scored.costs.latency_ms, 4),
-                "bytes": int(scored.costs.bytes), "macs": int(scored.costs.macs)}
-
-    uniform = result.uniform
     return {
         "budget": budget,
         "method": "EvoPress-style evolutionary search (level-switch mutations within the budget, selection in steps "
@@ -403,19 +396,9 @@ def search_record(space: ImageSpace, result: SearchResult, budget: str, refit: i
         "latency_label": space.basis,
         "fitness": fitness,
         "refit_images": refit,
-        "levels": space.found.labels,
-        "units": [{"name": name, "level": space.found.labels[level]}
-                  for name, level in zip(space.found.names, result.best.config, strict=True)],
-        "chosen": point(result.best),
-        "uniform": None if uniform is None else {"level": space.found.labels[max(uniform.config)], **point(uniform)},
         "unpruned": {"latency_ms": round(space.base.latency_ms, 4), "bytes": int(space.base.bytes),
                      "macs": int(space.base.macs)},
-        "front": [point(s) for s in result.front()],
-        "candidates": len(result.scored),
-        "evaluations": result.evaluations,
-        "generations": result.generations,
-        "seconds": result.seconds,
-        "seed": seed,
+        **result.record(space.found.labels, space.found.names, seed, lambda s: {"macs": int(s.costs.macs)}),
     }
 
 

@@ -232,16 +232,7 @@ def module_totals(found: list[list[dict[str, torch.nn.Module]]]) -> tuple[np.nda
 
 
 def record_search(space: LanguageModelSpace, result: SearchResult, budget: str, seed: int) -> dict[str, Any]:
-    """The report's `search` block (the image search's shape): each unit's level, the chosen and the uniform
-    configurations, the Pareto front of everything scored on all samples, candidates and seconds."""
-
-    def point(scored: Any) -> dict[str, Any]:
-        return {"levels": [space.labels[level] for level in scored.config], "fitness": scored.fitness,
-                "samples": scored.samples, "bytes": int(scored.costs.bytes),
-                "latency_ms": round(scored.costs.latency_ms, 4),
-                "tokens_per_s": round(1e3 / scored.costs.latency_ms, 2)}
-
-    uniform = result.uniform
+    """The report's `search` block (the image search's shape), with each configuration's decode rate."""
     return {
         "budget": budget,
         "method": "EvoPress-style evolutionary search (level-switch mutations within the budget, selection in steps "
@@ -251,17 +242,8 @@ def record_search(space: LanguageModelSpace, result: SearchResult, budget: str, 
                  "export per level",
         "fitness": f"KL(original ‖ candidate) of next-token distributions per token, mean over the first "
                    f"{space.samples} calibration windows",
-        "levels": space.labels,
-        "units": [{"name": name, "level": space.labels[level]}
-                  for name, level in zip(space.names, result.best.config, strict=True)],
-        "chosen": point(result.best),
-        "uniform": None if uniform is None else {"level": space.labels[max(uniform.config)], **point(uniform)},
-        "front": [point(s) for s in result.front()],
-        "candidates": len(result.scored),
-        "evaluations": result.evaluations,
-        "generations": result.generations,
-        "seconds": result.seconds,
-        "seed": seed,
+        **result.record(space.labels, space.names, seed,
+                        lambda s: {"tokens_per_s": round(1e3 / s.costs.latency_ms, 2)}),
     }
 
 

@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -144,6 +144,32 @@ class SearchResult:
             return s.fitness, s.costs.latency_ms, s.costs.bytes, s.costs.macs
 
         return sorted((s for s in full if not any(_dominates(key(o), key(s)) for o in full)), key=key)
+
+    def record(self, labels: Sequence[str], names: Sequence[str], seed: int,
+               extra: Callable[[Scored], dict[str, Any]]) -> dict[str, Any]:
+        """What every family's report `search` block says of the outcome: each unit's level, the chosen and the
+        uniform configuration, the front, and the search's size and time. A configuration's entry holds its
+        levels (by `labels`), fitness, samples, bytes and estimated latency, and `extra(scored)`."""
+
+        def point(scored: Scored) -> dict[str, Any]:
+            return {"levels": [labels[level] for level in scored.config], "fitness": scored.fitness,
+                    "samples": scored.samples, "latency_ms": round(scored.costs.latency_ms, 4),
+                    "bytes": int(scored.costs.bytes), **extra(scored)}
+
+        uniform = self.uniform
+        return {
+            "levels": list(labels),
+            "units": [{"name": name, "level": labels[level]} for name, level in zip(names, self.best.config,
+                                                                                    strict=True)],
+            "chosen": point(self.best),
+            "uniform": None if uniform is None else {"level": labels[max(uniform.config)], **point(uniform)},
+            "front": [point(s) for s in self.front()],
+            "candidates": len(self.scored),
+            "evaluations": self.evaluations,
+            "generations": self.generations,
+            "seconds": self.seconds,
+            "seed": seed,
+        }
 
 
 def _dominates(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
