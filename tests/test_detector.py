@@ -199,3 +199,43 @@ def test_tflite_int8_build_verifies_a_float_output_artifact(tmp_path: Path, boxe
     assert report["quantization"]["kept_float"] and report["quantization"]["scheme"]["calibration"] == "mean-minmax"
     assert report["map50_95_artifact"] is not None and report["box_agreement"] is not None
     assert load_target("coral").integer_only and not load_target("raspberry-pi-5").integer_only
+
+
+
+def test_search_space_serves_kept_unit_outputs_as_a_full_pass_computes_them(tmp_path: Path) -> None:
+    """YOLO's units (C3k2/SPPF blocks, head branches) feed later layers through skip connections and concats: an
+    output kept for the levels upstream of a unit must still be exactly what a full pass gives."""
+    from edgekit.cache import ArrayCache
+    from edgekit.families.detector import DetectorFamily
+    from edgekit.passes.levels import ImageSpace, variants
+    from edgekit.targets import load_target
+
+    model = settled_yolo(tmp_path, "yolo11")
+    family = DetectorFamily()
+    units = family.search_units(model)
+    images = np.stack([torch.rand(3, SIZE, SIZE, generator=torch.Generator().manual_seed(i)).numpy()
+                       for i in range(6)])
+    found = variants(model, units, family.prune_keep(model), images[:3], [0.0, 0.5], ArrayCache(None), {},
+                     progress=iter)
+    assert "model.23.cv2.0" in found.names and "model.2" in found.names  # a head branch, a C3k2 block
+    space = ImageSpace(model, found, images[3:], family.distill_targets, family.search_distance,
+                       lambda _m: pytest.fail("costs come from the stored arrays"), load_target("x86-64"),
+                       _StoredCosts(len(found.names)), {})  # type: ignore[arg-type]
+    assert sorted(space.memo.order) == list(range(len(found.names)))
+    rng = np.random.default_rng(0)
+    configs = [tuple(int(v) for v in rng.integers(0, 2, len(found.names))) for _ in range(4)]
+    configs.append((*configs[0][:-1], 1 - configs[0][-1]))  # only the last unit differs: the rest is served
+    remembered = [space.fitness(config, samples) for config in configs for samples in (2, 3)]
+    assert space.memo.hits > 0
+    space.memo.order = []  # nothing kept: every unit runs
+    assert remembered == pytest.approx([space.fitness(c, n) for c in configs for n in (2, 3)], rel=1e-5, abs=1e-9)
+
+
+class _StoredCosts:
+    """A cache holding zero costs for every unit (the test needs no device model)."""
+
+    def __init__(self, units: int) -> None:
+        self.units = units
+
+    def get_or_compute(self, _key: object, _compute: object) -> dict[str, np.ndarray]:
+        return {"base": np.zeros(3), "deltas": np.zeros((self.units, 2, 3))}

@@ -87,6 +87,18 @@ def test_stitched_variants_keep_every_unit_boundary_and_come_back_from_the_cache
     assert space.fitness((0, 0, 0), 4) == 0.0 < space.fitness((2, 2, 2), 4)
 
 
+def test_kept_unit_outputs_give_the_fitness_a_full_pass_gives(tiny_blocks: torch.nn.Module, tmp_path: Path) -> None:
+    space, _ = _space(tiny_blocks, tmp_path)
+    assert space.memo.order == [0, 1, 2]  # the units in the order a forward pass runs them
+    configs = [(0, 0, 0), (0, 0, 2), (0, 1, 2), (2, 1, 2), (0, 0, 1), (0, 1, 2)]
+    remembered = [space.fitness(config, samples) for config in configs for samples in (3, 4)]
+    assert space.memo.hits > 0
+    space.memo.order = []  # nothing kept: every unit runs
+    assert remembered == pytest.approx([space.fitness(c, n) for c in configs for n in (3, 4)], rel=1e-6, abs=1e-9)
+    assert not any(hasattr(module, "__dict__") and "forward" in module.__dict__
+                   for row in space.found.modules for module in row)  # the units' own forward is back
+
+
 @pytest.mark.parametrize("target", ["x86-64", "jetson-orin-nano"])
 def test_configuration_costs_add_up_to_the_artifacts_estimate(tiny_blocks: torch.nn.Module, tmp_path: Path,
                                                               target: str) -> None:

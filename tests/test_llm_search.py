@@ -13,7 +13,7 @@ import torch
 
 from edgekit.api import build
 from edgekit.errors import UsageError
-from edgekit.families.llm_adapter import _costs
+from edgekit.families.llm_adapter import _costs, quantize_lm
 from edgekit.passes.export_llm import export_lm
 from edgekit.passes.sequential import WeightScheme
 from edgekit.passes.weight_levels import LanguageModelSpace, WeightLevel, graph_shares, level_database, variants
@@ -61,6 +61,16 @@ def test_a_stitched_configuration_costs_what_its_export_takes() -> None:
         assert predicted.latency_ms == pytest.approx(decode_ms(analysis), rel=1e-9), config
     int8, eora = (space.stitch((level,) * units).get_submodule("model.layers.0.mlp.down_proj") for level in (0, 1))
     assert int8.edgekit_quantized.bits == 8 and eora.base.edgekit_quantized.bits == 4 and eora.a.weight.shape[0] == 8
+    # requantized block by block at a mixed configuration's levels: other codes, the same layers and bytes
+    mixed = (0, 1, 1, 2)
+    sequential = copy.deepcopy(model)
+    records = quantize_lm(sequential, calibration, scheme, None, None, Progress(quiet=True),
+                          per_layer=space.schemes(mixed, scheme))["layers"]
+    assert [(r["block"], r["bits"], r["eora_rank"]) for r in records if r["layer"] == "mlp.down_proj"] == [
+        (0, 4, 8), (1, 4, 0)]
+    assert export_lm(sequential, 17).ByteSize() == cost(space, mixed).bytes
+    assert not torch.equal(sequential.get_submodule("model.layers.1.mlp.down_proj").weight,
+                           space.stitch(mixed).get_submodule("model.layers.1.mlp.down_proj").weight)
 
 
 def _cheapest_bytes(folder: Path) -> float:
@@ -93,6 +103,8 @@ def test_budget_build_keeps_every_candidate_and_the_artifact_within_the_budget(
     assert len({unit["level"] for unit in search["units"]}) > 1  # a mix: no uniform level is this size
     assert search["uniform"]["level"] == "int4" and search["chosen"]["fitness"] <= search["uniform"]["fitness"]
     assert search["chosen"] in search["front"] and all(point["bytes"] <= limit for point in search["front"])
+    refit = search["refit"]  # the chosen levels requantized block by block, kept if closer on unread windows
+    assert refit["windows"] == 2 and refit["kept"] == (refit["kl_requantized"] < refit["kl_stitched"])
     assert set(search) >= {"budget", "chosen", "front", "uniform", "seconds", "candidates"}
     bits = {(row["block"], row["layer"]): row["bits"] for row in report["quantization"]["layers"]
             if row["block"] is not None}

@@ -126,3 +126,17 @@ def test_time_bound_stops_the_search() -> None:
     budget = parse_budget(f"latency={cost(space, (2,) * 6).latency_ms}ms")
     result = evolve(space, budget, seed=0, generations=1000, seconds=0.0)
     assert result.generations == 0 and result.best == result.uniform
+
+
+def test_the_search_starts_on_the_budget_edge_between_two_uniform_levels() -> None:
+    space = _toy()
+    limit = (cost(space, (1,) * 6).latency_ms + cost(space, (2,) * 6).latency_ms) / 2
+    result = evolve(space, parse_budget(f"latency={limit}ms"), seed=0, generations=0)
+    assert result.uniform is not None and result.uniform.config == (2,) * 6
+    best = result.best.config
+    assert cost(space, best).latency_ms <= limit and result.best.fitness < result.uniform.fitness
+    # no unit could step to a less compressed level without breaking the budget
+    for unit, level in enumerate(best):
+        if level:
+            raised = (*best[:unit], level - 1, *best[unit + 1:])
+            assert cost(space, raised).latency_ms > limit

@@ -28,12 +28,13 @@ from edgekit.passes.export import set_metadata
 from edgekit.passes.export_llm import export_lm
 from edgekit.passes.prune_llm import block_importance, prune_width
 from edgekit.passes.quantize import to_fp16
-from edgekit.passes.sequential import BATCH, Covariance, WeightScheme, compress_blocks, compress_linear
+from edgekit.passes.sequential import BATCH, Covariance, SchemeOf, WeightScheme, compress_blocks, compress_linear
 from edgekit.passes.weight_levels import (
     LanguageModelSpace,
     WeightLevel,
     chosen_layers,
     graph_shares,
+    kl_to_original,
     level_database,
     record_search,
     variants,
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
 
     from edgekit.context import BuildContext
     from edgekit.recipe import Recipe
+    from edgekit.search import Config
 
 BITS = {"int4": 4, "int8": 8}
 
@@ -146,13 +148,15 @@ def reference(loaded: llm.LoadedLM, text: Text, new_tokens: int, cache: ArrayCac
 
 
 def quantize_lm(module: Any, calibration: Any, scheme: WeightScheme, head_bits: int | None,
-                embedding_bits: int | None, progress: Progress) -> dict[str, Any]:
-    """Quantize every decoder block's linears (GPTQ/RTN, EoRA), then the output layer and the embedding table."""
+                embedding_bits: int | None, progress: Progress, per_layer: SchemeOf | None = None) -> dict[str, Any]:
+    """Quantize every decoder block's linears (GPTQ/RTN, EoRA; by `scheme`, or by `per_layer` where a search chose
+    each layer's bits and rank), then the output layer and the embedding table."""
     import torch
 
     with torch.no_grad():
         hidden, kwargs = llm.block_inputs(module, calibration)
-        hidden, records = compress_blocks(llm.decoder_layers(module), llm.block_linears, hidden, kwargs, scheme,
+        hidden, records = compress_blocks(llm.decoder_layers(module), llm.block_linears, hidden, kwargs,
+                                          per_layer or scheme,
                                           track=lambda xs, n: progress.track(xs, n, "decoder blocks"))
         records += quantize_ends(module, hidden, scheme, head_bits, embedding_bits)
     errors = [r["output_error"] for r in records if "output_error" in r]
@@ -456,14 +460,44 @@ def search_lm(model: llm.LoadedLM, text: Text, ctx: BuildContext) -> Decoder:
                         f"{result.best.fitness:.4g}" + (f" (uniform {space.labels[uniform.config[0]]}: "
                                                         f"{uniform.fitness:.4g})" if uniform else ""))
     ctx.sections["search"] = record_search(space, result, budget.text, plan.seed)
-    quantization = {"layers": chosen_layers(space, result.best.config) + ends,
+    decoder, layers, ctx.sections["search"]["refit"] = refit_lm(model, text, space, result.best.config, scheme,
+                                                                hidden, ends, ctx)
+    quantization = {"layers": layers,
                     "scheme": {"weights": "searched: " + ", ".join(settings.weight_levels) + " per unit",
                                "method": weights.method, "act_order": weights.act_order,
                                "group_size": weights.group_size, "symmetric": weights.symmetric,
                                "head_bits": weights.head_bits, "embedding_bits": weights.embedding_bits,
                                "accuracy_level": weights.accuracy_level, "eora_bits": plan.lowrank.bits,
                                "calibration_tokens": int(text.calibration.numel())}}
-    return Decoder(space.stitch(result.best.config), quantization)
+    return Decoder(decoder, quantization)
+
+
+def refit_lm(model: llm.LoadedLM, text: Text, space: LanguageModelSpace, config: Config, scheme: WeightScheme,
+             hidden: Any, ends: list[dict[str, Any]], ctx: BuildContext
+             ) -> tuple[Any, list[dict[str, Any]], dict[str, Any]]:
+    """The chosen configuration requantized block by block (GPTQ and EoRA on the inputs the already-quantized
+    blocks give, as a uniform build does; the database's levels saw the original's inputs), kept only if it is
+    closer to the original on calibration windows the fitness did not read (`hidden`: the original's last block
+    outputs on every calibration window). Same levels, same bytes. Returns the decoder, its quantization rows and
+    the report's `refit` block."""
+    window = slice(space.samples, 2 * space.samples)
+    held, teacher = text.calibration[window], hidden[window]
+    stitched = space.stitch(config)
+    if not len(held):
+        return stitched, chosen_layers(space, config) + ends, {
+            "kept": False, "reason": "every calibration window was read by the fitness: none left to judge a refit"}
+    weights = ctx.plan.weights
+    with ctx.progress.stage("refit") as note:
+        sequential = copy.deepcopy(model.module)
+        records = quantize_lm(sequential, text.calibration, scheme, weights.head_bits, weights.embedding_bits,
+                              ctx.progress, per_layer=space.schemes(config, scheme))["layers"]
+        before, after = (kl_to_original(model.module, candidate, held, teacher) for candidate in (stitched, sequential))
+        kept = after < before
+        note["note"] = (f"KL on {len(held)} windows the fitness did not read: stitched {before:.4g}, requantized "
+                        f"{after:.4g}: {'kept' if kept else 'not kept'}")
+    record = {"method": "sequential GPTQ/EoRA at the chosen levels", "windows": len(held),
+              "kl_stitched": before, "kl_requantized": after, "kept": kept}
+    return (sequential, records, record) if kept else (stitched, chosen_layers(space, config) + ends, record)
 
 
 def _uniform_exports(space: LanguageModelSpace, model: llm.LoadedLM, ctx: BuildContext) -> dict[str, Any]:

@@ -19,8 +19,11 @@ units' deltas; a changed op that no unit claims, or that two claim, stops the bu
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -42,6 +45,7 @@ if TYPE_CHECKING:
     from edgekit.targets import Target
 
 BATCH = 8  # images through a stitched model at once
+MEMO_BYTES = 2 << 30  # unit outputs a search keeps for candidates that share the levels upstream
 
 
 def internal_keep(unit: torch.nn.Module, example: torch.Tensor, keep: list[str]) -> list[str] | None:
@@ -221,6 +225,7 @@ class ImageSpace:
         self.targets, self.distance = targets, distance
         with torch.no_grad():
             self.wanted = [targets(model, batch) for batch in self.images.split(BATCH)]
+        self.memo = PrefixMemo(self.model, found, self.images[:1])
 
     def stitched(self, config: Config) -> torch.nn.Module:
         """The working model with each unit at its level in `config` (the next call changes it: copy to keep)."""
@@ -235,10 +240,75 @@ class ImageSpace:
         model = self.stitched(config)
         total = 0.0
         with torch.no_grad():
-            for batch, wanted in zip(self.images[:samples].split(BATCH), self.wanted, strict=False):
-                distance = self.distance(self.targets(model, batch), [w[: len(batch)] for w in wanted])
+            for index, (batch, wanted) in enumerate(zip(self.images[:samples].split(BATCH), self.wanted,
+                                                        strict=False)):
+                with self.memo.serving(config, index):
+                    distance = self.distance(self.targets(model, batch), [w[: len(batch)] for w in wanted])
                 total += float(distance) * len(batch)
         return total / min(samples, self.samples)
+
+
+class PrefixMemo:
+    """Unit outputs kept for the candidates that share the levels upstream of a unit.
+
+    A child differs from its parent in a few units; every unit that runs before the first of them sees the same
+    input and gives the same output as in the parent. Each unit's output on a batch is therefore kept under the
+    levels of the units that ran up to it (in the order a forward pass runs them, found once with hooks) and served
+    instead of running the unit again; a request for fewer images than kept takes the first rows. The oldest
+    outputs go first beyond `MEMO_BYTES`. Where a unit runs more than once in a forward pass, or gives no single
+    tensor, nothing is kept."""
+
+    def __init__(self, model: torch.nn.Module, found: Variants, example: torch.Tensor) -> None:
+        import torch
+
+        calls: list[int] = []
+        hooks = [model.get_submodule(name).register_forward_hook(
+            lambda _m, _i, out, unit=unit: calls.append(unit if isinstance(out, torch.Tensor) else -1))
+            for unit, name in enumerate(found.names)]
+        try:
+            with torch.no_grad():
+                model(example)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        single = sorted(calls) == list(range(len(found.names)))
+        self.order = calls if single else []
+        self.found = found
+        self.kept: OrderedDict[tuple[Config, int], torch.Tensor] = OrderedDict()
+        self.bytes = 0
+        self.hits = self.misses = 0
+
+    @contextmanager
+    def serving(self, config: Config, batch: int) -> Iterator[None]:
+        """While open, the units of `config` serve kept outputs for batch number `batch` and keep new ones."""
+        patched = []
+        for position, unit in enumerate(self.order):
+            module = self.found.modules[unit][config[unit]]
+            key = (tuple(config[u] for u in self.order[: position + 1]), batch)
+            module.forward = partial(self._forward, type(module).forward.__get__(module), key)
+            patched.append(module)
+        try:
+            yield
+        finally:
+            for module in patched:
+                del module.forward
+
+    def _forward(self, forward: Callable[..., torch.Tensor], key: tuple[Config, int], x: torch.Tensor,
+                 *args: Any, **kwargs: Any) -> torch.Tensor:
+        kept = self.kept.get(key)
+        if kept is not None and len(kept) >= len(x):
+            self.kept.move_to_end(key)
+            self.hits += 1
+            return kept[: len(x)].clone()  # clones: a later in-place op must not change what is kept
+        self.misses += 1
+        out = forward(x, *args, **kwargs)
+        if kept is not None:
+            self.bytes -= kept.nbytes
+        self.kept[key] = out.clone()
+        self.bytes += out.nbytes
+        while self.bytes > MEMO_BYTES and len(self.kept) > 1:
+            self.bytes -= self.kept.popitem(last=False)[1].nbytes
+        return out
 
 
 def _vector(costs: Costs) -> np.ndarray:

@@ -45,6 +45,9 @@ class WeightScheme:
         return rtn(weight, self.bits, self.group_size, self.symmetric)
 
 
+SchemeOf = Callable[[int, str], WeightScheme]  # a block's index and a linear's name in it -> how it is compressed
+
+
 class Covariance:
     """Accumulates `Σ x xᵀ` over every row of a linear layer's input (a forward pre-hook)."""
 
@@ -103,7 +106,8 @@ def compress_linear(parent: torch.nn.Module, name: str, layer: torch.nn.Linear, 
     quantized = scheme.quantize(weight, covariance)
     delta = weight - hold(layer, quantized).weight.detach()
     signal = output_error(weight, covariance)
-    record: dict[str, Any] = {"layer": name, "bits": scheme.bits, "bytes": quantized.nbytes,
+    record: dict[str, Any] = {"layer": name, "bits": scheme.bits, "eora_rank": scheme.rank_for(name),
+                              "bytes": quantized.nbytes,
                               "output_error": output_error(delta, covariance) / signal}
     if scheme.rank_for(name):
         b, a = eora(delta, covariance, scheme.rank_for(name))
@@ -122,17 +126,20 @@ def stored_bytes(layer: torch.nn.Linear) -> int:
 
 
 def compress_blocks(blocks: Iterable[torch.nn.Module], linears_of: Callable[[torch.nn.Module], dict[str, Any]],
-                    hidden: torch.Tensor, kwargs: dict[str, Any], scheme: WeightScheme,
+                    hidden: torch.Tensor, kwargs: dict[str, Any], scheme: WeightScheme | SchemeOf,
                     track: Callable[[Iterable[Any], int], Iterable[Any]] = lambda xs, _n: xs,
                     ) -> tuple[torch.Tensor, list[dict[str, Any]]]:
-    """Compress every linear of every block, block by block; returns the last block's outputs (what the head
-    sees) and one record per layer."""
+    """Compress every linear of every block, block by block, by one scheme or by each layer's (`scheme(block
+    index, layer name)`: the levels a budget search chose); returns the last block's outputs (what the head sees)
+    and one record per layer."""
+    scheme_of = scheme if callable(scheme) else lambda _index, _name: scheme
     blocks = list(blocks)
     records = []
     for index, block in enumerate(track(blocks, len(blocks))):
         linears = linears_of(block)
         stats = input_statistics(block, linears, hidden, kwargs, Covariance)  # GPTQ, EoRA, each layer's error
         for name, layer in linears.items():
-            records.append({"block": index} | compress_linear(block, name, layer, stats[name].matrix, scheme))
+            records.append({"block": index} | compress_linear(block, name, layer, stats[name].matrix,
+                                                              scheme_of(index, name)))
         hidden = run_block(block, hidden, kwargs)
     return hidden, records

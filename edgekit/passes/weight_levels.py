@@ -181,17 +181,18 @@ class LanguageModelSpace:
 
     def fitness(self, config: Config, samples: int) -> float:
         """Mean KL(original ‖ stitched) per token of next-token distributions on the first `samples` windows."""
-        import torch
+        return kl_to_original(self.original, self.stitch(config), self.windows[:samples], self.teacher[:samples])
 
-        from edgekit.passes.distill import next_token_kl
+    def schemes(self, config: Config, scheme: WeightScheme) -> Callable[[int, str], WeightScheme]:
+        """Each linear's weight scheme at `config`'s levels (by block index and name): the sequential requantization
+        of the chosen configuration compresses every layer as its level says."""
+        def scheme_of(block: int, name: str) -> WeightScheme:
+            group = next(g for g, names in GROUPS.items() if name in names)
+            bits, rank = weight_level(self.labels[config[len(GROUPS) * block + list(GROUPS).index(group)]])
+            return replace(scheme, bits=bits, rank=rank, ranks=())
 
-        model = self.stitch(config)
-        total = 0.0
-        with torch.no_grad():
-            for ids, hidden in zip(self.windows[:samples].split(FITNESS_BATCH),
-                                   self.teacher[:samples].split(FITNESS_BATCH), strict=True):
-                total += float(next_token_kl(llm.logits(model, ids), [llm.head(self.original, hidden)])) * len(ids)
-        return total / samples
+        return scheme_of
+
 
     def set_costs(self, shares: list[dict[str, Any]], base: dict[str, Any],
                   decode_ms: Callable[[dict[str, Any]], float]) -> None:
@@ -216,6 +217,21 @@ class LanguageModelSpace:
                                                           latency_ms=ms(unit, level) - start))
                                        for level, label in enumerate(self.labels)))
                       for unit, name in enumerate(self.names)]
+
+
+def kl_to_original(original: torch.nn.Module, model: torch.nn.Module, windows: torch.Tensor,
+                   teacher: torch.Tensor) -> float:
+    """Mean KL(original ‖ model) per token of next-token distributions on `windows`, the original's side read from
+    its last block's outputs (`teacher`)."""
+    import torch
+
+    from edgekit.passes.distill import next_token_kl
+
+    total = 0.0
+    with torch.no_grad():
+        for ids, hidden in zip(windows.split(FITNESS_BATCH), teacher.split(FITNESS_BATCH), strict=True):
+            total += float(next_token_kl(llm.logits(model, ids), [llm.head(original, hidden)])) * len(ids)
+    return total / len(windows)
 
 
 def module_totals(found: list[list[dict[str, torch.nn.Module]]]) -> tuple[np.ndarray, np.ndarray]:
