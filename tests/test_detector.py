@@ -226,7 +226,7 @@ def test_search_space_serves_kept_unit_outputs_as_a_full_pass_computes_them(tmp_
     configs = [tuple(int(v) for v in rng.integers(0, 2, len(found.names))) for _ in range(4)]
     configs.append((*configs[0][:-1], 1 - configs[0][-1]))  # only the last unit differs: the rest is served
     remembered = [space.fitness(config, samples) for config in configs for samples in (2, 3)]
-    assert space.memo.hits > 0
+    assert space.memo.kept.hits > 0
     space.memo.order = []  # nothing kept: every unit runs
     assert remembered == pytest.approx([space.fitness(c, n) for c in configs for n in (2, 3)], rel=1e-5, abs=1e-9)
 

@@ -92,7 +92,7 @@ def test_kept_unit_outputs_give_the_fitness_a_full_pass_gives(tiny_blocks: torch
     assert space.memo.order == [0, 1, 2]  # the units in the order a forward pass runs them
     configs = [(0, 0, 0), (0, 0, 2), (0, 1, 2), (2, 1, 2), (0, 0, 1), (0, 1, 2)]
     remembered = [space.fitness(config, samples) for config in configs for samples in (3, 4)]
-    assert space.memo.hits > 0
+    assert space.memo.kept.hits > 0
     space.memo.order = []  # nothing kept: every unit runs
     assert remembered == pytest.approx([space.fitness(c, n) for c in configs for n in (3, 4)], rel=1e-6, abs=1e-9)
     assert not any(hasattr(module, "__dict__") and "forward" in module.__dict__

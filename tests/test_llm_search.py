@@ -16,7 +16,14 @@ from edgekit.errors import UsageError
 from edgekit.families.llm_adapter import _costs, quantize_lm
 from edgekit.passes.export_llm import export_lm
 from edgekit.passes.sequential import WeightScheme
-from edgekit.passes.weight_levels import LanguageModelSpace, WeightLevel, graph_shares, level_database, variants
+from edgekit.passes.weight_levels import (
+    LanguageModelSpace,
+    WeightLevel,
+    graph_shares,
+    kl_to_original,
+    level_database,
+    variants,
+)
 from edgekit.progress import Progress
 from edgekit.search import BudgetUnreachable
 from edgekit.search.evolve import cost
@@ -61,6 +68,12 @@ def test_a_stitched_configuration_costs_what_its_export_takes() -> None:
         assert predicted.latency_ms == pytest.approx(decode_ms(analysis), rel=1e-9), config
     int8, eora = (space.stitch((level,) * units).get_submodule("model.layers.0.mlp.down_proj") for level in (0, 1))
     assert int8.edgekit_quantized.bits == 8 and eora.base.edgekit_quantized.bits == 4 and eora.a.weight.shape[0] == 8
+    # fitness runs block by block from the outputs kept for the levels upstream: as a full forward pass computes it
+    configs = [(0, 0, 0, 0), (0, 0, 2, 1), (0, 0, 2, 2), (1, 0, 2, 2), (0, 0, 2, 1)]
+    remembered = [space.fitness(config, samples) for config in configs for samples in (1, 2)]
+    assert space.kept.hits > 0 and space.wanted.hits > 0
+    assert remembered == pytest.approx([kl_to_original(model, space.stitch(c), calibration[:n], hidden[:n])
+                                        for c in configs for n in (1, 2)], rel=1e-4, abs=1e-7)
     # requantized block by block at a mixed configuration's levels: other codes, the same layers and bytes
     mixed = (0, 1, 1, 2)
     sequential = copy.deepcopy(model)

@@ -26,13 +26,21 @@ def mse(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tenso
 
 def next_token_kl(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
     """KL(teacher ‖ student) of next-token distributions, averaged over token positions."""
+    return sum(kl_from_log_probs(log_probs(s), log_probs(t)) for s, t in zip(student, teacher, strict=True))
+
+
+def log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities over the last axis, one row per position."""
     import torch
 
-    def log_probs(x: torch.Tensor) -> torch.Tensor:
-        return torch.log_softmax(x.float(), dim=-1).flatten(0, -2)
+    return torch.log_softmax(logits.float(), dim=-1).flatten(0, -2)
 
-    return sum(torch.nn.functional.kl_div(log_probs(s), log_probs(t), log_target=True, reduction="batchmean")
-               for s, t in zip(student, teacher, strict=True))
+
+def kl_from_log_probs(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """KL(teacher ‖ student), averaged over rows, from both sides' log-probabilities (`log_probs`)."""
+    import torch
+
+    return torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean")
 
 
 def _probe_split(data: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor, bool]:

@@ -19,7 +19,6 @@ units' deltas; a changed op that no unit claims, or that two claim, stops the bu
 from __future__ import annotations
 
 import copy
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ import numpy as np
 from edgekit import __version__
 from edgekit.errors import StageError, UsageError
 from edgekit.search.evolve import Config, Costs, Level, SearchResult, Unit, evolve
+from edgekit.search.kept import KeptOutputs
 
 if TYPE_CHECKING:
     import torch
@@ -45,7 +45,6 @@ if TYPE_CHECKING:
     from edgekit.targets import Target
 
 BATCH = 8  # images through a stitched model at once
-MEMO_BYTES = 2 << 30  # unit outputs a search keeps for candidates that share the levels upstream
 
 
 def internal_keep(unit: torch.nn.Module, example: torch.Tensor, keep: list[str]) -> list[str] | None:
@@ -249,14 +248,11 @@ class ImageSpace:
 
 
 class PrefixMemo:
-    """Unit outputs kept for the candidates that share the levels upstream of a unit.
+    """Unit outputs kept for the candidates that share the levels upstream of a unit (edgekit/search/kept.py).
 
-    A child differs from its parent in a few units; every unit that runs before the first of them sees the same
-    input and gives the same output as in the parent. Each unit's output on a batch is therefore kept under the
-    levels of the units that ran up to it (in the order a forward pass runs them, found once with hooks) and served
-    instead of running the unit again; a request for fewer images than kept takes the first rows. The oldest
-    outputs go first beyond `MEMO_BYTES`. Where a unit runs more than once in a forward pass, or gives no single
-    tensor, nothing is kept."""
+    Each unit's output on a batch is kept under the levels of the units that ran up to it, in the order a forward
+    pass runs them (found once with hooks), and served instead of running the unit again. Where a unit runs more
+    than once in a forward pass, or gives no single tensor, nothing is kept."""
 
     def __init__(self, model: torch.nn.Module, found: Variants, example: torch.Tensor) -> None:
         import torch
@@ -271,12 +267,9 @@ class PrefixMemo:
         finally:
             for hook in hooks:
                 hook.remove()
-        single = sorted(calls) == list(range(len(found.names)))
-        self.order = calls if single else []
+        self.order = calls if sorted(calls) == list(range(len(found.names))) else []
         self.found = found
-        self.kept: OrderedDict[tuple[Config, int], torch.Tensor] = OrderedDict()
-        self.bytes = 0
-        self.hits = self.misses = 0
+        self.kept = KeptOutputs()
 
     @contextmanager
     def serving(self, config: Config, batch: int) -> Iterator[None]:
@@ -295,21 +288,11 @@ class PrefixMemo:
 
     def _forward(self, forward: Callable[..., torch.Tensor], key: tuple[Config, int], x: torch.Tensor,
                  *args: Any, **kwargs: Any) -> torch.Tensor:
-        kept = self.kept.get(key)
-        if kept is not None and len(kept) >= len(x):
-            self.kept.move_to_end(key)
-            self.hits += 1
-            return kept[: len(x)].clone()  # clones: a later in-place op must not change what is kept
-        self.misses += 1
-        out = forward(x, *args, **kwargs)
-        if kept is not None:
-            self.bytes -= kept.nbytes
-        self.kept[key] = out.clone()
-        self.bytes += out.nbytes
-        while self.bytes > MEMO_BYTES and len(self.kept) > 1:
-            self.bytes -= self.kept.popitem(last=False)[1].nbytes
-        return out
-
+        kept = self.kept.get(key, len(x))
+        if kept is None:
+            kept = forward(x, *args, **kwargs)
+            self.kept.put(key, kept)
+        return kept
 
 def _vector(costs: Costs) -> np.ndarray:
     return np.array([costs.macs, costs.bytes, costs.latency_ms], dtype=np.float64)

@@ -28,6 +28,7 @@ import numpy as np
 from edgekit.families import llm
 from edgekit.recipe import weight_level
 from edgekit.search import Config, Costs, Level, SearchResult, Unit
+from edgekit.search.kept import KeptOutputs
 
 if TYPE_CHECKING:
     import onnx
@@ -163,6 +164,8 @@ class LanguageModelSpace:
     def __post_init__(self) -> None:
         self.current = [None] * len(self.found)
         self.names = unit_names(self.working)
+        self.kept = KeptOutputs()  # block outputs by the levels up to the block
+        self.wanted = KeptOutputs()  # the original's next-token log-probabilities, by batch
 
     @property
     def samples(self) -> int:
@@ -180,8 +183,36 @@ class LanguageModelSpace:
         return self.working
 
     def fitness(self, config: Config, samples: int) -> float:
-        """Mean KL(original ‖ stitched) per token of next-token distributions on the first `samples` windows."""
-        return kl_to_original(self.original, self.stitch(config), self.windows[:samples], self.teacher[:samples])
+        """Mean KL(original ‖ stitched) per token of next-token distributions on the first `samples` windows.
+
+        Block by block: a block's outputs are kept under the levels of the units up to it (a child shares its
+        parent's up to its first changed unit, and starts there), and the original's log-probabilities once."""
+        import torch
+
+        from edgekit.passes.distill import kl_from_log_probs, log_probs
+
+        model = self.stitch(config)
+        blocks = llm.decoder_layers(model)
+        total = 0.0
+        with torch.no_grad():
+            for batch, ids in enumerate(self.windows[:samples].split(FITNESS_BATCH)):
+                hidden, kwargs = llm.block_inputs(model, ids)
+                start = 0
+                for index in reversed(range(len(blocks))):
+                    kept = self.kept.get((config[: len(GROUPS) * (index + 1)], batch), len(ids))
+                    if kept is not None:
+                        hidden, start = kept, index + 1
+                        break
+                for index in range(start, len(blocks)):
+                    hidden = blocks[index](hidden, **kwargs)
+                    self.kept.put((config[: len(GROUPS) * (index + 1)], batch), hidden)
+                wanted = self.wanted.get(batch, len(ids))  # [windows, tokens, vocabulary]
+                if wanted is None:
+                    teacher = self.teacher[batch * FITNESS_BATCH:][: len(ids)]
+                    wanted = log_probs(llm.head(self.original, teacher)).unflatten(0, teacher.shape[:2])
+                    self.wanted.put(batch, wanted)
+                total += float(kl_from_log_probs(log_probs(llm.head(model, hidden)), wanted.flatten(0, 1))) * len(ids)
+        return total / samples
 
     def schemes(self, config: Config, scheme: WeightScheme) -> Callable[[int, str], WeightScheme]:
         """Each linear's weight scheme at `config`'s levels (by block index and name): the sequential requantization

@@ -23,11 +23,11 @@ knows nothing else about:
 The loop (EvoPress's (1 + λ) algorithm, level-switch mutations, multi-step selection):
 1. The parent starts as the uniform configuration nearest the budget: the least compressed one within it.
    If no uniform one fits, the cheapest configuration (each unit at its cheapest level); if that misses too,
-   `BudgetUnreachable` names its cost. Then random units step to less compressed levels while the budget
-   holds, so that the search starts on the budget's edge: where two uniform levels lie far apart in cost (int4
-   and int4 + EoRA for every linear of a language model), the uniform start leaves much of the budget unspent,
-   and mutations that keep their parent's cost would never spend it. The uniform configuration is scored too,
-   and the better of the two starts.
+   `BudgetUnreachable` names its cost. Then units step to less compressed levels while the budget holds, the
+   most compressed first (at random among equals), so that the search starts on the budget's edge and as near
+   uniform as it can: where two uniform levels lie far apart in cost (int4 and int4 + EoRA for every linear of a
+   language model), the uniform start leaves much of the budget unspent, and mutations that keep their parent's
+   cost would never spend it. The uniform configuration is scored too, and the better of the two starts.
 2. Each generation draws `offspring` children: one to three units (fewer more often) step to a less
    compressed level, then random units step to more compressed ones until the budget holds again. A child
    needing more than `MAX_SWITCHES` steps, or giving back far more budget than it took (a taken/returned
@@ -253,6 +253,8 @@ def evolve(space: Space, budget: Budget, *, seed: int, generations: int = 50, se
                         and budget.allows(spent(child) - deltas[u][level] + deltas[u][level - 1])]
             if not raisable:
                 return tuple(child)
+            most = max(child[u] for u in raisable)
+            raisable = [u for u in raisable if child[u] == most]
             child[raisable[rng.integers(len(raisable))]] -= 1
 
     starts = list(dict.fromkeys([start_uniform or cheapest, filled(start_uniform or cheapest)]))
