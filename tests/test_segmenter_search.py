@@ -124,11 +124,16 @@ def test_budget_builds_meet_their_budget_reuse_the_variants_and_report_the_searc
         done = report["distillation"]  # the chosen encoder distilled block by block, where asked
         assert (done["blocks_trained"] == len(BLOCKS)) if more else done is None
     assert len(rankings) == 1  # the second budget searched the first one's variants
+    limit = round(0.9 * full, 4)
+    assert build(f"latency={limit}ms", "again", "--no-cache") == 0  # recomputed: the same seed, the same bytes
+    first, again = ({name: entry for name, entry in json.loads((Path(out) / "manifest.json").read_text())[
+        "outputs"].items() if name.endswith(".onnx")} for out in ("first", "again"))
+    assert again == first and "encoder.onnx" in first and len(rankings) == 2
     capsys.readouterr()
     assert build("latency=1us", "none") == 1
     err = capsys.readouterr().err
     assert "no configuration meets the budget latency=1us: the closest" in err and not Path("none").exists()
-    assert len(rankings) == 1
+    assert len(rankings) == 2
 
 
 def test_a_budget_and_a_slimming_ratio_are_refused_together(tmp_path: Path, instances: Path,
