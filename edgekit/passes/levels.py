@@ -257,17 +257,13 @@ class PrefixMemo:
     def __init__(self, model: torch.nn.Module, found: Variants, example: torch.Tensor) -> None:
         import torch
 
-        calls: list[int] = []
-        hooks = [model.get_submodule(name).register_forward_hook(
-            lambda _m, _i, out, unit=unit: calls.append(unit if isinstance(out, torch.Tensor) else -1))
-            for unit, name in enumerate(found.names)]
-        try:
-            with torch.no_grad():
-                model(example)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        self.order = calls if sorted(calls) == list(range(len(found.names))) else []
+        from edgekit.passes.reconstruct import forward_calls
+
+        units = {model.get_submodule(name): unit for unit, name in enumerate(found.names)}
+        calls = forward_calls(model, example, units)
+        single = sorted(unit for unit, _ in calls) == list(range(len(found.names)))
+        tensors = all(isinstance(out, torch.Tensor) for _, out in calls)
+        self.order = [unit for unit, _ in calls] if single and tensors else []
         self.found = found
         self.kept = KeptOutputs()
 

@@ -9,13 +9,14 @@ in the order they run, each also corrects the drift of the layers before it. No 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 RIDGE = 1e-3  # of the mean input energy: keeps the solve stable for inputs the images barely excite
 BATCH = 8  # images through the original at once while its outputs are recorded
 ROWS = 65536  # positions per float64 product (bounds the copy)
+T = TypeVar("T")
 
 
 def dense(module: torch.nn.Module) -> bool:
@@ -25,17 +26,23 @@ def dense(module: torch.nn.Module) -> bool:
 
 def execution_order(module: torch.nn.Module, example: torch.Tensor) -> list[str]:
     """Names of the dense layers in the order a forward pass first calls them."""
-    order: list[str] = []
     names = {m: name for name, m in module.named_modules() if dense(m)}
-    hooks = [m.register_forward_pre_hook(lambda m, _a: order.append(names[m]) if names[m] not in order else None)
-             for m in names]
+    return list(dict.fromkeys(name for name, _ in forward_calls(module, example, names)))
+
+
+def forward_calls(module: torch.nn.Module, example: torch.Tensor, layers: dict[torch.nn.Module, T]
+                  ) -> list[tuple[T, Any]]:
+    """Each time a forward pass of `module` on `example` calls one of `layers`: its key there and its output, in
+    the order the calls end."""
+    calls: list[tuple[T, Any]] = []
+    hooks = [layer.register_forward_hook(lambda m, _a, out: calls.append((layers[m], out))) for layer in layers]
     try:
         with torch.no_grad():
             module(example)
     finally:
         for hook in hooks:
             hook.remove()
-    return order
+    return calls
 
 
 def recorded(model: torch.nn.Module, images: torch.Tensor, outputs: list[str], inputs: list[str]
