@@ -114,45 +114,15 @@ def verify(folder: str | Path, device_url: str, *, device_token: str | None = No
     """Verify a built artifact folder on a real device through its agent: the held-out inputs and the reference
     are recreated from the manifest, and report.json gains the device's figures and its gate results."""
     folder = Path(folder)
-    report, stored = _folder(folder)
-    family = report.get("model", {}).get("family")
-    if family not in families.FAMILIES:
-        raise UsageError(f"{folder} holds a {family} model, which this edgekit does not know")
-    adapter = families.FAMILIES[family]
-    if not adapter.device_verifiable:
-        raise UsageError(f"{folder} holds a {family} model: device verification through an agent takes one-graph "
-                         "image models; this family is verified where it is built")
-    if stored.get("schema_version") is None:
-        raise UsageError(f"{folder} was built by an earlier edgekit (its manifest has no schema_version); rebuild it")
-    try:
-        manifest = Manifest.model_validate(stored)
-        given = manifest.inputs["model"].get("given")
-        resolved = Recipe.model_validate(manifest.recipe)
-        calib, held_out = manifest.inputs["calibration"]["path"], manifest.inputs["eval"]["dir"]
-    except (ValidationError, KeyError, TypeError, AttributeError) as err:
-        raise UsageError(f"{folder}/manifest.json is damaged ({first_line(err)}); rebuild the folder") from None
-    if given is None:
-        raise UsageError(f"{folder} was built from a Python object: verify it with edgekit.build(..., device_url=...)")
-    options = LoadOptions(**manifest.load_options)
-    remote = _reach(device_url, device_token)
-    ctx = BuildContext(
-        plan=resolved, origins=manifest.origins, target=load_target(report["target"]["name"]), adapter=adapter,
-        options=options, calib=calib, eval=held_out,
-        cache=ArrayCache(default_cache_dir() if use_cache else None), progress=Progress(quiet),
-        threads=min(resolved.verify.threads or 1, os.cpu_count() or 1), remote=remote,
-    )
-    with ctx.progress.stage("load") as record:
-        model = adapter.load(given, options, ctx.cache.root)
-        record["note"] = model.name
-    if model.fingerprint != manifest.inputs["model"]["sha256"]:
-        raise UsageError(f"{given} changed since the artifact was built; rebuild it")
+    rebuilt = _rebuilt(folder, use_cache, quiet, lambda: _reach(device_url, device_token), "device verification "
+                       "through an agent takes one-graph image models; this family is verified where it is built")
+    report, manifest, stored, ctx, model, data = rebuilt
     from edgekit.families.base import Artifact
 
-    data = adapter.data(model, ctx)
-    reference = adapter.reference(model, data, ctx)
+    reference = ctx.adapter.reference(model, data, ctx)
     artifact = Artifact(files={report["artifact"]["file"]: (folder / report["artifact"]["file"]).read_bytes()},
                         format=report["artifact"]["format"], precision=report["artifact"]["precision"])
-    device = adapter.on_device(artifact, data, reference, ctx)
+    device = ctx.adapter.on_device(artifact, data, reference, ctx)
     report["device"] = device
     kind = device["latency_ms"]["label"].split(":")[0]
     report["latency_ms"][f"{kind}_device"] = device["latency_ms"]
@@ -164,6 +134,70 @@ def verify(folder: str | Path, device_url: str, *, device_token: str | None = No
     updated["outputs"] = output_hashes(folder, list(dict.fromkeys([*manifest.outputs, "report.html"])))
     write_json(folder / "manifest.json", updated)
     return BuildResult(out=folder, report=report)
+
+
+def diff(folder: str | Path, *, images: int = 4, use_cache: bool = True, quiet: bool = False) -> dict[str, Any]:
+    """Where a built ONNX image artifact departs from the original torch model: each block's (container module's)
+    relative error and cosine on the first `images` held-out inputs, the first layer that departs and the worst
+    (edgekit/verify/diff.py). The original and the data are recreated from the manifest."""
+    from edgekit.verify.diff import layer_diff, summary
+
+    folder = Path(folder)
+    report, _manifest, _stored, ctx, model, data = _rebuilt(
+        folder, use_cache, quiet, lambda: None, "diff compares one-graph image models layer by layer")
+    if report["artifact"]["format"] != "onnx":
+        raise UsageError(f"{folder} holds a {report['artifact']['format']} artifact: diff reads ONNX artifacts")
+    if model.module is None:
+        raise UsageError(f"{folder} was built from an ONNX file: diff compares an artifact with its torch original")
+    import onnx
+
+    assert data.samples is not None
+    graph = onnx.load_from_string((folder / report["artifact"]["file"]).read_bytes())
+    with ctx.progress.stage("diff") as record:
+        rows = layer_diff(model.module.eval(), graph, data.samples.inputs[:images], ctx.threads)
+        found = summary(rows)
+        record["note"] = (f"{found['layers']} layers on {min(images, len(data.samples))} held-out images; first "
+                          f"departure: {found['first_departure'] or 'none'}, worst: {found['worst']}")
+    return {"images": min(images, len(data.samples)), **found, "rows": rows}
+
+
+def _rebuilt(folder: Path, use_cache: bool, quiet: bool, remote: Any, family_refusal: str
+             ) -> tuple[dict[str, Any], Manifest, dict[str, Any], BuildContext, Any, Any]:
+    """A built folder's report, manifest (checked and raw), the build context recreated from the manifest, the
+    original model (checked against its recorded hash) and its data; a family that is not device-verifiable
+    (one-graph image models) is refused with `family_refusal`."""
+    report, stored = _folder(folder)
+    family = report.get("model", {}).get("family")
+    if family not in families.FAMILIES:
+        raise UsageError(f"{folder} holds a {family} model, which this edgekit does not know")
+    adapter = families.FAMILIES[family]
+    if not adapter.device_verifiable:
+        raise UsageError(f"{folder} holds a {family} model: {family_refusal}")
+    if stored.get("schema_version") is None:
+        raise UsageError(f"{folder} was built by an earlier edgekit (its manifest has no schema_version); rebuild it")
+    try:
+        manifest = Manifest.model_validate(stored)
+        given = manifest.inputs["model"].get("given")
+        resolved = Recipe.model_validate(manifest.recipe)
+        calib, held_out = manifest.inputs["calibration"]["path"], manifest.inputs["eval"]["dir"]
+    except (ValidationError, KeyError, TypeError, AttributeError) as err:
+        raise UsageError(f"{folder}/manifest.json is damaged ({first_line(err)}); rebuild the folder") from None
+    if given is None:
+        raise UsageError(f"{folder} was built from a Python object, which the folder cannot load again (verify "
+                         "such a build on a device with edgekit.build(..., device_url=...))")
+    options = LoadOptions(**manifest.load_options)
+    ctx = BuildContext(
+        plan=resolved, origins=manifest.origins, target=load_target(report["target"]["name"]), adapter=adapter,
+        options=options, calib=calib, eval=held_out,
+        cache=ArrayCache(default_cache_dir() if use_cache else None), progress=Progress(quiet),
+        threads=min(resolved.verify.threads or 1, os.cpu_count() or 1), remote=remote(),
+    )
+    with ctx.progress.stage("load") as record:
+        model = adapter.load(given, options, ctx.cache.root)
+        record["note"] = model.name
+    if model.fingerprint != manifest.inputs["model"]["sha256"]:
+        raise UsageError(f"{given} changed since the artifact was built; rebuild it")
+    return report, manifest, stored, ctx, model, adapter.data(model, ctx)
 
 
 def report(folder: str | Path) -> Path:

@@ -187,6 +187,22 @@ def _parser() -> argparse.ArgumentParser:
         "this rewrites it, e.g. for a folder built by an earlier edgekit.")
     r.add_argument("folder", help="a build folder (dist/<name>-<target>)")
 
+    d = commands.add_parser(
+        "diff", help="where a built artifact starts to differ from the original, layer by layer",
+        description="Run the original torch model and the built ONNX artifact on the first held-out inputs "
+        "(recreated from manifest.json) and compare every block's output (each container module whose output the "
+        "graph computes too, matched by the exporter's scope names): relative error and cosine. Marks the first "
+        "layer whose relative error reaches 0.1 and the worst one. Image models built from torch; layers a "
+        "search or pruning narrowed inside a block are skipped, block boundaries compared.",
+        epilog="example:\n  edgekit build mobilenet_v2 --target x86-64 --precision int8 --calib ./photos/\n"
+        "  edgekit diff dist/mobilenet_v2-x86-64 --images 8\n\n"
+        "exit codes: 0 compared (whatever it found)   2 bad input (no folder, not ONNX, not from torch)",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    d.add_argument("folder", help="a build folder (dist/<name>-<target>) holding an ONNX artifact")
+    d.add_argument("--images", type=int, default=4, help="held-out inputs to compare on (default 4)")
+    d.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    d.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+
     t = commands.add_parser("targets", help="list device profiles",
                             description="Device profiles from targets/*.toml: peaks, bandwidth, runtime, defaults.")
     t.add_argument("--json", action="store_true", help="print the profiles as JSON")
@@ -295,6 +311,26 @@ def _report(args: argparse.Namespace) -> int:
     from edgekit.api import report
 
     print(f"wrote {report(args.folder)}")
+    return 0
+
+
+def _diff(args: argparse.Namespace) -> int:
+    from edgekit.api import diff
+
+    if args.images < 1:
+        raise UsageError("--images must be at least 1")
+    found = diff(args.folder, images=args.images, quiet=args.quiet)
+    if args.json:
+        print(json.dumps(found, indent=2))
+        return 0
+    first, worst = found["first_departure"], found["worst"]
+    print(f"{'layer':<40}{'module':<24}{'shape':<20}{'rel error':>11}{'cosine':>10}")
+    for row in found["rows"]:
+        mark = " <- first departure" if row["layer"] == first else " <- worst" if row["layer"] == worst else ""
+        print(f"{row['layer']:<40}{row['module']:<24}{'x'.join(map(str, row['shape'])):<20}"
+              f"{row['rel_error']:>11.4g}{row['cosine']:>10.5f}{mark}")
+    print(f"{found['layers']} layers on {found['images']} held-out images; first departure (relative error >= "
+          f"{found['departs_at']}): {first or 'none'}; worst: {worst}")
     return 0
 
 
@@ -419,8 +455,8 @@ def _estimate(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
-        commands = {"build": _build, "verify": _verify, "report": _report, "agent": _agent, "targets": _targets,
-                    "inspect": _inspect, "estimate": _estimate, "generate": _generate}
+        commands = {"build": _build, "verify": _verify, "report": _report, "diff": _diff, "agent": _agent,
+                    "targets": _targets, "inspect": _inspect, "estimate": _estimate, "generate": _generate}
         return commands[args.command](args)
     except EdgekitError as err:
         if os.environ.get("EDGEKIT_DEBUG"):
