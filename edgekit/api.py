@@ -116,7 +116,7 @@ def verify(folder: str | Path, device_url: str, *, device_token: str | None = No
     folder = Path(folder)
     rebuilt = _rebuilt(folder, use_cache, quiet, lambda: _reach(device_url, device_token), "device verification "
                        "through an agent takes one-graph image models; this family is verified where it is built")
-    report, manifest, stored, ctx, model, data = rebuilt
+    report, manifest, ctx, model, data = rebuilt
     from edgekit.families.base import Artifact
 
     reference = ctx.adapter.reference(model, data, ctx)
@@ -127,12 +127,7 @@ def verify(folder: str | Path, device_url: str, *, device_token: str | None = No
     kind = device["latency_ms"]["label"].split(":")[0]
     report["latency_ms"][f"{kind}_device"] = device["latency_ms"]
     judge(report, ctx)
-    write_json(folder / "report.json", report)
-    write_html(folder / "report.html", report, stored)
-    adopt(folder, "report.html")
-    updated = manifest.model_dump(mode="json")
-    updated["outputs"] = output_hashes(folder, list(dict.fromkeys([*manifest.outputs, "report.html"])))
-    write_json(folder / "manifest.json", updated)
+    _rewrite(folder, report, manifest.model_dump(mode="json"), with_json=True)
     return BuildResult(out=folder, report=report)
 
 
@@ -143,7 +138,7 @@ def diff(folder: str | Path, *, images: int = 4, use_cache: bool = True, quiet: 
     from edgekit.verify.diff import layer_diff, summary
 
     folder = Path(folder)
-    report, _manifest, _stored, ctx, model, data = _rebuilt(
+    report, manifest, ctx, model, data = _rebuilt(
         folder, use_cache, quiet, lambda: None, "diff compares one-graph image models layer by layer")
     if report["artifact"]["format"] != "onnx":
         raise UsageError(f"{folder} holds a {report['artifact']['format']} artifact: diff reads ONNX artifacts")
@@ -155,15 +150,17 @@ def diff(folder: str | Path, *, images: int = 4, use_cache: bool = True, quiet: 
     graph = onnx.load_from_string((folder / report["artifact"]["file"]).read_bytes())
     with ctx.progress.stage("diff") as record:
         rows = layer_diff(model.module.eval(), graph, data.samples.inputs[:images], ctx.threads)
-        found = summary(rows)
-        record["note"] = (f"{found['layers']} layers on {min(images, len(data.samples))} held-out images; first "
-                          f"departure: {found['first_departure'] or 'none'}, worst: {found['worst']}")
-    return {"images": min(images, len(data.samples)), **found, "rows": rows}
+        found = {"images": min(images, len(data.samples)), **summary(rows), "rows": rows}
+        record["note"] = (f"{found['layers']} layers on {found['images']} held-out images; first departure: "
+                          f"{found['first_departure'] or 'none'}, worst: {found['worst']}")
+    report["diff"] = found
+    _rewrite(folder, report, manifest.model_dump(mode="json"), with_json=True)
+    return found
 
 
 def _rebuilt(folder: Path, use_cache: bool, quiet: bool, remote: Any, family_refusal: str
-             ) -> tuple[dict[str, Any], Manifest, dict[str, Any], BuildContext, Any, Any]:
-    """A built folder's report, manifest (checked and raw), the build context recreated from the manifest, the
+             ) -> tuple[dict[str, Any], Manifest, BuildContext, Any, Any]:
+    """A built folder's report, manifest, the build context recreated from the manifest, the
     original model (checked against its recorded hash) and its data; a family that is not device-verifiable
     (one-graph image models) is refused with `family_refusal`."""
     report, stored = _folder(folder)
@@ -197,7 +194,7 @@ def _rebuilt(folder: Path, use_cache: bool, quiet: bool, remote: Any, family_ref
         record["note"] = model.name
     if model.fingerprint != manifest.inputs["model"]["sha256"]:
         raise UsageError(f"{given} changed since the artifact was built; rebuild it")
-    return report, manifest, stored, ctx, model, adapter.data(model, ctx)
+    return report, manifest, ctx, model, adapter.data(model, ctx)
 
 
 def report(folder: str | Path) -> Path:
@@ -210,13 +207,21 @@ def report(folder: str | Path) -> Path:
     except ValidationError as err:
         raise UsageError(f"{folder / 'report.json'} is not an edgekit report ({first_line(err)})") from None
     manifest = _json_object(folder / "manifest.json") if (folder / "manifest.json").exists() else None
-    page = folder / "report.html"
-    write_html(page, source, manifest)
-    adopt(folder, page.name)
+    return _rewrite(folder, source, manifest, with_json=False)
+
+
+def _rewrite(folder: Path, report: dict[str, Any], manifest: dict[str, Any] | None, *, with_json: bool) -> Path:
+    """report.html (and report.json, `with_json`) written anew from `report`; the page listed in the folder's marker,
+    and the manifest's hashes of what was written updated where the folder has a manifest. Returns the page."""
+    written = ["report.json", "report.html"] if with_json else ["report.html"]
+    if with_json:
+        write_json(folder / "report.json", report)
+    write_html(folder / "report.html", report, manifest)
+    adopt(folder, "report.html")
     if manifest and isinstance(manifest.get("outputs"), dict):
-        manifest["outputs"] |= output_hashes(folder, [page.name])
+        manifest["outputs"] |= output_hashes(folder, written)
         write_json(folder / "manifest.json", manifest)
-    return page
+    return folder / "report.html"
 
 
 def _json_object(path: Path) -> dict[str, Any]:

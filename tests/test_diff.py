@@ -11,10 +11,12 @@ import pytest
 import torch
 from onnx import numpy_helper
 
+from edgekit.data import file_sha256
 from edgekit.passes.export import export_onnx
 from edgekit.verify.diff import DEPARTS, layer_diff, summary
 
 from .test_levels import _images
+from .test_report_html import assert_page
 
 
 def test_an_exact_export_matches_every_block_and_a_changed_block_is_found(tiny_blocks: torch.nn.Module) -> None:
@@ -72,5 +74,11 @@ def test_diff_command_compares_a_built_int8_artifact(mobilenet_v3_pth: Path, pho
     assert main(["diff", "built", "--images", "2", "-q"]) == 0  # the table
     out = capsys.readouterr().out
     assert "<- worst" in out and out.strip().splitlines()[-1].startswith(f"{len(rows)} layers on 2 held-out images")
+    report = json.loads(Path("built/report.json").read_text())
+    assert report["diff"] == found  # kept in report.json, drawn on report.html, both rehashed in the manifest
+    manifest = json.loads(Path("built/manifest.json").read_text())
+    assert manifest["outputs"]["report.json"]["sha256"] == file_sha256(Path("built/report.json"))
+    assert manifest["outputs"]["report.html"]["sha256"] == file_sha256(Path("built/report.html"))
+    assert_page(Path("built"))
     assert main(["diff", "nowhere"]) == 2
     assert "not an edgekit artifact folder" in capsys.readouterr().err

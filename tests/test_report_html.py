@@ -103,6 +103,8 @@ def assert_page(folder: Path) -> Page:
         assert any(caption.startswith("Time per layer (estimated)") for caption in captions)
     if report.get("search"):
         assert any(caption.startswith("Pareto front") for caption in captions)
+    if report.get("diff"):
+        assert any(caption.startswith("Where the artifact departs from the original") for caption in captions)
     assert not page.tags & {"script", "link", "img", "iframe", "object"}
     assert all(link.startswith("#") for link in page.links), page.links  # nothing outside the page
     manifest = json.loads((folder / "manifest.json").read_text())

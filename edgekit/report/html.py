@@ -105,14 +105,36 @@ def _layer_charts(report: dict[str, Any]) -> list[str]:
 
 
 def _steps(report: dict[str, Any]) -> list[str]:
-    """The compression steps the build took, as tables; a search adds its Pareto front."""
+    """The compression steps the build took, as tables; a search adds its Pareto front, a layer-by-layer
+    comparison (`edgekit diff`) its error along the graph."""
     parts = []
-    for key in ("search", "pruning", "distillation", "slimming", "quantization"):
+    for key in ("search", "pruning", "distillation", "slimming", "quantization", "diff"):
         block = report.get(key)
         if block:
-            front = _front(block) if key == "search" and block.get("front") else ""
-            parts.append(_section(key.capitalize(), front + _kv(block)))
+            chart = _front(block) if key == "search" and block.get("front") else \
+                _departure(block) if key == "diff" and block.get("rows") else ""
+            parts.append(_section(key.capitalize(), chart + _kv(block)))
     return parts
+
+
+def _departure(diff: dict[str, Any]) -> str:
+    rows = diff["rows"]
+
+    def draw(ax: Any) -> None:
+        ax.plot(range(len(rows)), [row["rel_error"] for row in rows], ".-", color="#4062bb")
+        ax.axhline(diff["departs_at"], color="#b00020", linewidth=0.8, linestyle="--")
+        for name, color in (("first_departure", "#b00020"), ("worst", "#c77700")):
+            index = next((i for i, row in enumerate(rows) if row["layer"] == diff.get(name)), None)
+            if index is not None:
+                ax.plot(index, rows[index]["rel_error"], "o", color=color, fillstyle="none", markersize=10,
+                        label=f"{name.replace('_', ' ')}: {rows[index]['layer']}")
+        ax.set_xlabel("layer, in the graph's order")
+        ax.set_ylabel("relative error to the original")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+
+    return _chart(f"Where the artifact departs from the original ({diff['layers']} layers, {diff['images']} "
+                  f"held-out images; dashed: {diff['departs_at']})", draw, (7, 3.2))
 
 
 def _front(search: dict[str, Any]) -> str:

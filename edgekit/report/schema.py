@@ -73,6 +73,7 @@ class Report(_Open):
     ops: dict[str, Any] | None = None
     analysis: dict[str, Any] | None = None
     device: dict[str, Any] | None = None
+    diff: dict[str, Any] | None = None  # `edgekit diff`: each block of the artifact against the original
     gates: list[Gate] = []
     stages: list[dict[str, Any]]
     notes: list[str]
