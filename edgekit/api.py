@@ -132,24 +132,24 @@ def verify(folder: str | Path, device_url: str, *, device_token: str | None = No
 
 
 def diff(folder: str | Path, *, images: int = 4, use_cache: bool = True, quiet: bool = False) -> dict[str, Any]:
-    """Where a built ONNX image artifact departs from the original torch model: each block's (container module's)
-    relative error and cosine on the first `images` held-out inputs, the first layer that departs and the worst
-    (edgekit/verify/diff.py). The original and the data are recreated from the manifest."""
+    """Where a built ONNX or TFLite image artifact departs from the original torch model: each block's (container
+    module's) relative error and cosine on the first `images` held-out inputs, the first layer that departs and the
+    worst (edgekit/verify/diff.py). The original and the data are recreated from the manifest; the comparison goes
+    into report.json and report.html."""
     from edgekit.verify.diff import layer_diff, summary
 
     folder = Path(folder)
     report, manifest, ctx, model, data = _rebuilt(
         folder, use_cache, quiet, lambda: None, "diff compares one-graph image models layer by layer")
-    if report["artifact"]["format"] != "onnx":
-        raise UsageError(f"{folder} holds a {report['artifact']['format']} artifact: diff reads ONNX artifacts")
+    fmt = report["artifact"]["format"]
+    if fmt not in ("onnx", "tflite"):
+        raise UsageError(f"{folder} holds a {fmt} artifact: diff reads ONNX and TFLite artifacts")
     if model.module is None:
         raise UsageError(f"{folder} was built from an ONNX file: diff compares an artifact with its torch original")
-    import onnx
-
     assert data.samples is not None
-    graph = onnx.load_from_string((folder / report["artifact"]["file"]).read_bytes())
+    artifact = (folder / report["artifact"]["file"]).read_bytes()
     with ctx.progress.stage("diff") as record:
-        rows = layer_diff(model.module.eval(), graph, data.samples.inputs[:images], ctx.threads)
+        rows = layer_diff(model.module.eval(), artifact, fmt, data.samples.inputs[:images], ctx.threads)
         found = {"images": min(images, len(data.samples)), **summary(rows), "rows": rows}
         record["note"] = (f"{found['layers']} layers on {found['images']} held-out images; first departure: "
                           f"{found['first_departure'] or 'none'}, worst: {found['worst']}")

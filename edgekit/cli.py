@@ -189,16 +189,16 @@ def _parser() -> argparse.ArgumentParser:
 
     d = commands.add_parser(
         "diff", help="where a built artifact starts to differ from the original, layer by layer",
-        description="Run the original torch model and the built ONNX artifact on the first held-out inputs "
-        "(recreated from manifest.json) and compare every block's output (each container module whose output the "
-        "graph computes too, matched by the exporter's scope names): relative error and cosine. Marks the first "
+        description="Run the original torch model and the built ONNX or TFLite artifact on the first held-out "
+        "inputs (recreated from manifest.json) and compare every block's output (each container module whose output "
+        "the artifact computes too, matched by the exporter's scope names): relative error and cosine. Marks the first "
         "layer whose relative error reaches 0.1 and the worst one. Image models built from torch; layers a "
         "search or pruning narrowed inside a block are skipped, block boundaries compared.",
         epilog="example:\n  edgekit build mobilenet_v2 --target x86-64 --precision int8 --calib ./photos/\n"
         "  edgekit diff dist/mobilenet_v2-x86-64 --images 8\n\n"
         "exit codes: 0 compared (whatever it found)   2 bad input (no folder, not ONNX, not from torch)",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    d.add_argument("folder", help="a build folder (dist/<name>-<target>) holding an ONNX artifact")
+    d.add_argument("folder", help="a build folder (dist/<name>-<target>) of an image model built from torch")
     d.add_argument("--images", type=int, default=4, help="held-out inputs to compare on (default 4)")
     d.add_argument("--json", action="store_true", help="print the comparison as JSON")
     d.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")

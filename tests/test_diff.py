@@ -22,7 +22,7 @@ from .test_report_html import assert_page
 def test_an_exact_export_matches_every_block_and_a_changed_block_is_found(tiny_blocks: torch.nn.Module) -> None:
     graph = export_onnx(tiny_blocks, (1, 3, 32, 32), 17)
     inputs = _images(3)
-    rows = layer_diff(tiny_blocks, graph, inputs, 1)
+    rows = layer_diff(tiny_blocks, graph.SerializeToString(), "onnx", inputs, 1)
     layers = [row["layer"] for row in rows]
     assert {"features.3", "features.3.conv", "features.4", "features.4.conv.1", "features.5"} <= set(layers)
     assert layers.index("features.3") < layers.index("features.4") < layers.index("features.5")  # graph order
@@ -37,7 +37,7 @@ def test_an_exact_export_matches_every_block_and_a_changed_block_is_found(tiny_b
     for initializer in changed.graph.initializer:
         if initializer.name in projection.input[1:]:  # weight and bias (its batch norm folded in)
             initializer.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(initializer) * 1.5, initializer.name))
-    rows = {row["layer"]: row for row in layer_diff(tiny_blocks, changed, inputs, 1)}
+    rows = {row["layer"]: row for row in layer_diff(tiny_blocks, changed.SerializeToString(), "onnx", inputs, 1)}
     assert rows["features.3"]["rel_error"] < 1e-4
     assert rows["features.4"]["rel_error"] == pytest.approx(0.5, rel=0.05)  # a projection scaled by 1.5, no residual
     assert rows["features.5"]["rel_error"] >= DEPARTS
@@ -51,8 +51,8 @@ def test_pruned_layers_are_skipped_and_block_boundaries_compared(tiny_blocks: to
     pruned = __import__("copy").deepcopy(tiny_blocks)
     block = pruned.features[4]
     prune_channels(block, (1, 8, 16, 16), 0.5, [block.conv[2]], torch.randn(4, 8, 16, 16))
-    rows = {row["layer"]: row for row in layer_diff(tiny_blocks, export_onnx(pruned, (1, 3, 32, 32), 17),
-                                                    _images(2), 1)}
+    graph = export_onnx(pruned, (1, 3, 32, 32), 17).SerializeToString()
+    rows = {row["layer"]: row for row in layer_diff(tiny_blocks, graph, "onnx", _images(2), 1)}
     assert "features.4.conv.0" not in rows  # its output channels were halved: not the same tensor
     assert rows["features.3"]["rel_error"] < 1e-4 and rows["features.4"]["shape"] == [1, 16, 8, 8]
     assert np.isfinite(rows["features.4"]["rel_error"]) and rows["features.4"]["rel_error"] > 1e-4
@@ -82,3 +82,18 @@ def test_diff_command_compares_a_built_int8_artifact(mobilenet_v3_pth: Path, pho
     assert_page(Path("built"))
     assert main(["diff", "nowhere"]) == 2
     assert "not an edgekit artifact folder" in capsys.readouterr().err
+
+
+def test_tflite_artifacts_are_read_channels_last_and_dequantized(tiny_blocks: torch.nn.Module) -> None:
+    from edgekit.passes.tflite import Int8Fit, convert_tflite, tflite_precision
+
+    inputs = _images(3)
+    flat = convert_tflite(tiny_blocks, (1, 3, 32, 32))
+    rows = {row["layer"]: row for row in layer_diff(tiny_blocks, flat, "tflite", inputs, 1)}
+    assert {"features.3", "features.4", "features.5", "features.3.conv.0"} <= set(rows)  # by litert-torch locations
+    assert rows["features.4"]["shape"] == [1, 16, 8, 8]  # NHWC in the flatbuffer, compared as torch lays it out
+    assert all(row["rel_error"] < 1e-4 for row in rows.values())
+    integer = tflite_precision(flat, "int8", _images(8), Int8Fit("minmax", 0, False))
+    rows = {row["layer"]: row for row in layer_diff(tiny_blocks, integer, "tflite", inputs, 1)}
+    assert {"features.3", "features.4", "features.5"} <= set(rows)
+    assert all(1e-4 < row["rel_error"] < 0.5 and row["cosine"] > 0.85 for row in rows.values())  # int8: close

@@ -1,75 +1,71 @@
-"""Where an exported graph starts to differ from the original torch model, layer by layer.
+"""Where an exported artifact starts to differ from the original torch model, layer by layer.
 
-The original runs in torch with a hook on every container module (a block, a conv-norm-activation, a stage);
-the artifact runs in onnxruntime with every tensor a container's last node writes made a graph output. The
-exporter names each node by the module scope it came from (`/features/features.3/conv/...`), so a module's
-output is the output of the last node inside its scope. Leaf modules are not compared: the exporter folds a
-batch norm into the convolution before it, whose own output then exists only in torch. Where the shapes differ
-(channels a search or pruning removed inside a block) the module is skipped; a block's boundary keeps its shape.
+The original runs in torch with a hook on every container module (a block, a conv-norm-activation, a stage); the
+artifact runs in its runtime with every intermediate tensor kept: onnxruntime with the tensors made graph outputs,
+LiteRT with all tensors preserved (integer ones dequantized, NHWC ones read as NCHW). Both exporters name each op
+by the module scope it came from (ONNX: `/features/features.3/conv/...`; litert-torch: the chain of
+`<class>_<attribute>` of the modules around it, the op's own location first where ops were fused), so a module's
+output is the output of the last op inside its scope. Leaf modules are not compared: a batch norm folded into its
+convolution exists only in torch. Where the shapes differ (channels a search or pruning removed inside a block) the
+module is skipped; a block's boundary keeps its shape.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 if TYPE_CHECKING:
-    import onnx
     import torch
 
 DEPARTS = 0.1  # relative error from which a layer's output counts as departed from the original's
 
+Op = tuple[str, Any]  # where an op came from (its scope or location) and the tensor it writes first
 
-def layer_diff(module: torch.nn.Module, graph: onnx.ModelProto, inputs: np.ndarray, threads: int
+
+def layer_diff(module: torch.nn.Module, artifact: bytes, fmt: str, inputs: np.ndarray, threads: int
                ) -> list[dict[str, Any]]:
-    """For each container module whose output the graph computes too (same shape), in the graph's order: its
-    name, class, shape, the relative error ‖a − o‖ / ‖o‖ and cosine of the artifact's tensor `a` against the
-    original's `o` over all `inputs` (one model input each)."""
-    import onnx
+    """For each container module whose output the artifact (`fmt`: onnx or tflite) computes too, with the same
+    shape, in the artifact's order: its name, class, shape, the relative error ‖a − o‖ / ‖o‖ and cosine of the
+    artifact's tensor `a` against the original's `o` over all `inputs` (one model input each)."""
     import torch
 
-    from edgekit.passes.export import module_path
     from edgekit.passes.reconstruct import forward_calls
-    from edgekit.runtimes.onnxruntime import OnnxRuntimeRunner
 
     containers = {name: layer for name, layer in module.named_modules() if name and any(True for _ in layer.children())}
-    last: dict[str, tuple[int, str]] = {}  # module -> (node index, the tensor its last node writes)
-    for index, node in enumerate(graph.graph.node):
-        path = module_path(node.name)
+    ops, inside, run = _onnx(artifact, threads) if fmt == "onnx" else _tflite(artifact, module, threads)
+    last: dict[str, tuple[int, Any]] = {}  # module -> (op index, the tensor its last op writes)
+    for index, (where, tensor) in enumerate(ops):
         for name in containers:
-            if node.output and (path == name or path.startswith(name + ".")):
-                last[name] = (index, node.output[0])
-    tensors: dict[str, str] = {}
+            if inside(name, where):
+                last[name] = (index, tensor)
+    tensors: dict[Any, str] = {}
     for name, (_, tensor) in sorted(last.items(), key=lambda item: item[1][0]):
         tensors.setdefault(tensor, name)  # the outermost module that ends in this tensor names it
-    probed = onnx.shape_inference.infer_shapes(graph)
-    known = {value.name: value for value in probed.graph.value_info}
-    outputs = [known[tensor] for tensor in tensors if tensor in known]
-    probed.graph.output.extend(outputs)
-
-    names = [value.name for value in outputs]
-    artifact: dict[str, list[np.ndarray]] = {name: [] for name in names}
-    for values in OnnxRuntimeRunner(probed.SerializeToString(), threads).stream(inputs, names):
-        for name, value in zip(names, values, strict=True):
-            artifact[name].append(np.asarray(value, np.float32))
-    original: dict[str, list[np.ndarray]] = {tensors[name]: [] for name in names}
+    artifact_values: dict[Any, list[np.ndarray]] = {tensor: [] for tensor in tensors}
+    for values in run(inputs, list(tensors)):
+        for tensor, value in values.items():
+            artifact_values[tensor].append(value)
+    original: dict[str, list[np.ndarray]] = {name: [] for name in tensors.values()}
     layers = {containers[name]: name for name in original}
     for x in inputs:
         for name, out in forward_calls(module, torch.from_numpy(x[None]), layers):
             if isinstance(out, torch.Tensor):
                 original[name].append(out.float().numpy())
     rows = []
-    for tensor in names:
-        name = tensors[tensor]
-        ours, theirs = original[name], artifact[tensor]
-        if len(ours) != len(theirs) or any(a.shape != b.shape for a, b in zip(ours, theirs, strict=True)):
-            continue  # called more than once per pass, or pruned inside: not the same tensor
+    for tensor, name in tensors.items():
+        ours, theirs = original[name], [_as_torch_layout(v, o.shape) for v, o in
+                                        zip(artifact_values[tensor], original[name], strict=False)]
+        if not ours or len(ours) != len(theirs) or any(a.shape != b.shape for a, b in zip(ours, theirs, strict=True)):
+            continue  # not computed, called more than once per pass, or pruned inside: not the same tensor
         o, a = np.concatenate([x.ravel() for x in ours]), np.concatenate([x.ravel() for x in theirs])
         norm = float(np.linalg.norm(o))
         rows.append({"layer": name, "module": type(containers[name]).__name__, "shape": list(ours[0].shape),
                      "rel_error": float(np.linalg.norm(a - o)) / norm if norm else float(np.linalg.norm(a)),
-                     "cosine": min(1.0, float(a @ o) / (float(np.linalg.norm(a)) * norm)) if norm and a.any() else 0.0})
+                     "cosine": min(1.0, float(a @ o) / (float(np.linalg.norm(a)) * norm)) if norm and a.any()
+                     else 0.0})
     return rows
 
 
@@ -78,3 +74,63 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     first = next((row["layer"] for row in rows if row["rel_error"] >= DEPARTS), None)
     worst = max(rows, key=lambda row: row["rel_error"])["layer"] if rows else None
     return {"layers": len(rows), "departs_at": DEPARTS, "first_departure": first, "worst": worst}
+
+
+Run = Callable[[np.ndarray, list[Any]], Iterator[dict[Any, np.ndarray]]]
+
+
+def _onnx(artifact: bytes, threads: int) -> tuple[list[Op], Callable[[str, str], bool], Run]:
+    """The graph's nodes by module scope, and a run that reads any node output (every one made a graph output)."""
+    import onnx
+
+    from edgekit.passes.export import module_path
+    from edgekit.runtimes.onnxruntime import OnnxRuntimeRunner
+
+    graph = onnx.shape_inference.infer_shapes(onnx.load_from_string(artifact))
+    ops = [(module_path(node.name), node.output[0]) for node in graph.graph.node if node.output]
+    known = {value.name: value for value in graph.graph.value_info}
+
+    def run(inputs: np.ndarray, tensors: list[Any]) -> Iterator[dict[Any, np.ndarray]]:
+        wanted = [tensor for tensor in tensors if tensor in known]
+        graph.graph.output.extend(known[tensor] for tensor in wanted)
+        for values in OnnxRuntimeRunner(graph.SerializeToString(), threads).stream(inputs, wanted):
+            yield {tensor: np.asarray(value, np.float32) for tensor, value in zip(wanted, values, strict=True)}
+
+    return ops, lambda name, scope: scope == name or scope.startswith(name + "."), run
+
+
+def _tflite(artifact: bytes, module: torch.nn.Module, threads: int
+            ) -> tuple[list[Op], Callable[[str, str], bool], Run]:
+    """The flatbuffer's ops by location (the op's own, first of a fused op's), each module's location chain, and a
+    run that keeps every tensor (dequantized where integer)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from edgekit.runtimes.litert import from_tensor, to_tensor
+
+    interpreter = Interpreter(model_content=artifact, num_threads=threads, experimental_preserve_all_tensors=True)
+    interpreter.allocate_tensors()
+    details = {t["index"]: t for t in interpreter.get_tensor_details()}
+    ops = [(details[op["outputs"][0]]["name"].split(";")[0] + "/", op["outputs"][0])
+           for op in interpreter._get_ops_details() if len(op["outputs"])]
+    chains = {"": ""}
+    for name, layer in module.named_modules():
+        if name:
+            parent, _, attribute = name.rpartition(".")
+            chains[name] = f"{chains[parent]}/{type(layer).__module__}.{type(layer).__qualname__}_{attribute}"
+    feed = interpreter.get_input_details()[0]
+
+    def run(inputs: np.ndarray, tensors: list[Any]) -> Iterator[dict[Any, np.ndarray]]:
+        for x in inputs:
+            interpreter.set_tensor(feed["index"], to_tensor(x[None].transpose(0, 2, 3, 1), feed))
+            interpreter.invoke()
+            yield {index: from_tensor(interpreter.get_tensor(index), details[index]).astype(np.float32)
+                   for index in tensors}
+
+    return ops, lambda name, location: chains[name] + "/" in location, run
+
+
+def _as_torch_layout(value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A channels-last 4-D tensor read as torch's channels-first where that gives torch's shape."""
+    if value.shape != shape and value.ndim == 4 and value.transpose(0, 3, 1, 2).shape == shape:
+        return value.transpose(0, 3, 1, 2)
+    return value
