@@ -34,6 +34,7 @@ def build(
     *,
     calib: str | Path | None = None,
     eval: str | Path | None = None,
+    train: str | Path | None = None,
     recipe: str | Path | Recipe | None = None,
     precision: str | None = None,
     format: str | None = None,
@@ -51,10 +52,11 @@ def build(
     """Build a verified artifact of `model` for `target`.
 
     `overrides` takes dotted recipe keys (`{"gates.max_size_mb": 4}`); `precision` and `format` are shorthands
-    for the most common two. With `device_url` (an `edgekit agent`), the artifact is also verified on that
-    device, and its figures decide the gates.
+    for the most common two. `train` (classifiers): labelled images to fine-tune on after pruning or a search.
+    With `device_url` (an `edgekit agent`), the artifact is also verified on that device, and its figures decide
+    the gates.
     """
-    for name, given in (("out", out), ("calib", calib), ("eval", eval)):
+    for name, given in (("out", out), ("calib", calib), ("eval", eval), ("train", train)):
         if given is not None and not str(given).strip():
             raise UsageError(f"{name} is empty: name a folder, or leave it out")
     options = LoadOptions(arch=arch, num_classes=num_classes, input_size=input_size)
@@ -62,6 +64,9 @@ def build(
     device = target if isinstance(target, Target) else load_target(target)
     flags = {"quantize.precision": precision, "export.format": format, **(overrides or {})}
     resolved, origins, recipe_file = plan(adapter, device, recipe, flags)
+    if train and not adapter.trains_on_labels:
+        raise UsageError(f"--train fine-tunes classifiers on labelled class folders; {adapter.name} models do not "
+                         "take it yet")
     if device_url and not adapter.device_verifiable:
         raise UsageError(f"device verification through an agent takes one-graph image models; {adapter.name} "
                          "models verify here")
@@ -70,7 +75,7 @@ def build(
         calib=str(calib) if calib else None, eval=str(eval) if eval else None,
         cache=ArrayCache(default_cache_dir() if use_cache else None), progress=Progress(quiet),
         threads=min(resolved.verify.threads or 1, os.cpu_count() or 1), remote=_reach(device_url, device_token),
-        recipe_file=recipe_file,
+        recipe_file=recipe_file, train=str(train) if train else None,
     )
     host = "LiteRT" if ctx.format == "tflite" else "onnxruntime"
     ctx.notes.append(f"verified in {host} on this host's CPU; on {device.name} the artifact runs in {ctx.runtime}")

@@ -97,6 +97,9 @@ def _parser() -> argparse.ArgumentParser:
     data = b.add_argument_group("data")
     data.add_argument("--calib", help="calibration images (default: the set shipped in calibration/)")
     data.add_argument("--eval", help="held-out images for verification, labelled by folder or file name")
+    data.add_argument("--train", help="classifiers: labelled images (one folder per class, or ImageNet synset names) "
+                      "to fine-tune on after --prune or --budget; kept only if its last held-out batch says it helped "
+                      "(recipe [finetune] steps, seconds, lr, batch)")
     data.add_argument("--eval-limit", type=int, help="verify on at most this many images (default 200)")
     stages = b.add_argument_group("stages")
     stages.add_argument("--recipe", help="recipe .toml: stages, parameters and gates (flags override it)")
@@ -255,7 +258,7 @@ def _build(args: argparse.Namespace) -> int:
     from edgekit.api import build
 
     result = build(
-        args.model, args.target, calib=args.calib, eval=args.eval, recipe=args.recipe,
+        args.model, args.target, calib=args.calib, eval=args.eval, train=args.train, recipe=args.recipe,
         precision=args.precision, format=args.format, arch=args.arch, num_classes=args.num_classes,
         input_size=args.input_size, out=args.out, use_cache=not args.no_cache, quiet=args.quiet,
         device_url=args.device, device_token=args.device_token,

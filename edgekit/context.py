@@ -33,6 +33,7 @@ class BuildContext:
     progress: Progress
     threads: int  # host threads: the target's, capped by this host's cores
     remote: RemoteDevice | None = None  # the board's agent, when the artifact is also verified there
+    train: str | None = None  # labelled images to fine-tune on after compression (families that train on labels)
     recipe_file: Path | None = None
     staging: Path | None = None  # the folder being written (renamed into place when the build completes)
     notes: list[str] = field(default_factory=list)

@@ -72,6 +72,15 @@ class DistillStage(_Stage):
         "encoders): each block in turn learns the original block's output, `steps` steps each")
 
 
+class FinetuneStage(_Stage):
+    steps: int = Field(default=100, gt=0, description="training steps on the --train labels, after pruning or a "
+                       "budget search (and any distillation)")
+    seconds: float = Field(default=300, gt=0, description="wall-time bound")
+    lr: float = Field(default=1e-4, gt=0)
+    batch: int = Field(default=8, gt=0, description="labelled images per step; the last batch of --train is held "
+                       "out to judge whether the fine-tune helped")
+
+
 def weight_level(label: str) -> tuple[int, int]:
     """(bits, EoRA rank) of a language model's search level: `int8`, `int4`, `int4+eora32` (rank 0: none)."""
     match = WEIGHT_LEVEL.fullmatch(label)
@@ -190,6 +199,7 @@ class Recipe(_Stage):
     seed: int = 0
     prune: PruneStage = PruneStage()
     distill: DistillStage = DistillStage()
+    finetune: FinetuneStage = FinetuneStage()
     search: SearchStage = SearchStage()
     quantize: QuantizeStage = QuantizeStage()
     weights: WeightsStage = WeightsStage()

@@ -150,6 +150,7 @@ class Family(Protocol):
     precisions: ClassVar[tuple[str, ...]]  # artifact precisions this family builds
     formats: ClassVar[tuple[str, ...]]  # artifact formats this family exports
     device_verifiable: ClassVar[bool]  # whether `edgekit agent` on a board can run its artifact and answer
+    trains_on_labels: ClassVar[bool]  # whether `--train` (a labelled fine-tune after compression) applies
 
     def claims(self, source: object, options: LoadOptions) -> bool:
         """True when this family recognises the model source."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -50,13 +50,19 @@ class ImageData:
     eval_dir: Path | None  # None: held out of the calibration folder
     samples: Samples | None = None
     calibration: tuple[np.ndarray, dict[str, Any]] | None = None  # inputs and record, once read
+    train_dir: Path | None = None  # labelled images a fine-tune reads (`--train`)
+    train_files: list[Path] = field(default_factory=list)
 
     def record(self) -> dict[str, Any]:
         """How the manifest names them (and `edgekit verify` finds them again)."""
-        return {"calibration": {"path": str(self.calib_dir), "files": len(self.calib_files),
-                                "sha256": files_digest(self.calib_files, self.calib_dir)},
-                "eval": {"path": self.eval_source, "dir": str(self.eval_dir) if self.eval_dir else None,
-                         "files": len(self.eval_files), "sha256": files_digest(self.eval_files, self.eval_root)}}
+        found = {"calibration": {"path": str(self.calib_dir), "files": len(self.calib_files),
+                                 "sha256": files_digest(self.calib_files, self.calib_dir)},
+                 "eval": {"path": self.eval_source, "dir": str(self.eval_dir) if self.eval_dir else None,
+                          "files": len(self.eval_files), "sha256": files_digest(self.eval_files, self.eval_root)}}
+        if self.train_dir is not None:
+            found["train"] = {"path": str(self.train_dir), "files": len(self.train_files),
+                              "sha256": files_digest(self.train_files, self.train_dir)}
+        return found
 
 
 def image_folders(calib: str | Path | None, eval_dir: str | Path | None, limit: int) -> ImageData:
@@ -98,6 +104,7 @@ class ImageFamily(FloatParts):
     precisions: ClassVar[tuple[str, ...]] = ("fp32", "fp16", "int8")
     formats: ClassVar[tuple[str, ...]] = ("onnx", "tflite")
     device_verifiable: ClassVar[bool] = True
+    trains_on_labels: ClassVar[bool] = False
 
     # --- what a subclass provides -------------------------------------------------------------------------------
 
@@ -120,6 +127,10 @@ class ImageFamily(FloatParts):
         """What distillation makes the student reproduce: the family's outputs before any decoding."""
         raise NotImplementedError
 
+    def label_loss(self, student: list[torch.Tensor], labels: list[torch.Tensor]) -> torch.Tensor:
+        """How far the student's `distill_targets` are from the labels (families that train on labels)."""
+        raise NotImplementedError
+
     def distill_loss(self, student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
         """How far the student's `distill_targets` are from the teacher's (0 when they match)."""
         raise NotImplementedError
@@ -138,6 +149,9 @@ class ImageFamily(FloatParts):
 
     def data(self, model: LoadedModel, ctx: BuildContext) -> ImageData:
         data = image_folders(ctx.calib, ctx.eval, ctx.plan.verify.eval_limit)
+        if ctx.train:
+            data.train_dir = Path(ctx.train)
+            data.train_files = list_images(data.train_dir, "training")
         if ctx.format == "tflite" and not model.is_torch:
             raise UsageError("TFLite export converts torch models; an ONNX input builds to --format onnx")
         if ctx.precision in ("fp32", "fp16"):
@@ -158,8 +172,10 @@ class ImageFamily(FloatParts):
 
         def compute() -> dict[str, np.ndarray]:
             samples = self.samples(model, files, root)
-            arrays = {"inputs": samples.inputs, "files": np.array(samples.files), "notes": np.array(samples.notes,
-                                                                                                   dtype=str)}
+            # contiguous, as a cache hit reads them: torch computes on a strided view with other rounding, and a
+            # pruned model's bytes would then depend on whether the images came from the cache
+            arrays = {"inputs": np.ascontiguousarray(samples.inputs), "files": np.array(samples.files),
+                      "notes": np.array(samples.notes, dtype=str)}
             if samples.labels is not None:
                 arrays.update(labels=samples.labels, label_source=np.array(samples.label_source))
             return arrays
@@ -214,8 +230,9 @@ class ImageFamily(FloatParts):
                                  "cannot be pruned")
             return model.onnx_model
         if not plan.prune.ratio and not plan.search.budget:
-            if plan.distill.steps:
-                raise UsageError("distillation recovers what pruning lost: set prune.ratio or search.budget too")
+            if plan.distill.steps or data.train_dir:
+                step = "distillation" if plan.distill.steps else "fine-tuning on --train"
+                raise UsageError(f"{step} recovers what pruning lost: set prune.ratio or search.budget too")
             return model.module
         from edgekit.passes.distill import distill, distilled
 
@@ -244,7 +261,32 @@ class ImageFamily(FloatParts):
                                progress=lambda steps, total: ctx.progress.track(steps, total, "distillation steps"))
                 ctx.sections["distillation"] = done
                 note["note"] = distilled(done, "loss")
+        if data.train_dir is not None:
+            ctx.sections["finetune"] = self._finetune(module, model, data, ctx)
         return module
+
+    def _finetune(self, module: torch.nn.Module, model: LoadedModel, data: ImageData, ctx: BuildContext
+                  ) -> dict[str, Any]:
+        """Train the compressed `module` in place on the labelled `--train` images (cross-entropy), kept only if the
+        held-out last batch of them says it helped."""
+        from edgekit.passes.distill import distill, distilled
+
+        assert data.train_dir is not None
+        settings = ctx.plan.finetune
+        if len(data.train_files) < 2 * settings.batch:
+            raise UsageError(f"--train {data.train_dir} has {len(data.train_files)} images: a fine-tune needs at "
+                             f"least {2 * settings.batch} (finetune.batch {settings.batch} to train on, as many to "
+                             "judge)")
+        train = self.cached_samples(model, data.train_files, data.train_dir, ctx)
+        if train.labels is None:
+            raise UsageError(f"--train {data.train_dir} has no labels: one folder per class (or ImageNet synset names)")
+        with ctx.progress.stage("finetune") as note:
+            done = distill(module, model.module, train.inputs, self.distill_targets, labels=train.labels,
+                           loss=self.label_loss, steps=settings.steps, seconds=settings.seconds, lr=settings.lr,
+                           batch=settings.batch, seed=ctx.plan.seed,
+                           progress=lambda steps, total: ctx.progress.track(steps, total, "fine-tune steps"))
+            note["note"] = distilled(done, "cross-entropy")
+        return {"images": len(train.inputs), "labels": train.label_source, **done}
 
     def export(self, compressed: Any, model: LoadedModel, data: ImageData, reference: np.ndarray,
                ctx: BuildContext) -> Artifact:

@@ -308,6 +308,7 @@ class LanguageModelFamily:
     precisions: ClassVar[tuple[str, ...]] = ("fp32", "fp16", "int8", "int4")  # int4 and int8 are weight-only
     formats: ClassVar[tuple[str, ...]] = ("onnx",)
     device_verifiable: ClassVar[bool] = False  # verified here: the agent runs one-tensor image models
+    trains_on_labels: ClassVar[bool] = False
 
     def claims(self, source: object, options: LoadOptions) -> bool:
         if not isinstance(source, (str, Path)):

@@ -81,6 +81,7 @@ class SegmenterFamily(FloatParts):
     precisions: ClassVar[tuple[str, ...]] = ("fp32", "fp16", "int8")
     formats: ClassVar[tuple[str, ...]] = ("onnx",)
     device_verifiable: ClassVar[bool] = False  # the agent runs one-graph models; the pair is verified here
+    trains_on_labels: ClassVar[bool] = False
 
     def claims(self, source: object, options: LoadOptions) -> bool:
         if not isinstance(source, (str, Path)):

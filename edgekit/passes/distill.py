@@ -54,20 +54,26 @@ def _probe_split(data: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Te
 def distill(student: torch.nn.Module, teacher: torch.nn.Module, inputs: np.ndarray | torch.Tensor,
             targets: Callable[[torch.nn.Module, torch.Tensor], list[torch.Tensor]], *, steps: int, seconds: float,
             lr: float, batch: int, seed: int, progress: Callable[[Iterable[int], int], Iterable[int]],
-            loss: Callable[[list[torch.Tensor], list[torch.Tensor]], torch.Tensor] = mse) -> dict[str, Any]:
-    """Train `student` (in place) towards `teacher` on `inputs` (images NCHW, token windows) for at most `steps`
-    steps and `seconds` seconds; the student keeps eval-mode normalisation (batches are small). The last
-    `batch` inputs are held out as a probe when there are enough; if training raised the loss there, the
-    student gets its starting weights back (`reverted`)."""
+            loss: Callable[[list[torch.Tensor], list[torch.Tensor]], torch.Tensor] = mse,
+            labels: np.ndarray | None = None) -> dict[str, Any]:
+    """Train `student` (in place) towards `teacher` on `inputs` (images NCHW, token windows), or towards `labels`
+    where given (`loss(student's targets, [labels])`: a fine-tune), for at most `steps` steps and `seconds`
+    seconds; the student keeps eval-mode normalisation (batches are small). The last `batch` inputs are held out
+    as a probe when there are enough; if training raised the loss there, the student gets its starting weights
+    back (`reverted`)."""
     import torch
 
     generator = np.random.default_rng(seed)
-    data, probe, held_out = _probe_split(torch.as_tensor(inputs), batch)
+    order = torch.arange(len(inputs))
+    data, probe, held_out = _probe_split(order, batch)  # indices
+    x_all = torch.as_tensor(inputs)
+    y_all = None if labels is None else torch.as_tensor(labels, dtype=torch.long)
     start_weights = {name: value.clone() for name, value in student.state_dict().items()}
 
-    def loss_on(x: torch.Tensor) -> torch.Tensor:
+    def loss_on(rows: torch.Tensor) -> torch.Tensor:
+        x = x_all[rows]
         with torch.no_grad():
-            wanted = targets(teacher, x)
+            wanted = targets(teacher, x) if y_all is None else [y_all[rows]]
         return loss(targets(student, x), wanted)
 
     teacher.eval()
@@ -79,8 +85,7 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, inputs: np.ndarr
     for _ in progress(range(steps), steps):
         if time.perf_counter() - start > seconds:
             break
-        x = data[generator.choice(len(data), size=min(batch, len(data)), replace=False)]
-        value = loss_on(x)
+        value = loss_on(data[generator.choice(len(data), size=min(batch, len(data)), replace=False)])
         optimiser.zero_grad()
         value.backward()
         optimiser.step()

@@ -108,7 +108,7 @@ def _steps(report: dict[str, Any]) -> list[str]:
     """The compression steps the build took, as tables; a search adds its Pareto front, a layer-by-layer
     comparison (`edgekit diff`) its error along the graph."""
     parts = []
-    for key in ("search", "pruning", "distillation", "slimming", "quantization", "diff"):
+    for key in ("search", "pruning", "distillation", "finetune", "slimming", "quantization", "diff"):
         block = report.get(key)
         if block:
             chart = _front(block) if key == "search" and block.get("front") else \

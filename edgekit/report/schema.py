@@ -66,6 +66,7 @@ class Report(_Open):
     latency_ms: Latency
     pruning: dict[str, Any] | None = None
     distillation: dict[str, Any] | None = None
+    finetune: dict[str, Any] | None = None  # the labelled fine-tune (`--train`)
     slimming: dict[str, Any] | None = None
     search: dict[str, Any] | None = None
     quantization: dict[str, Any] | None = None
