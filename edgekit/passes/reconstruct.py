@@ -32,10 +32,11 @@ def execution_order(module: torch.nn.Module, example: torch.Tensor) -> list[str]
 
 def forward_calls(module: torch.nn.Module, example: torch.Tensor, layers: dict[torch.nn.Module, T]
                   ) -> list[tuple[T, Any]]:
-    """Each time a forward pass of `module` on `example` calls one of `layers`: its key there and its output, in
-    the order the calls end."""
+    """Each time a forward pass of `module` on `example` calls one of `layers`: its key there and its output (a
+    tensor copied as it was then: a later in-place op must not change it), in the order the calls end."""
     calls: list[tuple[T, Any]] = []
-    hooks = [layer.register_forward_hook(lambda m, _a, out: calls.append((layers[m], out))) for layer in layers]
+    hooks = [layer.register_forward_hook(lambda m, _a, out: calls.append(
+        (layers[m], out.detach().clone() if isinstance(out, torch.Tensor) else out))) for layer in layers]
     try:
         with torch.no_grad():
             module(example)
