@@ -1,7 +1,7 @@
 """Compression to a latency budget, side by side at equal estimated target latency: uniform pruning (`--prune r`,
-r chosen so its artifact's estimate meets the budget), the search space's own uniform configuration (the search's
-starting point: every unit at the least compressed level within the budget, `search.generations = 0`), and the
-searched configuration (`--budget latency=...`). Every row is built by `edgekit build` for the target, and scored
+r chosen so its artifact's estimate meets the budget), the search's starting point (`search.generations = 0`:
+every unit at the least compressed level within the budget, then units stepped back, the most compressed first,
+while the budget holds), and the searched configuration (`--budget latency=...`). Every row is built by `edgekit build` for the target, and scored
 in its own runtime on held-out images: top-1 against the labels (classifiers), mAP50-95 against the boxes
 (detectors) or box-prompt mIoU against the instance polygons (segmenters), and agreement with the original.
 
@@ -156,7 +156,7 @@ def main() -> None:
         if uniform_rows:
             ratio, _ = matched_ratio(args.model, target, budget, calib, args.precision)
             build(f"uniform --prune {ratio:.3f}", **{"prune.ratio": ratio})
-        build(f"unit-uniform {text}", **{"search.budget": text, "search.generations": 0})
+        build(f"search start {text}", **{"search.budget": text, "search.generations": 0})
         searched = {"search.budget": text, "search.generations": args.generations, "search.seconds": args.seconds}
         build(f"searched {text}", **searched)
         if args.distill_steps:
