@@ -1,9 +1,10 @@
 """Compression to a latency budget, side by side at equal estimated target latency: uniform pruning (`--prune r`,
 r chosen so its artifact's estimate meets the budget), the search's starting point (`search.generations = 0`:
 every unit at the least compressed level within the budget, then units stepped back, the most compressed first,
-while the budget holds), and the searched configuration (`--budget latency=...`). Every row is built by `edgekit build` for the target, and scored
-in its own runtime on held-out images: top-1 against the labels (classifiers), mAP50-95 against the boxes
-(detectors) or box-prompt mIoU against the instance polygons (segmenters), and agreement with the original.
+while the budget holds), and the searched configuration (`--budget latency=...`). Every row is built by
+`edgekit build` for the target, and scored in its own runtime on held-out images: top-1 against the labels
+(classifiers), mAP50-95 against the boxes (detectors) or box-prompt mIoU against the instance polygons
+(segmenters), and agreement with the original.
 
 Budgets are fractions of the original artifact's estimated latency on the target. Data:
 - mobilenet_v2, raspberry-pi-5 (fp32 TFLite): ImageNet-sample, the first 100 images (sorted by name) calibrate,
