@@ -199,7 +199,8 @@ def _parser() -> argparse.ArgumentParser:
         "search or pruning narrowed inside a block are skipped, block boundaries compared.",
         epilog="example:\n  edgekit build mobilenet_v2 --target x86-64 --precision int8 --calib ./photos/\n"
         "  edgekit diff dist/mobilenet_v2-x86-64 --images 8\n\n"
-        "exit codes: 0 compared (whatever it found)   2 bad input (no folder, not ONNX, not from torch)",
+        "exit codes: 0 compared (whatever it found)   2 bad input (no build folder, not an image model built from "
+        "torch, neither ONNX nor TFLite)",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     d.add_argument("folder", help="a build folder (dist/<name>-<target>) of an image model built from torch")
     d.add_argument("--images", type=int, default=4, help="held-out inputs to compare on (default 4)")
