@@ -345,8 +345,9 @@ def _owners(names: list[str], found: Variants) -> list[list[int]]:
     op is named by `;`-joined locations, the op's own first (later ones can name other blocks' identical ops): only
     the first counts."""
     from edgekit.passes.export import module_path
+    from edgekit.passes.tflite import location_segment
 
-    kinds = [f"/{type(row[0]).__module__}.{type(row[0]).__qualname__}_{name.split('.')[-1]}/"
+    kinds = [f"/{location_segment(row[0], name.split('.')[-1])}/"
              for name, row in zip(found.names, found.modules, strict=True)]
     owners = []
     for op in (name.split(";")[0] for name in names):

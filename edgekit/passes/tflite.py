@@ -224,6 +224,12 @@ def _refit(quantized: bytes, float_model: bytes, images: np.ndarray, output_erro
     return bytes(buffer)
 
 
+def location_segment(layer: object, attribute: str) -> str:
+    """How litert-torch names the module `layer`, held by its parent as `attribute`, in an op's location (a chain of
+    these, outermost first): `torchvision.models.mobilenetv2.InvertedResidual_3`."""
+    return f"{type(layer).__module__}.{type(layer).__qualname__}_{attribute}"
+
+
 def op_outputs(model: bytes) -> list[tuple[str, str]]:
     """Each op of the model as (op type, its first output's name), in graph order: what `Int8Fit.keep_float`
     names ops by."""

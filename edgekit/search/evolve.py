@@ -249,8 +249,9 @@ def evolve(space: Space, budget: Budget, *, seed: int, generations: int = 50, se
     def filled(config: Config) -> Config:
         child = list(config)
         while True:
+            now = spent(child)
             raisable = [u for u, level in enumerate(child) if level > 0
-                        and budget.allows(spent(child) - deltas[u][level] + deltas[u][level - 1])]
+                        and budget.allows(now - deltas[u][level] + deltas[u][level - 1])]
             if not raisable:
                 return tuple(child)
             most = max(child[u] for u in raisable)

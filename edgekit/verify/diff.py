@@ -105,6 +105,7 @@ def _tflite(artifact: bytes, module: torch.nn.Module, threads: int
     run that keeps every tensor (dequantized where integer)."""
     from ai_edge_litert.interpreter import Interpreter
 
+    from edgekit.passes.tflite import location_segment
     from edgekit.runtimes.litert import from_tensor, to_tensor
 
     interpreter = Interpreter(model_content=artifact, num_threads=threads, experimental_preserve_all_tensors=True)
@@ -116,7 +117,7 @@ def _tflite(artifact: bytes, module: torch.nn.Module, threads: int
     for name, layer in module.named_modules():
         if name:
             parent, _, attribute = name.rpartition(".")
-            chains[name] = f"{chains[parent]}/{type(layer).__module__}.{type(layer).__qualname__}_{attribute}"
+            chains[name] = f"{chains[parent]}/{location_segment(layer, attribute)}"
     feed = interpreter.get_input_details()[0]
 
     def run(inputs: np.ndarray, tensors: list[Any]) -> Iterator[dict[Any, np.ndarray]]:
