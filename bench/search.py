@@ -26,7 +26,6 @@ Budgets are fractions of the original artifact's estimated latency on the target
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import os
 import tempfile
@@ -63,41 +62,30 @@ def split(work: Path, model: str) -> tuple[Path, Path]:
 
 def matched_ratio(model: str, target: str, budget_ms: float, calib: Path, precision: str | None
                   ) -> tuple[float, float]:
-    """The largest uniform `--prune` ratio whose artifact the device model puts within `budget_ms`, and its estimate:
-    bisection on the artifact's estimate (channel counts alone set it: magnitude pruning, no refit)."""
+    """The least uniform `--prune` ratio whose artifact the device model puts within `budget_ms`, and its estimate
+    (the bisection a detector's budget build cuts its stream with: passes/stream.py)."""
     import numpy as np
 
     from edgekit.families import LoadOptions, resolve
-    from edgekit.passes.levels import price_artifact
-    from edgekit.passes.prune import prune_channels
+    from edgekit.passes.levels import artifact_costs, price_artifact
+    from edgekit.passes.stream import uniform_ratio
     from edgekit.recipe import Recipe, with_defaults, with_overrides
     from edgekit.recipe import resolve as resolve_recipe
+    from edgekit.search.budget import parse_budget
     from edgekit.targets import load_target
-    from edgekit.verify.estimate import estimate
 
     device = load_target(target)
     adapter = resolve(model, LoadOptions())
     loaded = adapter.load(model, LoadOptions())
     recipe = with_overrides(with_defaults(Recipe(), adapter.recipe_defaults), {"quantize.precision": precision})
     plan = resolve_recipe(recipe, device, adapter)
-    images = adapter.samples(loaded, sorted(p for p in calib.iterdir())[:2], None).inputs
-
-    def latency(ratio: float) -> float:
-        module = copy.deepcopy(loaded.module)
-        prune_channels(module, loaded.input_shape, ratio, adapter.prune_keep(module))
-        analysis, _ = price_artifact(module, loaded.input_shape, plan, device, adapter, np.asarray(images))
-        return estimate(analysis, device)["ms"]
-
-    low, high = 0.0, 0.6
-    found = (0.0, math.inf)
-    for _ in range(7):
-        middle = (low + high) / 2
-        ms = latency(middle)
-        if ms <= budget_ms:
-            found, high = (middle, ms), middle
-        else:
-            low = middle
-    return found
+    images = np.asarray(adapter.samples(loaded, sorted(p for p in calib.iterdir())[:2], None).inputs)
+    names = {layer: name for name, layer in loaded.module.named_modules()}
+    ratio, costs = uniform_ratio(
+        loaded.module, loaded.input_shape, [names[k] for k in adapter.prune_keep(loaded.module)],
+        parse_budget(f"latency={budget_ms}ms"),
+        lambda m: artifact_costs(*price_artifact(m, loaded.input_shape, plan, device, adapter, images), device), 0.6)
+    return ratio, costs.latency_ms if costs else math.nan
 
 
 def row(name: str, result: Any, seconds: float) -> dict[str, Any]:

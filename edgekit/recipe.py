@@ -101,6 +101,9 @@ class SearchStage(_Stage):
                                 "unit's own channels a level removes, from 0, increasing")
     weight_levels: list[str] = Field(default=["int8", "int4+eora32", "int4"], description="language models: how "
                                      "a unit's linears may be stored, least compressed first (int8, int4, +eora<rank>)")
+    stream: bool = Field(default=False, description="image models: first cut the channels between units (which no "
+                         "unit's level changes) at the share uniform pruning needs for the budget; the search then "
+                         "sizes each unit inside (detectors: on)")
     generations: int = Field(default=50, ge=0)
     seconds: float = Field(default=900, gt=0, description="wall-time bound of the search (the generation under way "
                            "finishes)")

@@ -239,3 +239,56 @@ class _StoredCosts:
 
     def get_or_compute(self, _key: object, _compute: object) -> dict[str, np.ndarray]:
         return {"base": np.zeros(3), "deltas": np.zeros((self.units, 2, 3))}
+
+
+def test_the_stream_between_units_is_cut_at_uniform_pruning_s_share_for_the_budget(tmp_path: Path) -> None:
+    """YOLO's strided convolutions and the outputs its neck concatenates belong to no unit: they are cut first, at the
+    smallest share uniform pruning needs to meet the budget, and every unit's inside stays whole for the search."""
+    import copy
+
+    import torch_pruning as tp
+
+    from edgekit.cache import ArrayCache
+    from edgekit.families.detector import DetectorFamily, _export_form
+    from edgekit.passes.levels import channel_roots, unit_inputs
+    from edgekit.passes.prune import prune_channels
+    from edgekit.passes.stream import STEPS, cut_stream
+    from edgekit.search.budget import parse_budget
+    from edgekit.search.evolve import Costs
+
+    model = _export_form(settled_yolo(tmp_path, "yolo11"), SIZE)
+    before = copy.deepcopy(model.state_dict())
+    family = DetectorFamily()
+    shape = (1, 3, SIZE, SIZE)
+
+    def costs(module: torch.nn.Module) -> Costs:
+        macs, params = tp.utils.count_ops_and_params(module, torch.zeros(shape))
+        return Costs(float(macs), float(params), 0.0)
+
+    def uniform(ratio: float) -> float:
+        pruned = copy.deepcopy(model)
+        prune_channels(pruned, shape, ratio, family.prune_keep(pruned))
+        return costs(pruned).macs
+
+    full = costs(model).macs
+    budget = parse_budget(f"macs={int(full * 0.8)}")
+    images = np.stack([torch.rand(3, SIZE, SIZE, generator=torch.Generator().manual_seed(i)).numpy()
+                       for i in range(4)])
+    units = family.search_units(model)
+    cut, record = cut_stream(model, shape, units, family.prune_keep(model), images, budget, costs, 0.5,
+                             ArrayCache(None), {})
+    ratio = record["ratio"]
+    assert 0 < ratio < 0.5 and record["kept_inside"] > 0
+    assert uniform(ratio) <= budget.limit < uniform(ratio - 0.5 / 2**STEPS)  # the least uniform pruning that meets it
+    assert cut.get_submodule("model.1.conv").out_channels < model.get_submodule("model.1.conv").out_channels
+    inputs = unit_inputs(model, torch.as_tensor(images[:1]), [name for name, _ in units])
+    keep = {layer for layer in family.prune_keep(model)}
+    inside = 0
+    for name, unit in units:
+        own = [path for path, layer in unit.named_modules() if layer in keep]
+        for root in channel_roots(unit, inputs[name], own)[0]:
+            assert cut.get_submodule(f"{name}.{root}").out_channels == unit.get_submodule(root).out_channels
+            inside += 1
+    assert inside == record["kept_inside"]
+    assert costs(cut).macs < full and torch.isfinite(cut(torch.as_tensor(images))).all()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the original is not changed

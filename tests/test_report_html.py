@@ -101,6 +101,9 @@ def assert_page(folder: Path) -> Page:
         assert any(caption.startswith("Sensitivity per layer") for caption in captions)
     if report["latency_ms"]["estimated_target"].get("layers"):
         assert any(caption.startswith("Time per layer (estimated)") for caption in captions)
+    if report["latency_ms"]["measured_host"].get("layers"):
+        assert any(caption.startswith("Time per layer (measured: host)") for caption in captions)
+        assert any(caption.startswith("Time per block: measured here") for caption in captions)
     if report.get("search"):
         assert any(caption.startswith("Pareto front") for caption in captions)
     if report.get("diff"):
@@ -129,8 +132,11 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_a_classifier_build_writes_its_page(built: Path) -> None:
     page = assert_page(built)
-    assert len(page.charts) == 2
+    assert len(page.charts) == 4  # sensitivity, time per block, time per layer estimated and measured
     report = json.loads((built / "report.json").read_text())
+    measured = report["latency_ms"]["measured_host"]
+    assert measured["layers_profiled_runs"] == 3 and all(row["ms"] > 0 for row in measured["layers"])
+    assert {row["op"] for row in measured["layers"]} & {"QLinearConv", "Conv"}  # onnxruntime's own node names
     assert page.column("headline")["top1_agreement"] == [f"{report['top1_agreement']:.6g}"]
     assert "report.html" in json.loads((built / MARKER).read_text())["files"]
 

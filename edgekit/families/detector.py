@@ -88,7 +88,8 @@ class DetectorFamily(ImageFamily):
     recipe_defaults: ClassVar[dict[str, Any]] = {"quantize.bias_correction": False, "quantize.calib_limit": 64,
                                                  "quantize.sensitivity_images": 8,
                                                  "quantize.calibration": "mean-minmax",
-                                                 "quantize.range_sweeps": 0, "quantize.refit": False}
+                                                 "quantize.range_sweeps": 0, "quantize.refit": False,
+                                                 "search.stream": True}
     headline: ClassVar[tuple[str, ...]] = ("box_agreement", "map50_95_reference", "map50_95_artifact",
                                            "map50_95_drop_pt", "map50_reference", "map50_artifact")
     accuracy_gates: ClassVar[dict[str, tuple[str, str, str]]] = {

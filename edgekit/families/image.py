@@ -97,7 +97,7 @@ class ImageFamily(FloatParts):
     recipe_defaults: ClassVar[dict[str, Any]] = {}
     settings: ClassVar[dict[str, Section]] = {
         "quantize": "*", "verify": "*", "prune": ("ratio", "images", "reconstruct"),
-        "search": ("budget", "levels", "generations", "seconds", "offspring", "images"),
+        "search": ("budget", "levels", "stream", "generations", "seconds", "offspring", "images"),
         "distill": ("steps", "seconds", "lr", "batch", "images"), "gates": ("on_cpu_fallback",),
     }
     accuracy_gates: ClassVar[dict[str, tuple[str, str, str]]] = {}
@@ -470,7 +470,8 @@ class ImageFamily(FloatParts):
             outputs = np.concatenate([runner.run(row[None]) for row in
                                       ctx.progress.track(samples.inputs, len(samples), "artifact on held-out images")])
             accuracy = self.compare(reference, outputs, samples.labels)
-            latency = {"measured_host": measure(runner, samples.inputs[0], plan.verify.warmup, plan.verify.runs),
+            latency = {"measured_host": measure(runner, samples.inputs[0], plan.verify.warmup, plan.verify.runs,
+                                                layers=True),
                        "estimated_target": estimate(artifact.analysis, ctx.target)}
             record["note"] = f"{accuracy['summary']}, host p50 {latency['measured_host']['p50']:.2f} ms"
         if ops and ops["fallback_count"]:

@@ -184,7 +184,8 @@ class SegmenterFamily(FloatParts):
                      for frame in ctx.progress.track(data.frames, len(data.frames), "artifact pair on held-out images")]
             accuracy = _compare(reference, found, data.frames)
             latency: dict[str, Any] = {
-                "measured_host": measure(runner, data.frames[0][0][0], ctx.plan.verify.warmup, ctx.plan.verify.runs),
+                "measured_host": measure(runner, data.frames[0][0][0], ctx.plan.verify.warmup, ctx.plan.verify.runs,
+                                         layers=True),
                 "estimated_target": estimate(artifact.analysis, ctx.target),
                 "part": "image encoder (the decoder runs once per prompt, on the encoder's embedding)"}
             record["note"] = f"{accuracy['summary']}, encoder host p50 {latency['measured_host']['p50']:.0f} ms"

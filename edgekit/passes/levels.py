@@ -49,10 +49,17 @@ BATCH = 8  # images through a stitched model at once
 
 def internal_keep(unit: torch.nn.Module, example: torch.Tensor, keep: list[str]) -> list[str] | None:
     """Names of the layers of `unit` whose output channels pruning must keep so that only channels internal to the
-    unit go (`keep` first: the family's own); None when the unit has no internal channel group at all.
+    unit go (`keep` first: the family's own); None when the unit has no internal channel group at all."""
+    internal, external = channel_roots(unit, example, keep)
+    return [*keep, *external] if internal else None
 
-    Each channel group is tried on a copy of the unit: one channel removed, the copy must still take the unit's
-    input and give an output of the unit's shape. The unit itself is not changed."""
+
+def channel_roots(unit: torch.nn.Module, example: torch.Tensor, keep: list[str]) -> tuple[list[str], list[str]]:
+    """The layers of `unit` whose output channels start a channel group (the family's `keep` aside): those whose
+    group stays inside the unit, and those whose group reaches its input or output.
+
+    Each group is tried on a copy of the unit: one channel removed, the copy must still take the unit's input and
+    give an output of the unit's shape. The unit itself is not changed."""
     import torch
 
     unit = copy.deepcopy(unit)
@@ -77,7 +84,7 @@ def internal_keep(unit: torch.nn.Module, example: torch.Tensor, keep: list[str])
         except (RuntimeError, ValueError, IndexError):  # the unit's input no longer fits its first layers
             fits = False
         (internal if fits else external).append(root)
-    return [*keep, *external] if internal else None
+    return internal, external
 
 
 def _dependency_graph(module: torch.nn.Module, example: torch.Tensor) -> Any:
@@ -200,9 +207,10 @@ class ImageSpace:
                  targets: Callable[[torch.nn.Module, torch.Tensor], list[torch.Tensor]],
                  distance: Callable[[list[torch.Tensor], list[torch.Tensor]], torch.Tensor],
                  price: Callable[[torch.nn.Module], tuple[Analysis, int]], target: Target, cache: ArrayCache,
-                 key: dict[str, Any]) -> None:
+                 key: dict[str, Any], teacher: torch.nn.Module | None = None) -> None:
         """`price(module)`: the analysis and size in bytes of `module`'s artifact as the build makes it; the costs
-        are cached under `key` (what the variants and the artifact depend on)."""
+        are cached under `key` (what the variants and the artifact depend on). Fitness is the distance to
+        `teacher`'s outputs (default: `model`'s, the model with every unit at level 0)."""
         import torch
 
         self.found = found
@@ -223,7 +231,7 @@ class ImageSpace:
         self.samples = len(images)
         self.targets, self.distance = targets, distance
         with torch.no_grad():
-            self.wanted = [targets(model, batch) for batch in self.images.split(BATCH)]
+            self.wanted = [targets(model if teacher is None else teacher, batch) for batch in self.images.split(BATCH)]
         self.memo = PrefixMemo(self.model, found, self.images[:1])
 
     def stitched(self, config: Config) -> torch.nn.Module:
@@ -401,20 +409,46 @@ def search(module: torch.nn.Module, input_shape: tuple[int, ...], fingerprint: s
     refit = images[:refit_count]
     key = {"kind": "search-levels", "model": fingerprint, "calibration": calibration_sha, "images": len(refit),
            "levels": settings.levels, "input_shape": list(input_shape), "edgekit": __version__}
+
+    def price(candidate: torch.nn.Module) -> tuple[Analysis, int]:
+        return price_artifact(candidate, input_shape, plan, target, adapter, images[:2])
+
+    base, stream = module, None
+    if settings.stream:
+        from edgekit.passes.stream import cut_stream
+
+        with progress.stage("stream") as note:
+            base, stream = cut_stream(module, input_shape, units, adapter.prune_keep(module), refit,
+                                      image_budget(plan), lambda m: artifact_costs(*price(m), target),
+                                      settings.levels[-1], cache, {**key, "artifact": artifact_key(plan, target)})
+            note["note"] = f"{stream['ratio']:.1%} of the channels between units cut"
+        key["stream"] = stream["ratio"]
+        units = [(name, base.get_submodule(name)) for name, _ in units]
     with progress.stage("levels") as note:
-        found = variants(module, units, adapter.prune_keep(module), refit, settings.levels, cache, key,
+        found = variants(base, units, adapter.prune_keep(base), refit, settings.levels, cache, key,
                          progress=lambda work: progress.track(work, len(work), "unit variants"))
-        space = ImageSpace(module, found, images[scoring], adapter.distill_targets, adapter.search_distance,
-                           lambda candidate: price_artifact(candidate, input_shape, plan, target, adapter, images[:2]),
+        space = ImageSpace(base, found, images[scoring], adapter.distill_targets, adapter.search_distance, price,
                            target, cache, {**key, "kind": "search-costs", "artifact": artifact_key(plan, target),
-                                           "units": found.names})
+                                           "units": found.names}, teacher=module)
         note["note"] = f"{len(found.names)} units x {len(found.labels)} levels, {space.basis}"
     config, record = choose(space, plan, progress, refit=len(refit), disjoint=disjoint,
                             levels="shares of each unit's own channels removed (Torch-Pruning, FLAP ranking, "
                                    "least-squares refit of the unit to the original's outputs)",
                             fitness=f"{adapter.name} output distance to the original (search_distance), mean over "
                                     f"{space.samples} calibration images")
+    if stream is not None:
+        record["stream"] = stream
     return _settled(copy.deepcopy(space.stitched(config)), input_shape), record
+
+
+def artifact_costs(analysis: Analysis, size: int, target: Target) -> Costs:
+    """A whole artifact's costs: its MACs, bytes and the device model's latency on `target`."""
+    from edgekit.verify.estimate import estimate
+
+    ms = estimate(analysis, target).get("ms")
+    if ms is None:
+        raise UsageError(f"search budgets need a latency estimate on {target.name}")
+    return Costs(float(analysis.macs), float(size), float(ms))
 
 
 def choose(space: ImageSpace, plan: Recipe, progress: Progress, *, refit: int, disjoint: bool, levels: str,

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from html import escape
 from typing import Any
 
+import numpy as np
+
 from edgekit.report.schema import Report
 
 TOP = 25  # bars a per-layer chart shows: the largest values
@@ -97,11 +99,60 @@ def _layer_charts(report: dict[str, Any]) -> list[str]:
         charts.append(_bars("Quantization error per layer (output_error)",
                             [(r["layer"] if r.get("block") is None else f"{r['block']}.{r['layer']}", r["output_error"])
                              for r in rows], "output error"))
-    for key, entry in report["latency_ms"].items():
+    latency = report["latency_ms"]
+    measured, estimated = latency.get("measured_host") or {}, latency.get("estimated_target") or {}
+    if measured.get("layers") and estimated.get("layers"):
+        charts.append(_block_shares(measured, estimated, report["target"]["name"]))
+    for key, entry in latency.items():
         if isinstance(entry, dict) and entry.get("layers"):
             charts.append(_bars(f"Time per layer ({entry.get('label', key)}): latency_ms.{key}.layers",
                                 [(r["name"], r["ms"]) for r in entry["layers"]], "ms"))
     return charts
+
+
+def _block_shares(measured: dict[str, Any], estimated: dict[str, Any], target: str) -> str:
+    """Where the time goes, per block of the model: each block's share of the host's profiled time beside its share
+    of the target's estimate. Shares, since the two are different machines; a block far apart in the two is where
+    the device model and the runtime disagree (a fusion the model does not know, a kernel slower than its class)."""
+    here, there = _by_block(measured["layers"]), _by_block(estimated["layers"])
+    totals = sum(here.values()) or 1.0, sum(there.values()) or 1.0
+    blocks = sorted(set(here) | set(there), key=lambda b: -(here.get(b, 0.0) / totals[0] + there.get(b, 0.0)
+                                                             / totals[1]))[:TOP]
+
+    def draw(ax: Any) -> None:
+        rows = np.arange(len(blocks))
+        ax.barh(rows - 0.2, [100 * here.get(b, 0.0) / totals[0] for b in blocks], 0.4, color="#4062bb",
+                label=f"{measured.get('label', 'measured: host')} (profiler, {measured.get('layers_profiled_runs')} "
+                      "runs)")
+        ax.barh(rows + 0.2, [100 * there.get(b, 0.0) / totals[1] for b in blocks], 0.4, color="#e08a1e",
+                label=f"estimated: {target}")
+        ax.set_yticks(rows, blocks)
+        ax.invert_yaxis()
+        ax.set_xlabel("share of the total time, %")
+        ax.legend(loc="lower right")
+
+    more = f", the {len(blocks)} largest of {len(set(here) | set(there))}" if len(set(here) | set(there)) > TOP else ""
+    return _chart(f"Time per block: measured here {totals[0]:.3g} ms in all, estimated on {target} {totals[1]:.3g} ms"
+                  + more,
+                  draw, (8, 1.2 + 0.3 * len(blocks)))
+
+
+def _by_block(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Milliseconds summed per block: the first two levels of the module an op's name carries (`features.3`,
+    `model.23`), whether the exporter named it (`/features/features.3/conv/Conv`) or the runtime renamed it in a
+    fusion (`InsertedPrecisionFreeCast_/model.3/conv/Conv_output_0_nchwc`); ops the runtime added (layout
+    reorders) are a block of their own."""
+    from edgekit.passes.export import module_path
+
+    blocks: dict[str, float] = {}
+    for row in rows:
+        name = row["name"]
+        if "/" not in name:
+            block = "(added by the runtime)"
+        else:
+            block = ".".join(module_path(name[name.index("/"):]).split(".")[:2]) or "(top level)"
+        blocks[block] = blocks.get(block, 0.0) + row["ms"]
+    return blocks
 
 
 def _steps(report: dict[str, Any]) -> list[str]:

@@ -6,7 +6,11 @@ host rather than the target, so both are always set.
 
 from __future__ import annotations
 
+import json
+import tempfile
+from collections import defaultdict
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,11 +19,15 @@ from edgekit.errors import StageError, first_line
 from edgekit.runtimes.base import time_calls
 
 
-def cpu_session(model_bytes: bytes, threads: int) -> Any:
-    """An onnxruntime CPU session with a fixed thread count and no spinning; an unloadable graph is a StageError."""
+def cpu_session(model_bytes: bytes, threads: int, profile_prefix: str | None = None) -> Any:
+    """An onnxruntime CPU session with a fixed thread count and no spinning (profiling each node into files named
+    `profile_prefix`*, where given); an unloadable graph is a StageError."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -42,6 +50,7 @@ class OnnxRuntimeRunner:
         self.session = cpu_session(model_bytes, threads)
         self.input_name = self.session.get_inputs()[0].name
         self.description = describe(threads)
+        self.model_bytes, self.threads = model_bytes, threads
 
     def run(self, inputs: np.ndarray) -> np.ndarray:
         rows = [self.session.run(None, {self.input_name: row[None]})[0] for row in inputs]
@@ -55,3 +64,23 @@ class OnnxRuntimeRunner:
     def time(self, sample: np.ndarray, warmup: int, runs: int) -> list[float]:
         feed = {self.input_name: sample[None]}
         return time_calls(lambda: self.session.run(None, feed), warmup, runs)
+
+    def layer_times(self, sample: np.ndarray, runs: int) -> list[dict[str, Any]]:
+        """Each node's milliseconds per inference, mean of `runs` after one untimed run, from onnxruntime's own
+        profiler (its kernel times, on the graph as onnxruntime optimized it: fused nodes carry new names), slowest
+        first."""
+        with tempfile.TemporaryDirectory(prefix="edgekit-profile-") as folder:
+            session = cpu_session(self.model_bytes, self.threads, str(Path(folder) / "ort"))
+            feed = {self.input_name: sample[None]}
+            session.run(None, feed)
+            for _ in range(runs):
+                session.run(None, feed)
+            events = json.loads(Path(session.end_profiling()).read_text())
+        calls = sorted((e["ts"], e["dur"]) for e in events if e.get("cat") == "Session" and e["name"] == "model_run")
+        timed = calls[0][0] + calls[0][1] if calls else 0  # after the untimed run
+        total: dict[tuple[str, str], float] = defaultdict(float)
+        for event in events:
+            if event.get("cat") == "Node" and event["name"].endswith("_kernel_time") and event["ts"] >= timed:
+                total[event["name"].removesuffix("_kernel_time"), event["args"].get("op_name", "")] += event["dur"]
+        rows = [{"name": name, "op": op, "ms": round(us / 1000 / runs, 4)} for (name, op), us in total.items()]
+        return sorted(rows, key=lambda row: -row["ms"])

@@ -25,9 +25,15 @@ def host_description() -> str:
     return f"{model}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}"
 
 
-def measure(runner: Runner, sample: np.ndarray, warmup: int, runs: int) -> dict[str, Any]:
+PROFILED_RUNS = 5  # inferences the runtime's profiler averages per-layer times over
+
+
+def measure(runner: Runner, sample: np.ndarray, warmup: int, runs: int, layers: bool = False) -> dict[str, Any]:
+    """Percentiles of `runs` timed inferences; with `layers`, where the runtime has a profiler (onnxruntime), each
+    layer's time too, from a separate profiled session (profiling slows the run it watches, so it times none of the
+    above)."""
     timings = np.array(runner.time(sample, warmup=warmup, runs=runs))
-    return {
+    measured = {
         "label": "measured: host",
         "p50": round(float(np.percentile(timings, 50)), 4),
         "p90": round(float(np.percentile(timings, 90)), 4),
@@ -37,6 +43,13 @@ def measure(runner: Runner, sample: np.ndarray, warmup: int, runs: int) -> dict[
         "runtime": runner.description,
         "host": host_description(),
     }
+    layer_times = getattr(runner, "layer_times", None)
+    if not layers:
+        return measured
+    if layer_times is None:
+        return {**measured, "layers_note": f"{runner.description.split(',')[0]} has no per-layer profiler here"}
+    profiled = min(runs, PROFILED_RUNS)
+    return {**measured, "layers": layer_times(sample, profiled), "layers_profiled_runs": profiled}
 
 
 def steady_ms(runner: Runner, sample: np.ndarray, warmup: int, runs: int, repeats: int = 3) -> float:
