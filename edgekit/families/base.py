@@ -117,6 +117,7 @@ class Verification:
     latency: dict[str, Any]  # measured_host, estimated_target (each labelled), and the family's extras
     io: dict[str, Any] = field(default_factory=dict)  # the artifact's inputs and outputs
     ops: dict[str, Any] | None = None  # op placement on the target's accelerator, where checked
+    examples: list[dict[str, Any]] | None = None  # a few held-out inputs, the original's and the artifact's answers
 
 
 Section = tuple[str, ...] | Literal["*"]

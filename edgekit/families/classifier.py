@@ -305,6 +305,18 @@ class ClassifierFamily(ImageFamily):
         return metrics
 
 
+    def examples(self, model: LoadedModel, samples: Samples, reference: np.ndarray, artifact: np.ndarray
+                 ) -> list[dict[str, Any]]:
+        """Each input's five most probable classes from the original and from the artifact, and its label."""
+        from edgekit.verify.examples import COUNT, file_name, thumbnail, top_classes
+
+        names = model.details.get("class_names")
+        return [{"kind": "classes", "file": file_name(samples.files[i]), **thumbnail(samples.inputs[i]),
+                 "label": None if samples.labels is None else int(samples.labels[i]),
+                 "reference": top_classes(reference[i], names), "artifact": top_classes(artifact[i], names)}
+                for i in range(min(COUNT, len(artifact)))]
+
+
 def _is_torch_module(obj: object) -> TypeGuard[torch.nn.Module]:
     if "torch" not in type(obj).__module__ and not hasattr(obj, "state_dict"):
         return False

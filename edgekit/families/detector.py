@@ -297,6 +297,20 @@ class DetectorFamily(ImageFamily):
         return metrics
 
 
+    def examples(self, model: LoadedModel, samples: Samples, reference: np.ndarray, artifact: np.ndarray
+                 ) -> list[dict[str, Any]]:
+        """Each input's boxes (after non-maximum suppression, the confident ones) from the original and from the
+        artifact, on the letterboxed frame the model sees."""
+        from edgekit.verify.examples import COUNT, file_name, shown_boxes, thumbnail
+
+        names, size = model.details.get("class_names"), samples.inputs.shape[2:]
+        count = min(COUNT, len(artifact))
+        found = detections(reference[:count]), detections(artifact[:count])
+        return [{"kind": "boxes", "file": file_name(samples.files[i]), **thumbnail(samples.inputs[i]),
+                 "reference": shown_boxes(found[0][i], size, names), "artifact": shown_boxes(found[1][i], size, names)}
+                for i in range(count)]
+
+
 def letterbox(image: Any, size: int) -> tuple[np.ndarray, float, tuple[float, float]]:
     """The image resized to fit `size` x `size` with its aspect kept, centred on grey: CHW float in [0, 1],
     the scale, and the (x, y) padding."""

@@ -145,6 +145,12 @@ class ImageFamily(FloatParts):
         image on average."""
         raise NotImplementedError
 
+    def examples(self, model: LoadedModel, samples: Samples, reference: np.ndarray, artifact: np.ndarray
+                 ) -> list[dict[str, Any]]:
+        """The first few held-out inputs (edgekit/verify/examples.py), each with what the original (`reference`)
+        and the artifact made of it, for report.html."""
+        raise NotImplementedError
+
     # --- the build steps ------------------------------------------------------------------------------------------
 
     def data(self, model: LoadedModel, ctx: BuildContext) -> ImageData:
@@ -470,6 +476,7 @@ class ImageFamily(FloatParts):
             outputs = np.concatenate([runner.run(row[None]) for row in
                                       ctx.progress.track(samples.inputs, len(samples), "artifact on held-out images")])
             accuracy = self.compare(reference, outputs, samples.labels)
+            examples = self.examples(model, samples, reference, outputs)
             latency = {"measured_host": measure(runner, samples.inputs[0], plan.verify.warmup, plan.verify.runs,
                                                 layers=True),
                        "estimated_target": estimate(artifact.analysis, ctx.target)}
@@ -480,7 +487,7 @@ class ImageFamily(FloatParts):
                              f"({', '.join(ops['fallback_ops'])}); the first is op {first['index']} {first['op']}")
         return Verification(
             accuracy={**accuracy, "eval_source": data.eval_source, "label_source": samples.label_source},
-            latency=latency, io=io_details(artifact.main) if tflite else _io_spec(runner), ops=ops)
+            latency=latency, io=io_details(artifact.main) if tflite else _io_spec(runner), ops=ops, examples=examples)
 
     def on_device(self, artifact: Artifact, data: ImageData, reference: np.ndarray,
                   ctx: BuildContext) -> dict[str, Any]:

@@ -42,14 +42,58 @@ def render(report: dict[str, Any], manifest: dict[str, Any] | None = None) -> st
     with matplotlib.rc_context({"svg.hashsalt": "edgekit", "svg.fonttype": "none", "text.parse_math": False,
                                 "font.size": 9}):
         charts = _layer_charts(report)
-        body = [_headline(report), _gates(report), _section("Per layer", "\n".join(charts)) if charts else "",
-                *_steps(report),
+        body = [_headline(report), _gates(report), _examples(report.get("examples") or []),
+                _section("Per layer", "\n".join(charts)) if charts else "", *_steps(report),
                 _section("Stages", _rows(report.get("stages") or [])), _details(report), _manifest(manifest)]
     title = f"edgekit report: {report['model']['name']} for {report['target']['name']}"
     return ("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\n"
-            "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; style-src 'unsafe-inline'\">\n"
+            "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; style-src 'unsafe-inline'; "
+            "img-src data:\">\n"
             f"<title>{escape(title)}</title><style>{STYLE}</style></head>\n<body>\n"
             + "\n".join(part for part in body if part) + "\n</body></html>\n")
+
+
+def _examples(examples: list[dict[str, Any]]) -> str:
+    """The first held-out inputs with the original's and the artifact's answers: a detector's boxes drawn on the
+    frame (the original's solid, the artifact's dashed; hover for class and score), a classifier's five most
+    probable classes side by side. The thumbnails are the report's own (inline JPEG: the page loads nothing)."""
+    if not examples:
+        return ""
+    figures = []
+    for example in examples:
+        width, height = example["width"], example["height"]
+        shapes = [f'<image href="data:image/jpeg;base64,{escape(example["image"])}" width="{width}" '
+                  f'height="{height}"/>']
+        if example["kind"] == "boxes":
+            for who, dashes in (("reference", ""), ("artifact", ' stroke-dasharray="5 3"')):
+                for found in example[who]:
+                    x1, y1, x2, y2 = found["box"]
+                    what = f"{_WHO[who]}: {_label(found)} {found['score']:.2f}"
+                    shapes.append(f'<rect x="{x1 * width:.1f}" y="{y1 * height:.1f}" width="{(x2 - x1) * width:.1f}" '
+                                  f'height="{(y2 - y1) * height:.1f}" fill="none" stroke="{_COLOURS[who]}" '
+                                  f'stroke-width="2"{dashes}><title>{escape(what)}</title></rect>')
+            answer = escape(f"{len(example['reference'])} boxes from the original (solid), "
+                            f"{len(example['artifact'])} from the artifact (dashed)")
+        else:
+            answer = _table([_WHO["reference"], _WHO["artifact"]],
+                            [[f"{_label(a)} ({a['p']:.3f})", f"{_label(b)} ({b['p']:.3f})"]
+                             for a, b in zip(example["reference"], example["artifact"], strict=False)])
+            if example.get("label") is not None:
+                answer += f"<span class=\"muted\">labelled class {example['label']}</span>"
+        svg = (f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" width="{width}" '
+               f'height="{height}">{"".join(shapes)}</svg>')
+        figures.append(f'<figure class="example">{svg}<figcaption>{escape(str(example.get("file") or ""))}'
+                       f"</figcaption>{answer}</figure>")
+    return _section("What the artifact does to held-out inputs",
+                    f"<div style=\"display:flex;flex-wrap:wrap;gap:1.5em\">{''.join(figures)}</div>")
+
+
+_WHO = {"reference": "original", "artifact": "artifact"}
+_COLOURS = {"reference": "#1a7f37", "artifact": "#e08a1e"}
+
+
+def _label(found: dict[str, Any]) -> str:
+    return str(found["name"]) if found.get("name") else f"class {found['class']}"
 
 
 def _headline(report: dict[str, Any]) -> str:

@@ -72,6 +72,7 @@ class Report(_Open):
     quantization: dict[str, Any] | None = None
     deploy: dict[str, str] | None = None
     ops: dict[str, Any] | None = None
+    examples: list[dict[str, Any]] | None = None  # held-out inputs, with the original's and the artifact's answers
     analysis: dict[str, Any] | None = None
     device: dict[str, Any] | None = None
     diff: dict[str, Any] | None = None  # `edgekit diff`: each block of the artifact against the original
