@@ -217,6 +217,11 @@ def test_build_int4_eora_tiny_llama_is_verified_in_onnxruntime(tiny_lm_folder: P
     assert (result.out / "tokenizer" / "tokenizer.json").is_file()
     page = assert_page(result.out)
     assert any(caption.startswith("Quantization error per layer") for caption, _ in page.charts)
+    examples = report["examples"]  # both prompts' greedy continuations, as text, on the page
+    assert [e["kind"] for e in examples] == ["text", "text"] and all(e["tokens"] == 6 for e in examples)
+    agreement = sum(e["same_tokens"] / e["tokens"] for e in examples) / 2
+    assert agreement == pytest.approx(accuracy["generation_agreement"], abs=1e-4)
+    assert [row[2] for row in page.tables["examples"][1:]] == [e["artifact"] for e in examples]
 
 
 def test_depth_pruned_build_reports_the_exported_models_cache(tiny_lm_folder: Path) -> None:

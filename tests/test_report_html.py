@@ -121,9 +121,10 @@ def assert_page(folder: Path) -> Page:
         assert any(caption.startswith("Where the artifact departs from the original") for caption in captions)
     assert not page.tags & {"script", "link", "img", "iframe", "object"}
     # nothing outside the page: links within it, and each example's thumbnail inline
-    assert all(link.startswith(("#", "data:image/jpeg;base64,")) for link in page.links), page.links
-    examples = report.get("examples") or []
-    assert [(e["file"], 1) for e in examples] == [(caption, images) for caption, images, _ in page.examples]
+    assert all(link.startswith(("#", "data:image/jpeg;base64,", "data:image/png;base64,")) for link in page.links)
+    examples = [e for e in report.get("examples") or [] if e["kind"] != "text"]  # those with a thumbnail
+    assert [(e["file"], 2 if e["kind"] == "masks" else 1) for e in examples] == \
+        [(caption, images) for caption, images, _ in page.examples]  # a segmenter's: the thumbnail and its masks
     assert [len(e["reference"]) + len(e["artifact"]) if e["kind"] == "boxes" else 0 for e in examples] == \
         [boxes for *_, boxes in page.examples]
     manifest = json.loads((folder / "manifest.json").read_text())

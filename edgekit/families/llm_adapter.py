@@ -228,8 +228,9 @@ def prune_lm(module: Any, calibration: Any, ratio: float, blocks: int, progress:
 
 
 def verify_lm(artifact: bytes, text: Text, ref: dict[str, np.ndarray], threads: int,
-              progress: Progress) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Perplexity of the artifact in onnxruntime against the original's, greedy agreement, and host timings."""
+              progress: Progress) -> tuple[dict[str, Any], dict[str, Any], list[list[int]]]:
+    """Perplexity of the artifact in onnxruntime against the original's, greedy agreement, host timings, and the
+    artifact's greedy tokens per prompt."""
     runner = OnnxCausalLM(artifact, threads)
     scores = [runner.score(w.numpy()) for w in progress.track(text.evaluation, len(text.evaluation),
                                                               "artifact on held-out text")]
@@ -256,7 +257,19 @@ def verify_lm(artifact: bytes, text: Text, ref: dict[str, np.ndarray], threads: 
                "decode_ms_per_token": round(float(np.median(decode)), 3) if decode else None,
                "tokens_per_s": round(1e3 / float(np.median(decode)), 2) if decode else None,
                "decode_steps": len(decode)}
-    return accuracy, latency
+    return accuracy, latency, [run["tokens"] for run in runs]
+
+
+def generations(tokenizer: Any, prompts: Any, original: np.ndarray, artifact: list[list[int]]
+                ) -> list[dict[str, Any]]:
+    """The first few prompts with the original's and the artifact's greedy continuations as text, and how many
+    tokens the two share from the start (report.html shows them side by side)."""
+    from edgekit.verify.examples import COUNT
+
+    return [{"kind": "text", "prompt": tokenizer.decode(prompt.tolist()), "reference": tokenizer.decode(list(mine)),
+             "artifact": tokenizer.decode(theirs), "same_tokens": _common_prefix(theirs, list(mine)),
+             "tokens": len(mine)}
+            for prompt, mine, theirs in list(zip(prompts, original, artifact, strict=True))[:COUNT]]
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -392,10 +405,11 @@ class LanguageModelFamily:
     def verify(self, artifact: Artifact, model: llm.LoadedLM, data: Text, reference: dict[str, np.ndarray],
                ctx: BuildContext) -> Verification:
         with ctx.progress.stage("verify") as record:
-            accuracy, measured = verify_lm(artifact.main, data, reference, ctx.threads, ctx.progress)
+            accuracy, measured, tokens = verify_lm(artifact.main, data, reference, ctx.threads, ctx.progress)
             record["note"] = f"{accuracy['summary']}, decode {measured['tokens_per_s']} tok/s on host"
         return Verification(accuracy={**accuracy, "eval_source": data.source},
-                            latency={"measured_host": measured, "estimated_target": _estimate(ctx, artifact.analysis)})
+                            latency={"measured_host": measured, "estimated_target": _estimate(ctx, artifact.analysis)},
+                            examples=generations(model.tokenizer, data.prompts, reference["tokens"], tokens))
 
     def on_device(self, artifact: Artifact, data: Any, reference: Any, ctx: BuildContext) -> dict[str, Any]:
         raise UsageError("device verification through an agent takes image models; language models verify here")

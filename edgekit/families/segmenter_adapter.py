@@ -189,7 +189,8 @@ class SegmenterFamily(FloatParts):
                 "estimated_target": estimate(artifact.analysis, ctx.target),
                 "part": "image encoder (the decoder runs once per prompt, on the encoder's embedding)"}
             record["note"] = f"{accuracy['summary']}, encoder host p50 {latency['measured_host']['p50']:.0f} ms"
-        return Verification(accuracy=accuracy, latency=latency)
+        return Verification(accuracy=accuracy, latency=latency,
+                            examples=_examples(data.frames, data.eval_files, reference, found))
 
     def on_device(self, artifact: Artifact, data: Any, reference: Any, ctx: BuildContext) -> dict[str, Any]:
         raise UsageError("device verification through an agent takes one-graph image models; segmenters verify here")
@@ -222,6 +223,26 @@ def _masks(encoder: OnnxRuntimeRunner, decoder: Any, frame: Frame) -> list[np.nd
     height, width = truth[0].shape
     return [decoder.run(["masks"], box_prompt(embedding, box_of(mask), scale, height, width))[0][0, 0] > 0
             for mask in truth]
+
+
+def _examples(frames: list[Frame], files: list[Path], reference: list[list[np.ndarray]],
+              found: list[list[np.ndarray]]) -> list[dict[str, Any]]:
+    """The first few held-out images that have instances, each with its instances' masks from the original and
+    from the artifact laid over it (each pair's masks joined), and their mean IoU."""
+    from edgekit.verify.examples import COUNT, mask_overlay, thumbnail
+
+    examples = []
+    for (x, scale, truth), path, theirs, ours in zip(frames, files, reference, found, strict=True):
+        if not truth or len(examples) == COUNT:
+            continue
+        height, width = truth[0].shape
+        shown = thumbnail(x[0, :, : round(height * scale), : round(width * scale)])
+        overlay = mask_overlay(np.logical_or.reduce(theirs), np.logical_or.reduce(ours), shown["width"],
+                               shown["height"])
+        examples.append({"kind": "masks", "file": path.name, **shown, "overlay": overlay, "instances": len(truth),
+                         "iou_vs_original": round(float(np.mean([iou(a, b) for a, b in zip(ours, theirs,
+                                                                                              strict=True)])), 4)})
+    return examples
 
 
 def _compare(reference: list[list[np.ndarray]], found: list[list[np.ndarray]],

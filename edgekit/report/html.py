@@ -56,9 +56,17 @@ def render(report: dict[str, Any], manifest: dict[str, Any] | None = None) -> st
 def _examples(examples: list[dict[str, Any]]) -> str:
     """The first held-out inputs with the original's and the artifact's answers: a detector's boxes drawn on the
     frame (the original's solid, the artifact's dashed; hover for class and score), a classifier's five most
-    probable classes side by side. The thumbnails are the report's own (inline JPEG: the page loads nothing)."""
+    probable classes side by side, a segmenter's masks overlaid (where they agree, where each covers alone), a
+    language model's greedy continuations. The thumbnails are the report's own
+    (inline JPEG: the page loads nothing)."""
     if not examples:
         return ""
+    title = "What the artifact does to held-out inputs"
+    if examples[0]["kind"] == "text":
+        rows = [[e["prompt"], e["reference"], e["artifact"], f"{e['same_tokens']} of {e['tokens']}"] for e in examples]
+        columns = ["prompt", _WHO["reference"], _WHO["artifact"], "same tokens"]
+        return _section(title, "<p>Greedy continuations of held-out prompts; the tokens the two share from the start "
+                        "are counted.</p>" + _table(columns, rows, "examples"))
     figures = []
     for example in examples:
         width, height = example["width"], example["height"]
@@ -74,6 +82,12 @@ def _examples(examples: list[dict[str, Any]]) -> str:
                                   f'stroke-width="2"{dashes}><title>{escape(what)}</title></rect>')
             answer = escape(f"{len(example['reference'])} boxes from the original (solid), "
                             f"{len(example['artifact'])} from the artifact (dashed)")
+        elif example["kind"] == "masks":
+            shapes.append(f'<image href="data:image/png;base64,{escape(example["overlay"])}" width="{width}" '
+                          f'height="{height}"/>')
+            answer = escape(f"{example['instances']} instances, each from its box: blue where both masks cover, "
+                            f"green the original's alone, orange the artifact's alone (IoU with the original "
+                            f"{example['iou_vs_original']:.3f})")
         else:
             answer = _table([_WHO["reference"], _WHO["artifact"]],
                             [[f"{_label(a)} ({a['p']:.3f})", f"{_label(b)} ({b['p']:.3f})"]
@@ -84,8 +98,7 @@ def _examples(examples: list[dict[str, Any]]) -> str:
                f'height="{height}">{"".join(shapes)}</svg>')
         figures.append(f'<figure class="example">{svg}<figcaption>{escape(str(example.get("file") or ""))}'
                        f"</figcaption>{answer}</figure>")
-    return _section("What the artifact does to held-out inputs",
-                    f"<div style=\"display:flex;flex-wrap:wrap;gap:1.5em\">{''.join(figures)}</div>")
+    return _section(title, f"<div style=\"display:flex;flex-wrap:wrap;gap:1.5em\">{''.join(figures)}</div>")
 
 
 _WHO = {"reference": "original", "artifact": "artifact"}

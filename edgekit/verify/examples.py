@@ -36,6 +36,22 @@ def thumbnail(sample: np.ndarray) -> dict[str, Any]:
             "height": image.height}
 
 
+def mask_overlay(original: np.ndarray, artifact: np.ndarray, width: int, height: int) -> str:
+    """Two boolean masks (of the image's own size) as one translucent PNG of `width` x `height` to lay over its
+    thumbnail: blue where both cover the pixel, green where only the original does, orange where only the
+    artifact does (base64)."""
+    from PIL import Image
+
+    colours = np.zeros((*original.shape, 4), np.uint8)
+    colours[original & artifact] = (64, 98, 187, 120)
+    colours[original & ~artifact] = (26, 127, 55, 170)
+    colours[~original & artifact] = (224, 138, 30, 170)
+    image = Image.fromarray(colours, "RGBA").resize((width, height), Image.Resampling.NEAREST)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=True)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
 def top_classes(scores: np.ndarray, names: list[str] | None, count: int = 5) -> list[dict[str, Any]]:
     """The `count` most probable classes of one output row (softmax of logits; probabilities stay as they are)."""
     row = np.asarray(scores, dtype=np.float64)
