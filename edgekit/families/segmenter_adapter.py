@@ -231,7 +231,7 @@ def _examples(frames: list[Frame], files: list[Path], reference: list[list[np.nd
     from the artifact laid over it (each pair's masks joined), and their mean IoU."""
     from edgekit.verify.examples import COUNT, mask_overlay, thumbnail
 
-    examples = []
+    examples: list[dict[str, Any]] = []
     for (x, scale, truth), path, theirs, ours in zip(frames, files, reference, found, strict=True):
         if not truth or len(examples) == COUNT:
             continue
