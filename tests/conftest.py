@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -14,6 +15,9 @@ REPO = Path(__file__).resolve().parent.parent
 PHOTOS = sorted((REPO / "calibration" / "images").glob("*.jpg"))
 SHARED_DATA = REPO.parent / "shared" / "data"
 VOCAB = 384  # tiny language models' vocabulary
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # the suite's workers share the cores: one torch thread each
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -307,12 +307,17 @@ class ClassifierFamily(ImageFamily):
 
     def examples(self, model: LoadedModel, samples: Samples, reference: np.ndarray, artifact: np.ndarray
                  ) -> list[dict[str, Any]]:
-        """Each input's five most probable classes from the original and from the artifact, and its label."""
-        from edgekit.verify.examples import COUNT, file_name, thumbnail, top_classes
+        """Each input's five most probable classes from the original and from the artifact, and its label (named
+        where the model names its classes, or where ImageNet synsets label 1000 of them: torchvision's names)."""
+        from edgekit.verify.examples import COUNT, file_name, named, thumbnail, top_classes
 
         names = model.details.get("class_names")
+        if names is None and samples.label_source == "imagenet synsets" and reference.shape[1] == 1000:
+            from torchvision.models._meta import _IMAGENET_CATEGORIES
+
+            names = list(_IMAGENET_CATEGORIES)
         return [{"kind": "classes", "file": file_name(samples.files[i]), **thumbnail(samples.inputs[i]),
-                 "label": None if samples.labels is None else int(samples.labels[i]),
+                 "label": None if samples.labels is None else named(int(samples.labels[i]), names),
                  "reference": top_classes(reference[i], names), "artifact": top_classes(artifact[i], names)}
                 for i in range(min(COUNT, len(artifact)))]
 

@@ -93,7 +93,7 @@ def _examples(examples: list[dict[str, Any]]) -> str:
                             [[f"{_label(a)} ({a['p']:.3f})", f"{_label(b)} ({b['p']:.3f})"]
                              for a, b in zip(example["reference"], example["artifact"], strict=False)])
             if example.get("label") is not None:
-                answer += f"<span class=\"muted\">labelled class {example['label']}</span>"
+                answer += f"<span class=\"muted\">labelled: {escape(_label(example['label']))}</span>"
         svg = (f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" width="{width}" '
                f'height="{height}">{"".join(shapes)}</svg>')
         figures.append(f'<figure class="example">{svg}<figcaption>{escape(str(example.get("file") or ""))}'

@@ -58,8 +58,7 @@ def top_classes(scores: np.ndarray, names: list[str] | None, count: int = 5) -> 
     probabilities = row if row.min() >= 0 and abs(row.sum() - 1) < 1e-3 else np.exp(row - row.max())
     probabilities = probabilities / probabilities.sum()
     best = np.argsort(-probabilities, kind="stable")[:count]
-    return [{"class": int(c), "name": names[c] if names and c < len(names) else None,
-             "p": round(float(probabilities[c]), 4)} for c in best]
+    return [{**named(int(c), names), "p": round(float(probabilities[c]), 4)} for c in best]
 
 
 def shown_boxes(found: np.ndarray, size: tuple[int, int], names: list[str] | None) -> list[dict[str, Any]]:
@@ -69,8 +68,12 @@ def shown_boxes(found: np.ndarray, size: tuple[int, int], names: list[str] | Non
     rows = sorted((row for row in found if row[4] >= MIN_SCORE), key=lambda row: -row[4])[:MAX_BOXES]
     return [{"box": [round(float(row[0]) / width, 4), round(float(row[1]) / height, 4),
                      round(float(row[2]) / width, 4), round(float(row[3]) / height, 4)],
-             "score": round(float(row[4]), 3), "class": int(row[5]),
-             "name": names[int(row[5])] if names and int(row[5]) < len(names) else None} for row in rows]
+             "score": round(float(row[4]), 3), **named(int(row[5]), names)} for row in rows]
+
+
+def named(index: int, names: list[str] | None) -> dict[str, Any]:
+    """A class index and its name, where the model or the data names its classes."""
+    return {"class": index, "name": names[index] if names and index < len(names) else None}
 
 
 def file_name(path: str | None) -> str | None:
