@@ -86,7 +86,7 @@ def cut_stream(module: torch.nn.Module, input_shape: tuple[int, ...], units: lis
     ratio = float(cache.get_or_compute({**key, "kind": "search-stream", "budget": budget.text, "highest": highest},
                                        compute)["ratio"])
     cut = copy.deepcopy(module)
-    record: dict[str, Any] = {"ratio": round(ratio, 4), "kept_inside": len(inside),
+    record: dict[str, Any] = {"ratio": round(ratio, 4), "kept_inside": inside,
                               "why": "uniform pruning's share of channels for the budget, cut from the channels "
                                      "between units; each unit's inside is the search's"}
     if ratio > 0:
