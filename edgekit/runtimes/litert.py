@@ -14,12 +14,15 @@ from edgekit.runtimes.base import time_calls
 
 
 class LiteRtRunner:
-    def __init__(self, model_bytes: bytes, threads: int) -> None:
+    def __init__(self, model_bytes: bytes, threads: int, keep_tensors: bool = False) -> None:
+        """`keep_tensors`: LiteRT keeps every intermediate tensor (for `tensors`), at the cost of its memory
+        planning."""
         import ai_edge_litert
         from ai_edge_litert.interpreter import Interpreter
 
         try:
-            self.interpreter = Interpreter(model_content=model_bytes, num_threads=threads)
+            self.interpreter = Interpreter(model_content=model_bytes, num_threads=threads,
+                                           experimental_preserve_all_tensors=keep_tensors)
             self.interpreter.allocate_tensors()
         except Exception as err:  # LiteRT raises RuntimeError/ValueError for unloadable models
             raise StageError(f"LiteRT cannot load the artifact: {first_line(err)}") from err
@@ -38,6 +41,13 @@ class LiteRtRunner:
 
     def run(self, inputs: np.ndarray) -> np.ndarray:
         return np.concatenate([self._invoke(self._feed(row)) for row in inputs])
+
+    def tensors(self, sample: np.ndarray, details: dict[int, dict]) -> dict[int, np.ndarray]:
+        """After one inference on `sample`, the tensors of `details` (index -> LiteRT's tensor detail) as real
+        numbers; needs `keep_tensors`."""
+        self._invoke(self._feed(sample))
+        return {index: from_tensor(self.interpreter.get_tensor(index), detail).astype(np.float32)
+                for index, detail in details.items()}
 
     def time(self, sample: np.ndarray, warmup: int, runs: int) -> list[float]:
         data = self._feed(sample)

@@ -103,29 +103,22 @@ def _tflite(artifact: bytes, module: torch.nn.Module, threads: int
             ) -> tuple[list[Op], Callable[[str, str], bool], Run]:
     """The flatbuffer's ops by location (the op's own, first of a fused op's), each module's location chain, and a
     run that keeps every tensor (dequantized where integer)."""
-    from ai_edge_litert.interpreter import Interpreter
-
     from edgekit.passes.tflite import location_segment
-    from edgekit.runtimes.litert import from_tensor, to_tensor
+    from edgekit.runtimes.litert import LiteRtRunner
 
-    interpreter = Interpreter(model_content=artifact, num_threads=threads, experimental_preserve_all_tensors=True)
-    interpreter.allocate_tensors()
-    details = {t["index"]: t for t in interpreter.get_tensor_details()}
+    runner = LiteRtRunner(artifact, threads, keep_tensors=True)
+    details = {t["index"]: t for t in runner.interpreter.get_tensor_details()}
     ops = [(details[op["outputs"][0]]["name"].split(";")[0] + "/", op["outputs"][0])
-           for op in interpreter._get_ops_details() if len(op["outputs"])]
+           for op in runner.interpreter._get_ops_details() if len(op["outputs"])]
     chains = {"": ""}
     for name, layer in module.named_modules():
         if name:
             parent, _, attribute = name.rpartition(".")
             chains[name] = f"{chains[parent]}/{location_segment(layer, attribute)}"
-    feed = interpreter.get_input_details()[0]
 
     def run(inputs: np.ndarray, tensors: list[Any]) -> Iterator[dict[Any, np.ndarray]]:
         for x in inputs:
-            interpreter.set_tensor(feed["index"], to_tensor(x[None].transpose(0, 2, 3, 1), feed))
-            interpreter.invoke()
-            yield {index: from_tensor(interpreter.get_tensor(index), details[index]).astype(np.float32)
-                   for index in tensors}
+            yield runner.tensors(x, {index: details[index] for index in tensors})
 
     return ops, lambda name, location: chains[name] + "/" in location, run
 
