@@ -30,6 +30,7 @@ tr + tr td { border-top: 1px solid #eee; }
 .passed, .ok { color: #176117; font-weight: 600; } .failed, .gate_failed { color: #b00020; font-weight: 600; }
 .warned, .not_checked { color: #8a5a00; } .muted { color: #666; }
 figure { margin: 1em 0; } figure svg { max-width: 100%; height: auto; } figcaption { color: #555; }
+figure.example { max-width: 24em; }
 """
 
 
@@ -80,14 +81,12 @@ def _examples(examples: list[dict[str, Any]]) -> str:
                     shapes.append(f'<rect x="{x1 * width:.1f}" y="{y1 * height:.1f}" width="{(x2 - x1) * width:.1f}" '
                                   f'height="{(y2 - y1) * height:.1f}" fill="none" stroke="{_COLOURS[who]}" '
                                   f'stroke-width="2"{dashes}><title>{escape(what)}</title></rect>')
-            answer = escape(f"{len(example['reference'])} boxes from the original (solid), "
-                            f"{len(example['artifact'])} from the artifact (dashed)")
+            answer = escape(f"{len(example['reference'])} boxes from the original, {len(example['artifact'])} from "
+                            "the artifact")
         elif example["kind"] == "masks":
             shapes.append(f'<image href="data:image/png;base64,{escape(example["overlay"])}" width="{width}" '
                           f'height="{height}"/>')
-            answer = escape(f"{example['instances']} instances, each from its box: blue where both masks cover, "
-                            f"green the original's alone, orange the artifact's alone (IoU with the original "
-                            f"{example['iou_vs_original']:.3f})")
+            answer = escape(f"{example['instances']} instances, IoU with the original {example['iou_vs_original']:.3f}")
         else:
             answer = _table([_WHO["reference"], _WHO["artifact"]],
                             [[f"{_label(a)} ({a['p']:.3f})", f"{_label(b)} ({b['p']:.3f})"]
@@ -98,7 +97,14 @@ def _examples(examples: list[dict[str, Any]]) -> str:
                f'height="{height}">{"".join(shapes)}</svg>')
         figures.append(f'<figure class="example">{svg}<figcaption>{escape(str(example.get("file") or ""))}'
                        f"</figcaption>{answer}</figure>")
-    return _section(title, f"<div style=\"display:flex;flex-wrap:wrap;gap:1.5em\">{''.join(figures)}</div>")
+    legend = {"boxes": "Boxes of score 0.25 and up: the original's solid green, the artifact's dashed orange "
+                       "(hover for class and score).",
+              "masks": "Each instance's mask from its box prompt, every instance of an image together: blue where "
+                       "the original's and the artifact's both cover, green the original's alone, orange the "
+                       "artifact's alone.",
+              "classes": "The five most probable classes of the original and of the artifact."}[examples[0]["kind"]]
+    return _section(title, f"<p>{legend}</p><div style=\"display:flex;flex-wrap:wrap;gap:1.5em\">"
+                           f"{''.join(figures)}</div>")
 
 
 _WHO = {"reference": "original", "artifact": "artifact"}
