@@ -38,6 +38,18 @@ def photos(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
+def boxes(tmp_path: Path) -> Path:
+    """Real photos in the YOLO layout (images/ and labels/) with a few boxes each."""
+    root = tmp_path / "boxes"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    for index, photo in enumerate(PHOTOS[:8]):
+        shutil.copy(photo, root / "images" / photo.name)
+        (root / "labels" / f"{photo.stem}.txt").write_text(f"{index % 3} 0.5 0.5 0.4 0.3\n1 0.25 0.3 0.2 0.2\n")
+    return root
+
+
+@pytest.fixture
 def labelled(tmp_path: Path) -> Path:
     """A folder per class (3 classes, 3 photos each), the layout users label their own data with."""
     folder = tmp_path / "labelled"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ import yaml
 import edgekit
 from edgekit.families.detector import letterbox, mean_average_precision
 
-from .conftest import PHOTOS, SHARED_DATA
+from .conftest import SHARED_DATA
 from .test_report_html import assert_page
 
 SIZE = 64
@@ -30,18 +29,6 @@ def tiny_yaml(tmp_path: Path, family: str) -> Path:
     path = tmp_path / f"tiny-{family}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
-
-
-@pytest.fixture
-def boxes(tmp_path: Path) -> Path:
-    """Real photos in the YOLO layout (images/ and labels/) with a few boxes each."""
-    root = tmp_path / "boxes"
-    (root / "images").mkdir(parents=True)
-    (root / "labels").mkdir()
-    for index, photo in enumerate(PHOTOS[:8]):
-        shutil.copy(photo, root / "images" / photo.name)
-        (root / "labels" / f"{photo.stem}.txt").write_text(f"{index % 3} 0.5 0.5 0.4 0.3\n1 0.25 0.3 0.2 0.2\n")
-    return root
 
 
 def test_map_has_known_answers() -> None:
@@ -303,3 +290,4 @@ def test_the_stream_between_units_is_cut_at_uniform_pruning_s_share_for_the_budg
                for root in outside)  # the block's output: the stream's
     assert costs(cut).macs < full and torch.isfinite(cut(torch.as_tensor(images))).all()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the original is not changed
+

@@ -223,3 +223,25 @@ def test_detector_units_prune_only_their_hidden_channels(tmp_path: Path) -> None
     for name, _ in kinds:
         pruned = sum(p.numel() for p in stitched.get_submodule(name).parameters())
         assert pruned < sum(p.numel() for p in model.get_submodule(name).parameters())
+
+
+def test_a_detector_budget_build_cuts_the_stream_then_searches_within_the_budget(tmp_path: Path, boxes: Path) -> None:
+    """The detectors' default budget build end to end: the stream cut, the blocks' levels on the cut model, and an
+    artifact within the budget, verified by mAP."""
+    from edgekit.families.detector import _export_form
+
+    from .test_detector import SIZE, settled_yolo
+
+    model = settled_yolo(tmp_path, "yolo11")
+    full = analyze(export_onnx(_export_form(copy.deepcopy(model), SIZE), (1, 3, SIZE, SIZE), 17)).macs
+    limit = int(full * 0.8)
+    result = build(model, "x86-64", calib=boxes / "images", eval=boxes / "images", input_size=SIZE, quiet=True,
+                   overrides={**FAST, "search.budget": f"macs={limit}", "search.levels": [0.0, 0.5],
+                              "search.generations": 1, "prune.images": 4, "search.images": 4}, out=tmp_path / "out")
+    report = result.report
+    search = report["search"]
+    assert 0 < search["stream"]["ratio"] < 0.5 and search["stream"]["kept_inside"]
+    assert report["analysis"]["artifact"]["macs"] <= limit and search["chosen"]["macs"] <= limit
+    assert [s["name"] for s in report["stages"]][:5] == ["load", "data", "stream", "levels", "search"]
+    assert report["map50_95_artifact"] is not None  # verified like any build
+
