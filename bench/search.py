@@ -67,7 +67,7 @@ def matched_ratio(model: str, target: str, budget_ms: float, calib: Path, precis
     import numpy as np
 
     from edgekit.families import LoadOptions, resolve
-    from edgekit.passes.levels import artifact_costs, price_artifact
+    from edgekit.passes.levels import artifact_costs, own_keep, price_artifact
     from edgekit.passes.stream import uniform_ratio
     from edgekit.recipe import Recipe, with_defaults, with_overrides
     from edgekit.recipe import resolve as resolve_recipe
@@ -80,9 +80,8 @@ def matched_ratio(model: str, target: str, budget_ms: float, calib: Path, precis
     recipe = with_overrides(with_defaults(Recipe(), adapter.recipe_defaults), {"quantize.precision": precision})
     plan = resolve_recipe(recipe, device, adapter)
     images = np.asarray(adapter.samples(loaded, sorted(p for p in calib.iterdir())[:2], None).inputs)
-    names = {layer: name for name, layer in loaded.module.named_modules()}
     ratio, costs = uniform_ratio(
-        loaded.module, loaded.input_shape, [names[k] for k in adapter.prune_keep(loaded.module)],
+        loaded.module, loaded.input_shape, own_keep(loaded.module, adapter.prune_keep(loaded.module)),
         parse_budget(f"latency={budget_ms}ms"),
         lambda m: artifact_costs(*price_artifact(m, loaded.input_shape, plan, device, adapter, images), device), 0.6)
     return ratio, costs.latency_ms if costs else math.nan

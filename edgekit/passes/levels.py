@@ -87,6 +87,12 @@ def channel_roots(unit: torch.nn.Module, example: torch.Tensor, keep: list[str])
     return internal, external
 
 
+def own_keep(unit: torch.nn.Module, family_keep: list[torch.nn.Module]) -> list[str]:
+    """The names, within `unit`, of the family's kept layers that lie inside it."""
+    names = {module: path for path, module in unit.named_modules()}
+    return [names[layer] for layer in family_keep if layer in names]
+
+
 def _dependency_graph(module: torch.nn.Module, example: torch.Tensor) -> Any:
     import torch_pruning as tp
 
@@ -126,8 +132,7 @@ def variants(model: torch.nn.Module, units: list[tuple[str, torch.nn.Module]], f
     inputs = unit_inputs(model, torch.as_tensor(images), [name for name, _ in units])
     plans = []
     for name, unit in units:
-        names = {module: path for path, module in unit.named_modules()}
-        keep = internal_keep(unit, inputs[name][:1], [names[k] for k in family_keep if k in names])
+        keep = internal_keep(unit, inputs[name][:1], own_keep(unit, family_keep))
         if keep is not None:
             plans.append((name, unit, keep))
     if not plans:

@@ -69,15 +69,13 @@ def cut_stream(module: torch.nn.Module, input_shape: tuple[int, ...], units: lis
     it. The share is cached under `key` (what the model's artifact costs depend on)."""
     import torch
 
-    from edgekit.passes.levels import channel_roots, unit_inputs
+    from edgekit.passes.levels import channel_roots, own_keep, unit_inputs
     from edgekit.passes.prune import prune_channels
 
-    names = {layer: name for name, layer in module.named_modules()}
-    keep = [names[layer] for layer in family_keep if layer in names]
+    keep = own_keep(module, family_keep)
     inputs = unit_inputs(module, torch.as_tensor(images[:1]), [name for name, _ in units])
     inside = [f"{name}.{root}" for name, unit in units
-              for root in channel_roots(unit, inputs[name], [names[k][len(name) + 1:] for k in family_keep
-                                                             if names.get(k, "").startswith(f"{name}.")])[0]]
+              for root in channel_roots(unit, inputs[name], own_keep(unit, family_keep))[0]]
 
     def compute() -> dict[str, np.ndarray]:
         ratio, _ = uniform_ratio(module, input_shape, keep, budget, costs, highest)
