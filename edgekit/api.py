@@ -52,7 +52,8 @@ def build(
     """Build a verified artifact of `model` for `target`.
 
     `overrides` takes dotted recipe keys (`{"gates.max_size_mb": 4}`); `precision` and `format` are shorthands
-    for the most common two. `train` (classifiers): labelled images to fine-tune on after pruning or a search.
+    for the most common two. `train` (classifiers, detectors): labelled images to fine-tune on after pruning or a
+    search.
     With `device_url` (an `edgekit agent`), the artifact is also verified on that device, and its figures decide
     the gates.
     """
@@ -65,8 +66,8 @@ def build(
     flags = {"quantize.precision": precision, "export.format": format, **(overrides or {})}
     resolved, origins, recipe_file = plan(adapter, device, recipe, flags)
     if train and not adapter.trains_on_labels:
-        raise UsageError(f"--train fine-tunes classifiers on labelled class folders; {adapter.name} models do not "
-                         "take it yet")
+        raise UsageError(f"--train fine-tunes classifiers (class folders) and detectors (YOLO label files); "
+                         f"{adapter.name} models do not take it yet")
     if device_url and not adapter.device_verifiable:
         raise UsageError(f"device verification through an agent takes one-graph image models; {adapter.name} "
                          "models verify here")

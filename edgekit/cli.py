@@ -97,9 +97,10 @@ def _parser() -> argparse.ArgumentParser:
     data = b.add_argument_group("data")
     data.add_argument("--calib", help="calibration images (default: the set shipped in calibration/)")
     data.add_argument("--eval", help="held-out images for verification, labelled by folder or file name")
-    data.add_argument("--train", help="classifiers: labelled images (one folder per class, or ImageNet synset names) "
-                      "to fine-tune on after --prune or --budget; kept only if its last held-out batch says it helped "
-                      "(recipe [finetune] steps, seconds, lr, batch)")
+    data.add_argument("--train", help="labelled images to fine-tune on after --prune or --budget: a classifier's in "
+                      "one folder per class (or ImageNet synset names), a detector's with YOLO label files (images/ "
+                      "-> labels/); kept only if its last held-out batch says it helped (recipe [finetune] steps, "
+                      "seconds, lr, batch)")
     data.add_argument("--eval-limit", type=int, help="verify on at most this many images (default 200)")
     stages = b.add_argument_group("stages")
     stages.add_argument("--recipe", help="recipe .toml: stages, parameters and gates (flags override it)")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 import edgekit
 from edgekit.families.detector import letterbox, mean_average_precision
@@ -291,3 +292,56 @@ def test_the_stream_between_units_is_cut_at_uniform_pruning_s_share_for_the_budg
     assert costs(cut).macs < full and torch.isfinite(cut(torch.as_tensor(images))).all()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the original is not changed
 
+
+
+def test_the_label_loss_reads_yolo_files_as_ultralytics_training_does(tmp_path: Path, boxes: Path) -> None:
+    """Boxes from the label files, letterboxed into the input frame, reach Ultralytics' loss as its own training
+    batch would carry them (image index, class, 0-1 centre and size); `batch_labels` renumbers the images."""
+    from ultralytics.utils import DEFAULT_CFG
+    from ultralytics.utils.loss import v8DetectionLoss
+
+    from edgekit.families.base import LoadOptions
+    from edgekit.families.detector import DetectorFamily
+
+    family = DetectorFamily()
+    square = tmp_path / "square"
+    (square / "images").mkdir(parents=True)
+    (square / "labels").mkdir()
+    for index in range(3):  # square photos: the letterbox only scales them, so the 0-1 boxes are unchanged
+        Image.open(next((boxes / "images").iterdir())).convert("RGB").resize((96, 96)).save(
+            square / "images" / f"{index}.jpg")
+        (square / "labels" / f"{index}.txt").write_text(f"{index} 0.5 0.5 0.4 0.3\n1 0.25 0.3 0.2 0.2\n")
+    module = settled_yolo(tmp_path, "yolo11")
+    model = family.load(module, LoadOptions(input_size=SIZE))
+    samples = family.samples(model, sorted((square / "images").iterdir()), None)
+    assert samples.labels is not None
+    rows = torch.tensor([2, 0])
+    (picked,) = family.batch_labels(samples.labels, rows)
+    assert picked[:, :2].tolist() == [[0, 2], [0, 1], [1, 0], [1, 1]]  # image 2's boxes first, now image 0's
+    x = torch.from_numpy(samples.inputs[rows.numpy()])
+    with torch.no_grad():
+        ours = family.label_loss(model.module)(family.label_targets(model.module, x), [picked])
+    module.args, head = DEFAULT_CFG, module.model[-1]
+    batch = {"batch_idx": torch.tensor([0.0, 0, 1, 1]), "cls": torch.tensor([2.0, 1, 0, 1]),
+             "bboxes": torch.tensor([[0.5, 0.5, 0.4, 0.3], [0.25, 0.3, 0.2, 0.2]] * 2)}
+    head.export = False  # the loaded model is in its export form: one decoded tensor out
+    with torch.no_grad():
+        theirs, _ = v8DetectionLoss(module)(module(x), batch)
+    head.export = True
+    assert float(ours) == pytest.approx(float(theirs.sum()) / 2, rel=1e-4)
+
+
+def test_a_pruned_detector_is_fine_tuned_on_yolo_labels(tmp_path: Path, boxes: Path) -> None:
+    model = settled_yolo(tmp_path, "yolo11")
+    settings = {**FAST, "prune.ratio": 0.3, "finetune.batch": 2, "finetune.steps": 20, "finetune.lr": 1e-3}
+    plain = edgekit.build(model, "x86-64", calib=boxes / "images", eval=boxes / "images", input_size=SIZE,
+                          overrides=settings, out=tmp_path / "plain", quiet=True)
+    tuned = edgekit.build(model, "x86-64", calib=boxes / "images", eval=boxes / "images", train=boxes / "images",
+                          input_size=SIZE, overrides=settings, out=tmp_path / "tuned", quiet=True)
+    done = tuned.report["finetune"]
+    assert done["images"] == 8 and done["labels"] == "YOLO label files (16 boxes)" and done["steps"] == 20
+    assert done["probe_held_out"] and done["samples"] == 6
+    assert done["reverted"] == (done["probe_loss_after"] > done["probe_loss_before"])
+    changed = tuned.report["artifact"]["sha256"] != plain.report["artifact"]["sha256"]
+    assert changed == (not done["reverted"])
+    assert tuned.report["map50_95_artifact"] is not None

@@ -30,9 +30,10 @@ def test_labels_train_a_classifier_and_a_fine_tune_the_held_out_batch_refutes_is
     for name, labels in (("rule", rule), ("refuted", refuted)):
         model = torch.nn.Linear(6, 2)
         model.load_state_dict(start)
-        done = distill(model, torch.nn.Identity(), inputs, lambda m, x: [m(x)], labels=labels, steps=40, seconds=60,
-                       lr=1e-2, batch=4, seed=0, progress=lambda xs, _n: xs,
-                       loss=lambda s, y: torch.nn.functional.cross_entropy(s[0], y[0]))
+        targets = torch.as_tensor(labels)
+        done = distill(model, torch.nn.Identity(), inputs, lambda m, x: [m(x)],
+                       labels=lambda rows, y=targets: [y[rows]], steps=40, seconds=60, lr=1e-2, batch=4, seed=0,
+                       progress=lambda xs, _n: xs, loss=lambda s, y: torch.nn.functional.cross_entropy(s[0], y[0]))
         assert done["probe_held_out"] and done["samples"] == 20
         outcome[name] = (done, {k: v.clone() for k, v in model.state_dict().items()})
     kept, undone = outcome["rule"][0], outcome["refuted"][0]

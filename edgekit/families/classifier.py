@@ -15,12 +15,14 @@ import numpy as np
 
 from edgekit.data import ImageReader, file_sha256
 from edgekit.errors import UsageError, first_line
-from edgekit.families.base import LoadedModel, LoadOptions, Samples, Section, module_fingerprint
+from edgekit.families.base import LoadedModel, LoadOptions, Samples, module_fingerprint
 from edgekit.families.image import ImageFamily
 from edgekit.passes.distill import mse, next_token_kl
 from edgekit.resources import imagenet_classes, imagenet_synsets
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import torch
 
 IMAGENET_MEAN = [123.675, 116.28, 103.53]
@@ -158,9 +160,7 @@ def _load_weights(module: torch.nn.Module, state: dict[str, Any], path: Path, ar
 
 class ClassifierFamily(ImageFamily):
     name = "classifier"
-    trains_on_labels: ClassVar[bool] = True
-    settings: ClassVar[dict[str, Section]] = {**ImageFamily.settings,
-                                              "finetune": ("steps", "seconds", "lr", "batch")}
+    label_layout: ClassVar[str] = "one folder per class (or ImageNet synset names)"
     headline: ClassVar[tuple[str, ...]] = ("top1_agreement", "top1_drop_pt", "top1_reference", "top1_artifact")
     accuracy_gates: ClassVar[dict[str, tuple[str, str, str]]] = {
         "max_top1_drop_pt": ("top1_drop_pt", "held-out labels", "no labels in the held-out set"),
@@ -271,11 +271,16 @@ class ClassifierFamily(ImageFamily):
     def distill_loss(self, student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
         return mse(student, teacher)
 
-    def label_loss(self, student: list[torch.Tensor], labels: list[torch.Tensor]) -> torch.Tensor:
+    def label_loss(self, module: torch.nn.Module) -> Callable[[list[torch.Tensor], list[torch.Tensor]], torch.Tensor]:
         """Cross-entropy of the logits against the class labels."""
         import torch
 
-        return torch.nn.functional.cross_entropy(student[0], labels[0])
+        return lambda student, labels: torch.nn.functional.cross_entropy(student[0], labels[0])
+
+    def batch_labels(self, labels: np.ndarray, rows: torch.Tensor) -> list[torch.Tensor]:
+        import torch
+
+        return [torch.as_tensor(labels[rows.numpy()], dtype=torch.long)]
 
     def search_units(self, module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
         """Residual blocks by class name (torchvision's inverted residuals, MBConvs, ResNet blocks; EfficientNet-Lite's

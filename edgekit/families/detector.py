@@ -30,6 +30,8 @@ from edgekit.families.image import ImageFamily
 from edgekit.families.yolo_labels import read_labels
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import onnx
     import torch
 
@@ -58,6 +60,21 @@ def _named_checkpoint(name: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / inner
 
 
+def _raw_head(module: torch.nn.Module, x: torch.Tensor) -> dict[str, Any]:
+    """The head's outputs before decoding (`boxes`, `scores`, `feats`), from a model in its export form."""
+    from ultralytics.nn.modules import Detect
+
+    heads = [layer for layer in module.modules() if isinstance(layer, Detect)]
+    for head in heads:
+        head.export = False
+    try:
+        _, raw = module(x)
+    finally:
+        for head in heads:
+            head.export = True
+    return raw
+
+
 def _export_form(model: torch.nn.Module, size: int) -> torch.nn.Module:
     """The model with its detection head switched to its export form: one decoded tensor out.
 
@@ -78,6 +95,7 @@ def _export_form(model: torch.nn.Module, size: int) -> torch.nn.Module:
 
 class DetectorFamily(ImageFamily):
     name = "detector"
+    label_layout: ClassVar[str] = "YOLO label files (images/x.jpg -> labels/x.txt: class cx cy w h, 0-1)"
     # 640 px frames: fewer calibration and probe images cover the ranges; empirical bias correction, estimated
     # on a few frames, moved YOLO11n's INT8 mAP50-95 on coco128 from 0.81 to 2.8 points below the original;
     # per-image min/max averaged beat MSE-clipped ranges on both halves of coco128 (calibrating on one, scoring
@@ -208,17 +226,48 @@ class DetectorFamily(ImageFamily):
 
     def distill_targets(self, module: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
         """The head's raw maps before decoding: box-distribution logits and class logits."""
-        from ultralytics.nn.modules import Detect
-
-        heads = [layer for layer in module.modules() if isinstance(layer, Detect)]
-        for head in heads:
-            head.export = False
-        try:
-            _, raw = module(x)
-        finally:
-            for head in heads:
-                head.export = True
+        raw = _raw_head(module, x)
         return [raw["boxes"], raw["scores"]]
+
+    def label_targets(self, module: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+        """The raw maps and the feature maps the head read (their sizes place the anchors)."""
+        raw = _raw_head(module, x)
+        return [raw["boxes"], raw["scores"], *raw["feats"]]
+
+    def label_loss(self, module: torch.nn.Module) -> Callable[[list[torch.Tensor], list[torch.Tensor]], torch.Tensor]:
+        """Ultralytics' own training loss (task-aligned assignment; box IoU, class BCE and distribution focal loss
+        with its default gains), per image."""
+        from types import SimpleNamespace
+
+        import torch
+        from ultralytics.utils import DEFAULT_CFG
+        from ultralytics.utils.loss import v8DetectionLoss
+
+        # the loss reads gains from `model.args`, which a checkpoint may lack or hold as a dict
+        criterion = v8DetectionLoss(SimpleNamespace(args=DEFAULT_CFG, model=module.model,
+                                                    parameters=module.parameters))
+
+        def loss(student: list[torch.Tensor], labels: list[torch.Tensor]) -> torch.Tensor:
+            boxes, scores, *feats = student
+            (found,) = labels  # image row, class, x1, y1, x2, y2 in input pixels
+            size = feats[0].shape[-1] * float(criterion.stride[0])
+            corners = found[:, 2:] / size
+            centre_size = torch.cat([(corners[:, :2] + corners[:, 2:]) / 2, corners[:, 2:] - corners[:, :2]], 1)
+            batch = {"batch_idx": found[:, 0], "cls": found[:, 1], "bboxes": centre_size}
+            total, _ = criterion({"boxes": boxes, "scores": scores, "feats": feats}, batch)
+            return total.sum() / len(boxes)
+
+        return loss
+
+    def batch_labels(self, labels: np.ndarray, rows: torch.Tensor) -> list[torch.Tensor]:
+        """The boxes of the images at `rows`, their image column renumbered to the batch and in its order (the loss
+        counts each image's boxes from where its first one stands)."""
+        import torch
+
+        position = {int(row): i for i, row in enumerate(rows)}
+        chosen = labels[np.isin(labels[:, 0].astype(int), list(position))].copy()
+        chosen[:, 0] = [position[int(row)] for row in chosen[:, 0]]
+        return [torch.as_tensor(chosen[np.argsort(chosen[:, 0], kind="stable")], dtype=torch.float32)]
 
     def distill_loss(self, student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
         """Binary KL of each class score against the teacher's, and KL of each box side's distance distribution,

@@ -32,6 +32,8 @@ from edgekit.families.base import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import onnx
     import torch
 
@@ -99,12 +101,14 @@ class ImageFamily(FloatParts):
         "quantize": "*", "verify": "*", "prune": ("ratio", "images", "reconstruct"),
         "search": ("budget", "levels", "stream", "generations", "seconds", "offspring", "images"),
         "distill": ("steps", "seconds", "lr", "batch", "images"), "gates": ("on_cpu_fallback",),
+        "finetune": ("steps", "seconds", "lr", "batch"),
     }
     accuracy_gates: ClassVar[dict[str, tuple[str, str, str]]] = {}
     precisions: ClassVar[tuple[str, ...]] = ("fp32", "fp16", "int8")
     formats: ClassVar[tuple[str, ...]] = ("onnx", "tflite")
     device_verifiable: ClassVar[bool] = True
-    trains_on_labels: ClassVar[bool] = False
+    trains_on_labels: ClassVar[bool] = True
+    label_layout: ClassVar[str]  # how a `--train` folder carries its labels, for the error that finds none
 
     # --- what a subclass provides -------------------------------------------------------------------------------
 
@@ -127,8 +131,16 @@ class ImageFamily(FloatParts):
         """What distillation makes the student reproduce: the family's outputs before any decoding."""
         raise NotImplementedError
 
-    def label_loss(self, student: list[torch.Tensor], labels: list[torch.Tensor]) -> torch.Tensor:
-        """How far the student's `distill_targets` are from the labels (families that train on labels)."""
+    def label_targets(self, module: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+        """What a fine-tune on labels compares with them (by default the `distill_targets`)."""
+        return self.distill_targets(module, x)
+
+    def label_loss(self, module: torch.nn.Module) -> Callable[[list[torch.Tensor], list[torch.Tensor]], torch.Tensor]:
+        """The fine-tune's loss for `module`: how far its `label_targets` are from the `batch_labels`."""
+        raise NotImplementedError
+
+    def batch_labels(self, labels: np.ndarray, rows: torch.Tensor) -> list[torch.Tensor]:
+        """The labels of the images at `rows` of a labelled set (`Samples.labels`), as `label_loss` takes them."""
         raise NotImplementedError
 
     def distill_loss(self, student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
@@ -273,8 +285,8 @@ class ImageFamily(FloatParts):
 
     def _finetune(self, module: torch.nn.Module, model: LoadedModel, data: ImageData, ctx: BuildContext
                   ) -> dict[str, Any]:
-        """Train the compressed `module` in place on the labelled `--train` images (cross-entropy), kept only if the
-        held-out last batch of them says it helped."""
+        """Train the compressed `module` in place on the labelled `--train` images (the family's `label_loss`), kept
+        only if the held-out last batch of them says it helped."""
         from edgekit.passes.distill import distill, distilled
 
         assert data.train_dir is not None
@@ -284,14 +296,16 @@ class ImageFamily(FloatParts):
                              f"least {2 * settings.batch} (finetune.batch {settings.batch} to train on, as many to "
                              "judge)")
         train = self.cached_samples(model, data.train_files, data.train_dir, ctx)
-        if train.labels is None:
-            raise UsageError(f"--train {data.train_dir} has no labels: one folder per class (or ImageNet synset names)")
+        labels = train.labels
+        if labels is None:
+            raise UsageError(f"--train {data.train_dir} has no labels: {self.label_layout}")
         with ctx.progress.stage("finetune") as note:
-            done = distill(module, model.module, train.inputs, self.distill_targets, labels=train.labels,
-                           loss=self.label_loss, steps=settings.steps, seconds=settings.seconds, lr=settings.lr,
-                           batch=settings.batch, seed=ctx.plan.seed,
+            done = distill(module, model.module, train.inputs, self.label_targets,
+                           labels=lambda rows: self.batch_labels(labels, rows), loss=self.label_loss(module),
+                           steps=settings.steps, seconds=settings.seconds, lr=settings.lr, batch=settings.batch,
+                           seed=ctx.plan.seed,
                            progress=lambda steps, total: ctx.progress.track(steps, total, "fine-tune steps"))
-            note["note"] = distilled(done, "cross-entropy")
+            note["note"] = distilled(done, "label loss")
         return {"images": len(train.inputs), "labels": train.label_source, **done}
 
     def export(self, compressed: Any, model: LoadedModel, data: ImageData, reference: np.ndarray,

@@ -55,25 +55,24 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, inputs: np.ndarr
             targets: Callable[[torch.nn.Module, torch.Tensor], list[torch.Tensor]], *, steps: int, seconds: float,
             lr: float, batch: int, seed: int, progress: Callable[[Iterable[int], int], Iterable[int]],
             loss: Callable[[list[torch.Tensor], list[torch.Tensor]], torch.Tensor] = mse,
-            labels: np.ndarray | None = None) -> dict[str, Any]:
-    """Train `student` (in place) towards `teacher` on `inputs` (images NCHW, token windows), or towards `labels`
-    where given (`loss(student's targets, [labels])`: a fine-tune), for at most `steps` steps and `seconds`
-    seconds; the student keeps eval-mode normalisation (batches are small). The last `batch` inputs are held out
-    as a probe when there are enough; if training raised the loss there, the student gets its starting weights
-    back (`reverted`)."""
+            labels: Callable[[torch.Tensor], list[torch.Tensor]] | None = None) -> dict[str, Any]:
+    """Train `student` (in place) towards `teacher` on `inputs` (images NCHW, token windows), or towards the labels
+    of the input rows where `labels` gives them (`loss(student's targets, labels(rows))`: a fine-tune), for at most
+    `steps` steps and `seconds` seconds; the student keeps eval-mode normalisation (batches are small). The last
+    `batch` inputs are held out as a probe when there are enough; if training raised the loss there, the student
+    gets its starting weights back (`reverted`)."""
     import torch
 
     generator = np.random.default_rng(seed)
     order = torch.arange(len(inputs))
     data, probe, held_out = _probe_split(order, batch)  # indices
     x_all = torch.as_tensor(inputs)
-    y_all = None if labels is None else torch.as_tensor(labels, dtype=torch.long)
     start_weights = {name: value.clone() for name, value in student.state_dict().items()}
 
     def loss_on(rows: torch.Tensor) -> torch.Tensor:
         x = x_all[rows]
         with torch.no_grad():
-            wanted = targets(teacher, x) if y_all is None else [y_all[rows]]
+            wanted = targets(teacher, x) if labels is None else labels(rows)
         return loss(targets(student, x), wanted)
 
     teacher.eval()
