@@ -46,13 +46,15 @@ def build(
     out: str | Path | None = None,
     use_cache: bool = True,
     quiet: bool = False,
+    effort: str = "default",
     device_url: str | None = None,
     device_token: str | None = None,
 ) -> BuildResult:
     """Build a verified artifact of `model` for `target`.
 
     `overrides` takes dotted recipe keys (`{"gates.max_size_mb": 4}`); `precision` and `format` are shorthands
-    for the most common two. `train` (classifiers, detectors): labelled images to fine-tune on after pruning or a
+    for the most common two; `effort` (fast, default, max) sets the slow, bounded parts (recipe.EFFORTS) unless the
+    recipe or `overrides` does. `train` (classifiers, detectors): labelled images to fine-tune on after pruning or a
     search.
     With `device_url` (an `edgekit agent`), the artifact is also verified on that device, and its figures decide
     the gates.
@@ -64,7 +66,7 @@ def build(
     adapter = families.resolve(model, options, family)
     device = target if isinstance(target, Target) else load_target(target)
     flags = {"quantize.precision": precision, "export.format": format, **(overrides or {})}
-    resolved, origins, recipe_file = plan(adapter, device, recipe, flags)
+    resolved, origins, recipe_file = plan(adapter, device, recipe, flags, effort)
     if train and not adapter.trains_on_labels:
         raise UsageError(f"--train fine-tunes classifiers (class folders) and detectors (YOLO label files); "
                          f"{adapter.name} models do not take it yet")

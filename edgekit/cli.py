@@ -104,6 +104,10 @@ def _parser() -> argparse.ArgumentParser:
     data.add_argument("--eval-limit", type=int, help="verify on at most this many images (default 200)")
     stages = b.add_argument_group("stages")
     stages.add_argument("--recipe", help="recipe .toml: stages, parameters and gates (flags override it)")
+    stages.add_argument("--effort", choices=["fast", "default", "max"], default="default",
+                        help="fast: no tflite int8 range search or layer refit, fewer sensitivity and bias-correction "
+                        "images, a 10-generation 3-minute search, RTN instead of GPTQ (for an app's CI; the "
+                        "README says what it costs); max: more of each; a recipe file or flag still wins")
     stages.add_argument("--precision", choices=["fp32", "fp16", "int8", "int4"],
                         help="artifact precision (default: the target's)")
     stages.add_argument("--format", choices=["onnx", "tflite"], help="artifact format (default: the target's)")
@@ -262,7 +266,7 @@ def _build(args: argparse.Namespace) -> int:
     result = build(
         args.model, args.target, calib=args.calib, eval=args.eval, train=args.train, recipe=args.recipe,
         precision=args.precision, format=args.format, arch=args.arch, num_classes=args.num_classes,
-        input_size=args.input_size, out=args.out, use_cache=not args.no_cache, quiet=args.quiet,
+        input_size=args.input_size, out=args.out, use_cache=not args.no_cache, quiet=args.quiet, effort=args.effort,
         device_url=args.device, device_token=args.device_token,
         overrides={
             "export.opset": args.opset, "quantize.max_float_layers": args.max_float_layers,

@@ -340,22 +340,41 @@ def _dotted(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def plan(adapter: Family, target: Target, recipe: str | Path | Recipe | None,
-         flags: dict[str, Any]) -> tuple[Recipe, dict[str, str], Path | None]:
-    """The resolved recipe from five layers (edgekit's defaults < the target's < the family's < the recipe file
-    < flags), where each value came from, and the recipe file, if one was named."""
+EFFORTS: dict[str, dict[str, Any]] = {
+    # the slow, bounded parts of a build, where a person trades quality for time: tflite int8's range search and
+    # layer refit (MobileNetV2 full-int8 for android-arm64: over 15 min on this project's 2-core host, 39 s
+    # without them), the per-layer sensitivity probe, bias correction, the budget search, GPTQ (RTN instead)
+    "fast": {"quantize.range_sweeps": 0, "quantize.refit": False, "quantize.sensitivity_images": 8,
+             "quantize.bias_correction_images": 32, "search.generations": 10, "search.seconds": 180,
+             "weights.method": "rtn"},
+    "default": {},
+    "max": {"quantize.range_sweeps": 6, "quantize.sensitivity_images": 64, "search.generations": 150,
+            "search.seconds": 2700, "prune.images": 64},
+}
+
+
+def plan(adapter: Family, target: Target, recipe: str | Path | Recipe | None, flags: dict[str, Any],
+         effort: str = "default") -> tuple[Recipe, dict[str, str], Path | None]:
+    """The resolved recipe from six layers (edgekit's defaults < the target's < the family's < the effort's
+    (`EFFORTS`, the keys the family reads) < the recipe file < flags), where each value came from, and the recipe
+    file, if one was named."""
+    if effort not in EFFORTS:
+        raise UsageError(f"effort {effort!r} is not one of {', '.join(EFFORTS)}")
     recipe_file = Path(recipe) if isinstance(recipe, (str, Path)) else None
     given = recipe if isinstance(recipe, Recipe) else load_recipe(recipe_file) if recipe_file else Recipe()
     file_keys = set_keys(given)
     flag_keys = {key for key, value in flags.items() if value is not None}
     refuse_irrelevant(adapter, file_keys, str(recipe_file) if recipe_file else "recipe")
     refuse_irrelevant(adapter, flag_keys, "options")
-    family_keys = {key for key in adapter.recipe_defaults if key not in file_keys}
-    unresolved = with_overrides(with_defaults(given, adapter.recipe_defaults), flags)
+    effort_keys = {key for key in EFFORTS[effort] if _reads(adapter, key) and key not in file_keys}
+    family_keys = {key for key in adapter.recipe_defaults if key not in file_keys and key not in effort_keys}
+    defaults = {**adapter.recipe_defaults, **{key: EFFORTS[effort][key] for key in effort_keys}}
+    unresolved = with_overrides(with_defaults(given, defaults), flags)
     resolved = resolve(unresolved, target, adapter)
     before = _dotted(unresolved.model_dump())
     origins = {}
     for key, value in _dotted(resolved.model_dump()).items():
         origins[key] = ("flag" if key in flag_keys else "recipe file" if key in file_keys
-                        else "family" if key in family_keys else "target" if before.get(key) != value else "default")
+                        else f"effort {effort}" if key in effort_keys else "family" if key in family_keys
+                        else "target" if before.get(key) != value else "default")
     return resolved, origins, recipe_file

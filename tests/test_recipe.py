@@ -70,3 +70,23 @@ def test_family_defaults_fill_only_what_the_recipe_leaves_unset(tmp_path) -> Non
     path.write_text("[quantize]\ncalib_limit = 16\n")
     recipe = with_defaults(load_recipe(path), {"quantize.calib_limit": 64, "quantize.bias_correction": False})
     assert recipe.quantize.calib_limit == 16 and recipe.quantize.bias_correction is False
+
+
+def test_an_effort_sets_what_its_family_reads_under_the_recipe_file_and_flags(tmp_path: Path) -> None:
+    from edgekit.recipe import plan
+
+    path = tmp_path / "r.toml"
+    path.write_text("[quantize]\nrange_sweeps = 2\n")
+    pi = load_target("raspberry-pi-5")
+    fast, origins, _ = plan(CLASSIFIER, pi, path, {"search.generations": 4}, "fast")
+    assert (fast.quantize.range_sweeps, origins["quantize.range_sweeps"]) == (2, "recipe file")
+    assert (fast.search.generations, origins["search.generations"]) == (4, "flag")
+    assert (fast.quantize.refit, origins["quantize.refit"]) == (False, "effort fast")
+    assert (fast.search.seconds, fast.quantize.sensitivity_images) == (180, 8)
+    assert plan(CLASSIFIER, pi, None, {})[0].quantize.refit  # the default effort changes nothing
+    lm, lm_origins, _ = plan(FAMILIES["llm"], load_target("android-arm64"), None, {}, "fast")
+    assert lm.weights.method == "rtn" and "quantize.range_sweeps" not in {  # not a language model's key: not set
+        key for key, origin in lm_origins.items() if origin.startswith("effort")}
+    assert plan(CLASSIFIER, pi, None, {}, "max")[0].quantize.range_sweeps == 6
+    with pytest.raises(UsageError, match="effort 'quick' is not one of fast, default, max"):
+        plan(CLASSIFIER, pi, None, {}, "quick")
