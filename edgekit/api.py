@@ -139,31 +139,45 @@ def verify(folder: str | Path, device_url: str, *, device_token: str | None = No
     return BuildResult(out=folder, report=report)
 
 
-def diff(folder: str | Path, *, images: int = 4, use_cache: bool = True, quiet: bool = False) -> dict[str, Any]:
+def diff(folder: str | Path, *, images: int = 4, use_cache: bool = True, quiet: bool = False,
+         device_url: str | None = None, device_token: str | None = None) -> dict[str, Any]:
     """Where a built ONNX or TFLite image artifact departs from the original torch model: each block's (container
     module's) relative error and cosine on the first `images` held-out inputs, the first layer that departs and the
     worst (edgekit/verify/diff.py). The original and the data are recreated from the manifest; the comparison goes
-    into report.json and report.html."""
+    into report.json and report.html. With `device_url` (an ONNX artifact) the artifact runs on that device."""
     from edgekit.verify.diff import layer_diff, summary
 
     folder = Path(folder)
-    report, manifest, ctx, model, data = _rebuilt(
-        folder, use_cache, quiet, lambda: None, "diff compares one-graph image models layer by layer")
-    fmt = report["artifact"]["format"]
+    fmt = _folder(folder)[0].get("artifact", {}).get("format")
     if fmt not in ("onnx", "tflite"):
         raise UsageError(f"{folder} holds a {fmt} artifact: diff reads ONNX and TFLite artifacts")
+    if device_url and fmt != "onnx":
+        raise UsageError(f"{folder} holds a TFLite artifact: diff on a device reads ONNX artifacts (LiteRT keeps "
+                         "intermediate tensors only within its own process); diff it here")
+    report, manifest, ctx, model, data = _rebuilt(
+        folder, use_cache, quiet, lambda: _reach(device_url, device_token),
+        "diff compares one-graph image models layer by layer")
     if model.module is None:
         raise UsageError(f"{folder} was built from an ONNX file: diff compares an artifact with its torch original")
     assert data.samples is not None
     artifact = (folder / report["artifact"]["file"]).read_bytes()
     with ctx.progress.stage("diff") as record:
-        rows = layer_diff(model.module.eval(), artifact, fmt, data.samples.inputs[:images], ctx.threads)
-        found = {"images": min(images, len(data.samples)), **summary(rows), "rows": rows}
+        rows = layer_diff(model.module.eval(), artifact, fmt, data.samples.inputs[:images], ctx.threads, ctx.remote)
+        found = {"images": min(images, len(data.samples)), "ran_on": _ran_on(ctx.remote), **summary(rows),
+                 "rows": rows}
         record["note"] = (f"{found['layers']} layers on {found['images']} held-out images; first departure: "
                           f"{found['first_departure'] or 'none'}, worst: {found['worst']}")
     report["diff"] = found
     _rewrite(folder, report, manifest.model_dump(mode="json"), with_json=True)
     return found
+
+
+def _ran_on(remote: Any) -> str:
+    """Where an artifact ran: `host`, or the agent's device name (`emulated` where its agent says so)."""
+    if remote is None:
+        return "host"
+    info = remote.info()
+    return f"{info['device']}{' (emulated)' if info.get('emulated') else ''}"
 
 
 def _rebuilt(folder: Path, use_cache: bool, quiet: bool, remote: Any, family_refusal: str

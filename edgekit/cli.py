@@ -67,8 +67,8 @@ def _given(text: str) -> str:
     return text
 
 
-def _device_arguments(group: Any, required: bool) -> None:
-    also = "" if required else " (also verify there)"
+def _device_arguments(group: Any, required: bool, also: str = " (also verify there)") -> None:
+    also = "" if required else also
     group.add_argument("--device", required=required, metavar="URL",
                        help=f"the device's `edgekit agent`: http://board:8765{also}")
     group.add_argument("--device-token", help="the agent's token (default: $EDGEKIT_AGENT_TOKEN)")
@@ -203,12 +203,15 @@ def _parser() -> argparse.ArgumentParser:
         "layer whose relative error reaches 0.1 and the worst one. Image models built from torch; layers a "
         "search or pruning narrowed inside a block are skipped, block boundaries compared.",
         epilog="example:\n  edgekit build mobilenet_v2 --target x86-64 --precision int8 --calib ./photos/\n"
-        "  edgekit diff dist/mobilenet_v2-x86-64 --images 8\n\n"
+        "  edgekit diff dist/mobilenet_v2-x86-64 --images 8\n"
+        "  edgekit diff dist/mobilenet_v2-x86-64 --device http://board:8765   # the artifact runs on the board\n\n"
         "exit codes: 0 compared (whatever it found)   2 bad input (no build folder, not an image model built from "
         "torch, neither ONNX nor TFLite)",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     d.add_argument("folder", help="a build folder (dist/<name>-<target>) of an image model built from torch")
     d.add_argument("--images", type=int, default=4, help="held-out inputs to compare on (default 4)")
+    _device_arguments(d.add_argument_group("real device (an `edgekit agent` on the board; ONNX artifacts)"),
+                      required=False, also=" (the artifact runs there)")
     d.add_argument("--json", action="store_true", help="print the comparison as JSON")
     d.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
 
@@ -328,7 +331,8 @@ def _diff(args: argparse.Namespace) -> int:
 
     if args.images < 1:
         raise UsageError("--images must be at least 1")
-    found = diff(args.folder, images=args.images, quiet=args.quiet)
+    found = diff(args.folder, images=args.images, quiet=args.quiet, device_url=args.device,
+                 device_token=args.device_token)
     if args.json:
         print(json.dumps(found, indent=2))
         return 0
@@ -338,7 +342,8 @@ def _diff(args: argparse.Namespace) -> int:
         mark = " <- first departure" if row["layer"] == first else " <- worst" if row["layer"] == worst else ""
         print(f"{row['layer']:<40}{row['module']:<24}{'x'.join(map(str, row['shape'])):<20}"
               f"{row['rel_error']:>11.4g}{row['cosine']:>10.5f}{mark}")
-    print(f"{found['layers']} layers on {found['images']} held-out images; first departure (relative error >= "
+    print(f"{found['layers']} layers on {found['images']} held-out images, the artifact run on {found['ran_on']}; "
+          f"first departure (relative error >= "
           f"{found['departs_at']}): {first or 'none'}; worst: {worst}")
     return 0
 

@@ -83,6 +83,25 @@ def test_diff_command_compares_a_built_int8_artifact(mobilenet_v3_pth: Path, pho
     assert main(["diff", "nowhere"]) == 2
     assert "not an edgekit artifact folder" in capsys.readouterr().err
 
+    # on a device: the agent returns one output, so every intermediate tensor travels in one concatenation
+    import threading
+
+    from edgekit.agent.server import Agent
+
+    board = Agent(("127.0.0.1", 0), "diff-token-0123", name="bench-board", quiet=True)
+    threading.Thread(target=board.serve_forever, daemon=True).start()
+    try:
+        assert main(["diff", "built", "--images", "2", "--json", "-q", "--device",
+                     f"http://127.0.0.1:{board.server_address[1]}", "--device-token", "diff-token-0123"]) == 0
+    finally:
+        board.shutdown()
+        board.server_close()
+    there = json.loads(capsys.readouterr().out)
+    assert found["ran_on"] == "host" and there["ran_on"] == "bench-board"
+    assert [row["layer"] for row in there["rows"]] == [row["layer"] for row in rows]
+    for ours, theirs in zip(there["rows"], rows, strict=True):  # the same runtime there: the same tensors
+        assert ours["rel_error"] == pytest.approx(theirs["rel_error"], rel=1e-5, abs=1e-7)
+
 
 def test_tflite_artifacts_are_read_channels_last_and_dequantized(tiny_blocks: torch.nn.Module) -> None:
     from edgekit.passes.tflite import Int8Fit, convert_tflite, tflite_precision

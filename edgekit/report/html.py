@@ -248,7 +248,8 @@ def _departure(diff: dict[str, Any]) -> str:
             ax.legend()
 
     return _chart(f"Where the artifact departs from the original ({diff['layers']} layers, {diff['images']} "
-                  f"held-out images; dashed: {diff['departs_at']})", draw, (7, 3.2))
+                  f"held-out images, the artifact run on {diff.get('ran_on', 'host')}; dashed: {diff['departs_at']})",
+                  draw, (7, 3.2))
 
 
 def _front(search: dict[str, Any]) -> str:

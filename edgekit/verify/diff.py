@@ -18,24 +18,28 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
+    import onnx
     import torch
+
+    from edgekit.runtimes.remote import RemoteDevice
 
 DEPARTS = 0.1  # relative error from which a layer's output counts as departed from the original's
 
 Op = tuple[str, Any]  # where an op came from (its scope or location) and the tensor it writes first
 
 
-def layer_diff(module: torch.nn.Module, artifact: bytes, fmt: str, inputs: np.ndarray, threads: int
-               ) -> list[dict[str, Any]]:
+def layer_diff(module: torch.nn.Module, artifact: bytes, fmt: str, inputs: np.ndarray, threads: int,
+               device: RemoteDevice | None = None) -> list[dict[str, Any]]:
     """For each container module whose output the artifact (`fmt`: onnx or tflite) computes too, with the same
     shape, in the artifact's order: its name, class, shape, the relative error ‖a − o‖ / ‖o‖ and cosine of the
-    artifact's tensor `a` against the original's `o` over all `inputs` (one model input each)."""
+    artifact's tensor `a` against the original's `o` over all `inputs` (one model input each). With `device` (an
+    ONNX artifact) the artifact runs there, through its agent."""
     import torch
 
     from edgekit.passes.reconstruct import forward_calls
 
     containers = {name: layer for name, layer in module.named_modules() if name and any(True for _ in layer.children())}
-    ops, inside, run = _onnx(artifact, threads) if fmt == "onnx" else _tflite(artifact, module, threads)
+    ops, inside, run = _onnx(artifact, threads, device) if fmt == "onnx" else _tflite(artifact, module, threads)
     last: dict[str, tuple[int, Any]] = {}  # module -> (op index, the tensor its last op writes)
     for index, (where, tensor) in enumerate(ops):
         for name in containers:
@@ -79,8 +83,10 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 Run = Callable[[np.ndarray, list[Any]], Iterator[dict[Any, np.ndarray]]]
 
 
-def _onnx(artifact: bytes, threads: int) -> tuple[list[Op], Callable[[str, str], bool], Run]:
-    """The graph's nodes by module scope, and a run that reads any node output (every one made a graph output)."""
+def _onnx(artifact: bytes, threads: int, device: RemoteDevice | None
+          ) -> tuple[list[Op], Callable[[str, str], bool], Run]:
+    """The graph's nodes by module scope, and a run that reads any node output (every one made a graph output),
+    here or on `device`."""
     import onnx
 
     from edgekit.passes.export import module_path
@@ -92,11 +98,39 @@ def _onnx(artifact: bytes, threads: int) -> tuple[list[Op], Callable[[str, str],
 
     def run(inputs: np.ndarray, tensors: list[Any]) -> Iterator[dict[Any, np.ndarray]]:
         wanted = [tensor for tensor in tensors if tensor in known]
+        if device is not None:
+            yield from _on_device(graph, [known[tensor] for tensor in wanted], inputs, threads, device)
+            return
         graph.graph.output.extend(known[tensor] for tensor in wanted)
         for values in OnnxRuntimeRunner(graph.SerializeToString(), threads).stream(inputs, wanted):
             yield {tensor: np.asarray(value, np.float32) for tensor, value in zip(wanted, values, strict=True)}
 
     return ops, lambda name, scope: scope == name or scope.startswith(name + "."), run
+
+
+def _on_device(graph: onnx.ModelProto, values: list[Any], inputs: np.ndarray, threads: int, device: RemoteDevice
+               ) -> Iterator[dict[Any, np.ndarray]]:
+    """The tensors `values` (of static shape) for each input, computed on the device: an agent returns a graph's
+    one output, so the graph sent there ends in all of them, cast to float, flattened and concatenated."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    shapes = {value.name: [dim.dim_value for dim in value.type.tensor_type.shape.dim] for value in values}
+    names = [name for name, shape in shapes.items() if shape and all(shape)]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(graph)
+    for i, name in enumerate(names):
+        probe.graph.node.extend([helper.make_node("Cast", [name], [f"edgekit_diff/{i}"], to=TensorProto.FLOAT),
+                                 helper.make_node("Flatten", [f"edgekit_diff/{i}"], [f"edgekit_diff/{i}/flat"])])
+    probe.graph.node.append(helper.make_node("Concat", [f"edgekit_diff/{i}/flat" for i in range(len(names))],
+                                             ["edgekit_diff"], axis=1))
+    sizes = [int(np.prod(shapes[name])) for name in names]
+    del probe.graph.output[:]
+    probe.graph.output.append(helper.make_tensor_value_info("edgekit_diff", TensorProto.FLOAT, [1, sum(sizes)]))
+    outputs, _ = device.verify(probe.SerializeToString(), "onnx", inputs, threads, warmup=0, runs=1)
+    for row in outputs:
+        parts = np.split(row, np.cumsum(sizes)[:-1])
+        yield {name: part.reshape(shapes[name]) for name, part in zip(names, parts, strict=True)}
 
 
 def _tflite(artifact: bytes, module: torch.nn.Module, threads: int
