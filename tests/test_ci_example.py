@@ -3,6 +3,7 @@ fail on a gate) when run locally, with edgekit's exit code and a one-line summar
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -27,6 +28,7 @@ def test_workflow_builds_each_target_with_the_script() -> None:
         assert load_target(target).name == target  # every device the job builds for is a profile edgekit has
     runs = [step["run"] for step in job["steps"] if "run" in step]
     assert "bash examples/ci/build-model.sh ${{ matrix.target }}" in runs
+    assert job["env"]["EFFORT"].endswith("&& 'fast' || 'default' }}")  # pull requests build fast, pushes in full
     uploads = [step for step in job["steps"] if step.get("uses", "").startswith("actions/upload-artifact")]
     assert job["env"]["OUT"] == "dist" and uploads and uploads[0]["with"]["path"] == "dist/${{ matrix.target }}/"
 
@@ -48,13 +50,14 @@ def test_script_passes_and_writes_the_job_summary(tiny_onnx: Path, photos: Path,
     recipe.write_text("[verify]\nruns = 3\n")
     summary = tmp_path / "summary.md"
     done = _script("x86-64", {"MODEL": str(tiny_onnx), "CALIB": str(photos), "EVAL": str(photos),
-                              "RECIPE": str(recipe), "PRECISION": "fp32",
+                              "RECIPE": str(recipe), "PRECISION": "fp32", "EFFORT": "fast",
                               "GITHUB_STEP_SUMMARY": str(summary)})
     assert done.returncode == 0, done.stderr
     line = done.stdout.strip().splitlines()[-1]
     assert line.startswith("x86-64: built and verified | dist/x86-64/model.onnx  fp32")
     assert summary.read_text() == f"- {line}\n"
-    assert (tmp_path / "dist" / "x86-64" / "manifest.json").is_file()
+    origins = json.loads((tmp_path / "dist" / "x86-64" / "manifest.json").read_text())["origins"]
+    assert origins["quantize.sensitivity_images"] == "effort fast" and origins["verify.runs"] == "recipe file"
 
 
 def test_script_fails_the_job_on_a_gate(tiny_onnx: Path, photos: Path, tmp_path: Path) -> None:

@@ -9,7 +9,7 @@
 # fails fails the job. The one-line summary goes to stdout and, under GitHub Actions, to the job summary.
 set -uo pipefail
 
-target=${1:?usage: build-model.sh TARGET  (MODEL, ARCH, CALIB, EVAL, RECIPE, PRECISION, OUT from the environment)}
+target=${1:?usage: build-model.sh TARGET  (MODEL, ARCH, CALIB, EVAL, RECIPE, PRECISION, EFFORT, OUT from the environment)}
 edgekit=${EDGEKIT:-edgekit}
 out=${OUT:-dist}/$target
 args=(build "${MODEL:-mobilenet_v2}" --target "$target" --out "$out" --quiet)
@@ -18,6 +18,7 @@ args=(build "${MODEL:-mobilenet_v2}" --target "$target" --out "$out" --quiet)
 [[ -n ${EVAL:-} ]] && args+=(--eval "$EVAL")
 [[ -n ${RECIPE:-} ]] && args+=(--recipe "$RECIPE")
 [[ -n ${PRECISION:-} ]] && args+=(--precision "$PRECISION")
+[[ -n ${EFFORT:-} ]] && args+=(--effort "$EFFORT")  # fast: a quicker build for pull requests, at a stated cost
 
 log=$(mktemp)
 summary=$("$edgekit" "${args[@]}" 2>"$log")
