@@ -14,6 +14,7 @@ import edgekit
 from edgekit.families.detector import letterbox, mean_average_precision
 
 from .conftest import SHARED_DATA
+from .test_finetune import judged_worse
 from .test_report_html import assert_page
 
 SIZE = 64
@@ -340,8 +341,8 @@ def test_a_pruned_detector_is_fine_tuned_on_yolo_labels(tmp_path: Path, boxes: P
                           input_size=SIZE, overrides=settings, out=tmp_path / "tuned", quiet=True)
     done = tuned.report["finetune"]
     assert done["images"] == 8 and done["labels"] == "YOLO label files (16 boxes)" and done["steps"] == 20
-    assert done["probe_held_out"] and done["samples"] == 6
-    assert done["reverted"] == (done["probe_loss_after"] > done["probe_loss_before"])
+    assert done["probe_held_out"] and done["samples"] == 6 and done["probe_size"] == 2
+    assert 0 <= done["probe_score_before"] <= 1 and done["reverted"] == judged_worse(done)  # mAP50-95 judges
     changed = tuned.report["artifact"]["sha256"] != plain.report["artifact"]["sha256"]
     assert changed == (not done["reverted"])
     assert tuned.report["map50_95_artifact"] is not None

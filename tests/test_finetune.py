@@ -42,6 +42,30 @@ def test_labels_train_a_classifier_and_a_fine_tune_the_held_out_batch_refutes_is
     assert all(torch.equal(v, start[k]) for k, v in outcome["refuted"][1].items())
 
 
+def judged_worse(done: dict) -> bool:
+    """A fine-tune is undone when the task metric on the held-out rows fell, or stayed and the loss there rose."""
+    before, after = done["probe_score_before"], done["probe_score_after"]
+    return after < before or (after == before and done["probe_loss_after"] > done["probe_loss_before"])
+
+
+def test_a_task_metric_that_falls_undoes_training_that_lowered_the_loss() -> None:
+    from edgekit.passes.distill import distill
+
+    torch.manual_seed(0)
+    inputs = torch.randn(24, 6)
+    labels = (inputs[:, 0] > 0).long()
+    model = torch.nn.Linear(6, 2)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    done = distill(model, torch.nn.Identity(), inputs, lambda m, x: [m(x)], labels=lambda rows: [labels[rows]],
+                   steps=40, seconds=60, lr=1e-2, batch=4, seed=0, progress=lambda xs, _n: xs,
+                   loss=lambda s, y: torch.nn.functional.cross_entropy(s[0], y[0]), probe_size=8,
+                   judge=lambda rows: -float(model.weight.abs().sum()))  # a "metric" that training can only lower
+    assert done["probe_size"] == 8 and done["samples"] == 16
+    assert done["probe_loss_after"] < done["probe_loss_before"]  # the loss says it helped ...
+    assert done["probe_score_after"] < done["probe_score_before"] and done["reverted"]  # ... the metric says not
+    assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())
+
+
 def test_a_pruned_classifier_is_fine_tuned_on_its_labels(photos: Path, labelled: Path) -> None:
     torch.manual_seed(0)
     model = settle_batchnorm(TinyNet(), 32)
@@ -51,8 +75,8 @@ def test_a_pruned_classifier_is_fine_tuned_on_its_labels(photos: Path, labelled:
                   quiet=True, overrides=FAST)
     done = tuned.report["finetune"]
     assert done["images"] == 9 and done["labels"] == "class folders (sorted names)" and done["steps"] == 15
-    assert done["probe_held_out"] and done["samples"] == 5  # the last batch of 4 judges
-    assert done["reverted"] == (done["probe_loss_after"] > done["probe_loss_before"])
+    assert done["probe_held_out"] and done["samples"] == 5 and done["probe_size"] == 4  # a batch, or a quarter
+    assert 0 <= done["probe_score_before"] <= 1 and done["reverted"] == judged_worse(done)
     changed = tuned.report["artifact"]["sha256"] != plain.report["artifact"]["sha256"]
     assert changed == (not done["reverted"])  # kept: other weights; reverted: the pruned model as it was
     manifest = json.loads((tuned.out / "manifest.json").read_text())

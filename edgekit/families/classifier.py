@@ -282,6 +282,10 @@ class ClassifierFamily(ImageFamily):
 
         return [torch.as_tensor(labels[rows.numpy()], dtype=torch.long)]
 
+    def label_score(self, module: torch.nn.Module, x: torch.Tensor, labels: list[torch.Tensor]) -> float:
+        """Top-1 accuracy."""
+        return float((module(x).argmax(1) == labels[0]).float().mean())
+
     def search_units(self, module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
         """Residual blocks by class name (torchvision's inverted residuals, MBConvs, ResNet blocks; EfficientNet-Lite's
         MBConvBlock): their hidden channels are the search's to size."""

@@ -269,6 +269,10 @@ class DetectorFamily(ImageFamily):
         chosen[:, 0] = [position[int(row)] for row in chosen[:, 0]]
         return [torch.as_tensor(chosen[np.argsort(chosen[:, 0], kind="stable")], dtype=torch.float32)]
 
+    def label_score(self, module: torch.nn.Module, x: torch.Tensor, labels: list[torch.Tensor]) -> float:
+        """mAP50-95 of the decoded, suppressed boxes, as verification scores them."""
+        return mean_average_precision(detections(module(x).float().numpy()), labels[0].numpy(), len(x))[0]
+
     def distill_loss(self, student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
         """Binary KL of each class score against the teacher's, and KL of each box side's distance distribution,
         both weighted by the teacher's confidence at the anchor and normalised by its sum: the few anchors that

@@ -143,6 +143,11 @@ class ImageFamily(FloatParts):
         """The labels of the images at `rows` of a labelled set (`Samples.labels`), as `label_loss` takes them."""
         raise NotImplementedError
 
+    def label_score(self, module: torch.nn.Module, x: torch.Tensor, labels: list[torch.Tensor]) -> float:
+        """The task metric (higher is better) of `module` on labelled inputs (`batch_labels`): what decides whether a
+        fine-tune is kept."""
+        raise NotImplementedError
+
     def distill_loss(self, student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
         """How far the student's `distill_targets` are from the teacher's (0 when they match)."""
         raise NotImplementedError
@@ -286,24 +291,28 @@ class ImageFamily(FloatParts):
     def _finetune(self, module: torch.nn.Module, model: LoadedModel, data: ImageData, ctx: BuildContext
                   ) -> dict[str, Any]:
         """Train the compressed `module` in place on the labelled `--train` images (the family's `label_loss`), kept
-        only if the held-out last batch of them says it helped."""
+        only if the task metric (`label_score`) on the last quarter of them, held out, says it helped."""
+        import torch
+
         from edgekit.passes.distill import distill, distilled
 
         assert data.train_dir is not None
         settings = ctx.plan.finetune
         if len(data.train_files) < 2 * settings.batch:
             raise UsageError(f"--train {data.train_dir} has {len(data.train_files)} images: a fine-tune needs at "
-                             f"least {2 * settings.batch} (finetune.batch {settings.batch} to train on, as many to "
-                             "judge)")
+                             f"least {2 * settings.batch} (finetune.batch {settings.batch} to train on, as many or a "
+                             "quarter of them to judge)")
         train = self.cached_samples(model, data.train_files, data.train_dir, ctx)
         labels = train.labels
         if labels is None:
             raise UsageError(f"--train {data.train_dir} has no labels: {self.label_layout}")
+        inputs = torch.as_tensor(train.inputs)
         with ctx.progress.stage("finetune") as note:
-            done = distill(module, model.module, train.inputs, self.label_targets,
+            done = distill(module, model.module, inputs, self.label_targets,
                            labels=lambda rows: self.batch_labels(labels, rows), loss=self.label_loss(module),
-                           steps=settings.steps, seconds=settings.seconds, lr=settings.lr, batch=settings.batch,
-                           seed=ctx.plan.seed,
+                           judge=lambda rows: self.label_score(module, inputs[rows], self.batch_labels(labels, rows)),
+                           probe_size=max(settings.batch, len(inputs) // 4), steps=settings.steps,
+                           seconds=settings.seconds, lr=settings.lr, batch=settings.batch, seed=ctx.plan.seed,
                            progress=lambda steps, total: ctx.progress.track(steps, total, "fine-tune steps"))
             note["note"] = distilled(done, "label loss")
         return {"images": len(train.inputs), "labels": train.label_source, **done}

@@ -43,29 +43,32 @@ def kl_from_log_probs(student: torch.Tensor, teacher: torch.Tensor) -> torch.Ten
     return torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean")
 
 
-def _probe_split(data: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """(training inputs, probe, whether the probe is held out): the probe is the last `batch` inputs, which training
-    never sees, where there are enough; else the first `batch`, which it does."""
-    if len(data) >= 2 * batch:
-        return data[:-batch], data[-batch:], True
-    return data, data[:batch], False
+def _probe_split(data: torch.Tensor, batch: int, probe: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(training inputs, probe, whether the probe is held out): the probe is the last `probe` inputs, which training
+    never sees, where a batch is left to train on; else the first `probe`, which it does."""
+    if len(data) >= batch + probe:
+        return data[:-probe], data[-probe:], True
+    return data, data[:probe], False
 
 
 def distill(student: torch.nn.Module, teacher: torch.nn.Module, inputs: np.ndarray | torch.Tensor,
             targets: Callable[[torch.nn.Module, torch.Tensor], list[torch.Tensor]], *, steps: int, seconds: float,
             lr: float, batch: int, seed: int, progress: Callable[[Iterable[int], int], Iterable[int]],
             loss: Callable[[list[torch.Tensor], list[torch.Tensor]], torch.Tensor] = mse,
-            labels: Callable[[torch.Tensor], list[torch.Tensor]] | None = None) -> dict[str, Any]:
+            labels: Callable[[torch.Tensor], list[torch.Tensor]] | None = None,
+            judge: Callable[[torch.Tensor], float] | None = None, probe_size: int | None = None) -> dict[str, Any]:
     """Train `student` (in place) towards `teacher` on `inputs` (images NCHW, token windows), or towards the labels
     of the input rows where `labels` gives them (`loss(student's targets, labels(rows))`: a fine-tune), for at most
     `steps` steps and `seconds` seconds; the student keeps eval-mode normalisation (batches are small). The last
-    `batch` inputs are held out as a probe when there are enough; if training raised the loss there, the student
-    gets its starting weights back (`reverted`)."""
+    `probe_size` (default `batch`) inputs are held out as a probe when there are enough; if training made the student
+    worse there, it gets its starting weights back (`reverted`). Worse is a higher loss, or where `judge` scores the
+    student on the probe rows (a task metric, higher is better: a lower loss need not mean a better model), a lower
+    score, the loss breaking a tie."""
     import torch
 
     generator = np.random.default_rng(seed)
     order = torch.arange(len(inputs))
-    data, probe, held_out = _probe_split(order, batch)  # indices
+    data, probe, held_out = _probe_split(order, batch, probe_size or batch)  # indices
     x_all = torch.as_tensor(inputs)
     start_weights = {name: value.clone() for name, value in student.state_dict().items()}
 
@@ -79,6 +82,7 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, inputs: np.ndarr
     student.eval()
     with torch.no_grad():
         before = float(loss_on(probe))
+        score_before = judge(probe) if judge else None
     optimiser = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     start, done, losses = time.perf_counter(), 0, []
     for _ in progress(range(steps), steps):
@@ -94,13 +98,18 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, inputs: np.ndarr
         parameter.requires_grad_(False)
     with torch.no_grad():
         after = float(loss_on(probe))
-    reverted = held_out and after > before  # training made the student worse on unseen inputs: undo it
+        score_after = judge(probe) if judge else None
+    worse = (after > before if score_before is None or score_after is None or score_after == score_before
+             else score_after < score_before)
+    reverted = held_out and worse  # training made the student worse on unseen inputs: undo it
     if reverted:
         student.load_state_dict(start_weights)
+    scores = {} if judge is None else {"probe_score_before": score_before, "probe_score_after": score_after}
     return {"steps": done, "step_bound": steps, "seconds": round(time.perf_counter() - start, 1),
             "seconds_bound": seconds, "lr": lr, "batch": batch, "samples": len(data), "probe_held_out": held_out,
-            "probe_loss_before": before, "probe_loss_after": after, "reverted": reverted,
-            "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}
+            "probe_size": len(probe), "probe_loss_before": before, "probe_loss_after": after, **scores,
+            "reverted": reverted, "first_loss": losses[0] if losses else None,
+            "last_loss": losses[-1] if losses else None}
 
 
 def distill_blocks(student: torch.nn.Module, teacher: torch.nn.Module, inputs: np.ndarray | torch.Tensor,
@@ -121,7 +130,7 @@ def distill_blocks(student: torch.nn.Module, teacher: torch.nn.Module, inputs: n
     from edgekit.passes.reconstruct import recorded
 
     data = torch.as_tensor(inputs)
-    training, probe, held_out = _probe_split(data, batch)
+    training, probe, held_out = _probe_split(data, batch, batch)
     train = len(training)  # blocks see every input; the first `train` teach, the rest judge
     modules = dict(student.named_modules())
     wanted = recorded(teacher, data, [name for name, _ in blocks], [])
