@@ -97,3 +97,13 @@ def test_a_fine_tune_it_cannot_judge_is_refused(photos: Path, labelled: Path, ov
 def test_train_is_refused_where_the_family_does_not_take_it(tiny_lm_folder: Path, labelled: Path) -> None:
     with pytest.raises(UsageError, match="--train fine-tunes classifiers .* llm models do not take it yet"):
         build(tiny_lm_folder, "android-arm64", train=labelled, quiet=True)
+
+
+def test_a_distillation_is_judged_by_agreement_with_the_original(photos: Path) -> None:
+    torch.manual_seed(0)
+    result = build(settle_batchnorm(TinyNet(), 32), "x86-64", calib=photos, eval=photos, input_size=32, quiet=True,
+                   overrides={**FAST, "distill.steps": 10, "distill.batch": 2, "distill.lr": 1e-3})
+    done = result.report["distillation"]
+    assert done["probe_held_out"] and done["probe_size"] == max(2, (done["samples"] + done["probe_size"]) // 4)
+    assert 0 <= done["probe_score_before"] <= 1  # top-1 agreement with the original on the held-out images
+    assert done["reverted"] == judged_worse(done)

@@ -160,6 +160,7 @@ def _load_weights(module: torch.nn.Module, state: dict[str, Any], path: Path, ar
 
 class ClassifierFamily(ImageFamily):
     name = "classifier"
+    agreement: ClassVar[str] = "top1_agreement"
     label_layout: ClassVar[str] = "one folder per class (or ImageNet synset names)"
     headline: ClassVar[tuple[str, ...]] = ("top1_agreement", "top1_drop_pt", "top1_reference", "top1_artifact")
     accuracy_gates: ClassVar[dict[str, tuple[str, str, str]]] = {

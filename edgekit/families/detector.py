@@ -95,6 +95,7 @@ def _export_form(model: torch.nn.Module, size: int) -> torch.nn.Module:
 
 class DetectorFamily(ImageFamily):
     name = "detector"
+    agreement: ClassVar[str] = "box_agreement"
     label_layout: ClassVar[str] = "YOLO label files (images/x.jpg -> labels/x.txt: class cx cy w h, 0-1)"
     # 640 px frames: fewer calibration and probe images cover the ranges; empirical bias correction, estimated
     # on a few frames, moved YOLO11n's INT8 mAP50-95 on coco128 from 0.81 to 2.8 points below the original;

@@ -109,6 +109,7 @@ class ImageFamily(FloatParts):
     device_verifiable: ClassVar[bool] = True
     trains_on_labels: ClassVar[bool] = True
     label_layout: ClassVar[str]  # how a `--train` folder carries its labels, for the error that finds none
+    agreement: ClassVar[str]  # the `compare` metric of agreement with the original, which judges a distillation
 
     # --- what a subclass provides -------------------------------------------------------------------------------
 
@@ -142,6 +143,12 @@ class ImageFamily(FloatParts):
     def batch_labels(self, labels: np.ndarray, rows: torch.Tensor) -> list[torch.Tensor]:
         """The labels of the images at `rows` of a labelled set (`Samples.labels`), as `label_loss` takes them."""
         raise NotImplementedError
+
+    def agreement_score(self, student: torch.nn.Module, teacher: torch.nn.Module, x: torch.Tensor) -> float:
+        """How far the student's answers agree with the teacher's on `x` (`compare`'s `agreement` metric, higher is
+        better): what decides whether a distillation is kept, as a lower distillation loss on a few images did not
+        (YOLO11n: the loss fell on held-out calibration images while box agreement fell on the eval set)."""
+        return float(self.compare(teacher(x).float().numpy(), student(x).float().numpy(), None)[self.agreement])
 
     def label_score(self, module: torch.nn.Module, x: torch.Tensor, labels: list[torch.Tensor]) -> float:
         """The task metric (higher is better) of `module` on labelled inputs (`batch_labels`): what decides whether a
@@ -276,11 +283,15 @@ class ImageFamily(FloatParts):
                 ctx.sections["pruning"] = pruned
                 note["note"] = f"MACs {pruned['macs_before'] / 1e6:.0f} M -> {pruned['macs_after'] / 1e6:.0f} M"
         if plan.distill.steps:
+            import torch
+
             settings = plan.distill
+            chosen = torch.as_tensor(images[: settings.images])
             with ctx.progress.stage("distill") as note:
-                done = distill(module, model.module, images[: settings.images], self.distill_targets,
-                               loss=self.distill_loss, steps=settings.steps, seconds=settings.seconds, lr=settings.lr,
-                               batch=settings.batch, seed=plan.seed,
+                done = distill(module, model.module, chosen, self.distill_targets, loss=self.distill_loss,
+                               judge=lambda rows: self.agreement_score(module, model.module, chosen[rows]),
+                               probe_size=max(settings.batch, len(chosen) // 4), steps=settings.steps,
+                               seconds=settings.seconds, lr=settings.lr, batch=settings.batch, seed=plan.seed,
                                progress=lambda steps, total: ctx.progress.track(steps, total, "distillation steps"))
                 ctx.sections["distillation"] = done
                 note["note"] = distilled(done, "loss")
