@@ -110,6 +110,9 @@ def main() -> None:
     parser.add_argument("--generations", type=int, default=50)
     parser.add_argument("--seconds", type=float, default=900)
     parser.add_argument("--no-uniform", action="store_true", help="skip the --prune rows")
+    parser.add_argument("--levels", type=float, nargs="+",
+                        help="image models: the shares of a unit's channels its levels remove (search.levels; "
+                        "default 0 to 0.5 in steps of 0.1), for budgets deeper than every unit at 0.5 reaches")
     parser.add_argument("--distill-steps", type=int, default=0,
                         help="also a searched row with this much distillation after the search (0: none)")
     args = parser.parse_args()
@@ -144,8 +147,10 @@ def main() -> None:
         if uniform_rows:
             ratio, _ = matched_ratio(args.model, target, budget, calib, args.precision)
             build(f"uniform --prune {ratio:.3f}", **{"prune.ratio": ratio})
-        build(f"search start {text}", **{"search.budget": text, "search.generations": 0})
-        searched = {"search.budget": text, "search.generations": args.generations, "search.seconds": args.seconds}
+        levels = {"search.levels": args.levels} if args.levels else {}
+        build(f"search start {text}", **{"search.budget": text, "search.generations": 0, **levels})
+        searched = {"search.budget": text, "search.generations": args.generations, "search.seconds": args.seconds,
+                    **levels}
         build(f"searched {text}", **searched)
         if args.distill_steps:
             build(f"searched+distill {text}", **searched, **{"distill.steps": args.distill_steps})
