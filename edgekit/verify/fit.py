@@ -181,7 +181,8 @@ def _bounds(key: str) -> tuple[float, float]:
     return BOUNDS.get(key, EFFICIENCY_BOUNDS)
 
 
-def fit(target: Target, graphs: list[Analysis], published: list[float], prior: dict[str, float]) -> dict[str, float]:
+def fit(target: Target, graphs: list[Analysis], published: list[float], prior: dict[str, float],
+        prior_weight: float = PRIOR_WEIGHT) -> dict[str, float]:
     """The `[latency]` numbers that minimise the squared log ratio estimate/published over the rows, plus a weak
     pull towards `prior`, within physical bounds (0 < efficiency <= 1)."""
     import numpy as np
@@ -190,14 +191,14 @@ def fit(target: Target, graphs: list[Analysis], published: list[float], prior: d
     keys = list(prior)
     low = np.log([_bounds(k)[0] for k in keys])
     high = np.log([_bounds(k)[1] for k in keys])
-    start = np.clip(np.log([prior[k] for k in keys]), low, high)
+    start = np.clip(np.log([prior[k] for k in keys]), low + 0.01, high - 0.01)  # inside: the solver stalls on a bound
 
     def residuals(x: np.ndarray) -> np.ndarray:
         device = with_values(target, dict(zip(keys, np.exp(x).tolist(), strict=True)))
         misses = [log(estimate(graph, device, top=0)["ms"] / ms) for graph, ms in zip(graphs, published, strict=True)]
-        return np.concatenate([misses, PRIOR_WEIGHT * (x - start)])
+        return np.concatenate([misses, prior_weight * (x - start)])
 
-    result = least_squares(residuals, start, bounds=(low, high), x_scale=1.0, diff_step=1e-3)
+    result = least_squares(residuals, start, bounds=(low, high), diff_step=1e-2)
     return {key: float(exp(value)) for key, value in zip(keys, result.x, strict=True)}
 
 
