@@ -86,7 +86,7 @@ def read_measurements(path: Path) -> list[Measurement]:
 
 def _module(model: str, size: int) -> Any:
     """The torch module a build of `model` exports, random-initialised (detectors in their export form)."""
-    from edgekit.families import FAMILIES, LoadOptions
+    from edgekit.families import FAMILIES, LoadedModel, LoadOptions
 
     options = LoadOptions(input_size=size)
     if model in DETECTORS:
@@ -99,12 +99,15 @@ def _module(model: str, size: int) -> Any:
 
         with contextlib.redirect_stdout(io.StringIO()):
             source = DetectionModel(f"{model}.yaml", verbose=False)
-        return FAMILIES["detector"].load(source, options).module
-    if model == "efficientnet_lite0":  # its weights ship in a pip package: no download
-        return FAMILIES["classifier"].load(model, options).module
-    import torchvision
+        loaded = FAMILIES["detector"].load(source, options)
+    elif model == "efficientnet_lite0":  # its weights ship in a pip package: no download
+        loaded = FAMILIES["classifier"].load(model, options)
+    else:
+        import torchvision
 
-    return FAMILIES["classifier"].load(torchvision.models.get_model(model, weights=None), options).module
+        loaded = FAMILIES["classifier"].load(torchvision.models.get_model(model, weights=None), options)
+    assert isinstance(loaded, LoadedModel)  # image families load torch modules
+    return loaded.module
 
 
 def build_graph(model: str, precision: str, size: int, int8_activations: str) -> Any:
