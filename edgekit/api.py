@@ -314,3 +314,30 @@ def estimate(artifacts: list[str], target: str | None, *, validate: bool = False
         if unrunnable:
             raise UsageError(f"{unrunnable['artifact']}: {unrunnable['reason']}")
     return results
+
+
+def fit_published(target: str, *, write: bool = False, quiet: bool = False) -> dict[str, Any]:
+    """Hold `target`'s device model to the public measurements in targets/measurements/<target>.csv: each row's
+    estimate before and after fitting the `[latency]` numbers, and with that row's model left out of the fit.
+    `write` puts the fitted numbers in the target's TOML, only where leave-one-model-out beats the current ones."""
+    from edgekit.resources import resource_dir
+    from edgekit.verify.fit import fit_published as fit_rows
+    from edgekit.verify.fit import write_fit
+
+    device = load_target(target)
+    progress = Progress(quiet)
+    with progress.stage("fit", note=f"published measurements of {device.name}"):
+        result = fit_rows(device, ArrayCache(default_cache_dir()),
+                          progress=lambda rows: progress.track(rows, len(rows), "graphs"))
+    if write:
+        held_out, before = result["held_out_median_error"], result["median_error_before"]
+        if held_out is None or held_out >= before:
+            result["written"] = None
+            result["not_written"] = ("leave-one-model-out error does not improve on the current numbers"
+                                     if held_out is not None else "one model only: no leave-one-model-out error")
+        else:
+            path = Path(target) if target.endswith(".toml") or "/" in target else (
+                resource_dir("targets") / f"{device.name}.toml")
+            result["written"] = str(path)
+            result["written_keys"] = write_fit(path, result)
+    return result

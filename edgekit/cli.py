@@ -249,6 +249,12 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--threads", type=int, default=1, help="threads for --validate and --calibrate-host (default 1)")
     e.add_argument("--recalibrate", action="store_true", help="re-run the microbenchmarks instead of the cached ones")
     e.add_argument("--top", type=_count, default=10, help="slowest layers to list per artifact (default 10)")
+    e.add_argument("--fit-published", metavar="TARGET",
+                   help="fit TARGET's [latency] numbers to targets/measurements/TARGET.csv and print each row's "
+                   "published, estimated and leave-one-model-out figures")
+    e.add_argument("--write", action="store_true",
+                   help="with --fit-published: write the fitted numbers into the target's TOML when "
+                   "leave-one-model-out beats the current ones")
     e.add_argument("--json", action="store_true", help="print the results as JSON")
     return parser
 
@@ -258,6 +264,7 @@ examples:
   edgekit estimate dist/mobilenet_v2-jetson-orin-nano --target jetson
   edgekit estimate dist/*/model.onnx --validate --threads 2
   edgekit estimate --calibrate-host my-host.toml --threads 2   # then: edgekit build ... --target my-host.toml
+  edgekit estimate --fit-published jetson-agx-orin              # the device model against published latencies
 
 every figure is labelled: `estimated` from the device model, `measured: host` from a run here.
 """
@@ -437,6 +444,10 @@ def _generate(args: argparse.Namespace) -> int:
 def _estimate(args: argparse.Namespace) -> int:
     from edgekit.api import estimate
 
+    if args.fit_published:
+        return _fit_published(args)
+    if args.write:
+        raise UsageError("--write goes with --fit-published TARGET")
     results = estimate(args.artifacts, args.target, validate=args.validate, calibrate_host=args.calibrate_host,
                        threads=args.threads, recalibrate=args.recalibrate, top=args.top, quiet=args.json)
     if args.json:
@@ -463,6 +474,36 @@ def _estimate(args: argparse.Namespace) -> int:
                           f"{row['error'] * 100:+.1f}%")
         _console().print(table)
         print(f"median absolute error: {report['median_abs_error'] * 100:.1f}% over {len(report['models'])} artifacts")
+    return 0
+
+
+def _fit_published(args: argparse.Namespace) -> int:
+    from edgekit.api import fit_published
+
+    if args.artifacts or args.validate or args.calibrate_host:
+        raise UsageError("--fit-published takes no artifacts, --validate or --calibrate-host")
+    result = fit_published(args.fit_published, write=args.write, quiet=args.json)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    from rich.table import Table
+
+    table = Table("model", "precision", "runtime", "input", "published ms", "estimate before", "after fit",
+                  "left out: estimate / published", title=f"{result['target']}: {result['label']}")
+    for row in result["rows"]:
+        ratio = "-" if row["held_out_ratio"] is None else f"{row['held_out_ms']:.3f} ({row['held_out_ratio']:.2f}x)"
+        table.add_row(row["model"], row["precision"], row["runtime"], str(row["input"]), f"{row['published_ms']:g}",
+                      f"{row['before_ms']:.3f}", f"{row['after_ms']:.3f}", ratio)
+    _console().print(table)
+    percent = {key: "-" if result[key] is None else f"{result[key] * 100:.0f}%" for key in
+               ("median_error_before", "median_error_after", "held_out_median_error")}
+    print(f"median absolute error: {percent['median_error_before']} with the current numbers, "
+          f"{percent['median_error_after']} fitted to all rows, {percent['held_out_median_error']} "
+          f"leave-one-model-out ({len(result['rows'])} rows, {len(result['models'])} models)")
+    print("fitted: " + ", ".join(f"{key} {result['current'][key]:g} -> {value:g}"
+                                 for key, value in result["fitted"].items()))
+    if "written" in result:
+        print(f"wrote {result['written']}" if result["written"] else f"not written: {result['not_written']}")
     return 0
 
 

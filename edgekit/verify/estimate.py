@@ -36,9 +36,9 @@ def estimate(analysis: Analysis, target: Target, top: int | None = None) -> dict
         if layer.op_class == "fused":
             continue
         peak_precision, peak = _peak(target, layer.precision)
-        assert peak is not None  # unrunnable() found none missing
+        assert peak is not None or layer.op_class == "data"  # unrunnable() found none missing
         efficiency = _efficiency(target, layer)
-        compute_s = 2 * layer.macs / (peak * 1e9 * efficiency) if layer.macs else 0.0
+        compute_s = 2 * layer.macs / (peak * 1e9 * efficiency) if layer.macs and peak else 0.0
         streamed = max(0.0, layer.weight_bytes - resident)
         resident = max(0.0, resident - layer.weight_bytes)  # the accelerator caches weights in graph order
         moved = streamed + (0 if model and model.activations_on_chip else layer.activation_bytes)
@@ -72,9 +72,10 @@ def estimate(analysis: Analysis, target: Target, top: int | None = None) -> dict
 
 def unrunnable(analysis: Analysis, target: Target) -> str | None:
     """Why the target cannot run this graph, or None: ops at a precision it has no peak for (nor an fp32 one to fall
-    back to), such as the fp32 ops of a float model on an integer-only accelerator."""
-    stranded = [layer for layer in analysis.layers if layer.op_class != "fused" and _peak(target, layer.precision)[1]
-                is None]
+    back to), such as the fp32 ops of a float model on an integer-only accelerator. Data movement (the Casts at the
+    float32 inputs and outputs of an FP16 build, reshapes) computes nothing and needs no peak."""
+    stranded = [layer for layer in analysis.layers if layer.op_class not in ("fused", "data")
+                and _peak(target, layer.precision)[1] is None]
     if not stranded:
         return None
     precisions = "/".join(sorted({layer.precision for layer in stranded}))

@@ -1,0 +1,62 @@
+"""The device model held to published measurements: the fit, the measurement tables, the command."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgekit.cli import main
+from edgekit.passes.analyze import Analysis, LayerStats
+from edgekit.resources import resource_dir
+from edgekit.targets import builtin_targets, load_target
+from edgekit.verify.estimate import estimate
+from edgekit.verify.fit import MODELS, _module, fit, parameters, read_measurements, with_values
+
+
+def _graph(*layers: LayerStats) -> Analysis:
+    return Analysis(params=0, macs=sum(layer.macs for layer in layers), weight_bytes=0, activation_bytes=0,
+                    activation_peak_bytes=0, layers=list(layers))
+
+
+def _layer(op_class: str, macs: int = 0, weight_bytes: int = 0, activation_bytes: int = 0) -> LayerStats:
+    return LayerStats(name=op_class, op="Op", macs=macs, params=0, output_shape=[1, 8, 8, 8], op_class=op_class,
+                      weight_bytes=weight_bytes, activation_bytes=activation_bytes)
+
+
+def test_fit_recovers_the_efficiencies_that_made_the_measurements() -> None:
+    """Measurements made by the estimator with known numbers: the fit, started from other numbers, finds them."""
+    target = load_target("jetson-agx-orin")
+    graphs = [
+        _graph(_layer("conv", macs=4_000_000_000)),  # compute-bound dense conv
+        _graph(_layer("depthwise", macs=200_000_000)),  # compute-bound depthwise
+        _graph(*[_layer("elementwise") for _ in range(400)]),  # nothing but per-op overhead
+        _graph(_layer("conv", macs=1000, weight_bytes=300_000_000)),  # weight streaming: memory efficiency
+        _graph(_layer("elementwise", activation_bytes=200_000_000)),  # bandwidth times elementwise efficiency
+        _graph(_layer("conv", macs=2_000_000_000), *[_layer("elementwise") for _ in range(50)]),
+    ]
+    truth = {"node_overhead_us": 12.0, "memory_efficiency": 0.35, "efficiency.conv": 0.2,
+             "efficiency.depthwise": 0.03, "efficiency.elementwise": 0.7}
+    published = [estimate(graph, with_values(target, truth), top=0)["ms"] for graph in graphs]
+    start = parameters(target, graphs)
+    assert set(start) == set(truth) and all(abs(start[k] / truth[k] - 1) > 0.1 for k in truth)
+    found = fit(target, graphs, published, start, prior_weight=1e-4)
+    assert found == pytest.approx(truth, rel=0.02)
+
+
+def test_measurement_tables_name_buildable_models_and_links() -> None:
+    tables = sorted((resource_dir("targets") / "measurements").glob("*.csv"))
+    names = {target.name for target in builtin_targets()}
+    assert tables and {table.stem for table in tables} <= names
+    models = set()
+    for table in tables:
+        rows = read_measurements(table)
+        assert all(row.model in MODELS and row.source.startswith("https://") and row.quote for row in rows)
+        models |= {row.model for row in rows}
+    for model in sorted(models):  # each builds here, offline, with random weights
+        assert _module(model, 64) is not None
+
+
+def test_fit_published_without_a_table_is_one_line_exit_2(capsys) -> None:
+    assert main(["estimate", "--fit-published", "android-arm64"]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert captured.out == "" and len(lines) == 1 and "no published measurements for android-arm64" in lines[0]
