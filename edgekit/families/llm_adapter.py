@@ -43,7 +43,7 @@ from edgekit.passes.weight_levels import (
 )
 from edgekit.passes.weightonly import rtn
 from edgekit.progress import Progress
-from edgekit.runtimes.llama_cpp_lm import LlamaCppLM, require_llama_cpp
+from edgekit.runtimes.llama_cpp_lm import LlamaCppLM, gguf_tokenize, require_llama_cpp
 from edgekit.runtimes.onnx_lm import OnnxCausalLM, window_nll
 from edgekit.verify.estimate_lm import estimate_lm, kernels
 from edgekit.verify.latency import host_description
@@ -289,17 +289,28 @@ def _weight_bytes(graph: Any) -> tuple[int, int]:
 
 
 def generate(folder: Path, report: dict[str, Any], prompt: str, new_tokens: int, threads: int) -> dict[str, Any]:
-    """Greedy continuation of `prompt` by a built language-model artifact, through its key/value cache."""
-    from transformers import AutoTokenizer
+    """Greedy continuation of `prompt` by a built language-model artifact, through its key/value cache (a GGUF
+    artifact in llama.cpp, with the tokenizer its file carries)."""
+    runner: OnnxCausalLM | LlamaCppLM
+    if report["artifact"]["format"] == "gguf":
+        require_llama_cpp()
+        adapter = folder / GGUF_ADAPTER
+        ids = np.array(gguf_tokenize(folder / GGUF_MODEL, prompt), dtype=np.int64)
+        runner = LlamaCppLM(folder / GGUF_MODEL, adapter if adapter.is_file() else None, threads,
+                            ids.size + new_tokens)
+        decode_text = runner.detokenize
+    else:
+        from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
-    ids = np.array(tokenizer(prompt, add_special_tokens=False)["input_ids"], dtype=np.int64)
+        tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+        runner = OnnxCausalLM((folder / report["artifact"]["file"]).read_bytes(), threads)
+        ids = np.array(tokenizer(prompt, add_special_tokens=False)["input_ids"], dtype=np.int64)
+        decode_text = tokenizer.decode
     if ids.size == 0:
         raise UsageError("the prompt encodes to no tokens")
-    runner = OnnxCausalLM((folder / report["artifact"]["file"]).read_bytes(), threads)
     run = runner.greedy(ids, new_tokens)
     decode = float(np.median(run["decode_ms"])) if run["decode_ms"] else None
-    return {"text": tokenizer.decode(run["tokens"]), "tokens": run["tokens"], "prefill_ms": run["prefill_ms"],
+    return {"text": decode_text(run["tokens"]), "tokens": run["tokens"], "prefill_ms": run["prefill_ms"],
             "tokens_per_s": 1e3 / decode if decode else float("nan"), "runtime": runner.description}
 
 

@@ -32,14 +32,14 @@ def check_writable(module: torch.nn.Module) -> None:
     """Refuse, in one line, a decoder llama.cpp's `llama` architecture would not compute the same way."""
     config = module.config
     rope = getattr(config, "rope_parameters", None) or {}
-    problems = [
+    found = [
         f"model type {config.model_type} (llama.cpp architecture `llama` takes model type llama)"
         if config.model_type != "llama" else None,
         f"activation {config.hidden_act} (llama: silu)" if config.hidden_act != "silu" else None,
         f"rope type {rope.get('rope_type')} (written: default rotary positions only)"
         if rope.get("rope_type", "default") != "default" else None,
     ]
-    problems = [p for p in problems if p]
+    problems = [p for p in found if p]
     if problems:
         raise UsageError(f"--format gguf writes Llama decoders; this one has {'; '.join(problems)}")
 

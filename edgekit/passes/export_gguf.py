@@ -13,7 +13,7 @@ and `<tensor>.lora_b` (B, `[out, r]`) that llama.cpp adds to the tensor's produc
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -123,7 +123,7 @@ def describe_adapter(ranks: dict[str, int]) -> Callable[[GGUFWriter], None]:
     return describe
 
 
-def dequantization_check(files: dict[str, bytes], expected: dict[str, Iterable[GGUFTensor]]) -> dict[str, Any]:
+def dequantization_check(files: dict[str, bytes], expected: Mapping[str, Iterable[GGUFTensor]]) -> dict[str, Any]:
     """Each file read back with gguf's reader, each tensor dequantized by gguf's reference code and compared with
     the float weights edgekit computes with: they must agree to float16 rounding (in practice, bit for bit)."""
     from gguf import GGUFReader

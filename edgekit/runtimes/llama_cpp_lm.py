@@ -26,6 +26,14 @@ def require_llama_cpp() -> None:
         raise UsageError(f"--format gguf verifies the model in llama.cpp, which is not installed here: {INSTALL}")
 
 
+def gguf_tokenize(model: Path, text: str) -> list[int]:
+    """Token ids of `text` by the tokenizer the GGUF file carries (no begin-of-text token added)."""
+    import llama_cpp
+
+    vocab = llama_cpp.Llama(model_path=str(model), vocab_only=True, verbose=False)
+    return list(vocab.tokenize(text.encode(), add_bos=False, special=True))
+
+
 class LlamaCppLM:
     def __init__(self, model: Path, adapter: Path | None, threads: int, context: int) -> None:
         import llama_cpp
@@ -63,5 +71,5 @@ class LlamaCppLM:
             tokens.append(int(logits[-1].argmax()))
         return {"tokens": tokens, "prefill_ms": prefill_ms, "decode_ms": decode_ms}
 
-    def close(self) -> None:
-        self.llm.close()
+    def detokenize(self, tokens: list[int]) -> str:
+        return str(self.llm.detokenize(tokens).decode(errors="replace"))
