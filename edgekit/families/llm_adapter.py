@@ -2,7 +2,8 @@
 
 data: calibration windows, held-out windows and prompts → reference: the original's held-out NLL and greedy
 tokens → compress: FLAP width / depth pruning and distillation → export: weight-only GPTQ/RTN (+ EoRA), one
-ONNX graph with a key/value cache that onnxruntime both prefills and decodes with → verify: perplexity, greedy
+ONNX graph with a key/value cache that onnxruntime both prefills and decodes with, or a GGUF file (and its EoRA
+LoRA adapter) for llama.cpp → verify: perplexity, greedy
 agreement, prefill and decode timings. Compression runs one decoder block at a time on calibration text;
 everything the report says about accuracy comes from running the exported graph on held-out text.
 """
