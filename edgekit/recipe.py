@@ -23,7 +23,7 @@ from edgekit.targets import Budgets, Format, Int8Activations, Precision, Target,
 if TYPE_CHECKING:
     from edgekit.families.base import Family
 
-EXPORTABLE_FORMATS = ("onnx", "tflite")
+EXPORTABLE_FORMATS = ("onnx", "tflite", "gguf")
 DEFAULT_OPSET = 17
 WEIGHT_LEVEL = re.compile(r"int(4|8)(?:\+eora([1-9]\d*))?")
 
@@ -367,8 +367,10 @@ def plan(adapter: Family, target: Target, recipe: str | Path | Recipe | None, fl
     refuse_irrelevant(adapter, file_keys, str(recipe_file) if recipe_file else "recipe")
     refuse_irrelevant(adapter, flag_keys, "options")
     effort_keys = {key for key in EFFORTS[effort] if _reads(adapter, key) and key not in file_keys}
-    family_keys = {key for key in adapter.recipe_defaults if key not in file_keys and key not in effort_keys}
-    defaults = {**adapter.recipe_defaults, **{key: EFFORTS[effort][key] for key in effort_keys}}
+    fmt = flags.get("export.format") or given.export.format or adapter.recipe_defaults.get("export.format")
+    family_defaults = {**adapter.recipe_defaults, **adapter.format_defaults.get(str(fmt), {})}
+    family_keys = {key for key in family_defaults if key not in file_keys and key not in effort_keys}
+    defaults = {**family_defaults, **{key: EFFORTS[effort][key] for key in effort_keys}}
     unresolved = with_overrides(with_defaults(given, defaults), flags)
     resolved = resolve(unresolved, target, adapter)
     before = _dotted(unresolved.model_dump())

@@ -143,6 +143,7 @@ class Family(Protocol):
     name: str
     headline: ClassVar[tuple[str, ...]]  # metrics of the accuracy block a report also carries at its top level
     recipe_defaults: ClassVar[dict[str, Any]]  # dotted recipe keys this family sets unless the recipe does
+    format_defaults: ClassVar[dict[str, dict[str, Any]]]  # the same, for one artifact format (its block layout)
     # recipe sections (and their keys, or "*" for all) this family reads beyond the common ones
     # (recipe.COMMON_SETTINGS); a key set outside them is refused rather than recorded as if it ran
     settings: ClassVar[dict[str, Section]]

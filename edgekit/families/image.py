@@ -96,6 +96,7 @@ class ImageFamily(FloatParts):
 
     name: str
     headline: ClassVar[tuple[str, ...]]
+    format_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
     recipe_defaults: ClassVar[dict[str, Any]] = {}
     settings: ClassVar[dict[str, Section]] = {
         "quantize": "*", "verify": "*", "prune": ("ratio", "images", "reconstruct"),

@@ -2,7 +2,8 @@
 
 data: calibration windows, held-out windows and prompts → reference: the original's held-out NLL and greedy
 tokens → compress: FLAP width / depth pruning and distillation → export: weight-only GPTQ/RTN (+ EoRA), one
-ONNX graph with a key/value cache that onnxruntime both prefills and decodes with → verify: perplexity, greedy
+ONNX graph with a key/value cache that onnxruntime both prefills and decodes with, or a GGUF file (and its EoRA
+LoRA adapter) for llama.cpp → verify: perplexity, greedy
 agreement, prefill and decode timings. Compression runs one decoder block at a time on calibration text;
 everything the report says about accuracy comes from running the exported graph on held-out text.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import copy
 import math
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -20,9 +22,10 @@ import numpy as np
 
 from edgekit import __version__
 from edgekit.cache import ArrayCache, checked_json
-from edgekit.errors import UsageError
-from edgekit.families import llm
+from edgekit.errors import StageError, UsageError
+from edgekit.families import llm, llm_gguf
 from edgekit.families.base import Artifact, LoadOptions, Section, Verification
+from edgekit.passes import export_gguf as gguf_export
 from edgekit.passes.distill import distill, distilled, next_token_kl
 from edgekit.passes.export import set_metadata
 from edgekit.passes.export_llm import export_lm
@@ -41,6 +44,7 @@ from edgekit.passes.weight_levels import (
 )
 from edgekit.passes.weightonly import rtn
 from edgekit.progress import Progress
+from edgekit.runtimes.llama_cpp_lm import LlamaCppLM, gguf_tokenize, require_llama_cpp
 from edgekit.runtimes.onnx_lm import OnnxCausalLM, window_nll
 from edgekit.verify.estimate_lm import estimate_lm, kernels
 from edgekit.verify.latency import host_description
@@ -227,11 +231,10 @@ def prune_lm(module: Any, calibration: Any, ratio: float, blocks: int, progress:
             "params_before": params_before, "params_after": sum(p.numel() for p in module.parameters())}
 
 
-def verify_lm(artifact: bytes, text: Text, ref: dict[str, np.ndarray], threads: int,
+def verify_lm(runner: OnnxCausalLM | LlamaCppLM, text: Text, ref: dict[str, np.ndarray],
               progress: Progress) -> tuple[dict[str, Any], dict[str, Any], list[list[int]]]:
-    """Perplexity of the artifact in onnxruntime against the original's, greedy agreement, host timings, and the
-    artifact's greedy tokens per prompt."""
-    runner = OnnxCausalLM(artifact, threads)
+    """Perplexity of the artifact in its runtime (onnxruntime or llama.cpp) against the original's, greedy
+    agreement, host timings, and the artifact's greedy tokens per prompt."""
     scores = [runner.score(w.numpy()) for w in progress.track(text.evaluation, len(text.evaluation),
                                                               "artifact on held-out text")]
     nll = np.array([value for value, _ in scores])
@@ -287,17 +290,28 @@ def _weight_bytes(graph: Any) -> tuple[int, int]:
 
 
 def generate(folder: Path, report: dict[str, Any], prompt: str, new_tokens: int, threads: int) -> dict[str, Any]:
-    """Greedy continuation of `prompt` by a built language-model artifact, through its key/value cache."""
-    from transformers import AutoTokenizer
+    """Greedy continuation of `prompt` by a built language-model artifact, through its key/value cache (a GGUF
+    artifact in llama.cpp, with the tokenizer its file carries)."""
+    runner: OnnxCausalLM | LlamaCppLM
+    if report["artifact"]["format"] == "gguf":
+        require_llama_cpp()
+        adapter = folder / GGUF_ADAPTER
+        ids = np.array(gguf_tokenize(folder / GGUF_MODEL, prompt), dtype=np.int64)
+        runner = LlamaCppLM(folder / GGUF_MODEL, adapter if adapter.is_file() else None, threads,
+                            ids.size + new_tokens)
+        decode_text = runner.detokenize
+    else:
+        from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
-    ids = np.array(tokenizer(prompt, add_special_tokens=False)["input_ids"], dtype=np.int64)
+        tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+        runner = OnnxCausalLM((folder / report["artifact"]["file"]).read_bytes(), threads)
+        ids = np.array(tokenizer(prompt, add_special_tokens=False)["input_ids"], dtype=np.int64)
+        decode_text = tokenizer.decode
     if ids.size == 0:
         raise UsageError("the prompt encodes to no tokens")
-    runner = OnnxCausalLM((folder / report["artifact"]["file"]).read_bytes(), threads)
     run = runner.greedy(ids, new_tokens)
     decode = float(np.median(run["decode_ms"])) if run["decode_ms"] else None
-    return {"text": tokenizer.decode(run["tokens"]), "tokens": run["tokens"], "prefill_ms": run["prefill_ms"],
+    return {"text": decode_text(run["tokens"]), "tokens": run["tokens"], "prefill_ms": run["prefill_ms"],
             "tokens_per_s": 1e3 / decode if decode else float("nan"), "runtime": runner.description}
 
 
@@ -319,7 +333,9 @@ class LanguageModelFamily:
     headline: ClassVar[tuple[str, ...]] = ("ppl_reference", "ppl_artifact", "ppl_ratio", "next_token_agreement",
                                            "generation_agreement")
     precisions: ClassVar[tuple[str, ...]] = ("fp32", "fp16", "int8", "int4")  # int4 and int8 are weight-only
-    formats: ClassVar[tuple[str, ...]] = ("onnx",)
+    formats: ClassVar[tuple[str, ...]] = ("onnx", "gguf")
+    # llama.cpp's Q4_0 / Q8_0 blocks: 32 weights, one float16 scale, no zero point
+    format_defaults: ClassVar[dict[str, dict[str, Any]]] = {"gguf": {"weights.group_size": 32}}
     device_verifiable: ClassVar[bool] = False  # verified here: the agent runs one-tensor image models
     trains_on_labels: ClassVar[bool] = False
 
@@ -336,11 +352,13 @@ class LanguageModelFamily:
         return llm.load_lm(source, cache_root)
 
     def data(self, model: llm.LoadedLM, ctx: BuildContext) -> Text:
+        if ctx.format == "gguf":
+            _check_gguf_build(model, ctx)
         with ctx.progress.stage("text") as record:
             text = load_text(model, ctx.plan, ctx.calib, ctx.eval)
             record["note"] = (f"calibration {tuple(text.calibration.shape)}, held-out {tuple(text.evaluation.shape)} "
                               f"tokens, {len(text.prompts)} prompts: {text.source}")
-        if ctx.runtime != "onnxruntime" and ctx.precision in BITS:
+        if ctx.runtime not in ("onnxruntime", "llama.cpp") and ctx.precision in BITS:
             ctx.notes.append(f"int4/int8 weights are onnxruntime MatMulNBits nodes: on {ctx.target.name} run the "
                              f"artifact in onnxruntime (CPU or CUDA execution provider), not {ctx.runtime}")
         return text
@@ -389,6 +407,8 @@ class LanguageModelFamily:
             quantization = _quantize(module, data, plan, precision, ctx.progress)
         elif quantization is None and (plan.lowrank.rank or any(plan.lowrank.ranks.values())):
             raise UsageError("EoRA compensates quantization: set precision int4 or int8 with lowrank.rank")
+        if ctx.format == "gguf":
+            return _gguf_artifact(module, model, quantization, ctx)
         with ctx.progress.stage("export", note=f"onnx opset {plan.export.opset}, key/value cache"):
             graph = _graph(module, model, ctx)
         config = module.config  # the exported model's: depth pruning leaves fewer blocks (and cache tensors)
@@ -405,7 +425,7 @@ class LanguageModelFamily:
     def verify(self, artifact: Artifact, model: llm.LoadedLM, data: Text, reference: dict[str, np.ndarray],
                ctx: BuildContext) -> Verification:
         with ctx.progress.stage("verify") as record:
-            accuracy, measured, tokens = verify_lm(artifact.main, data, reference, ctx.threads, ctx.progress)
+            accuracy, measured, tokens = verify_lm(_runner(artifact, ctx), data, reference, ctx.progress)
             record["note"] = f"{accuracy['summary']}, decode {measured['tokens_per_s']} tok/s on host"
         return Verification(accuracy={**accuracy, "eval_source": data.source},
                             latency={"measured_host": measured, "estimated_target": _estimate(ctx, artifact.analysis)},
@@ -421,6 +441,81 @@ class LanguageModelFamily:
         lm = self.load(source, options, default_cache_dir())
         return {"model": lm.name, "family": self.name, "source": lm.source, **lm.details,
                 "weight_bytes_fp32": lm.details["params"] * 4}
+
+
+def _check_gguf_build(model: llm.LoadedLM, ctx: BuildContext) -> None:
+    """Before any long step: settings whose codes Q4_0 / Q8_0 cannot hold as they are, a decoder llama.cpp's
+    `llama` architecture would compute differently, and llama.cpp itself, which verifies the file."""
+    weights = ctx.plan.weights
+    if ctx.plan.search.budget:
+        raise UsageError("search.budget prices each level from ONNX exports; --format gguf takes one precision")
+    if ctx.precision == "fp16":
+        raise UsageError("--format gguf writes fp32, int8 (Q8_0) or int4 (Q4_0) weights, not fp16")
+    if ctx.precision in BITS and (weights.group_size != gguf_export.BLOCK or not weights.symmetric):
+        raise UsageError(f"--format gguf stores codes in llama.cpp's Q4_0 / Q8_0 blocks ({gguf_export.BLOCK} weights, "
+                         f"one scale, no zero point): set weights.group_size = {gguf_export.BLOCK} and "
+                         f"weights.symmetric = true (here {weights.group_size}, {weights.symmetric})")
+    llm_gguf.check_writable(model.module)
+    require_llama_cpp()
+
+
+GGUF_MODEL, GGUF_ADAPTER = "model.gguf", "eora-adapter.gguf"
+
+
+def _gguf_artifact(module: Any, model: llm.LoadedLM, quantization: dict[str, Any] | None,
+                   ctx: BuildContext) -> Artifact:
+    """The decoder as a llama.cpp GGUF file, its EoRA factors as a LoRA adapter beside it, both read back and
+    dequantized by gguf's own code against the weights edgekit computes with."""
+    with ctx.progress.stage("export", note="gguf for llama.cpp") as record:
+        tensors = llm_gguf.model_tensors(module)
+        describe = llm_gguf.describe_model(module, model.tokenizer, model.source, model.name, ctx.precision)
+        files = {GGUF_MODEL: gguf_export.gguf_bytes(llm_gguf.ARCH, describe, tensors)}
+        written = {GGUF_MODEL: tensors}
+        factors, ranks = llm_gguf.adapter_tensors(module)
+        if factors:
+            files[GGUF_ADAPTER] = gguf_export.gguf_bytes(llm_gguf.ARCH, gguf_export.describe_adapter(ranks), factors)
+            written[GGUF_ADAPTER] = factors
+        check = gguf_export.dequantization_check(files, written)
+        if not check["passed"]:
+            raise StageError(f"the GGUF file does not hold edgekit's weights: {'; '.join(check['failures'])}")
+        types = Counter(gguf_export.type_name(t) for t in [*tensors, *factors])
+        record["note"] = (f"{', '.join(f'{n} {kind}' for kind, n in sorted(types.items()))} tensors; read back: "
+                          f"{check['bit_exact']} of {check['tensors']} bit-exact")
+    config = module.config
+    return Artifact(
+        files=files, format="gguf", precision=ctx.precision, quantization=quantization,
+        analysis=_gguf_costs(files, tensors, module),
+        details={"architecture": llm_gguf.ARCH, "tensor_types": dict(sorted(types.items())),
+                 "adapter": {"file": GGUF_ADAPTER, "kind": "LoRA (EoRA residual B·A), alpha 0: scale 1",
+                             "ranks": sorted(set(ranks.values()))} if factors else None,
+                 "dequantization_check": check,
+                 "inputs": ["token ids (llama.cpp tokenizes with the model's own tokenizer, carried in the file)"],
+                 "outputs": [f"logits over {config.vocab_size} tokens"]})
+
+
+def _gguf_costs(files: dict[str, bytes], tensors: list[Any], module: Any) -> dict[str, int]:
+    """The device model's inputs for the GGUF build: bytes per token (a table not shared with the output layer is
+    read one row at a time), and llama.cpp's float16 key/value cache. Kernel launches are not counted: llama.cpp's
+    graph is its own."""
+    config = module.config
+    table = 0 if config.tie_word_embeddings else len(gguf_export.stored(tensors[0])[0].tobytes())
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return {"weight_bytes": sum(len(data) for data in files.values()), "embedding_bytes": table,
+            "vocab": config.vocab_size,
+            "params": sum(p.numel() for p in module.parameters()) - config.vocab_size * config.hidden_size,
+            "kv_bytes_per_token": 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 2,
+            "nodes": 0}
+
+
+def _runner(artifact: Artifact, ctx: BuildContext) -> OnnxCausalLM | LlamaCppLM:
+    """The artifact in its runtime: onnxruntime from its bytes, llama.cpp from the files in the build folder."""
+    if artifact.format != "gguf":
+        return OnnxCausalLM(artifact.main, ctx.threads)
+    assert ctx.staging is not None
+    text = ctx.plan.text
+    adapter = ctx.staging / GGUF_ADAPTER if GGUF_ADAPTER in artifact.files else None
+    return LlamaCppLM(ctx.staging / GGUF_MODEL, adapter, ctx.threads,
+                      max(text.eval_length, text.prompt_length + text.new_tokens))
 
 
 def search_lm(model: llm.LoadedLM, text: Text, ctx: BuildContext) -> Decoder:

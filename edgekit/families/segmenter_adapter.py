@@ -64,6 +64,7 @@ class SegmenterFamily(FloatParts):
     # would run it once per layer
     # slimming: a few crops rank units and refit layers; distillation goes block by block (the whole-encoder
     # loss barely moves in the steps a CPU affords), in small batches of crops
+    format_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
     recipe_defaults: ClassVar[dict[str, Any]] = {"export.format": "onnx", "quantize.calib_limit": 16,
                                                  "quantize.bias_correction": False, "verify.eval_limit": 32,
                                                  "gates.max_miou_drop_pt": 1.0, "prune.images": 16,
