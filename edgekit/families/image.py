@@ -353,6 +353,7 @@ class ImageFamily(FloatParts):
             record["note"] = (f"{reference_analysis.params / 1e6:.2f} M params, "
                               f"{reference_analysis.macs / 1e6:.1f} M MACs")
         diagnostics = self._calibration_check(graph, model, data, ctx)
+        details: dict[str, Any]
         if tflite:
             artifact_bytes, quantization = self._tflite(model, float_tflite, data, ctx)
             ctx.notes.append("TFLite artifacts carry no edgekit metadata: report.json holds the preprocessing")
@@ -360,11 +361,10 @@ class ImageFamily(FloatParts):
             files = {"model.tflite": artifact_bytes}
         else:
             artifact_graph, quantization = self._onnx(model, graph, data, reference, ctx)
-            analysis, details = analyze(artifact_graph), {"opset": opset_of(artifact_graph)}
-            files = self._onnx_files(artifact_graph, ctx)
-            if ctx.format == "openvino":
-                details = {"converted_from": f"ONNX opset {details['opset']}", "weights_file": "model.bin",
-                           "weights_size_bytes": len(files["model.bin"])}
+            analysis, files = analyze(artifact_graph), self._onnx_files(artifact_graph, ctx)
+            details = {"opset": opset_of(artifact_graph)} if ctx.format == "onnx" else {
+                "converted_from": f"ONNX opset {opset_of(artifact_graph)}", "weights_file": "model.bin",
+                "weights_size_bytes": len(files["model.bin"])}
         if quantization is not None and diagnostics is not None:
             quantization["calibration_diagnostics"] = diagnostics
         return Artifact(files=files, format=ctx.format, precision=ctx.precision, details=details,
