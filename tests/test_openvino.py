@@ -113,3 +113,12 @@ def test_the_agent_is_not_offered_an_ir(capsys: pytest.CaptureFixture[str]) -> N
                  "--device", "http://127.0.0.1:9"]) == 2
     err = capsys.readouterr().err.strip()
     assert "the agent runs onnx and tflite artifacts" in err and "\n" not in err
+
+
+def test_fp16_build_keeps_the_graph_s_fp16_weights(tiny_model: nn.Module, photos: Path) -> None:
+    fp16 = build(tiny_model, "raspberry-pi-5", format="openvino", precision="fp16", calib=photos, input_size=32,
+                 out="h", overrides=FAST, quiet=True).report
+    fp32 = build(tiny_model, "raspberry-pi-5", format="openvino", calib=photos, input_size=32, out="f",
+                 overrides=FAST, quiet=True).report
+    assert fp16["artifact"]["weights_size_bytes"] < 0.55 * fp32["artifact"]["weights_size_bytes"]
+    assert fp16["top1_agreement"] == 1.0 and fp16["target"]["runtime"] == "openvino"
