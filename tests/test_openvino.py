@@ -61,6 +61,9 @@ def test_int8_build_is_edgekit_s_qdq_graph_run_in_openvino(tiny_model: nn.Module
     weights = [n for n in model.get_ordered_ops() if n.get_type_name() == "Constant" and n.get_output_size()
                and n.get_output_element_type(0) == ov.Type.i8]
     assert len(weights) >= 3  # both convs and the linear store int8 weights
+    codes = np.concatenate([node.get_data().ravel() for node in weights])
+    assert codes.min() >= -64 and codes.max() <= 64 and codes.max() > 32  # 7 bits: no int16 saturation without VNNI
+    assert "7 bits" in report["quantization"]["scheme"]["weights"]
 
 
 def test_a_detector_builds_to_openvino_verified_by_map(tmp_path: Path, boxes: Path) -> None:
