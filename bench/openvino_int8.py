@@ -8,6 +8,7 @@ model). Latency is measured on this host with the same thread count for every va
 minimum of several medians.
 
     .venv/bin/python bench/openvino_int8.py [--threads 1] [--activations uint8 int8-symmetric]
+    .venv/bin/python bench/openvino_int8.py --yolo11n   # YOLO11n FP32 at 640: onnxruntime vs OpenVINO latency
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
+COCO = DATA.parent / "coco128" / "images" / "train2017"
 CALIB_IMAGES = 100
 
 
@@ -34,6 +36,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--activations", nargs="+", default=["uint8"], choices=["uint8", "int8-symmetric"],
                         help="edgekit OpenVINO INT8 rows: activation schemes of edgekit's QDQ graph")
+    parser.add_argument("--yolo11n", action="store_true", help="instead: YOLO11n FP32, onnxruntime vs OpenVINO")
     args = parser.parse_args()
     if not DATA.is_dir():
         raise SystemExit(f"needs labelled images at {DATA}")
@@ -41,6 +44,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.yolo11n:
+        return yolo11n(args)
     work = Path(tempfile.mkdtemp(prefix="edgekit-openvino-bench-"))
     try:
         bench(work, args)
@@ -108,6 +113,29 @@ def bench(work: Path, args: argparse.Namespace) -> None:
         agree = float((out.argmax(1) == reference.argmax(1)).mean())
         print(f"{label:<44}{top1:>7.4f}{agree:>8.4f}{ms[label]:>9.2f}{variants[label][2]:>9.1f}")
     print(f"original (PyTorch){'':<26}{float((reference.argmax(1) == samples.labels).mean()):>7.4f}")
+
+
+def yolo11n(args: argparse.Namespace) -> None:
+    """YOLO11n FP32 (640) exported once by edgekit, run in onnxruntime and as OpenVINO IR: outputs on 8 coco128
+    images compared, latency interleaved."""
+    from edgekit.families import FAMILIES, LoadOptions
+    from edgekit.passes.export import export_onnx
+    from edgekit.passes.openvino import to_openvino
+    from edgekit.runtimes import files_runner
+
+    family = FAMILIES["detector"]
+    loaded = family.load("yolo11n", LoadOptions())
+    samples = family.samples(loaded, sorted(COCO.glob("*.jpg"))[:8], None).inputs
+    graph = export_onnx(loaded.module, loaded.input_shape, 17)
+    runners = {"onnxruntime fp32": files_runner({"model.onnx": graph.SerializeToString()}, "onnx", args.threads),
+               "openvino fp32": files_runner(to_openvino(graph), "openvino", args.threads)}
+    outputs = [runner.run(samples) for runner in runners.values()]
+    ms = interleaved(runners, samples[0], args)
+    print(f"YOLO11n 640 FP32, {args.threads} thread(s), host latency measured here, min of {args.rounds} interleaved "
+          f"medians; largest output difference between the two on 8 coco128 images: "
+          f"{float(np.abs(outputs[0] - outputs[1]).max()):.4f} (boxes in input pixels)")
+    for label, value in ms.items():
+        print(f"{label:<20}{value:>9.2f} ms")
 
 
 def nncf_openvino(fp32: Any, calibration: np.ndarray) -> dict[str, bytes]:
