@@ -98,7 +98,8 @@ def _agent_runs(fmt: str) -> None:
     from edgekit.agent.protocol import FORMATS
 
     if fmt not in FORMATS:
-        raise UsageError(f"the agent runs {' and '.join(FORMATS)} artifacts; a {fmt} artifact verifies on this host")
+        raise UsageError(f"the agent runs {' and '.join(FORMATS)} artifacts, not {fmt}; {fmt} artifacts are verified "
+                         "on this host")
 
 
 def _reach(url: str | None, token: str | None) -> Any:

@@ -12,7 +12,9 @@ import pytest
 from torch import nn
 
 from edgekit import build
+from edgekit.api import verify
 from edgekit.cli import main
+from edgekit.errors import UsageError
 
 from .test_detector import SIZE, tiny_yaml
 
@@ -40,6 +42,8 @@ def test_fp32_build_verifies_in_openvino_hashes_both_files_and_rebuilds_to_the_s
     assert any(row["op"] == "Convolution" for row in layers) and all(row["ms"] >= 0 for row in layers)
     assert report["artifact"]["inputs"] == [{"name": "input", "shape": [1, 3, 32, 32], "dtype": "float32"}]
     assert "preprocess" in (folder / "model.xml").read_text()  # edgekit's metadata in the IR's rt_info
+    with pytest.raises(UsageError, match="the agent runs onnx and tflite artifacts, not openvino"):
+        verify(folder, "http://127.0.0.1:9")  # refused before any connection: a job carries one model blob
     # a second build in the same process: OpenVINO's node counter has moved on, the bytes must not
     again = build(tiny_model, "x86-64", format="openvino", calib=photos, input_size=32, out="b", overrides=FAST,
                   quiet=True, use_cache=False).out
@@ -115,7 +119,7 @@ def test_the_agent_is_not_offered_an_ir(capsys: pytest.CaptureFixture[str]) -> N
     assert main(["build", "mobilenet_v2", "--target", "x86-64", "--format", "openvino",
                  "--device", "http://127.0.0.1:9"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "the agent runs onnx and tflite artifacts" in err and "\n" not in err
+    assert "the agent runs onnx and tflite artifacts, not openvino" in err and "\n" not in err
 
 
 def test_fp16_build_keeps_the_graph_s_fp16_weights(tiny_model: nn.Module, photos: Path) -> None:
