@@ -73,6 +73,8 @@ def build(
     if device_url and not adapter.device_verifiable:
         raise UsageError(f"device verification through an agent takes one-graph image models; {adapter.name} "
                          "models verify here")
+    if device_url:
+        _agent_runs(str(resolved.export.format))
     ctx = BuildContext(
         plan=resolved, origins=origins, target=device, adapter=adapter, options=options,
         calib=str(calib) if calib else None, eval=str(eval) if eval else None,
@@ -80,7 +82,7 @@ def build(
         threads=min(resolved.verify.threads or 1, os.cpu_count() or 1), remote=_reach(device_url, device_token),
         recipe_file=recipe_file, train=str(train) if train else None,
     )
-    host = {"tflite": "LiteRT", "gguf": "llama.cpp"}.get(ctx.format, "onnxruntime")
+    host = {"tflite": "LiteRT", "gguf": "llama.cpp", "openvino": "OpenVINO"}.get(ctx.format, "onnxruntime")
     ctx.notes.append(f"verified in {host} on this host's CPU; on {device.name} the artifact runs in {ctx.runtime}")
     fast = device.runtime_for(ctx.format).precisions  # type: ignore[union-attr]  # resolve() checked the format
     if ctx.precision not in fast:
@@ -89,6 +91,15 @@ def build(
         ctx.notes.append(f"host latency uses {ctx.threads} threads (this host's cores); the target uses "
                          f"{ctx.target_threads}")
     return run(ctx, model, out)
+
+
+def _agent_runs(fmt: str) -> None:
+    """Refuse a format the agent's one-blob jobs cannot carry (an OpenVINO IR is two files) before any work."""
+    from edgekit.agent.protocol import FORMATS
+
+    if fmt not in FORMATS:
+        raise UsageError(f"the agent runs {' and '.join(FORMATS)} artifacts, not {fmt}; {fmt} artifacts are verified "
+                         "on this host")
 
 
 def _reach(url: str | None, token: str | None) -> Any:
@@ -122,6 +133,7 @@ def verify(folder: str | Path, device_url: str, *, device_token: str | None = No
     """Verify a built artifact folder on a real device through its agent: the held-out inputs and the reference
     are recreated from the manifest, and report.json gains the device's figures and its gate results."""
     folder = Path(folder)
+    _agent_runs(str(_folder(folder)[0]["artifact"].get("format")))
     rebuilt = _rebuilt(folder, use_cache, quiet, lambda: _reach(device_url, device_token), "device verification "
                        "through an agent takes one-graph image models; this family is verified where it is built")
     report, manifest, ctx, model, data = rebuilt

@@ -44,6 +44,9 @@ class Int8Scheme:
     activations: Literal["uint8", "int8-symmetric"]
     calibration: Calibration = "mse"
     bias_correction: bool = True
+    # weights in 7 bits (-64..63): x86 CPUs without VNNI multiply uint8 x int8 pairs into int16 (vpmaddubsw), which
+    # saturates with full-range weights; OpenVINO's CPU plugin computes so (onnxruntime's kernels do not)
+    seven_bit_weights: bool = False
 
     @property
     def symmetric(self) -> bool:
@@ -56,7 +59,8 @@ class Int8Scheme:
     def describe(self) -> dict[str, Any]:
         return {
             "format": "QDQ",
-            "weights": "int8, symmetric, per output channel",
+            "weights": "int8" + (" in 7 bits (-64..63)" if self.seven_bit_weights else "") + ", symmetric, per output "
+                       "channel",
             "activations": "int8, symmetric, per tensor" if self.symmetric else "uint8, asymmetric, per tensor",
             "bias": "int32" if self.int32_bias else "float",
             "calibration": self.calibration,
@@ -114,7 +118,7 @@ class Int8Quantizer:
                     activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
                     calibrate_method=self._method(),
                     nodes_to_quantize=list(only) if only is not None else None,
-                    nodes_to_exclude=[*self.always_float, *exclude],
+                    nodes_to_exclude=[*self.always_float, *exclude], reduce_range=self.scheme.seven_bit_weights,
                     calibration_cache_path=str(self._checked_ranges),
                     extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True,
                                    "QuantizeBias": self.scheme.int32_bias},

@@ -13,7 +13,7 @@ from typing import Any
 
 from edgekit.data import file_sha256
 
-PACKAGES = ("edgekit", "torch", "torchvision", "onnx", "onnxruntime", "litert-torch", "ai-edge-litert",
+PACKAGES = ("edgekit", "torch", "torchvision", "onnx", "onnxruntime", "openvino", "litert-torch", "ai-edge-litert",
             "ai-edge-quantizer", "numpy", "pillow", "pydantic")
 
 

@@ -5,12 +5,22 @@ from __future__ import annotations
 from edgekit.runtimes.base import Runner
 
 
-def runner_for(model: bytes, fmt: str, threads: int) -> Runner:
-    """The runner of this host that takes `fmt`: LiteRT for TFLite, onnxruntime for ONNX."""
+def runner_for(model: bytes, fmt: str, threads: int, weights: bytes = b"") -> Runner:
+    """The runner of this host that takes `fmt`: LiteRT for TFLite, OpenVINO for its IR (`model` the XML,
+    `weights` the .bin), onnxruntime for ONNX."""
     if fmt == "tflite":
         from edgekit.runtimes.litert import LiteRtRunner
 
         return LiteRtRunner(model, threads)
+    if fmt == "openvino":
+        from edgekit.runtimes.openvino import OpenVinoRunner
+
+        return OpenVinoRunner(model, weights, threads)
     from edgekit.runtimes.onnxruntime import OnnxRuntimeRunner
 
     return OnnxRuntimeRunner(model, threads)
+
+
+def files_runner(files: dict[str, bytes], fmt: str, threads: int) -> Runner:
+    """The runner of an artifact's files, the model first (an OpenVINO IR's weights in `model.bin` beside it)."""
+    return runner_for(next(iter(files.values())), fmt, threads, files.get("model.bin", b""))

@@ -1,0 +1,131 @@
+"""OpenVINO: IR builds (model.xml + model.bin) verify in OpenVINO here, hash both files, rebuild to the same bytes,
+and combinations OpenVINO does not take are refused in one line."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from torch import nn
+
+from edgekit import build
+from edgekit.api import verify
+from edgekit.cli import main
+from edgekit.errors import UsageError
+
+from .test_detector import SIZE, tiny_yaml
+
+FAST = {"verify.runs": 3, "verify.warmup": 1}
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_fp32_build_verifies_in_openvino_hashes_both_files_and_rebuilds_to_the_same_bytes(
+        tiny_model: nn.Module, photos: Path) -> None:
+    first = build(tiny_model, "x86-64", format="openvino", calib=photos, input_size=32, out="a", overrides=FAST,
+                  quiet=True, use_cache=False)
+    report, folder = first.report, first.out
+    assert first.exit_code == 0 and report["top1_agreement"] == 1.0
+    assert report["artifact"]["file"] == "model.xml" and report["artifact"]["weights_file"] == "model.bin"
+    assert report["size_bytes"] == (folder / "model.xml").stat().st_size + (folder / "model.bin").stat().st_size
+    outputs = json.loads((folder / "manifest.json").read_text())["outputs"]
+    assert outputs["model.xml"]["sha256"] == sha(folder / "model.xml")
+    assert outputs["model.bin"]["sha256"] == sha(folder / "model.bin")
+    host = report["latency_ms"]["measured_host"]
+    assert host["label"] == "measured: host" and host["runtime"].startswith("OpenVINO")
+    layers = host["layers"]  # OpenVINO's own counters: the fused convolutions, timed
+    assert any(row["op"] == "Convolution" for row in layers) and all(row["ms"] >= 0 for row in layers)
+    assert report["artifact"]["inputs"] == [{"name": "input", "shape": [1, 3, 32, 32], "dtype": "float32"}]
+    assert "preprocess" in (folder / "model.xml").read_text()  # edgekit's metadata in the IR's rt_info
+    with pytest.raises(UsageError, match="the agent runs onnx and tflite artifacts, not openvino"):
+        verify(folder, "http://127.0.0.1:9")  # refused before any connection: a job carries one model blob
+    # a second build in the same process: OpenVINO's node counter has moved on, the bytes must not
+    again = build(tiny_model, "x86-64", format="openvino", calib=photos, input_size=32, out="b", overrides=FAST,
+                  quiet=True, use_cache=False).out
+    assert [sha(again / name) for name in ("model.xml", "model.bin")] == [
+        sha(folder / name) for name in ("model.xml", "model.bin")]
+
+
+def test_int8_build_is_edgekit_s_qdq_graph_run_in_openvino(tiny_model: nn.Module, photos: Path) -> None:
+    import openvino as ov
+
+    result = build(tiny_model, "x86-64", format="openvino", precision="int8", calib=photos, input_size=32,
+                   out="q", overrides=FAST, quiet=True)
+    report = result.report
+    assert report["top1_agreement"] >= 0.66 and report["quantization"]["calibration"]["images"] == 9
+    assert report["quantization"]["steps"][0]["host_p50_ms"] > 0  # each try was judged in OpenVINO
+    model = ov.Core().read_model(str(result.out / "model.xml"))
+    kinds = [node.get_type_name() for node in model.get_ordered_ops()]
+    assert kinds.count("FakeQuantize") >= 2  # activations, as OpenVINO quantizes them
+    weights = [n for n in model.get_ordered_ops() if n.get_type_name() == "Constant" and n.get_output_size()
+               and n.get_output_element_type(0) == ov.Type.i8]
+    assert len(weights) >= 3  # both convs and the linear store int8 weights
+    codes = np.concatenate([node.get_data().ravel() for node in weights])
+    assert codes.min() >= -64 and codes.max() <= 64 and codes.max() > 32  # 7 bits: no int16 saturation without VNNI
+    assert "7 bits" in report["quantization"]["scheme"]["weights"]
+
+
+def test_a_detector_builds_to_openvino_verified_by_map(tmp_path: Path, boxes: Path) -> None:
+    result = build(str(tiny_yaml(tmp_path, "yolo11")), "intel-n100", calib=boxes / "images", eval=boxes / "images",
+                   input_size=SIZE, overrides=FAST, out="det", quiet=True)
+    report = result.report
+    assert report["artifact"]["format"] == "openvino"  # the N100 box's preferred runtime
+    assert report["target"]["runtime"] == "openvino" and result.exit_code == 0
+    assert report["map50_95_drop_pt"] == pytest.approx(0.0, abs=0.5)
+    assert report["artifact"]["outputs"][0]["shape"][:2] == [1, 4 + 3]
+
+
+def test_stable_names_make_two_conversions_in_one_process_identical(tiny_model: nn.Module) -> None:
+    from edgekit.passes.export import export_onnx
+    from edgekit.passes.openvino import to_openvino
+    from edgekit.runtimes.openvino import OpenVinoRunner
+
+    graph = export_onnx(tiny_model, (1, 3, 32, 32), 17)
+    first, second = to_openvino(graph), to_openvino(graph)
+    assert first == second
+    sample = np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32)
+    import torch
+
+    with torch.no_grad():
+        expected = tiny_model(torch.from_numpy(sample)).numpy()
+    np.testing.assert_allclose(OpenVinoRunner(first["model.xml"], first["model.bin"], 1).run(sample), expected,
+                               rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("target", "expected"), [
+    ("jetson", "jetson-orin-nano does not run openvino models"),
+    ("android-arm64", "android-arm64 does not run openvino models"),
+])
+def test_a_target_without_openvino_is_refused(target: str, expected: str, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["build", "mobilenet_v2", "--target", target, "--format", "openvino"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert expected in err and "\n" not in err
+
+
+def test_a_language_model_is_refused(tiny_gguf: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["build", str(tiny_gguf), "--target", "x86-64", "--format", "openvino"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not openvino" in err and "\n" not in err
+
+
+def test_the_agent_is_not_offered_an_ir(capsys: pytest.CaptureFixture[str]) -> None:
+    """The agent's jobs carry one model blob; an IR is two files: refused before anything is built or reached."""
+    assert main(["build", "mobilenet_v2", "--target", "x86-64", "--format", "openvino",
+                 "--device", "http://127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "the agent runs onnx and tflite artifacts, not openvino" in err and "\n" not in err
+
+
+def test_fp16_build_keeps_the_graph_s_fp16_weights(tiny_model: nn.Module, photos: Path) -> None:
+    fp16 = build(tiny_model, "raspberry-pi-5", format="openvino", precision="fp16", calib=photos, input_size=32,
+                 out="h", overrides=FAST, quiet=True).report
+    fp32 = build(tiny_model, "raspberry-pi-5", format="openvino", calib=photos, input_size=32, out="f",
+                 overrides=FAST, quiet=True).report
+    assert fp16["artifact"]["weights_size_bytes"] < 0.55 * fp32["artifact"]["weights_size_bytes"]
+    assert fp16["top1_agreement"] == 1.0 and fp16["target"]["runtime"] == "openvino"
