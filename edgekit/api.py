@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -133,9 +134,9 @@ def verify(folder: str | Path, device_url: str, *, device_token: str | None = No
     """Verify a built artifact folder on a real device through its agent: the held-out inputs and the reference
     are recreated from the manifest, and report.json gains the device's figures and its gate results."""
     folder = Path(folder)
-    _agent_runs(str(_folder(folder)[0]["artifact"].get("format")))
     rebuilt = _rebuilt(folder, use_cache, quiet, lambda: _reach(device_url, device_token), "device verification "
-                       "through an agent takes one-graph image models; this family is verified where it is built")
+                       "through an agent takes one-graph image models; this family is verified where it is built",
+                       _agent_runs)
     report, manifest, ctx, model, data = rebuilt
     from edgekit.families.base import Artifact
 
@@ -160,15 +161,18 @@ def diff(folder: str | Path, *, images: int = 4, use_cache: bool = True, quiet: 
     from edgekit.verify.diff import layer_diff, summary
 
     folder = Path(folder)
-    fmt = _folder(folder)[0].get("artifact", {}).get("format")
-    if fmt not in ("onnx", "tflite"):
-        raise UsageError(f"{folder} holds a {fmt} artifact: diff reads ONNX and TFLite artifacts")
-    if device_url and fmt != "onnx":
-        raise UsageError(f"{folder} holds a TFLite artifact: diff on a device reads ONNX artifacts (LiteRT keeps "
-                         "intermediate tensors only within its own process); diff it here")
+
+    def reads(fmt: str) -> None:
+        if fmt not in ("onnx", "tflite"):
+            raise UsageError(f"{folder} holds a {fmt} artifact: diff reads ONNX and TFLite artifacts")
+        if device_url and fmt != "onnx":
+            raise UsageError(f"{folder} holds a TFLite artifact: diff on a device reads ONNX artifacts (LiteRT keeps "
+                             "intermediate tensors only within its own process); diff it here")
+
     report, manifest, ctx, model, data = _rebuilt(
         folder, use_cache, quiet, lambda: _reach(device_url, device_token),
-        "diff compares one-graph image models layer by layer")
+        "diff compares one-graph image models layer by layer", reads)
+    fmt = report["artifact"]["format"]
     if model.module is None:
         raise UsageError(f"{folder} was built from an ONNX file: diff compares an artifact with its torch original")
     assert data.samples is not None
@@ -192,11 +196,12 @@ def _ran_on(remote: Any) -> str:
     return f"{info['device']}{' (emulated)' if info.get('emulated') else ''}"
 
 
-def _rebuilt(folder: Path, use_cache: bool, quiet: bool, remote: Any, family_refusal: str
-             ) -> tuple[dict[str, Any], Manifest, BuildContext, Any, Any]:
+def _rebuilt(folder: Path, use_cache: bool, quiet: bool, remote: Any, family_refusal: str,
+             reads: Callable[[str], None]) -> tuple[dict[str, Any], Manifest, BuildContext, Any, Any]:
     """A built folder's report, manifest, the build context recreated from the manifest, the
     original model (checked against its recorded hash) and its data; a family that is not device-verifiable
-    (one-graph image models) is refused with `family_refusal`."""
+    (one-graph image models) is refused with `family_refusal`, then an artifact format the command cannot read
+    by `reads` (which raises), both before any long work."""
     report, stored = _folder(folder)
     family = report.get("model", {}).get("family")
     if family not in families.FAMILIES:
@@ -204,6 +209,7 @@ def _rebuilt(folder: Path, use_cache: bool, quiet: bool, remote: Any, family_ref
     adapter = families.FAMILIES[family]
     if not adapter.device_verifiable:
         raise UsageError(f"{folder} holds a {family} model: {family_refusal}")
+    reads(str(report.get("artifact", {}).get("format")))
     if stored.get("schema_version") is None:
         raise UsageError(f"{folder} was built by an earlier edgekit (its manifest has no schema_version); rebuild it")
     try:
