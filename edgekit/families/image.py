@@ -266,7 +266,7 @@ class ImageFamily(FloatParts):
                 step = "distillation" if plan.distill.steps else "fine-tuning on --train"
                 raise UsageError(f"{step} recovers what pruning lost: set prune.ratio or search.budget too")
             return model.module
-        from edgekit.passes.distill import distill, distilled
+        from edgekit.passes.distill import distill, distilled, quarter_probe
 
         images, calibration = self.calibration(model, data, ctx)
         if plan.search.budget:
@@ -292,7 +292,7 @@ class ImageFamily(FloatParts):
             with ctx.progress.stage("distill") as note:
                 done = distill(module, model.module, chosen, self.distill_targets, loss=self.distill_loss,
                                judge=lambda rows: self.agreement_score(module, model.module, chosen[rows]),
-                               probe_size=max(settings.batch, len(chosen) // 4), steps=settings.steps,
+                               probe_size=quarter_probe(settings.batch, len(chosen)), steps=settings.steps,
                                seconds=settings.seconds, lr=settings.lr, batch=settings.batch, seed=plan.seed,
                                progress=lambda steps, total: ctx.progress.track(steps, total, "distillation steps"))
                 ctx.sections["distillation"] = done
@@ -307,7 +307,7 @@ class ImageFamily(FloatParts):
         only if the task metric (`label_score`) on the last quarter of them, held out, says it helped."""
         import torch
 
-        from edgekit.passes.distill import distill, distilled
+        from edgekit.passes.distill import distill, distilled, quarter_probe
 
         assert data.train_dir is not None
         settings = ctx.plan.finetune
@@ -324,7 +324,7 @@ class ImageFamily(FloatParts):
             done = distill(module, model.module, inputs, self.label_targets,
                            labels=lambda rows: self.batch_labels(labels, rows), loss=self.label_loss(module),
                            judge=lambda rows: self.label_score(module, inputs[rows], self.batch_labels(labels, rows)),
-                           probe_size=max(settings.batch, len(inputs) // 4), steps=settings.steps,
+                           probe_size=quarter_probe(settings.batch, len(inputs)), steps=settings.steps,
                            seconds=settings.seconds, lr=settings.lr, batch=settings.batch, seed=ctx.plan.seed,
                            progress=lambda steps, total: ctx.progress.track(steps, total, "fine-tune steps"))
             note["note"] = distilled(done, "label loss")

@@ -43,6 +43,12 @@ def kl_from_log_probs(student: torch.Tensor, teacher: torch.Tensor) -> torch.Ten
     return torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean")
 
 
+def quarter_probe(batch: int, count: int) -> int:
+    """A recovery's held-out probe: a quarter of its `count` inputs, at least a `batch`. A task metric on the last
+    batch alone (4-8 images) says too little to keep or undo the training by."""
+    return max(batch, count // 4)
+
+
 def _probe_split(data: torch.Tensor, batch: int, probe: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """(training inputs, probe, whether the probe is held out): the probe is the last `probe` inputs, which training
     never sees, where a batch is left to train on; else the first `probe`, which it does."""
