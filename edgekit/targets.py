@@ -114,6 +114,9 @@ class LatencyModel(_Strict):
     """How close to its peaks the device gets, per kind of kernel: the device model's data (verify/estimate)."""
 
     node_overhead_us: float = Field(ge=0, description="fixed cost of launching one kernel")
+    invoke_overhead_us: float | None = Field(
+        default=None, ge=0, description="fixed cost of one inference on top of its ops: a USB accelerator's round "
+                                        "trip from the host, its driver's call")
     efficiency: dict[OpClass, float] = Field(
         description="fraction of the compute peak each kernel class reaches (elementwise: of the bandwidth)")
     int8_efficiency: dict[OpClass, float] = Field(

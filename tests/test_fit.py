@@ -17,9 +17,10 @@ def _graph(*layers: LayerStats) -> Analysis:
                     activation_peak_bytes=0, layers=list(layers))
 
 
-def _layer(op_class: str, macs: int = 0, weight_bytes: int = 0, activation_bytes: int = 0) -> LayerStats:
+def _layer(op_class: str, macs: int = 0, weight_bytes: int = 0, activation_bytes: int = 0,
+           precision: str = "fp32") -> LayerStats:
     return LayerStats(name=op_class, op="Op", macs=macs, params=0, output_shape=[1, 8, 8, 8], op_class=op_class,
-                      weight_bytes=weight_bytes, activation_bytes=activation_bytes)
+                      weight_bytes=weight_bytes, activation_bytes=activation_bytes, precision=precision)
 
 
 def test_fit_recovers_the_efficiencies_that_made_the_measurements() -> None:
@@ -40,6 +41,31 @@ def test_fit_recovers_the_efficiencies_that_made_the_measurements() -> None:
     assert set(start) == set(truth) and all(abs(start[k] / truth[k] - 1) > 0.1 for k in truth)
     found = fit(target, graphs, published, start, prior_weight=1e-4)
     assert found == pytest.approx(truth, rel=0.02)
+
+
+def test_a_per_inference_overhead_is_charged_once_and_fitted_where_the_profile_has_one() -> None:
+    """A USB accelerator's round trip costs the same for a tiny graph and a large one: the estimate adds it once, and
+    the fit tells it apart from the per-op overhead and the compute rate."""
+    coral = load_target("coral-edgetpu")  # integer-only: every op int8
+
+    def _int8(op_class: str, macs: int = 0) -> LayerStats:
+        return _layer(op_class, macs, precision="int8")
+
+    assert coral.latency is not None and coral.latency.invoke_overhead_us
+    small = _graph(_int8("conv", macs=1_000_000))
+    without = with_values(coral, {"invoke_overhead_us": 0.0})
+    assert estimate(small, coral, top=0)["ms"] - estimate(small, without, top=0)["ms"] == pytest.approx(
+        coral.latency.invoke_overhead_us / 1e3, abs=1e-4)
+    graphs = [small, _graph(_int8("conv", macs=8_000_000_000)), _graph(*[_int8("elementwise") for _ in range(300)]),
+              _graph(_int8("conv", macs=2_000_000_000), *[_int8("elementwise") for _ in range(40)])]
+    truth = {"node_overhead_us": 5.0, "invoke_overhead_us": 2500.0, "memory_efficiency": 0.8, "efficiency.conv": 0.3,
+             "efficiency.elementwise": 0.5}
+    published = [estimate(graph, with_values(coral, truth), top=0)["ms"] for graph in graphs]
+    start = parameters(coral, graphs)
+    assert start.keys() == truth.keys() and "invoke_overhead_us" not in parameters(load_target("x86-64"), graphs)
+    found = fit(coral, graphs, published, start, prior_weight=1e-4)
+    assert {k: found[k] for k in truth if k != "memory_efficiency"} == pytest.approx(
+        {k: v for k, v in truth.items() if k != "memory_efficiency"}, rel=0.03)
 
 
 def test_measurement_tables_name_buildable_models_and_links() -> None:

@@ -2,7 +2,8 @@
 
 Each op costs a fixed launch overhead plus the larger of its compute time (2·MACs over the
 target's peak at the op's precision, scaled by how efficiently that kind of kernel reaches it)
-and its memory time (weights and activations moved, over the achievable bandwidth). Ops a
+and its memory time (weights and activations moved, over the achievable bandwidth), plus, where the target has
+one, a fixed cost per inference (a USB accelerator's round trip). Ops a
 runtime folds into their neighbours (activations after a conv, QDQ pairs, constant subgraphs)
 cost nothing. Every number comes from the target's TOML (`[compute]`, `[memory]`, `[latency]`),
 so the same code estimates a Jetson, a Coral and this host, and `edgekit estimate --validate`
@@ -53,6 +54,9 @@ def estimate(analysis: Analysis, target: Target, top: int | None = None) -> dict
         io = analysis.layers[0].activation_bytes + analysis.layers[-1].activation_bytes
         rows.append({"index": None, "name": "graph input and output", "op": "transfer", "class": "io", "precision": "-",
                      "ms": io / bandwidth * 1e3, "bound": "memory"})
+    if model and model.invoke_overhead_us:
+        rows.append({"index": None, "name": "invocation", "op": "invoke", "class": "io", "precision": "-",
+                     "ms": model.invoke_overhead_us * 1e-3, "bound": "overhead"})
     total = sum(row["ms"] for row in rows)
     slowest = sorted(rows, key=lambda row: -row["ms"])[:top]  # None: all
     return {

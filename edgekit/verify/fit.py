@@ -29,12 +29,14 @@ from edgekit.targets import Target
 from edgekit.verify.estimate import estimate
 
 COLUMNS = ["model", "precision", "runtime", "input", "latency_ms", "source", "quote"]
-CLASSIFIERS = ("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_lite0", "resnet18", "resnet50")
+CLASSIFIERS = ("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_lite0", "resnet18", "resnet50",
+               "googlenet", "vgg16", "vgg19")
 DETECTORS = ("yolo11n", "yolo11s", "yolo11m", "yolo11l", "yolo11x", "yolov8n")
 MODELS = (*CLASSIFIERS, *DETECTORS)
 PRIOR_WEIGHT = 0.25  # residual per log-unit a number moves from its current value: a 2x move costs like a 17% miss
-BOUNDS = {"node_overhead_us": (0.1, 2000.0), "memory_efficiency": (1e-3, 1.0)}
+BOUNDS = {"node_overhead_us": (0.1, 2000.0), "invoke_overhead_us": (1.0, 1e5), "memory_efficiency": (1e-3, 1.0)}
 EFFICIENCY_BOUNDS = (1e-4, 1.0)
+LOG_STEP = 0.01  # the fit's finite-difference step on log numbers: a 1% move
 
 
 @dataclass(frozen=True)
@@ -148,8 +150,9 @@ def row_analysis(row: Measurement, target: Target, cache: ArrayCache) -> Analysi
 
 
 def parameters(target: Target, graphs: list[Analysis]) -> dict[str, float]:
-    """The `[latency]` numbers these graphs' estimates depend on, at their current values. INT8 kernels get their
-    own efficiencies (`int8_efficiency`) when float rows are fitted too; otherwise they are the device's only ones."""
+    """The `[latency]` numbers these graphs' estimates depend on, at their current values (a per-inference overhead
+    only where the profile has one). INT8 kernels get their own efficiencies (`int8_efficiency`) when float rows are
+    fitted too; otherwise they are the device's only ones."""
     model = target.latency
     if model is None:
         raise UsageError(f"{target.name} has no [latency] section to fit")
@@ -157,6 +160,8 @@ def parameters(target: Target, graphs: list[Analysis]) -> dict[str, float]:
             if layer.op_class not in ("fused", "data") and (layer.macs or layer.op_class == "elementwise")}
     separate_int8 = any(precision != "int8" for _, precision in used)
     values = {"node_overhead_us": model.node_overhead_us, "memory_efficiency": model.memory_efficiency}
+    if model.invoke_overhead_us is not None:
+        values["invoke_overhead_us"] = model.invoke_overhead_us
     for op_class, precision in sorted(used):
         if precision == "int8" and separate_int8:
             values[f"int8_efficiency.{op_class}"] = model.int8_efficiency.get(  # type: ignore[call-overload]
@@ -201,7 +206,14 @@ def fit(target: Target, graphs: list[Analysis], published: list[float], prior: d
         misses = [log(estimate(graph, device, top=0)["ms"] / ms) for graph, ms in zip(graphs, published, strict=True)]
         return np.concatenate([misses, prior_weight * (x - start)])
 
-    result = least_squares(residuals, start, bounds=(low, high), diff_step=1e-2)
+    def jacobian(x: np.ndarray) -> np.ndarray:
+        """Forward differences of 0.01 in log space (backward at an upper bound). The solver's own relative steps
+        vanish where a number is 1.0 (log 0), and the estimate's rounding then hides its slope."""
+        base = residuals(x)
+        steps = np.where(x + LOG_STEP <= high, LOG_STEP, -LOG_STEP)
+        return np.stack([(residuals(x + step * np.eye(len(x))[i]) - base) / step for i, step in enumerate(steps)], 1)
+
+    result = least_squares(residuals, start, jac=jacobian, bounds=(low, high))
     return {key: float(exp(value)) for key, value in zip(keys, result.x, strict=True)}
 
 
