@@ -7,6 +7,7 @@ or a path to their own file; schema errors name the file, the key and what was e
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -255,8 +256,11 @@ def load_target_file(path: Path) -> Target:
         raise UsageError(f"{path}: {describe_errors(err.errors())}") from None
 
 
-def builtin_targets() -> list[Target]:
-    return [load_target_file(p) for p in sorted(resource_dir("targets").glob("*.toml"))]
+@functools.cache
+def builtin_targets() -> tuple[Target, ...]:
+    """The shipped profiles, read once per process: a long run (a bench, a fleet worker) sees one version of them even
+    when the files change under it."""
+    return tuple(load_target_file(p) for p in sorted(resource_dir("targets").glob("*.toml")))
 
 
 def load_target(spec: str | Path) -> Target:
