@@ -83,7 +83,7 @@ def build(
         threads=min(resolved.verify.threads or 1, os.cpu_count() or 1), remote=_reach(device_url, device_token),
         recipe_file=recipe_file, train=str(train) if train else None,
     )
-    host = {"tflite": "LiteRT", "gguf": "llama.cpp", "openvino": "OpenVINO"}.get(ctx.format, "onnxruntime")
+    host = {"tflite": "LiteRT", "gguf": "llama.cpp", "openvino": "OpenVINO", "pte": "ExecuTorch"}.get(ctx.format, "onnxruntime")
     ctx.notes.append(f"verified in {host} on this host's CPU; on {device.name} the artifact runs in {ctx.runtime}")
     fast = device.runtime_for(ctx.format).precisions  # type: ignore[union-attr]  # resolve() checked the format
     if ctx.precision not in fast:

@@ -110,9 +110,9 @@ def _parser() -> argparse.ArgumentParser:
                         "README says what it costs); max: more of each; a recipe file or flag still wins")
     stages.add_argument("--precision", choices=["fp32", "fp16", "int8", "int4"],
                         help="artifact precision (default: the target's)")
-    stages.add_argument("--format", choices=["onnx", "tflite", "gguf", "openvino"],
+    stages.add_argument("--format", choices=["onnx", "tflite", "gguf", "openvino", "pte"],
                         help="artifact format (default: the target's; gguf: language models for llama.cpp; "
-                        "openvino: IR model.xml + model.bin)")
+                        "openvino: IR model.xml + model.bin; pte: ExecuTorch program, XNNPACK-delegated)")
     stages.add_argument("--int8-mode", choices=["static", "dynamic"],
                         help="tflite int8: full-integer, calibrated (static, default) or dynamic-range")
     stages.add_argument("--opset", type=int, help="ONNX opset (default: the target runtime's)")

@@ -23,7 +23,7 @@ from edgekit.targets import Budgets, Format, Int8Activations, Precision, Target,
 if TYPE_CHECKING:
     from edgekit.families.base import Family
 
-EXPORTABLE_FORMATS = ("onnx", "tflite", "gguf", "openvino")
+EXPORTABLE_FORMATS = ("onnx", "tflite", "gguf", "openvino", "pte")
 DEFAULT_OPSET = 17
 WEIGHT_LEVEL = re.compile(r"int(4|8)(?:\+eora([1-9]\d*))?")
 

@@ -20,12 +20,13 @@ from edgekit.errors import UsageError, first_line
 from edgekit.resources import resource_dir
 
 Precision = Literal["fp32", "fp16", "int8", "int4"]  # int4: weight-only (language models)
-Format = Literal["onnx", "tflite", "gguf", "openvino"]
+Format = Literal["onnx", "tflite", "gguf", "openvino", "pte"]
 Int8Activations = Literal["uint8", "int8-symmetric"]
 # the engines edgekit builds for, and the file format each takes
 RUNTIME_FORMATS: dict[str, str] = {"onnxruntime": "onnx", "onnxruntime-qnn": "onnx", "tensorrt": "onnx",
                                    "litert": "tflite", "litert-qnn": "tflite", "edgetpu": "tflite",
-                                   "tflite-micro": "tflite", "llama.cpp": "gguf", "openvino": "openvino"}
+                                   "tflite-micro": "tflite", "llama.cpp": "gguf", "openvino": "openvino",
+                                   "executorch": "pte"}
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)

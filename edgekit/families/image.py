@@ -2,9 +2,9 @@
 
 Data are folders of images (held out: `--eval`, or every 4th calibration image); the reference is the original
 model run in torch (or onnxruntime for an ONNX input); compression is channel pruning and distillation of the
-torch module; export is ONNX (FP32, FP16, accuracy-aware INT8), OpenVINO IR (that ONNX graph converted) or TFLite
-(FP32, FP16, INT8), verified in onnxruntime, OpenVINO or LiteRT here and, through `edgekit agent`, on the board
-(ONNX, TFLite). A subclass says what its family's
+torch module; export is ONNX (FP32, FP16, accuracy-aware INT8), OpenVINO IR (that ONNX graph converted), TFLite
+(FP32, FP16, INT8) or an ExecuTorch program (FP32, PT2E INT8), verified in onnxruntime, OpenVINO, LiteRT or ExecuTorch
+here and, through `edgekit agent`, on the board (ONNX, TFLite). A subclass says what its family's
 models, samples, metrics and fragile layers are.
 """
 
@@ -107,7 +107,7 @@ class ImageFamily(FloatParts):
     }
     accuracy_gates: ClassVar[dict[str, tuple[str, str, str]]] = {}
     precisions: ClassVar[tuple[str, ...]] = ("fp32", "fp16", "int8")
-    formats: ClassVar[tuple[str, ...]] = ("onnx", "tflite", "openvino")
+    formats: ClassVar[tuple[str, ...]] = ("onnx", "tflite", "openvino", "pte")
     device_verifiable: ClassVar[bool] = True
     trains_on_labels: ClassVar[bool] = True
     label_layout: ClassVar[str]  # how a `--train` folder carries its labels, for the error that finds none
@@ -184,8 +184,12 @@ class ImageFamily(FloatParts):
         if ctx.train:
             data.train_dir = Path(ctx.train)
             data.train_files = list_images(data.train_dir, "training")
-        if ctx.format == "tflite" and not model.is_torch:
-            raise UsageError("TFLite export converts torch models; an ONNX input builds to --format onnx")
+        if ctx.format in ("tflite", "pte") and not model.is_torch:
+            raise UsageError(f"{ctx.format} export converts torch models; an ONNX input builds to --format onnx")
+        if ctx.format == "pte":
+            from edgekit.passes.executorch import require_executorch
+
+            require_executorch()
         if ctx.precision in ("fp32", "fp16"):
             ctx.notes.append(f"{ctx.precision} needs no calibration: the {len(data.calib_files)} calibration "
                              "images are recorded in the manifest and serve int8 builds")
@@ -338,7 +342,9 @@ class ImageFamily(FloatParts):
 
         tflite = ctx.format == "tflite"
         if model.is_torch:
-            note = "tflite via litert-torch, onnx graph for analysis" if tflite else f"onnx opset {ctx.opset}"
+            note = {"tflite": "tflite via litert-torch, onnx graph for analysis",
+                    "pte": "onnx graph for analysis, pte lowered at its precision"}.get(ctx.format,
+                                                                                        f"onnx opset {ctx.opset}")
             with ctx.progress.stage("export", note=note):
                 graph = export_onnx(compressed, model.input_shape, ctx.opset)
                 float_tflite = convert_tflite(compressed, model.input_shape) if tflite else b""
@@ -360,6 +366,9 @@ class ImageFamily(FloatParts):
             ctx.notes.append("TFLite artifacts carry no edgekit metadata: report.json holds the preprocessing")
             analysis, details = analyze_tflite(artifact_bytes), {}
             files = {"model.tflite": artifact_bytes}
+        elif ctx.format == "pte":
+            files, quantization = self._pte(compressed, model, data, ctx)
+            analysis, details = at_precision(reference_analysis, ctx.precision), {"delegate": "XNNPACK"}
         else:
             artifact_graph, quantization = self._onnx(model, graph, data, reference, ctx)
             analysis, files = analyze(artifact_graph), self._onnx_files(artifact_graph, ctx)
@@ -515,6 +524,26 @@ class ImageFamily(FloatParts):
             else "the family's parts that one int8 scale cannot serve" if keep else "every op quantized",
         }
 
+    def _pte(self, module: torch.nn.Module, model: LoadedModel, data: ImageData,
+             ctx: BuildContext) -> tuple[dict[str, bytes], dict[str, Any] | None]:
+        """The ExecuTorch program at the recipe's precision: int8 observes the calibration images (PT2E)."""
+        from edgekit.passes.executorch import ACTIVATIONS, OBSERVER, WEIGHTS, to_pte
+
+        ctx.notes.append("ExecuTorch programs carry no edgekit metadata: report.json holds the preprocessing")
+        calibration, record = self.calibration(model, data, ctx) if ctx.precision == "int8" else (None, None)
+        with ctx.progress.stage("quantize", note=f"{ctx.precision}, lowered to XNNPACK"):
+            program = to_pte(module, model.input_shape, calibration)
+        files = {"model.pte": program}
+        if calibration is None:
+            return files, None
+        return files, {
+            "scheme": {"format": "ExecuTorch", "engine": "PT2E (torchao) with the XNNPACKQuantizer",
+                       "weights": WEIGHTS, "activations": ACTIVATIONS, "calibration": OBSERVER},
+            "calibration": record,
+            "kept_float": [],
+            "decided_on": "every op the XNNPACKQuantizer annotates quantized",
+        }
+
     def verify(self, artifact: Artifact, model: LoadedModel, data: ImageData, reference: np.ndarray,
                ctx: BuildContext) -> Verification:
         from edgekit.passes.tflite import io_details
@@ -571,15 +600,29 @@ class ImageFamily(FloatParts):
 
 def _io_spec(runner: Any) -> dict[str, list[dict[str, Any]]]:
     """The artifact's inputs and outputs (name, shape, dtype) as its runtime sees them."""
-    from edgekit.runtimes.openvino import OpenVinoRunner
+    from edgekit.runtimes.onnxruntime import OnnxRuntimeRunner
 
-    if isinstance(runner, OpenVinoRunner):
+    if not isinstance(runner, OnnxRuntimeRunner):  # OpenVINO, ExecuTorch: their runners say
         return runner.io()
 
     def spec(values: list[Any]) -> list[dict[str, Any]]:
         return [{"name": v.name, "shape": v.shape, "dtype": v.type.removeprefix("tensor(").rstrip(")")} for v in values]
 
     return {"inputs": spec(runner.session.get_inputs()), "outputs": spec(runner.session.get_outputs())}
+
+
+def at_precision(analysis: Any, precision: str) -> Any:
+    """The float graph's analysis with its layers computing at `precision` (weights stored so): a program the ONNX
+    analysis cannot read (.pte) runs the same layers, quantized."""
+    import dataclasses
+
+    if precision == "fp32":
+        return analysis
+    width = {"fp16": 2, "int8": 1}[precision]
+    layers = [dataclasses.replace(layer, precision=precision, weight_bytes=layer.params * width)
+              if layer.macs else layer for layer in analysis.layers]
+    saved = sum(old.weight_bytes - new.weight_bytes for old, new in zip(analysis.layers, layers, strict=True))
+    return dataclasses.replace(analysis, layers=layers, weight_bytes=analysis.weight_bytes - saved)
 
 
 def tensorrt_deploy(ctx: BuildContext, artifact_file: str) -> dict[str, str] | None:

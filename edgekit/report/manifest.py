@@ -14,7 +14,7 @@ from typing import Any
 from edgekit.data import file_sha256
 
 PACKAGES = ("edgekit", "torch", "torchvision", "onnx", "onnxruntime", "openvino", "litert-torch", "ai-edge-litert",
-            "ai-edge-quantizer", "numpy", "pillow", "pydantic")
+            "ai-edge-quantizer", "executorch", "torchao", "numpy", "pillow", "pydantic")
 
 
 def package_versions() -> dict[str, str]:

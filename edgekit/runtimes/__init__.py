@@ -7,7 +7,7 @@ from edgekit.runtimes.base import Runner
 
 def runner_for(model: bytes, fmt: str, threads: int, weights: bytes = b"") -> Runner:
     """The runner of this host that takes `fmt`: LiteRT for TFLite, OpenVINO for its IR (`model` the XML,
-    `weights` the .bin), onnxruntime for ONNX."""
+    `weights` the .bin), ExecuTorch for its programs (.pte), onnxruntime for ONNX."""
     if fmt == "tflite":
         from edgekit.runtimes.litert import LiteRtRunner
 
@@ -16,6 +16,10 @@ def runner_for(model: bytes, fmt: str, threads: int, weights: bytes = b"") -> Ru
         from edgekit.runtimes.openvino import OpenVinoRunner
 
         return OpenVinoRunner(model, weights, threads)
+    if fmt == "pte":
+        from edgekit.runtimes.executorch import ExecuTorchRunner
+
+        return ExecuTorchRunner(model, threads)
     from edgekit.runtimes.onnxruntime import OnnxRuntimeRunner
 
     return OnnxRuntimeRunner(model, threads)
