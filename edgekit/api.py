@@ -76,6 +76,10 @@ def build(
                          "models verify here")
     if device_url:
         _agent_runs(str(resolved.export.format))
+    if resolved.export.format == "pte":
+        from edgekit.passes.executorch import require_executorch
+
+        require_executorch()
     ctx = BuildContext(
         plan=resolved, origins=origins, target=device, adapter=adapter, options=options,
         calib=str(calib) if calib else None, eval=str(eval) if eval else None,
@@ -83,7 +87,8 @@ def build(
         threads=min(resolved.verify.threads or 1, os.cpu_count() or 1), remote=_reach(device_url, device_token),
         recipe_file=recipe_file, train=str(train) if train else None,
     )
-    host = {"tflite": "LiteRT", "gguf": "llama.cpp", "openvino": "OpenVINO", "pte": "ExecuTorch"}.get(ctx.format, "onnxruntime")
+    host = {"tflite": "LiteRT", "gguf": "llama.cpp", "openvino": "OpenVINO", "pte": "ExecuTorch"}.get(ctx.format,
+                                                                                                  "onnxruntime")
     ctx.notes.append(f"verified in {host} on this host's CPU; on {device.name} the artifact runs in {ctx.runtime}")
     fast = device.runtime_for(ctx.format).precisions  # type: ignore[union-attr]  # resolve() checked the format
     if ctx.precision not in fast:

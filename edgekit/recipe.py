@@ -268,6 +268,8 @@ def resolve(recipe: Recipe, target: Target, adapter: Family) -> Recipe:
     precision = recipe.quantize.precision or target.default(family, "precision") or "fp32"
     if recipe.quantize.int8_mode == "dynamic" and fmt != "tflite":
         raise UsageError("dynamic-range int8 is a TFLite precision; use --format tflite")
+    if fmt == "pte" and precision not in ("fp32", "int8"):
+        raise UsageError(f"ExecuTorch programs are built fp32 or int8 (PT2E) in this edgekit, not {precision}")
     supported = adapter.precisions
     if precision not in supported:
         raise UsageError(

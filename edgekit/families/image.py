@@ -186,10 +186,6 @@ class ImageFamily(FloatParts):
             data.train_files = list_images(data.train_dir, "training")
         if ctx.format in ("tflite", "pte") and not model.is_torch:
             raise UsageError(f"{ctx.format} export converts torch models; an ONNX input builds to --format onnx")
-        if ctx.format == "pte":
-            from edgekit.passes.executorch import require_executorch
-
-            require_executorch()
         if ctx.precision in ("fp32", "fp16"):
             ctx.notes.append(f"{ctx.precision} needs no calibration: the {len(data.calib_files)} calibration "
                              "images are recorded in the manifest and serve int8 builds")
