@@ -17,6 +17,8 @@ from torch import nn
 from edgekit import build
 from edgekit.cli import main
 
+from .test_detector import SIZE, tiny_yaml
+
 FAST = {"verify.runs": 3, "verify.warmup": 1}
 needs_executorch = pytest.mark.skipif(importlib.util.find_spec("executorch") is None,
                                       reason="executorch is not installed (pip install 'edgekit[executorch]')")
@@ -103,6 +105,16 @@ def test_an_onnx_input_is_refused(tmp_path: Path, tiny_model: nn.Module, capsys:
     onnx_file.write_bytes(export_onnx(tiny_model, (1, 3, 32, 32), 17).SerializeToString())
     assert main(["build", str(onnx_file), "--target", "android-arm64", "--format", "pte"]) == 2
     assert "pte export converts torch models; an ONNX input builds to --format onnx" in capsys.readouterr().err
+
+
+@needs_executorch
+def test_an_int8_detector_program_is_refused(tmp_path: Path, boxes: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The quantizer would put the decode's pixel boxes and 0-1 scores behind one scale: fp32 only."""
+    yaml_file = str(tiny_yaml(tmp_path, "yolo11"))
+    assert main(["build", yaml_file, "--target", "android-arm64", "--format", "pte", "--precision", "int8",
+                 "--calib", str(boxes / "images"), "--input-size", str(SIZE)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "detector models build to pte at fp32 in this edgekit, not int8" in err
 
 
 def test_without_executorch_the_build_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch, tiny_model: nn.Module,

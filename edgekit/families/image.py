@@ -108,6 +108,7 @@ class ImageFamily(FloatParts):
     accuracy_gates: ClassVar[dict[str, tuple[str, str, str]]] = {}
     precisions: ClassVar[tuple[str, ...]] = ("fp32", "fp16", "int8")
     formats: ClassVar[tuple[str, ...]] = ("onnx", "tflite", "openvino", "pte")
+    pte_precisions: ClassVar[tuple[str, ...]] = ("fp32", "int8")
     device_verifiable: ClassVar[bool] = True
     trains_on_labels: ClassVar[bool] = True
     label_layout: ClassVar[str]  # how a `--train` folder carries its labels, for the error that finds none
@@ -186,6 +187,9 @@ class ImageFamily(FloatParts):
             data.train_files = list_images(data.train_dir, "training")
         if ctx.format in ("tflite", "pte") and not model.is_torch:
             raise UsageError(f"{ctx.format} export converts torch models; an ONNX input builds to --format onnx")
+        if ctx.format == "pte" and ctx.precision not in self.pte_precisions:
+            raise UsageError(f"{self.name} models build to pte at {', '.join(self.pte_precisions)} in this edgekit, "
+                             f"not {ctx.precision}")
         if ctx.precision in ("fp32", "fp16"):
             ctx.notes.append(f"{ctx.precision} needs no calibration: the {len(data.calib_files)} calibration "
                              "images are recorded in the manifest and serve int8 builds")
