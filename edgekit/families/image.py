@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -614,15 +614,13 @@ def _io_spec(runner: Any) -> dict[str, list[dict[str, Any]]]:
 def at_precision(analysis: Any, precision: str) -> Any:
     """The float graph's analysis with its layers computing at `precision` (weights stored so): a program the ONNX
     analysis cannot read (.pte) runs the same layers, quantized."""
-    import dataclasses
-
     if precision == "fp32":
         return analysis
     width = {"fp16": 2, "int8": 1}[precision]
-    layers = [dataclasses.replace(layer, precision=precision, weight_bytes=layer.params * width)
+    layers = [replace(layer, precision=precision, weight_bytes=layer.params * width)
               if layer.macs else layer for layer in analysis.layers]
     saved = sum(old.weight_bytes - new.weight_bytes for old, new in zip(analysis.layers, layers, strict=True))
-    return dataclasses.replace(analysis, layers=layers, weight_bytes=analysis.weight_bytes - saved)
+    return replace(analysis, layers=layers, weight_bytes=analysis.weight_bytes - saved)
 
 
 def tensorrt_deploy(ctx: BuildContext, artifact_file: str) -> dict[str, str] | None:
