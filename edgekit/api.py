@@ -334,13 +334,17 @@ def estimate(artifacts: list[str], target: str | None, *, validate: bool = False
     return results
 
 
+MIN_FIT_MODELS = 3  # with two, leaving one out fits one model's rows and checks them on the other's: too weak
+
+
 def fit_published(target: str, *, write: bool = False, quiet: bool = False) -> dict[str, Any]:
     """Hold `target`'s device model to the public measurements in targets/measurements/<target>.csv: each row's
     estimate before and after fitting the `[latency]` numbers, and with that row's model left out of the fit.
-    `write` puts the fitted numbers in the target's TOML, only where leave-one-model-out beats the current ones."""
+    `write` puts the fitted numbers in the target's TOML, only where leave-one-model-out over at least three models
+    beats the current ones, and records the errors in its `[published]` table either way."""
     from edgekit.resources import resource_dir
     from edgekit.verify.fit import fit_published as fit_rows
-    from edgekit.verify.fit import write_fit
+    from edgekit.verify.fit import record_published, write_fit
 
     device = load_target(target)
     progress = Progress(quiet)
@@ -348,14 +352,18 @@ def fit_published(target: str, *, write: bool = False, quiet: bool = False) -> d
         result = fit_rows(device, ArrayCache(default_cache_dir()),
                           progress=lambda rows: progress.track(rows, len(rows), "graphs"))
     if write:
+        path = Path(target) if target.endswith(".toml") or "/" in target else (
+            resource_dir("targets") / f"{device.name}.toml")
         held_out, before = result["held_out_median_error"], result["median_error_before"]
-        if held_out is None or held_out >= before:
+        if len(result["models"]) < MIN_FIT_MODELS or held_out is None or held_out >= before:
             result["written"] = None
-            result["not_written"] = ("leave-one-model-out error does not improve on the current numbers"
-                                     if held_out is not None else "one model only: no leave-one-model-out error")
+            result["not_written"] = (
+                f"{len(result['models'])} model(s): a fit is written when at least {MIN_FIT_MODELS} models check it"
+                if len(result["models"]) < MIN_FIT_MODELS else
+                "leave-one-model-out error does not improve on the current numbers")
         else:
-            path = Path(target) if target.endswith(".toml") or "/" in target else (
-                resource_dir("targets") / f"{device.name}.toml")
             result["written"] = str(path)
             result["written_keys"] = write_fit(path, result)
+        record_published(path, result, written=bool(result["written"]))
+        result["published_recorded"] = str(path)
     return result

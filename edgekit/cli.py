@@ -11,9 +11,12 @@ import json
 import os
 import sys
 import traceback
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from edgekit.errors import EdgekitError, StageError, UsageError, first_line
+
+if TYPE_CHECKING:
+    from edgekit.targets import Target
 
 BUILD_EXAMPLES = """\
 examples:
@@ -384,7 +387,10 @@ def _targets(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     table = Table("target", "aliases", "kind", "runtimes (preferred first)", "fp32 GF", "fp16 GF", "int8 GOPS",
-                  "GB/s", "RAM MB", "default", title="edgekit targets")
+                  "GB/s", "RAM MB", "default", "held to published", title="edgekit targets",
+                  caption="held to published: public latencies the device model was fitted to, its median error on "
+                          "them and, in brackets, leaving each model out; '-': no public latency checks it "
+                          "([sources] says where its numbers come from)")
 
     def num(value: float | None) -> str:
         return "-" if value is None else f"{value:g}"
@@ -395,9 +401,17 @@ def _targets(args: argparse.Namespace) -> int:
         default = f"{t.default('classifier', 'precision') or 'fp32'} {fmt}"
         table.add_row(t.name, ", ".join(t.aliases), t.kind, runtimes, num(t.compute.fp32_gflops),
                       num(t.compute.fp16_gflops), num(t.compute.int8_gops), num(t.memory.bandwidth_gbps),
-                      num(t.memory.ram_mb), default)
+                      num(t.memory.ram_mb), default, _held_to_published(t))
     _console().print(table)
     return 0
+
+
+def _held_to_published(target: Target) -> str:
+    held = target.published
+    if held is None:
+        return "-"
+    left_out = "" if held.held_out_median_error is None else f" ({held.held_out_median_error * 100:.0f}%)"
+    return f"{held.rows} rows: {held.median_error * 100:.0f}%{left_out}"
 
 
 def _inspect(args: argparse.Namespace) -> int:
