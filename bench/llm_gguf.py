@@ -78,7 +78,7 @@ def main() -> None:
     from edgekit.families.llm_adapter import GGUF_ADAPTER, GGUF_MODEL, gguf_files, load_text, reference, verify_lm
     from edgekit.passes.export_llm import export_lm
     from edgekit.progress import Progress
-    from edgekit.recipe import Recipe, with_overrides
+    from edgekit.recipe import DEFAULT_OPSET, Recipe, with_overrides
 
     started = time.perf_counter()
     torch.set_num_threads(args.threads)
@@ -92,18 +92,28 @@ def main() -> None:
     _log(started, f"{loaded.name}: held-out {tuple(text.evaluation.shape)}, {len(text.prompts)} prompts")
 
     rows: list[Row] = []
+
+    def scored(row: Row) -> Row:
+        """The row with its perplexity and greedy tokens (deterministic: measured once, as soon as it exists)."""
+        runner = _runner(row, 1, plan.text.eval_length)
+        row.accuracy, _, row.tokens = verify_lm(runner, text, ref, quiet)
+        _log(started, f"{row.name} ({row.runtime}, {row.bytes:,} bytes, {row.types}): {row.accuracy['summary']}")
+        return row
+
     source = work / "float32.gguf"
     source.write_bytes(gguf_files(loaded.module, loaded, "fp32")[0][GGUF_MODEL])
     for kind, ftype in LLAMA_TYPES.items():
         path = work / f"llama.cpp-{kind}.gguf"
         _llama_quantize(source, path, ftype, args.threads)
         rows.append(Row(f"llama.cpp {kind}", "llama.cpp", [path], _types(path)))
-        _log(started, f"llama.cpp {kind}: {rows[-1].bytes:,} bytes ({rows[-1].types})")
     source.unlink()
+    for row in rows:
+        scored(row)
 
     weights = plan.weights
-    for label, method, rank in [("rtn", "rtn", 0), ("gptq", "gptq", 0),
-                                *((f"gptq + eora r{r}", "gptq", r) for r in args.ranks)]:
+    # the rows the verdicts need first (GPTQ against Q4_0, + EoRA against Q4_K_M), in case the run is cut short
+    for label, method, rank in [("gptq", "gptq", 0), (f"gptq + eora r{args.ranks[0]}", "gptq", args.ranks[0]),
+                                ("rtn", "rtn", 0), (f"gptq + eora r{args.ranks[1]}", "gptq", args.ranks[1])]:
         module = copy.deepcopy(loaded.module)
         _quantize(module, text, plan, method, rank)
         folder = work / label.replace(" ", "").replace("+", "-")
@@ -112,18 +122,11 @@ def main() -> None:
         for name, data in files.items():
             (folder / name).write_bytes(data)
         (folder / "model.onnx").write_bytes(
-            export_lm(module, plan.export.opset, weights.accuracy_level).SerializeToString(deterministic=True))
+            export_lm(module, DEFAULT_OPSET, weights.accuracy_level).SerializeToString(deterministic=True))
         paths = [folder / GGUF_MODEL] + ([folder / GGUF_ADAPTER] if GGUF_ADAPTER in files else [])
-        rows.append(Row(f"edgekit {label}", "llama.cpp", paths, " + ".join(_types(p) for p in paths)))
-        rows.append(Row(f"edgekit {label}", "onnxruntime", [folder / "model.onnx"], "MatMulNBits"))
-        _log(started, f"edgekit {label}: gguf {rows[-2].bytes:,} bytes, onnx {rows[-1].bytes:,} bytes")
         del module
-
-    for row in rows:  # perplexity and greedy tokens (deterministic: once each)
-        runner = _runner(row, 1, plan.text.eval_length)
-        row.accuracy, _, row.tokens = verify_lm(runner, text, ref, quiet)
-        del runner
-        _log(started, f"{row.name} ({row.runtime}): {row.accuracy['summary']}")
+        rows.append(scored(Row(f"edgekit {label}", "llama.cpp", paths, " + ".join(_types(p) for p in paths))))
+        rows.append(scored(Row(f"edgekit {label}", "onnxruntime", [folder / "model.onnx"], "MatMulNBits")))
 
     context = plan.text.prompt_length + plan.text.new_tokens
     for round_ in range(args.rounds):  # timing: every artifact once per round, rounds interleaved
@@ -207,7 +210,8 @@ def _log(started: float, message: str) -> None:
     print(f"[{time.perf_counter() - started:7.0f} s] {message}", flush=True)
 
 
-def _print(rows: list[Row], model: str, prompt_tokens: int, args: argparse.Namespace, reference_nll: float, tokens: int) -> None:
+def _print(rows: list[Row], model: str, prompt_tokens: int, args: argparse.Namespace, reference_nll: float,
+           tokens: int) -> None:
     import math
 
     from edgekit.families.llm_adapter import _common_prefix
