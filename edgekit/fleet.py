@@ -66,7 +66,8 @@ def read_matrix(path: Path, out: Path) -> list[Cell]:
     if unknown:
         raise UsageError(f"{path}: unknown table {sorted(unknown)[0]!r} (a matrix has [build], [[models]], [matrix])")
     common, models, axes = spec.get("build", {}), spec.get("models"), spec.get("matrix", {})
-    if not isinstance(models, list) or not models or not all(isinstance(m, dict) and "model" in m for m in models):
+    if not isinstance(models, list) or not models or not all(
+            isinstance(m, dict) and isinstance(m.get("model"), str) for m in models):
         raise UsageError(f"{path}: [[models]] must list at least one model, each with `model = \"...\"`")
     if not isinstance(common, dict) or not isinstance(axes, dict):
         raise UsageError(f"{path}: [build] and [matrix] must be tables")

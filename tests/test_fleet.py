@@ -7,6 +7,8 @@ import json
 import os
 import shlex
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -170,3 +172,16 @@ def test_cells_are_named_and_sized_by_the_matrix() -> None:
     assert cells[0].command == ("edgekit build dir/fish.onnx --effort fast --no-cache --input-size 64 --target jetson "
                                 "--budget size=4MB --recipe recipes/slim.toml --out out/fish-jetson-size_4MB-slim")
     assert cells[2].cpus > cells[0].cpus and cells[2].memory > cells[0].memory  # a language model asks for more
+
+
+def test_fleet_joins_a_running_cluster_by_address(local_ray: None, tiny_onnx: Path, photos: Path) -> None:
+    """The command in its own process, on the Ray this module started (as it would join a cluster's head)."""
+    _matrix(Path("m.toml"), '[[models]]\nmodel = "tiny.onnx"\n', 'target = ["x86-64"]')
+    address = ray.get_runtime_context().gcs_address
+    done = subprocess.run([sys.executable, "-m", "edgekit", "fleet", "m.toml", "--address", address],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "tiny-x86-64" in done.stdout and "agreement 1.000" in done.stdout
+    summary = json.loads(Path("dist/fleet/fleet.json").read_text())
+    assert summary["ray"] == address and summary["cells"][0]["status"] == "ok"
+    assert ray.cluster_resources()["CPU"] == 2  # the cluster outlives the fleet that joined it
