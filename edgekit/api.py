@@ -62,7 +62,7 @@ def build(
     With `device_url` (an `edgekit agent`), the artifact is also verified on that device, and its figures decide
     the gates. With `reuse` and `out`, a folder at `out` that this edgekit built from the same inputs (by sha256),
     load options, resolved recipe and packages, its outputs intact, is returned as it is instead of being rebuilt
-    (what lets a killed `edgekit fleet` finish only what is missing).
+    (what lets a killed `edgekit fleet` finish only what is missing); a build verified on a device always runs.
     """
     for name, given in (("out", out), ("calib", calib), ("eval", eval), ("train", train)):
         if given is not None and not str(given).strip():
@@ -90,7 +90,8 @@ def build(
             recipe_file=recipe_file, train=str(train) if train else None,
         )
 
-    if reuse and out is not None and (kept := _kept(Path(out), model, context(Progress(quiet=True), None))):
+    reusable = reuse and out is not None and not device_url
+    if reusable and (kept := _kept(Path(str(out)), model, context(Progress(quiet=True), None))):
         return kept
     ctx = context(Progress(quiet), _reach(device_url, device_token))
     host = {"tflite": "LiteRT", "gguf": "llama.cpp", "openvino": "OpenVINO"}.get(ctx.format, "onnxruntime")
