@@ -12,6 +12,7 @@ of the summary, never the end of the fleet.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import itertools
 import logging
@@ -159,16 +160,19 @@ def run(matrix: str | Path, *, out: str | Path = "dist/fleet", address: str | No
     cache_dir = str(Path(cache or default_cache_dir()).absolute())
     start = time.monotonic()
     started = not ray.is_initialized()  # a caller that connected to Ray itself keeps its connection
-    if started and address:
-        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-    elif started:
-        ray.init(num_cpus=os.cpu_count(), object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False,
-                 log_to_driver=False, logging_level=logging.WARNING)
-    try:
-        outcomes = _run_cells(cells, cache_dir, quiet)
-    finally:
-        if started:
-            ray.shutdown()
+    # Ray prints the cluster's error reports (a worker killed for memory: 60 lines each) to the driver's stdout,
+    # whatever log_to_driver says: they go to OUT/ray.log, keeping stdout for the summary (and --json)
+    with open(out / "ray.log", "a") as log, contextlib.redirect_stdout(log):
+        if started and address:
+            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        elif started:
+            ray.init(num_cpus=os.cpu_count(), object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False,
+                     log_to_driver=False, logging_level=logging.WARNING)
+        try:
+            outcomes = _run_cells(cells, cache_dir, quiet)
+        finally:
+            if started:
+                ray.shutdown()
     rows = [_row(cell, outcomes[cell.name], out) for cell in cells]
     summary = {"matrix": str(matrix), "out": str(out), "ray": address or ("local" if started else "the caller's"),
                "seconds": round(time.monotonic() - start, 1),
