@@ -9,21 +9,22 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
-from edgekit import families
+from edgekit import __version__, families
 from edgekit.cache import ArrayCache, default_cache_dir
 from edgekit.context import BuildContext
 from edgekit.data import file_sha256
 from edgekit.errors import UsageError, first_line
 from edgekit.families.base import LoadOptions
-from edgekit.pipeline import BuildResult, judge, run
+from edgekit.pipeline import BuildResult, judge, manifest_inputs, run
 from edgekit.progress import Progress
 from edgekit.recipe import Recipe, plan
-from edgekit.report.manifest import output_hashes
+from edgekit.report.manifest import output_hashes, package_versions
 from edgekit.report.schema import Manifest, Report
 from edgekit.report.write import adopt, write_html, write_json
 from edgekit.targets import Target, load_target
@@ -50,6 +51,7 @@ def build(
     effort: str = "default",
     device_url: str | None = None,
     device_token: str | None = None,
+    reuse: bool = False,
 ) -> BuildResult:
     """Build a verified artifact of `model` for `target`.
 
@@ -58,7 +60,9 @@ def build(
     recipe or `overrides` does. `train` (classifiers, detectors): labelled images to fine-tune on after pruning or a
     search.
     With `device_url` (an `edgekit agent`), the artifact is also verified on that device, and its figures decide
-    the gates.
+    the gates. With `reuse` and `out`, a folder at `out` that this edgekit built from the same inputs (by sha256),
+    load options, resolved recipe and packages, its outputs intact, is returned as it is instead of being rebuilt
+    (what lets a killed `edgekit fleet` finish only what is missing); a build verified on a device always runs.
     """
     for name, given in (("out", out), ("calib", calib), ("eval", eval), ("train", train)):
         if given is not None and not str(given).strip():
@@ -80,13 +84,20 @@ def build(
         from edgekit.passes.executorch import require_executorch
 
         require_executorch()
-    ctx = BuildContext(
-        plan=resolved, origins=origins, target=device, adapter=adapter, options=options,
-        calib=str(calib) if calib else None, eval=str(eval) if eval else None,
-        cache=ArrayCache(default_cache_dir() if use_cache else None), progress=Progress(quiet),
-        threads=min(resolved.verify.threads or 1, os.cpu_count() or 1), remote=_reach(device_url, device_token),
-        recipe_file=recipe_file, train=str(train) if train else None,
-    )
+
+    def context(progress: Progress, remote: Any) -> BuildContext:
+        return BuildContext(
+            plan=resolved, origins=origins, target=device, adapter=adapter, options=options,
+            calib=str(calib) if calib else None, eval=str(eval) if eval else None,
+            cache=ArrayCache(default_cache_dir() if use_cache else None), progress=progress,
+            threads=min(resolved.verify.threads or 1, os.cpu_count() or 1), remote=remote,
+            recipe_file=recipe_file, train=str(train) if train else None,
+        )
+
+    reusable = reuse and out is not None and not device_url
+    if reusable and (kept := _kept(Path(str(out)), model, context(Progress(quiet=True), None))):
+        return kept
+    ctx = context(Progress(quiet), _reach(device_url, device_token))
     host = {"tflite": "LiteRT", "gguf": "llama.cpp", "openvino": "OpenVINO", "pte": "ExecuTorch"}.get(ctx.format,
                                                                                                   "onnxruntime")
     ctx.notes.append(f"verified in {host} on this host's CPU; on {device.name} the artifact runs in {ctx.runtime}")
@@ -97,6 +108,34 @@ def build(
         ctx.notes.append(f"host latency uses {ctx.threads} threads (this host's cores); the target uses "
                          f"{ctx.target_threads}")
     return run(ctx, model, out)
+
+
+def fleet(matrix: str | Path, *, out: str | Path = "dist/fleet", address: str | None = None,
+          cache: str | Path | None = None, quiet: bool = False) -> dict[str, Any]:
+    """Build every cell of a matrix file on Ray (edgekit/fleet.py): the summary written to `out`/fleet.json."""
+    from edgekit.fleet import run as run_fleet
+
+    return run_fleet(matrix, out=out, address=address, cache=cache, quiet=quiet)
+
+
+def _kept(folder: Path, source: object, ctx: BuildContext) -> BuildResult | None:
+    """The build at `folder` when its manifest matches what building `source` as `ctx` says would record (this
+    edgekit's version, load options, resolved recipe, packages, every input's sha256) and its outputs are intact;
+    None when it must be built. Only the model is loaded and the data listed, the cheap first steps."""
+    try:
+        stored = json.loads((folder / "manifest.json").read_text())
+        report = json.loads((folder / "report.json").read_text())
+        intact = all(file_sha256(folder / name) == entry["sha256"] for name, entry in stored["outputs"].items())
+        same = (intact and stored["edgekit"] == __version__ and stored["load_options"] == asdict(ctx.options)
+                and stored["recipe"] == ctx.plan.model_dump(mode="json") and stored["packages"] == package_versions())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if not same:
+        return None
+    model = ctx.adapter.load(source, ctx.options, ctx.cache.root)
+    if manifest_inputs(ctx, model, source, ctx.adapter.data(model, ctx).record()) != stored["inputs"]:
+        return None
+    return BuildResult(out=folder, report=report, kept=True)
 
 
 def _agent_runs(fmt: str) -> None:
@@ -339,13 +378,17 @@ def estimate(artifacts: list[str], target: str | None, *, validate: bool = False
     return results
 
 
+MIN_FIT_MODELS = 3  # with two, leaving one out fits one model's rows and checks them on the other's: too weak
+
+
 def fit_published(target: str, *, write: bool = False, quiet: bool = False) -> dict[str, Any]:
     """Hold `target`'s device model to the public measurements in targets/measurements/<target>.csv: each row's
     estimate before and after fitting the `[latency]` numbers, and with that row's model left out of the fit.
-    `write` puts the fitted numbers in the target's TOML, only where leave-one-model-out beats the current ones."""
+    `write` puts the fitted numbers in the target's TOML, only where leave-one-model-out over at least three models
+    beats the current ones, and records the errors in its `[published]` table either way."""
     from edgekit.resources import resource_dir
     from edgekit.verify.fit import fit_published as fit_rows
-    from edgekit.verify.fit import write_fit
+    from edgekit.verify.fit import record_published, write_fit
 
     device = load_target(target)
     progress = Progress(quiet)
@@ -353,14 +396,18 @@ def fit_published(target: str, *, write: bool = False, quiet: bool = False) -> d
         result = fit_rows(device, ArrayCache(default_cache_dir()),
                           progress=lambda rows: progress.track(rows, len(rows), "graphs"))
     if write:
+        path = Path(target) if target.endswith(".toml") or "/" in target else (
+            resource_dir("targets") / f"{device.name}.toml")
         held_out, before = result["held_out_median_error"], result["median_error_before"]
-        if held_out is None or held_out >= before:
+        if len(result["models"]) < MIN_FIT_MODELS or held_out is None or held_out >= before:
             result["written"] = None
-            result["not_written"] = ("leave-one-model-out error does not improve on the current numbers"
-                                     if held_out is not None else "one model only: no leave-one-model-out error")
+            result["not_written"] = (
+                f"{len(result['models'])} model(s): a fit is written when at least {MIN_FIT_MODELS} models check it"
+                if len(result["models"]) < MIN_FIT_MODELS else
+                "leave-one-model-out error does not improve on the current numbers")
         else:
-            path = Path(target) if target.endswith(".toml") or "/" in target else (
-                resource_dir("targets") / f"{device.name}.toml")
             result["written"] = str(path)
             result["written_keys"] = write_fit(path, result)
+        record_published(path, result, written=bool(result["written"]))
+        result["published_recorded"] = str(path)
     return result

@@ -11,9 +11,12 @@ import json
 import os
 import sys
 import traceback
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from edgekit.errors import EdgekitError, StageError, UsageError, first_line
+
+if TYPE_CHECKING:
+    from edgekit.targets import Target
 
 BUILD_EXAMPLES = """\
 examples:
@@ -149,6 +152,23 @@ def _parser() -> argparse.ArgumentParser:
     output.add_argument("--json", action="store_true", help="print report.json to stdout")
     output.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
 
+    f = commands.add_parser(
+        "fleet", help="build a matrix of models x targets x precisions, recipes, budgets on Ray",
+        description="Run every cell of a matrix file (each exactly one `edgekit build` command line) on Ray, one "
+        "build per task: a local Ray started here by default, or a cluster with --address. A cell whose folder "
+        "already holds its build (same inputs, recipe, edgekit) is kept, not rebuilt; a worker that dies is "
+        "retried; a failed cell is reported and the others go on. Writes OUT/fleet.json and OUT/index.html.",
+        epilog=FLEET_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    f.add_argument("matrix", help="the matrix .toml: [build] flags, [[models]], [matrix] lists (examples/fleet/)")
+    f.add_argument("--out", "-o", default="dist/fleet", help="folder of every cell's build folder and the summary "
+                   "(default dist/fleet; on a cluster, storage every node shares)")
+    f.add_argument("--address", help="an existing Ray cluster (auto, or HEAD:6379 from a node of it); default: a "
+                   "local Ray on this machine's cores")
+    f.add_argument("--cache", help="the array cache every build shares (default: $EDGEKIT_CACHE or "
+                   "~/.cache/edgekit; on a cluster, shared storage)")
+    f.add_argument("--json", action="store_true", help="print fleet.json to stdout")
+    f.add_argument("--quiet", "-q", action="store_true", help="no line per finished cell on stderr")
+
     v = commands.add_parser(
         "verify", help="verify a built artifact on a real device through its agent",
         description="Send a built artifact to an `edgekit agent` on the device, run it there on the held-out "
@@ -261,6 +281,25 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+FLEET_EXAMPLES = """\
+examples:
+  edgekit fleet examples/fleet/matrix.toml
+  edgekit fleet matrix.toml --address auto --out /shared/fleet --cache /shared/edgekit-cache
+
+a matrix file:
+  [build]                      # flags of every cell (edgekit build's long names)
+  effort = "fast"
+  [[models]]                   # one entry per model, with its own flags
+  model = "mobilenet_v2"
+  [matrix]                     # every combination, for each model
+  target = ["raspberry-pi-5", "jetson", "x86-64"]
+  precision = ["fp16", "int8"]
+
+exit codes: the highest of the cells'   0 all built and verified   1 a gate failed
+  2 bad input (the matrix, or a cell's)   3 a stage failed
+"""
+
+
 ESTIMATE_EXAMPLES = """\
 examples:
   edgekit estimate dist/mobilenet_v2-jetson-orin-nano --target jetson
@@ -272,11 +311,11 @@ every figure is labelled: `estimated` from the device model, `measured: host` fr
 """
 
 
-def _build(args: argparse.Namespace) -> int:
-    from edgekit.api import build
-
-    result = build(
-        args.model, args.target, calib=args.calib, eval=args.eval, train=args.train, recipe=args.recipe,
+def build_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """`edgekit.build`'s keyword arguments from parsed `edgekit build` arguments (`edgekit fleet` runs its cells
+    through this too, so a cell is exactly the command line it prints)."""
+    return dict(
+        model=args.model, target=args.target, calib=args.calib, eval=args.eval, train=args.train, recipe=args.recipe,
         precision=args.precision, format=args.format, arch=args.arch, num_classes=args.num_classes,
         input_size=args.input_size, out=args.out, use_cache=not args.no_cache, quiet=args.quiet, effort=args.effort,
         device_url=args.device, device_token=args.device_token,
@@ -291,7 +330,32 @@ def _build(args: argparse.Namespace) -> int:
             "weights.method": args.method, "weights.group_size": args.group_size, "lowrank.rank": args.eora_rank,
         },
     )
-    return _finish(result, args.json)
+
+
+def parse_build(argv: list[str]) -> argparse.Namespace:
+    """`edgekit build ARGV...` parsed as the command parses it; bad arguments raise UsageError."""
+    return _parser().parse_args(["build", *argv])
+
+
+def _build(args: argparse.Namespace) -> int:
+    from edgekit.api import build
+
+    return _finish(build(**build_arguments(args)), args.json)
+
+
+def latency_texts(report: dict[str, Any]) -> tuple[str, str]:
+    """The host's measured and the target's estimated speed, as the one-line summary shows them."""
+    host, est = report["latency_ms"]["measured_host"], report["latency_ms"]["estimated_target"]
+    if "tokens_per_s" in host:  # a language model: speed is tokens per second
+        return (f"{host['tokens_per_s']:.1f} tok/s",
+                f"{est['tokens_per_s']:.1f} tok/s ({est['decode_bound']}-bound)" if est.get("ms") else "n/a")
+    return (f"p50 {host['p50']:.2f} ms",
+            f"{est['ms']:.2f} ms ({est['bound']}-bound)" if est.get("ms") is not None else "n/a")
+
+
+def gate_failures(failed: list[dict[str, Any]]) -> str:
+    """Failed gates in one line: name, value, limit and what the value was measured on."""
+    return "; ".join(f"{g['name']} {g['value']:.4g} vs limit {g['limit']:g} ({g['basis']})" for g in failed)
 
 
 def _finish(result: Any, as_json: bool) -> int:
@@ -300,26 +364,42 @@ def _finish(result: Any, as_json: bool) -> int:
     if as_json:
         print(json.dumps(report, indent=2))
     else:
-        host, est = report["latency_ms"]["measured_host"], report["latency_ms"]["estimated_target"]
-        if "tokens_per_s" in host:  # a language model: speed is tokens per second
-            host_text = f"host {host['tokens_per_s']:.1f} tok/s (measured)"
-            est_text = f"{est['tokens_per_s']:.1f} tok/s ({est['decode_bound']}-bound)" if est.get("ms") else "n/a"
-        else:
-            host_text = f"host p50 {host['p50']:.2f} ms (measured)"
-            est_text = f"{est['ms']:.2f} ms ({est['bound']}-bound)" if est.get("ms") is not None else "n/a"
+        host_text, est_text = latency_texts(report)
         print(f"{result.out}/{report['artifact']['file']}  {report['artifact']['precision']}  "
               f"{report['size_bytes'] / 1e6:.2f} MB  {report['accuracy']['summary']}  "
-              f"{host_text}  {report['target']['name']} {est_text} (estimated)")
+              f"host {host_text} (measured)  {report['target']['name']} {est_text} (estimated)")
         if report.get("device"):
             on_device = report["device"]
             print(f"on {on_device['name']}: {on_device['accuracy']['summary']}  "
                   f"p50 {on_device['latency_ms']['p50']:.2f} ms ({on_device['latency_ms']['label']}, "
                   f"{on_device['runtime']})")
     if result.failed_gates:
-        reasons = "; ".join(f"{g['name']} {g['value']:.4g} vs limit {g['limit']:g} ({g['basis']})"
-                            for g in result.failed_gates)
-        print(f"edgekit: gate failed: {reasons}", file=sys.stderr)
+        print(f"edgekit: gate failed: {gate_failures(result.failed_gates)}", file=sys.stderr)
     return result.exit_code
+
+
+def _fleet(args: argparse.Namespace) -> int:
+    from edgekit.api import fleet
+
+    summary = fleet(args.matrix, out=args.out, address=args.address, cache=args.cache, quiet=args.quiet)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return int(summary["exit_code"])
+    from rich.table import Table
+
+    from edgekit.fleet import COLUMNS, table_rows
+
+    table = Table(*(title for _, title in COLUMNS), title=f"edgekit fleet: {len(summary['cells'])} cells, "
+                  f"{summary['seconds']:.0f} s on Ray ({summary['ray']})")
+    for texts in table_rows(summary):
+        table.add_row(*texts)
+    _console().print(table)
+    for row in summary["cells"]:
+        if row["exit_code"]:
+            print(f"{row['cell']}: {row['reason']}\n  alone: {row['command']}")
+    print(f"wrote {summary['out']}/fleet.json and {summary['out']}/index.html (each cell's folder under "
+          f"{summary['out']}/)")
+    return int(summary["exit_code"])
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -384,7 +464,10 @@ def _targets(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     table = Table("target", "aliases", "kind", "runtimes (preferred first)", "fp32 GF", "fp16 GF", "int8 GOPS",
-                  "GB/s", "RAM MB", "default", title="edgekit targets")
+                  "GB/s", "RAM MB", "default", "held to published", title="edgekit targets",
+                  caption="held to published: public latencies the device model was fitted to, its median error on "
+                          "them and, in brackets, leaving each model out; '-': no public latency checks it "
+                          "([sources] says where its numbers come from)")
 
     def num(value: float | None) -> str:
         return "-" if value is None else f"{value:g}"
@@ -395,9 +478,17 @@ def _targets(args: argparse.Namespace) -> int:
         default = f"{t.default('classifier', 'precision') or 'fp32'} {fmt}"
         table.add_row(t.name, ", ".join(t.aliases), t.kind, runtimes, num(t.compute.fp32_gflops),
                       num(t.compute.fp16_gflops), num(t.compute.int8_gops), num(t.memory.bandwidth_gbps),
-                      num(t.memory.ram_mb), default)
+                      num(t.memory.ram_mb), default, _held_to_published(t))
     _console().print(table)
     return 0
+
+
+def _held_to_published(target: Target) -> str:
+    held = target.published
+    if held is None:
+        return "-"
+    left_out = "" if held.held_out_median_error is None else f" ({held.held_out_median_error * 100:.0f}%)"
+    return f"{held.rows} rows: {held.median_error * 100:.0f}%{left_out}"
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -512,21 +603,26 @@ def _fit_published(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
-        commands = {"build": _build, "verify": _verify, "report": _report, "diff": _diff, "agent": _agent,
-                    "targets": _targets, "inspect": _inspect, "estimate": _estimate, "generate": _generate}
+        commands = {"build": _build, "fleet": _fleet, "verify": _verify, "report": _report, "diff": _diff,
+                    "agent": _agent, "targets": _targets, "inspect": _inspect, "estimate": _estimate,
+                    "generate": _generate}
         return commands[args.command](args)
-    except EdgekitError as err:
-        if os.environ.get("EDGEKIT_DEBUG"):
-            traceback.print_exc()
-        print(f"edgekit: {err}", file=sys.stderr)
-        return err.exit_code
     except KeyboardInterrupt:
         print("edgekit: interrupted", file=sys.stderr)
         return 130
-    except Exception as err:  # a defect of edgekit's, not bad input: still one line, the traceback on request
+    except Exception as err:
         if os.environ.get("EDGEKIT_DEBUG"):
             traceback.print_exc()
-        print(f"edgekit: unexpected {type(err).__name__}: {first_line(err)} (EDGEKIT_DEBUG=1 shows the traceback)",
-              file=sys.stderr)
-        return StageError.exit_code
+        code, reason = failure(err)
+        print(f"edgekit: {reason}", file=sys.stderr)
+        return code
+
+
+def failure(err: Exception) -> tuple[int, str]:
+    """An error's exit code and one-line reason: edgekit's own say theirs; anything else is a defect of edgekit's,
+    not bad input (exit 3, the traceback on request)."""
+    if isinstance(err, EdgekitError):
+        return err.exit_code, str(err)
+    return StageError.exit_code, (f"unexpected {type(err).__name__}: {first_line(err)} (EDGEKIT_DEBUG=1 shows the "
+                                  "traceback)")
 

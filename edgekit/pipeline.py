@@ -28,6 +28,7 @@ from edgekit.verify.gates import check_gates
 class BuildResult:
     out: Path
     report: dict[str, Any]
+    kept: bool = False  # a finished folder reused as it was (`build(..., reuse=True)`), not built again
 
     @property
     def failed_gates(self) -> list[dict[str, Any]]:
@@ -115,18 +116,22 @@ def build_report(ctx: BuildContext, model: Loaded, artifact: Artifact, verified:
 def build_manifest(ctx: BuildContext, model: Loaded, source: object, data: dict[str, Any],
                    artifact: Artifact) -> dict[str, Any]:
     """What went in (by sha256), how the recipe was resolved, and the software that ran it."""
-    recipe_file = ctx.recipe_file
     return Manifest(
-        edgekit=__version__,
-        inputs={"model": {"given": str(source) if isinstance(source, (str, Path)) else None, "source": model.source,
-                          "sha256": model.fingerprint},
-                "target": {"name": ctx.target.name, "sha256": ctx.target.sha256},
-                "recipe_file": {"path": str(recipe_file), "sha256": file_sha256(recipe_file)} if recipe_file else None,
-                **data},
-        load_options=asdict(ctx.options), recipe=ctx.plan.model_dump(), origins=ctx.origins, seed=ctx.plan.seed,
+        edgekit=__version__, inputs=manifest_inputs(ctx, model, source, data), load_options=asdict(ctx.options),
+        recipe=ctx.plan.model_dump(), origins=ctx.origins, seed=ctx.plan.seed,
         int8_ranges_sha256=(artifact.quantization or {}).get("ranges_sha256"), packages=package_versions(),
         platform=platform.platform(), deploy=artifact.deploy,
     ).model_dump(mode="json")
+
+
+def manifest_inputs(ctx: BuildContext, model: Loaded, source: object, data: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's `inputs`: the model, target and recipe file by sha256, and the family's data record."""
+    recipe_file = ctx.recipe_file
+    return {"model": {"given": str(source) if isinstance(source, (str, Path)) else None, "source": model.source,
+                      "sha256": model.fingerprint},
+            "target": {"name": ctx.target.name, "sha256": ctx.target.sha256},
+            "recipe_file": {"path": str(recipe_file), "sha256": file_sha256(recipe_file)} if recipe_file else None,
+            **data}
 
 
 def judge(report: dict[str, Any], ctx: BuildContext) -> None:

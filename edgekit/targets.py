@@ -139,6 +139,18 @@ class LatencyModel(_Strict):
         return self
 
 
+class HeldToPublished(_Strict):
+    """How far the profile's latency numbers are from the latencies published for the device
+    (targets/measurements/<name>.csv), as `edgekit estimate --fit-published --write` last found them: how far to
+    trust its estimates."""
+
+    rows: int = Field(gt=0)
+    models: list[str]
+    median_error: float = Field(ge=0, description="median absolute error of the profile's numbers over the rows")
+    held_out_median_error: float | None = Field(
+        default=None, ge=0, description="of a fit to the rows, each model estimated by a fit made without it")
+
+
 class FamilyDefaults(_Strict):
     precision: Precision | None = None
     format: Format | None = None
@@ -155,6 +167,7 @@ class Target(_Strict):
     constraints: Constraints = Constraints()
     budgets: Budgets = Budgets()
     latency: LatencyModel | None = Field(default=None, description="without it, estimates are a plain roofline")
+    published: HeldToPublished | None = Field(default=None, description="none: no public latency checks it")
     defaults: dict[str, FamilyDefaults] = Field(
         default_factory=dict, description='per family ("classifier", …), "*" for all'
     )

@@ -7,9 +7,18 @@ import pytest
 from edgekit.cli import main
 from edgekit.passes.analyze import Analysis, LayerStats
 from edgekit.resources import resource_dir
-from edgekit.targets import builtin_targets, load_target
+from edgekit.targets import HeldToPublished, builtin_targets, load_target, load_target_file
 from edgekit.verify.estimate import estimate
-from edgekit.verify.fit import MODELS, _module, fit, parameters, read_measurements, with_values
+from edgekit.verify.fit import (
+    MODELS,
+    _module,
+    fit,
+    parameters,
+    read_measurements,
+    record_published,
+    with_values,
+    write_fit,
+)
 
 
 def _graph(*layers: LayerStats) -> Analysis:
@@ -86,3 +95,26 @@ def test_fit_published_without_a_table_is_one_line_exit_2(capsys) -> None:
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert captured.out == "" and len(lines) == 1 and "no published measurements for android-arm64" in lines[0]
+
+
+def test_a_written_fit_moves_the_numbers_and_records_how_far_to_trust_them(tmp_path, capsys) -> None:
+    profile = tmp_path / "coral-edgetpu.toml"
+    profile.write_text((resource_dir("targets") / "coral-edgetpu.toml").read_text())
+    result = {"rows": [{}] * 5, "models": ["mobilenet_v2", "vgg16"], "file": "coral-edgetpu.csv",
+              "current": {"node_overhead_us": 1.02, "invoke_overhead_us": 1980.0},
+              "fitted": {"node_overhead_us": 1.02, "invoke_overhead_us": 2470.0},
+              "median_error_before": 0.14, "median_error_after": 0.04, "held_out_median_error": 0.08}
+    assert write_fit(profile, result) == ["invoke_overhead_us"]
+    for _ in range(2):  # a second record replaces the first
+        record_published(profile, result, written=True)
+    target = load_target_file(profile)
+    assert target.latency.invoke_overhead_us == 2470.0 and "fitted to 5 published rows" in target.sources[
+        "latency.invoke_overhead_us"]
+    assert target.published == HeldToPublished(rows=5, models=["mobilenet_v2", "vgg16"], median_error=0.04,
+                                               held_out_median_error=0.08)
+    assert profile.read_text().count("[published]") == 1
+    record_published(profile, result, written=False)  # numbers left as they were: their own error
+    assert load_target_file(profile).published.median_error == 0.14
+    assert main(["targets"]) == 0
+    shown = capsys.readouterr().out
+    assert "coral-edgetpu" in shown and "held to" in shown

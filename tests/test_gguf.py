@@ -13,8 +13,8 @@ import torch
 
 from edgekit.api import build
 from edgekit.errors import UsageError
-from edgekit.families import llm, llm_gguf
-from edgekit.families.llm_adapter import quantize_lm
+from edgekit.families import llm
+from edgekit.families.llm_adapter import GGUF_ADAPTER, gguf_files, quantize_lm
 from edgekit.passes import export_gguf
 from edgekit.passes.sequential import WeightScheme
 from edgekit.passes.weightonly import gptq, rtn
@@ -64,12 +64,8 @@ def _quantized_tiny(folder: Path, method: str = "gptq", rank: int = 32) -> llm.L
 
 
 def _write(loaded: llm.LoadedLM) -> tuple[dict[str, bytes], dict[str, list[export_gguf.GGUFTensor]]]:
-    tensors = llm_gguf.model_tensors(loaded.module)
-    describe = llm_gguf.describe_model(loaded.module, loaded.tokenizer, loaded.source, "tiny", "int4")
-    factors, ranks = llm_gguf.adapter_tensors(loaded.module)
-    files = {"model.gguf": export_gguf.gguf_bytes("llama", describe, tensors),
-             "adapter.gguf": export_gguf.gguf_bytes("llama", export_gguf.describe_adapter(ranks), factors)}
-    return files, {"model.gguf": tensors, "adapter.gguf": factors}
+    files, written, _ = gguf_files(loaded.module, loaded, "int4")
+    return files, written
 
 
 def _read(data: bytes, tmp_path: Path, name: str) -> gguf.GGUFReader:
@@ -116,7 +112,7 @@ def test_model_file_has_llamas_names_types_shapes_and_tokenizer(tiny_lm_folder: 
 def test_adapter_holds_the_eora_residual_as_lora_pairs(tiny_lm_folder: Path, tmp_path: Path) -> None:
     loaded = _quantized_tiny(tiny_lm_folder)
     files, _ = _write(loaded)
-    reader = _read(files["adapter.gguf"], tmp_path, "adapter.gguf")
+    reader = _read(files[GGUF_ADAPTER], tmp_path, GGUF_ADAPTER)
     assert reader.fields["general.type"].contents() == "adapter"
     assert reader.fields["adapter.type"].contents() == "lora"
     assert reader.fields["adapter.lora.alpha"].contents() == 0.0  # llama.cpp: scale 1
@@ -172,7 +168,7 @@ def test_llama_cpp_computes_what_the_dequantized_torch_model_does(tiny_lm_folder
     ids = llm.token_windows(loaded.tokenizer, list(llm.wiki_articles()[30:32]), 48, 1)[0]
     with torch.no_grad():
         expected = loaded.module(ids[None]).logits[0].numpy()
-    runner = LlamaCppLM(tmp_path / "model.gguf", tmp_path / "adapter.gguf", threads=1, context=64)
+    runner = LlamaCppLM(tmp_path / "model.gguf", tmp_path / GGUF_ADAPTER, threads=1, context=64)
     got = runner.step(ids.tolist())
     # llama.cpp multiplies Q4_0 / Q8_0 weights by activations rounded to Q8_0 blocks: close, not equal
     scale = np.abs(expected).max()

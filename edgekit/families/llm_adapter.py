@@ -462,19 +462,28 @@ def _check_gguf_build(model: llm.LoadedLM, ctx: BuildContext) -> None:
 GGUF_MODEL, GGUF_ADAPTER = "model.gguf", "eora-adapter.gguf"
 
 
+def gguf_files(module: Any, model: llm.LoadedLM, precision: str
+               ) -> tuple[dict[str, bytes], dict[str, list[gguf_export.GGUFTensor]], dict[str, int]]:
+    """The model file and, where the decoder has EoRA factors, the adapter file; the tensors each holds; each
+    compensated layer's rank."""
+    tensors = llm_gguf.model_tensors(module)
+    describe = llm_gguf.describe_model(module, model.tokenizer, model.source, model.name, precision)
+    files = {GGUF_MODEL: gguf_export.gguf_bytes(llm_gguf.ARCH, describe, tensors)}
+    written = {GGUF_MODEL: tensors}
+    factors, ranks = llm_gguf.adapter_tensors(module)
+    if factors:
+        files[GGUF_ADAPTER] = gguf_export.gguf_bytes(llm_gguf.ARCH, gguf_export.describe_adapter(ranks), factors)
+        written[GGUF_ADAPTER] = factors
+    return files, written, ranks
+
+
 def _gguf_artifact(module: Any, model: llm.LoadedLM, quantization: dict[str, Any] | None,
                    ctx: BuildContext) -> Artifact:
     """The decoder as a llama.cpp GGUF file, its EoRA factors as a LoRA adapter beside it, both read back and
     dequantized by gguf's own code against the weights edgekit computes with."""
     with ctx.progress.stage("export", note="gguf for llama.cpp") as record:
-        tensors = llm_gguf.model_tensors(module)
-        describe = llm_gguf.describe_model(module, model.tokenizer, model.source, model.name, ctx.precision)
-        files = {GGUF_MODEL: gguf_export.gguf_bytes(llm_gguf.ARCH, describe, tensors)}
-        written = {GGUF_MODEL: tensors}
-        factors, ranks = llm_gguf.adapter_tensors(module)
-        if factors:
-            files[GGUF_ADAPTER] = gguf_export.gguf_bytes(llm_gguf.ARCH, gguf_export.describe_adapter(ranks), factors)
-            written[GGUF_ADAPTER] = factors
+        files, written, ranks = gguf_files(module, model, ctx.precision)
+        tensors, factors = written[GGUF_MODEL], written.get(GGUF_ADAPTER, [])
         check = gguf_export.dequantization_check(files, written)
         if not check["passed"]:
             raise StageError(f"the GGUF file does not hold edgekit's weights: {'; '.join(check['failures'])}")

@@ -21,7 +21,7 @@ from typing import Any
 from edgekit.errors import UsageError
 
 MARKER = ".edgekit"
-_LEFTOVER = re.compile(r"\..+\.(partial|replaced)-(\d+)")  # staging and replaced folders, named by their process
+_LEFTOVER = r"\.{name}\.(partial|replaced)-(\d+)"  # staging and replaced folders, named by their process
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -55,7 +55,7 @@ def staged(out: Path) -> Iterator[Path]:
     created = [p for p in [out.parent, *out.parent.parents] if not p.exists()]
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     try:
-        _remove_leftovers(out.parent)
+        _remove_leftovers(out)
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     except OSError as err:
@@ -116,12 +116,15 @@ def _publish(staging: Path, out: Path) -> None:
     shutil.rmtree(previous, ignore_errors=True)
 
 
-def _remove_leftovers(parent: Path) -> None:
-    """Staging and replaced folders left in `parent` by builds whose process no longer runs (killed, crashed)."""
-    if not parent.is_dir():
+def _remove_leftovers(out: Path) -> None:
+    """Staging and replaced folders of `out` left by builds whose process no longer runs (killed, crashed). Only
+    `out`'s own: beside it, on storage that several machines share (`edgekit fleet` on a cluster), other folders'
+    builds may be running under process ids that mean nothing here."""
+    if not out.parent.is_dir():
         return
-    for entry in parent.iterdir():
-        match = _LEFTOVER.fullmatch(entry.name)
+    leftover = re.compile(_LEFTOVER.format(name=re.escape(out.name)))
+    for entry in out.parent.iterdir():
+        match = leftover.fullmatch(entry.name)
         if match and entry.is_dir() and not entry.is_symlink() and not _running(int(match[2])):
             shutil.rmtree(entry, ignore_errors=True)
 

@@ -289,6 +289,24 @@ def write_fit(target_file: Path, result: dict[str, Any]) -> list[str]:
     return list(moved)
 
 
+def record_published(target_file: Path, result: dict[str, Any], written: bool) -> None:
+    """Write the `[published]` table: the rows, and the median errors of the profile's numbers as they now stand (the
+    fitted ones when `written`) and of the fit left one model out."""
+    import json
+
+    from edgekit.targets import load_target_file
+
+    lines = target_file.read_text().splitlines()
+    error = result["median_error_after" if written else "median_error_before"]
+    values = {"rows": str(len(result["rows"])), "models": json.dumps(result["models"]), "median_error": repr(error)}
+    if result["held_out_median_error"] is not None:
+        values["held_out_median_error"] = repr(result["held_out_median_error"])
+    for key, value in values.items():
+        _set(lines, "published", key, value)
+    target_file.write_text("\n".join(lines) + "\n")
+    load_target_file(target_file)
+
+
 def _set(lines: list[str], section: str, key: str, value: str) -> None:
     """Set `key = value` in `[section]` of a TOML file's lines, adding the key (or the section, after its parent's
     block) where missing."""
