@@ -50,7 +50,7 @@ def test_user_profile_by_path(tmp_path: Path) -> None:
     (('"memory.ram_mb" = "product brief: 8 GB variant"\n', ""),
      r"board\.toml: .*no entry in \[sources\] for memory\.ram_mb"),
     (('format = "onnx"\nopset', 'format = "pt"\nopset'),
-     r"board\.toml: runtimes\.1\.format: input should be 'onnx', 'tflite', 'gguf' or 'openvino'"),
+     r"board\.toml: runtimes\.1\.format: input should be 'onnx', 'tflite', 'gguf', 'openvino' or 'pte'"),
     (("cores = 4", "cores = 0"), r"board\.toml: compute\.cores: input should be greater than 0"),
     (('name = "litert"', 'name = "litrt"'), r"board\.toml: runtimes\.0\.name: unknown runtime 'litrt' \(known: "),
     (('name = "onnxruntime"\nformat = "onnx"', 'name = "onnxruntime"\nformat = "tflite"'),
