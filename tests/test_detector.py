@@ -334,13 +334,13 @@ def test_the_label_loss_reads_yolo_files_as_ultralytics_training_does(tmp_path: 
 
 def test_a_pruned_detector_is_fine_tuned_on_yolo_labels(tmp_path: Path, boxes: Path) -> None:
     model = settled_yolo(tmp_path, "yolo11")
-    settings = {**FAST, "prune.ratio": 0.3, "finetune.batch": 2, "finetune.steps": 20, "finetune.lr": 1e-3}
+    settings = {**FAST, "prune.ratio": 0.3, "finetune.batch": 2, "finetune.steps": 6, "finetune.lr": 1e-3}
     plain = edgekit.build(model, "x86-64", calib=boxes / "images", eval=boxes / "images", input_size=SIZE,
                           overrides=settings, out=tmp_path / "plain", quiet=True)
     tuned = edgekit.build(model, "x86-64", calib=boxes / "images", eval=boxes / "images", train=boxes / "images",
                           input_size=SIZE, overrides=settings, out=tmp_path / "tuned", quiet=True)
     done = tuned.report["finetune"]
-    assert done["images"] == 8 and done["labels"] == "YOLO label files (16 boxes)" and done["steps"] == 20
+    assert done["images"] == 8 and done["labels"] == "YOLO label files (16 boxes)" and done["steps"] == 6
     assert done["probe_held_out"] and done["samples"] == 6 and done["probe_size"] == 2
     assert 0 <= done["probe_score_before"] <= 1 and done["reverted"] == judged_worse(done)  # mAP50-95 judges
     changed = tuned.report["artifact"]["sha256"] != plain.report["artifact"]["sha256"]
