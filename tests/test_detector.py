@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import functools
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -125,18 +128,27 @@ def test_coco128_labels_are_read(tmp_path: Path) -> None:
     assert (samples.labels[:, 2:] >= 0).all() and (samples.labels[:, 2:] <= SIZE).all()
 
 
-def settled_yolo(tmp_path: Path, family: str) -> torch.nn.Module:
-    """A tiny random YOLO whose BatchNorm statistics come from real photos, so its outputs depend on the input."""
+def settled_yolo(family: str) -> torch.nn.Module:
+    """A tiny random YOLO whose BatchNorm statistics come from real photos, so its outputs depend on the input: a
+    copy of one made once per family (building and settling one takes seconds, a copy a fraction of one)."""
+    model = copy.deepcopy(_settled_yolo(family))
+    torch.manual_seed(0)  # the random state a freshly settled one leaves behind
+    return model
+
+
+@functools.cache
+def _settled_yolo(family: str) -> torch.nn.Module:
     from ultralytics.nn.tasks import DetectionModel
 
     from .conftest import settle_batchnorm
 
-    torch.manual_seed(0)
-    return settle_batchnorm(DetectionModel(str(tiny_yaml(tmp_path, family)), nc=3, verbose=False), SIZE)
+    with tempfile.TemporaryDirectory() as folder:
+        torch.manual_seed(0)
+        return settle_batchnorm(DetectionModel(str(tiny_yaml(Path(folder), family)), nc=3, verbose=False), SIZE)
 
 
-def test_pruning_and_distillation_shrink_and_recover(tmp_path: Path, boxes: Path) -> None:
-    model = settled_yolo(tmp_path, "yolo11")
+def test_pruning_and_distillation_shrink_and_recover(boxes: Path) -> None:
+    model = settled_yolo("yolo11")
     # without the refit the pruned model is visibly off (with it, a settled random model is matched almost exactly,
     # leaving distillation nothing to recover)
     result = edgekit.build(model, "x86-64", calib=boxes / "images", eval=boxes / "images", input_size=SIZE,
@@ -157,13 +169,13 @@ def test_onnx_inputs_cannot_be_pruned(tmp_path: Path, boxes: Path) -> None:
     from edgekit.passes.export import export_onnx
 
     graph = tmp_path / "tiny.onnx"
-    graph.write_bytes(export_onnx(settled_yolo(tmp_path, "yolov8"), (1, 3, SIZE, SIZE), 17).SerializeToString())
+    graph.write_bytes(export_onnx(settled_yolo("yolov8"), (1, 3, SIZE, SIZE), 17).SerializeToString())
     with pytest.raises(UsageError, match="cannot be pruned"):
         edgekit.build(str(graph), "x86-64", calib=boxes / "images", family="classifier", input_size=SIZE,
                       overrides={**FAST, "prune.ratio": 0.3}, quiet=True)
 
 
-def test_tflite_int8_keeps_the_decode_in_float_where_the_target_runs_float(tmp_path: Path, boxes: Path) -> None:
+def test_tflite_int8_keeps_the_decode_in_float_where_the_target_runs_float(boxes: Path) -> None:
     """One int8 scale cannot serve pixel boxes and 0-1 scores: with the decode in float the scores survive."""
     from edgekit.families.base import LoadOptions
     from edgekit.families.detector import DetectorFamily
@@ -171,7 +183,7 @@ def test_tflite_int8_keeps_the_decode_in_float_where_the_target_runs_float(tmp_p
     from edgekit.runtimes.litert import LiteRtRunner
 
     family = DetectorFamily()
-    model = settled_yolo(tmp_path, "yolo11")
+    model = settled_yolo("yolo11")
     loaded = family.load(model, LoadOptions(input_size=SIZE))
     images = family.samples(loaded, sorted((boxes / "images").iterdir()), None).inputs
     float_model = tflite.convert_tflite(loaded.module, loaded.input_shape)
@@ -190,7 +202,7 @@ def test_tflite_int8_keeps_the_decode_in_float_where_the_target_runs_float(tmp_p
 def test_tflite_int8_build_verifies_a_float_output_artifact(tmp_path: Path, boxes: Path) -> None:
     from edgekit.targets import load_target
 
-    result = edgekit.build(settled_yolo(tmp_path, "yolo11"), "raspberry-pi-5", calib=boxes / "images",
+    result = edgekit.build(settled_yolo("yolo11"), "raspberry-pi-5", calib=boxes / "images",
                            eval=boxes / "images", input_size=SIZE, precision="int8",
                            overrides={**FAST, "quantize.range_sweeps": 0}, out=tmp_path / "out", quiet=True)
     report = result.report
@@ -201,7 +213,7 @@ def test_tflite_int8_build_verifies_a_float_output_artifact(tmp_path: Path, boxe
 
 
 
-def test_search_space_serves_kept_unit_outputs_as_a_full_pass_computes_them(tmp_path: Path) -> None:
+def test_search_space_serves_kept_unit_outputs_as_a_full_pass_computes_them() -> None:
     """YOLO's units (C3k2/SPPF blocks, head branches) feed later layers through skip connections and concats: an
     output kept for the levels upstream of a unit must still be exactly what a full pass gives."""
     from edgekit.cache import ArrayCache
@@ -209,7 +221,7 @@ def test_search_space_serves_kept_unit_outputs_as_a_full_pass_computes_them(tmp_
     from edgekit.passes.levels import ImageSpace, variants
     from edgekit.targets import load_target
 
-    model = settled_yolo(tmp_path, "yolo11")
+    model = settled_yolo("yolo11")
     family = DetectorFamily()
     units = family.search_units(model)
     images = np.stack([torch.rand(3, SIZE, SIZE, generator=torch.Generator().manual_seed(i)).numpy()
@@ -240,11 +252,9 @@ class _StoredCosts:
         return {"base": np.zeros(3), "deltas": np.zeros((self.units, 2, 3))}
 
 
-def test_the_stream_between_units_is_cut_at_uniform_pruning_s_share_for_the_budget(tmp_path: Path) -> None:
+def test_the_stream_between_units_is_cut_at_uniform_pruning_s_share_for_the_budget() -> None:
     """YOLO's strided convolutions and the outputs its neck concatenates belong to no unit: they are cut first, at the
     smallest share uniform pruning needs to meet the budget, and every unit's inside stays whole for the search."""
-    import copy
-
     import torch_pruning as tp
 
     from edgekit.cache import ArrayCache
@@ -255,7 +265,7 @@ def test_the_stream_between_units_is_cut_at_uniform_pruning_s_share_for_the_budg
     from edgekit.search.budget import parse_budget
     from edgekit.search.evolve import Costs
 
-    model = _export_form(settled_yolo(tmp_path, "yolo11"), SIZE)
+    model = _export_form(settled_yolo("yolo11"), SIZE)
     before = copy.deepcopy(model.state_dict())
     family = DetectorFamily()
     shape = (1, 3, SIZE, SIZE)
@@ -312,7 +322,7 @@ def test_the_label_loss_reads_yolo_files_as_ultralytics_training_does(tmp_path: 
         Image.open(next((boxes / "images").iterdir())).convert("RGB").resize((96, 96)).save(
             square / "images" / f"{index}.jpg")
         (square / "labels" / f"{index}.txt").write_text(f"{index} 0.5 0.5 0.4 0.3\n1 0.25 0.3 0.2 0.2\n")
-    module = settled_yolo(tmp_path, "yolo11")
+    module = settled_yolo("yolo11")
     model = family.load(module, LoadOptions(input_size=SIZE))
     samples = family.samples(model, sorted((square / "images").iterdir()), None)
     assert samples.labels is not None
@@ -333,14 +343,14 @@ def test_the_label_loss_reads_yolo_files_as_ultralytics_training_does(tmp_path: 
 
 
 def test_a_pruned_detector_is_fine_tuned_on_yolo_labels(tmp_path: Path, boxes: Path) -> None:
-    model = settled_yolo(tmp_path, "yolo11")
-    settings = {**FAST, "prune.ratio": 0.3, "finetune.batch": 2, "finetune.steps": 20, "finetune.lr": 1e-3}
+    model = settled_yolo("yolo11")
+    settings = {**FAST, "prune.ratio": 0.3, "finetune.batch": 2, "finetune.steps": 6, "finetune.lr": 1e-3}
     plain = edgekit.build(model, "x86-64", calib=boxes / "images", eval=boxes / "images", input_size=SIZE,
                           overrides=settings, out=tmp_path / "plain", quiet=True)
     tuned = edgekit.build(model, "x86-64", calib=boxes / "images", eval=boxes / "images", train=boxes / "images",
                           input_size=SIZE, overrides=settings, out=tmp_path / "tuned", quiet=True)
     done = tuned.report["finetune"]
-    assert done["images"] == 8 and done["labels"] == "YOLO label files (16 boxes)" and done["steps"] == 20
+    assert done["images"] == 8 and done["labels"] == "YOLO label files (16 boxes)" and done["steps"] == 6
     assert done["probe_held_out"] and done["samples"] == 6 and done["probe_size"] == 2
     assert 0 <= done["probe_score_before"] <= 1 and done["reverted"] == judged_worse(done)  # mAP50-95 judges
     changed = tuned.report["artifact"]["sha256"] != plain.report["artifact"]["sha256"]

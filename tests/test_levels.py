@@ -232,7 +232,7 @@ def test_a_detector_budget_build_cuts_the_stream_then_searches_within_the_budget
 
     from .test_detector import SIZE, settled_yolo
 
-    model = settled_yolo(tmp_path, "yolo11")
+    model = settled_yolo("yolo11")
     full = analyze(export_onnx(_export_form(copy.deepcopy(model), SIZE), (1, 3, SIZE, SIZE), 17)).macs
     limit = int(full * 0.8)
     result = build(model, "x86-64", calib=boxes / "images", eval=boxes / "images", input_size=SIZE, quiet=True,

