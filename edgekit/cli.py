@@ -333,8 +333,13 @@ def build_arguments(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parse_build(argv: list[str]) -> argparse.Namespace:
-    """`edgekit build ARGV...` parsed as the command parses it; bad arguments raise UsageError."""
-    return _parser().parse_args(["build", *argv])
+    """`edgekit build ARGV...` parsed as the command parses it; bad arguments raise UsageError, without the usage
+    block a person typing the command gets (a fleet names the file and the cell instead)."""
+    import contextlib
+    import io
+
+    with contextlib.redirect_stderr(io.StringIO()):
+        return _parser().parse_args(["build", *argv])
 
 
 def _build(args: argparse.Namespace) -> int:

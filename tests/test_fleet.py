@@ -154,8 +154,8 @@ def test_a_bad_matrix_exits_2_naming_the_file_before_anything_runs(
         content: str, says: str, capsys: pytest.CaptureFixture[str]) -> None:
     Path("m.toml").write_text(content)
     assert main(["fleet", "m.toml"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("edgekit: m.toml") and says in err
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("edgekit: m.toml") and says in lines[0]
     assert not Path("dist").exists()
 
 
