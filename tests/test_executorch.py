@@ -104,7 +104,7 @@ def test_an_onnx_input_is_refused(tmp_path: Path, tiny_model: nn.Module, capsys:
     onnx_file = tmp_path / "tiny.onnx"
     onnx_file.write_bytes(export_onnx(tiny_model, (1, 3, 32, 32), 17).SerializeToString())
     assert main(["build", str(onnx_file), "--target", "android-arm64", "--format", "pte"]) == 2
-    assert "pte export converts torch models; an ONNX input builds to --format onnx" in capsys.readouterr().err
+    assert "ExecuTorch export converts torch models; an ONNX input builds to --format onnx" in capsys.readouterr().err
 
 
 @needs_executorch

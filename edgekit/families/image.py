@@ -186,7 +186,8 @@ class ImageFamily(FloatParts):
             data.train_dir = Path(ctx.train)
             data.train_files = list_images(data.train_dir, "training")
         if ctx.format in ("tflite", "pte") and not model.is_torch:
-            raise UsageError(f"{ctx.format} export converts torch models; an ONNX input builds to --format onnx")
+            raise UsageError(f"{'TFLite' if ctx.format == 'tflite' else 'ExecuTorch'} export converts torch models; "
+                             "an ONNX input builds to --format onnx")
         if ctx.format == "pte" and ctx.precision not in self.pte_precisions:
             raise UsageError(f"{self.name} models build to pte at {', '.join(self.pte_precisions)} in this edgekit, "
                              f"not {ctx.precision}")
