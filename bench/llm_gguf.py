@@ -1,7 +1,7 @@
 """SmolLM2-135M-Instruct in llama.cpp, one run: llama.cpp's own Q8_0 / Q4_0 / Q4_K_M against edgekit's GGUF (RTN,
 GPTQ, GPTQ + EoRA adapter at two ranks) and edgekit's ONNX graph of the same codes, on the same held-out windows.
 
-    .venv/bin/python bench/llm_gguf.py [--windows 8] [--ranks 32 64] [--rounds 5] [--threads 2]
+    .venv/bin/python bench/llm_gguf.py [--windows 8] [--ranks 32 64] [--no-rtn] [--rounds 5] [--threads 2]
 
 Every row starts from the same float weights: the model edgekit loads (SmolLM2 ships only as a Q4_1 GGUF, which
 transformers dequantizes to float32 once). edgekit writes them as a float32 GGUF (its own `--format gguf
@@ -65,7 +65,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=MODEL, help="a name, folder or GGUF file edgekit loads")
     parser.add_argument("--windows", type=int, help="held-out windows (default: the product's, 32 × 512 tokens)")
-    parser.add_argument("--ranks", type=int, nargs=2, default=[32, 64], help="EoRA ranks (multiples of 32: Q8_0)")
+    parser.add_argument("--ranks", type=int, nargs="*", default=[32, 64],
+                        help="EoRA ranks (multiples of 32: Q8_0); the first is built right after plain GPTQ")
+    parser.add_argument("--rtn", action=argparse.BooleanOptionalAction, default=True,
+                        help="also the round-to-nearest row (--no-rtn: only GPTQ and its EoRA rows)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     parser.add_argument("--threads", type=int, default=2, help="threads for the timing runs")
     parser.add_argument("--work", type=Path, help="folder for the files (default: a new temporary folder)")
@@ -112,8 +115,8 @@ def main() -> None:
 
     weights = plan.weights
     # the rows the verdicts need first (GPTQ against Q4_0, + EoRA against Q4_K_M), in case the run is cut short
-    for label, method, rank in [("gptq", "gptq", 0), (f"gptq + eora r{args.ranks[0]}", "gptq", args.ranks[0]),
-                                ("rtn", "rtn", 0), (f"gptq + eora r{args.ranks[1]}", "gptq", args.ranks[1])]:
+    eora = [(f"gptq + eora r{rank}", "gptq", rank) for rank in args.ranks]
+    for label, method, rank in [("gptq", "gptq", 0), *eora[:1], *([("rtn", "rtn", 0)] if args.rtn else []), *eora[1:]]:
         module = copy.deepcopy(loaded.module)
         _quantize(module, text, plan, method, rank)
         folder = work / label.replace(" ", "").replace("+", "-")

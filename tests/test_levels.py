@@ -4,6 +4,7 @@ costs that add up to what the device model says of the artifact, budgets held en
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 from pathlib import Path
 
@@ -126,6 +127,10 @@ def test_budget_build_meets_a_macs_budget_and_reports_the_search(tiny_blocks: to
     uniform = search["uniform"]
     assert uniform["macs"] <= limit and set(uniform["levels"]) == {uniform["level"]}
     assert search["chosen"]["fitness"] <= uniform["fitness"]
+    every = search["uniform_levels"]  # each uniform configuration's costs, the least compressed first
+    assert [e["level"] for e in every] == search["levels"] and every[0]["macs"] == full
+    assert next(e for e in every if e["level"] == uniform["level"])["macs"] == uniform["macs"]
+    assert all(a["macs"] >= b["macs"] for a, b in itertools.pairwise(every)) and every[-1]["macs"] < full
     assert search["front"] and all(p["macs"] <= limit for p in search["front"])
     assert [s["name"] for s in report["stages"]][:4] == ["load", "data", "levels", "search"]
     assert report["top1_agreement"] >= 0  # verified like any build

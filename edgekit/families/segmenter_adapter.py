@@ -99,7 +99,7 @@ class SegmenterFamily(FloatParts):
         folders = image_folders(ctx.calib, ctx.eval, ctx.plan.verify.eval_limit)
         data = SegmenterData(**vars(folders))
         with ctx.progress.stage("data") as record:
-            data.frames = [_frame(path) for path in ctx.progress.track(data.eval_files, len(data.eval_files),
+            data.frames = [held_out_frame(path) for path in ctx.progress.track(data.eval_files, len(data.eval_files),
                                                                        "held-out images read")]
             instances = sum(len(masks) for _, _, masks in data.frames)
             if not instances:
@@ -112,7 +112,7 @@ class SegmenterFamily(FloatParts):
     def reference(self, model: LoadedSegmenter, data: SegmenterData, ctx: BuildContext) -> list[list[np.ndarray]]:
         """The original pair's mask for every held-out box prompt."""
         runner = OnnxRuntimeRunner(model.encoder.read_bytes(), ctx.threads)
-        return [_masks(runner, data.decoder, frame)
+        return [prompted_masks(runner, data.decoder, frame)
                 for frame in ctx.progress.track(data.frames, len(data.frames), "original pair on held-out images")]
 
     def compress(self, model: LoadedSegmenter, data: SegmenterData, ctx: BuildContext) -> Any:
@@ -181,7 +181,7 @@ class SegmenterFamily(FloatParts):
                reference: list[list[np.ndarray]], ctx: BuildContext) -> Verification:
         with ctx.progress.stage("verify") as record:
             runner = OnnxRuntimeRunner(artifact.main, ctx.threads)
-            found = [_masks(runner, data.decoder, frame)
+            found = [prompted_masks(runner, data.decoder, frame)
                      for frame in ctx.progress.track(data.frames, len(data.frames), "artifact pair on held-out images")]
             accuracy = _compare(reference, found, data.frames)
             latency: dict[str, Any] = {
@@ -205,7 +205,7 @@ class SegmenterFamily(FloatParts):
                 **analyze(onnx.load(str(pair.encoder))).to_dict()}
 
 
-def _frame(path: Path) -> Frame:
+def held_out_frame(path: Path) -> Frame:
     """One held-out image: the encoder's input, its resize factor, and its instance masks (original size)."""
     from PIL import Image
 
@@ -215,7 +215,7 @@ def _frame(path: Path) -> Frame:
         return x, scale, instance_masks(label, image.width, image.height) if label else []
 
 
-def _masks(encoder: OnnxRuntimeRunner, decoder: Any, frame: Frame) -> list[np.ndarray]:
+def prompted_masks(encoder: OnnxRuntimeRunner, decoder: Any, frame: Frame) -> list[np.ndarray]:
     """The pair's mask for each instance's box prompt on one image."""
     x, scale, truth = frame
     if not truth:

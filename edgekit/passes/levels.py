@@ -29,7 +29,7 @@ import numpy as np
 
 from edgekit import __version__
 from edgekit.errors import StageError, UsageError
-from edgekit.search.evolve import Config, Costs, Level, SearchResult, Unit, evolve
+from edgekit.search.evolve import Config, Costs, Level, SearchResult, Unit, cost, evolve, uniform
 from edgekit.search.kept import KeptOutputs
 
 if TYPE_CHECKING:
@@ -485,10 +485,15 @@ def search_record(space: ImageSpace, result: SearchResult, budget: str, refit: i
         "latency_label": space.basis,
         "fitness": fitness,
         "refit_images": refit,
-        "unpruned": {"latency_ms": round(space.base.latency_ms, 4), "bytes": int(space.base.bytes),
-                     "macs": int(space.base.macs)},
+        "unpruned": _costs_record(space.base),
+        "uniform_levels": [{"level": label, **_costs_record(cost(space, uniform(space, level)))}
+                           for level, label in enumerate(space.found.labels)],
         **result.record(space.found.labels, space.found.names, seed, lambda s: {"macs": int(s.costs.macs)}),
     }
+
+
+def _costs_record(costs: Costs) -> dict[str, Any]:
+    return {"latency_ms": round(costs.latency_ms, 4), "bytes": int(costs.bytes), "macs": int(costs.macs)}
 
 
 def price_artifact(module: torch.nn.Module, input_shape: tuple[int, ...], plan: Recipe, target: Target,
