@@ -26,8 +26,8 @@ def window_nll(logits: np.ndarray, window: np.ndarray) -> float:
 
 
 class OnnxCausalLM:
-    def __init__(self, model_bytes: bytes, threads: int) -> None:
-        self.session = cpu_session(model_bytes, threads)
+    def __init__(self, model: bytes | str, threads: int) -> None:
+        self.session = cpu_session(model, threads)
         self.description = describe(threads)
         inputs = self.session.get_inputs()
         self.past_names = [i.name for i in inputs if i.name.startswith("past_")]

@@ -19,9 +19,10 @@ from edgekit.errors import StageError, first_line
 from edgekit.runtimes.base import time_calls
 
 
-def cpu_session(model_bytes: bytes, threads: int, profile_prefix: str | None = None) -> Any:
-    """An onnxruntime CPU session with a fixed thread count and no spinning (profiling each node into files named
-    `profile_prefix`*, where given); an unloadable graph is a StageError."""
+def cpu_session(model: bytes | str, threads: int, profile_prefix: str | None = None) -> Any:
+    """An onnxruntime CPU session over a graph's bytes, or its path where its weights lie in files beside it, with
+    a fixed thread count and no spinning (profiling each node into files named `profile_prefix`*, where given); an
+    unloadable graph is a StageError."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -34,7 +35,7 @@ def cpu_session(model_bytes: bytes, threads: int, profile_prefix: str | None = N
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
     try:
-        return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     except Exception as err:  # onnxruntime raises its own exception types for unloadable graphs
         raise StageError(f"onnxruntime cannot load the artifact: {first_line(err)}") from err
 
