@@ -24,9 +24,9 @@ from edgekit.runtimes.onnx_lm import OnnxCausalLM
 from .conftest import VOCAB, tiny_llama
 
 
-@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize(("tie", "table_bits"), [(True, 8), (False, 8), (True, None), (False, None)])
 def test_a_sharded_checkpoint_compressed_block_by_block_matches_the_model_compressed_in_memory(
-        tmp_path: Path, tie: bool) -> None:
+        tmp_path: Path, tie: bool, table_bits: int | None) -> None:
     model = tiny_llama(seed=3, tie=tie)
     with torch.no_grad():  # norms as trained ones are: not all ones (the exporter stores equal tensors once)
         for name, weight in model.named_parameters():
@@ -39,10 +39,10 @@ def test_a_sharded_checkpoint_compressed_block_by_block_matches_the_model_compre
     scheme = WeightScheme(4, 32, True, "gptq", 0.01, rank=8)
 
     in_memory = copy.deepcopy(model)
-    expected = quantize_lm(in_memory, calibration, scheme, 8, 8, Progress(quiet=True))
+    expected = quantize_lm(in_memory, calibration, scheme, table_bits, table_bits, Progress(quiet=True))
     graph = export_lm(in_memory, 17).SerializeToString()
     reference = OnnxCausalLM(graph, 1)
-    found = compress_lazily(tmp_path / "ckpt", tmp_path / "out", calibration, scheme, 8, 8, 17, 0)
+    found = compress_lazily(tmp_path / "ckpt", tmp_path / "out", calibration, scheme, table_bits, table_bits, 17, 0)
 
     assert [(r["block"], r["layer"], r["bytes"]) for r in found["layers"]] == [
         (r["block"], r["layer"], r["bytes"]) for r in expected["layers"]]

@@ -266,13 +266,19 @@ def causal_mask(queries: int, past: int, dtype: Any) -> torch.Tensor:
 def block_inputs(module: torch.nn.Module, ids: torch.Tensor, past: int = 0) -> tuple[torch.Tensor, dict[str, Any]]:
     """Hidden states entering the first block and the keyword arguments every block takes, for token ids that
     follow `past` cached positions."""
+    hidden = module.model.embed_tokens(ids)
+    return hidden, step_inputs(module.model.rotary_emb, ids.shape[1], past, hidden.dtype)
+
+
+def step_inputs(rotary: torch.nn.Module, tokens: int, past: int, dtype: Any) -> dict[str, Any]:
+    """The keyword arguments every block takes for `tokens` positions after `past` cached ones: rotary positions
+    and the causal mask."""
     import torch
 
-    hidden = module.model.embed_tokens(ids)
-    positions = (torch.arange(ids.shape[1]) + past)[None]
-    cos, sin = module.model.rotary_emb(hidden, positions)
-    return hidden, {"attention_mask": causal_mask(ids.shape[1], past, hidden.dtype),
-                    "position_embeddings": (cos, sin), "position_ids": positions}
+    positions = (torch.arange(tokens) + past)[None]
+    cos, sin = rotary(torch.zeros((), dtype=dtype), positions)
+    return {"attention_mask": causal_mask(tokens, past, dtype), "position_embeddings": (cos, sin),
+            "position_ids": positions}
 
 
 def head(module: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:

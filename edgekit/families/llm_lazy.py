@@ -19,14 +19,26 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+import numpy as np
+
 from edgekit.errors import StageError, UsageError, first_line
 from edgekit.families import llm
-from edgekit.passes.export_llm import _integer_weights, _PastCache, _renumber, cache_names
+from edgekit.passes.export_llm import (
+    _integer_weights,
+    _PastCache,
+    _renumber,
+    cache_names,
+    dequantizing_gather,
+    matmul_nbits,
+    packed_initializers,
+)
 from edgekit.passes.sequential import SchemeOf, WeightScheme, compress_blocks
 
 if TYPE_CHECKING:
     import onnx
     import torch
+
+    from edgekit.passes.weightonly import QuantizedWeight
 
 MODEL_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
 ALIGN = 4096  # external tensors start on page boundaries: onnxruntime maps them in place
@@ -80,19 +92,32 @@ def skeleton(folder: Path) -> torch.nn.Module:
 
 
 def ends_of(model: torch.nn.Module, shards: Shards) -> torch.nn.Module:
-    """`model` (a skeleton) without its blocks, its embedding, final norm and head read in, its rotary positions
-    computed: what `llm.block_inputs` and `llm.head` read."""
+    """`model` (a skeleton) without its blocks, its final norm read in and its rotary positions computed; the
+    embedding table and head come in when asked for (`with_tables`)."""
     import torch
 
     model.model.layers = torch.nn.ModuleList()
     model.model.rotary_emb = type(model.model.rotary_emb)(config=model.config)
-    shards.fill(model.model.embed_tokens, "model.embed_tokens.")
     shards.fill(model.model.norm, "model.norm.")
-    if model.config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    else:
-        shards.fill(model.lm_head, "lm_head.")
     return model.eval()
+
+
+def with_tables(ends: torch.nn.Module, shards: Shards, head: bool) -> torch.nn.Module:
+    """`ends` with its embedding table read in, and its head (the same table where they are tied) if `head`."""
+    shards.fill(ends.model.embed_tokens, "model.embed_tokens.")
+    if ends.config.tie_word_embeddings:
+        ends.lm_head.weight = ends.model.embed_tokens.weight
+    elif head:
+        shards.fill(ends.lm_head, "lm_head.")
+    return ends
+
+
+def without_tables(ends: torch.nn.Module) -> None:
+    """Free the embedding table (and head) while the blocks run."""
+    import torch
+
+    for module in (ends.model.embed_tokens, ends.lm_head):
+        module.weight = torch.nn.Parameter(torch.empty(module.weight.shape, device="meta"), requires_grad=False)
 
 
 def block(kind: type, config: Any, index: int, shards: Shards) -> torch.nn.Module:
@@ -119,8 +144,9 @@ def compress_lazily(folder: Path, out: Path, calibration: torch.Tensor, scheme: 
     records: list[dict[str, Any]] = []
     seconds: list[float] = []
     with (out / DATA_FILE).open("wb") as data, torch.no_grad():
-        ends = ends_of(model, shards)
+        ends = with_tables(ends_of(model, shards), shards, head=False)
         hidden, kwargs = llm.block_inputs(ends, calibration)
+        without_tables(ends)
         for index in track(range(depth), depth):
             start = time.perf_counter()
             layer = block(kind, config, index, shards)
@@ -134,8 +160,9 @@ def compress_lazily(folder: Path, out: Path, calibration: torch.Tensor, scheme: 
             del layer
             gc.collect()
             seconds.append(time.perf_counter() - start)
-        records += quantize_ends(ends, hidden, scheme_of(depth - 1, "lm_head"), head_bits, embedding_bits)
-        first = _external(ends_graph(ends, opset, accuracy_level), data)
+        records += quantize_ends(with_tables(ends, shards, head=True), hidden, scheme_of(depth - 1, "lm_head"),
+                                 head_bits, embedding_bits)
+        first = ends_graph(ends, opset, accuracy_level, data)
     onnx_save(joined(first, parts), out / MODEL_FILE)
     return {"layers": records, "block_seconds": seconds}
 
@@ -172,31 +199,81 @@ def block_graph(layer: torch.nn.Module, config: Any, opset: int, accuracy_level:
         layer.self_attn.layer_idx = index
 
 
-def ends_graph(ends: torch.nn.Module, opset: int, accuracy_level: int) -> onnx.ModelProto:
-    """The embedding, positions and mask before the blocks, and the head after them, as one traced part (so a
-    table tied to the head is stored once). Inputs `input_ids`, `past_key` (for the past length), `last_hidden`;
-    outputs `hidden`, `cos`, `sin`, `mask`, `logits`."""
+def ends_graph(ends: torch.nn.Module, opset: int, accuracy_level: int, data: IO[bytes]) -> onnx.ModelProto:
+    """The embedding, positions and mask before the blocks, and the final norm and head after them, as one part
+    with its tables in `data`. Inputs `input_ids`, `past_key` (for the past length), `last_hidden`; outputs
+    `hidden`, `cos`, `sin`, `mask`, `logits`.
+
+    Only the positions, mask and norm are traced: the tables (a 128k vocabulary's are 2 GB each in float32, past
+    what one protobuf holds) are written straight to `data` and read by hand-made nodes, a table tied to a
+    quantized head from the head's codes."""
     import torch
+    from onnx import TensorProto, helper
 
     class Step(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.model = ends
+            self.rotary, self.norm = ends.model.rotary_emb, ends.model.norm
 
         def forward(self, input_ids: torch.Tensor, past_key: torch.Tensor, last_hidden: torch.Tensor
                     ) -> tuple[torch.Tensor, ...]:
-            hidden, kwargs = llm.block_inputs(self.model, input_ids, past_key.shape[2])
+            kwargs = llm.step_inputs(self.rotary, input_ids.shape[1], past_key.shape[2], last_hidden.dtype)
             cos, sin = kwargs["position_embeddings"]
-            return hidden, cos, sin, kwargs["attention_mask"], llm.head(self.model, last_hidden)
+            return cos, sin, kwargs["attention_mask"], self.norm(last_hidden)
 
     config = ends.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     example = (torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, config.num_key_value_heads, 2, head_dim),
                torch.zeros(1, 3, config.hidden_size))
-    axes = {"input_ids": {1: "tokens"}, "past_key": {2: "past"}, "last_hidden": {1: "tokens"},
-            "hidden": {1: "tokens"}, "cos": {1: "tokens"}, "sin": {1: "tokens"}, "mask": {2: "tokens", 3: "total"},
-            "logits": {1: "tokens"}}
-    return _traced(Step(), example, list(axes)[:3], list(axes)[3:], axes, opset, ends, accuracy_level)
+    axes = {"input_ids": {1: "tokens"}, "past_key": {2: "past"}, "last_hidden": {1: "tokens"}, "cos": {1: "tokens"},
+            "sin": {1: "tokens"}, "mask": {2: "tokens", 3: "total"}, "normed": {1: "tokens"}}
+    step = Step()
+    graph = _external(_traced(step, example, list(axes)[:3], list(axes)[3:], axes, opset, step, accuracy_level), data)
+    nodes, arrays = _tables(ends, accuracy_level)
+    graph.graph.initializer.extend(_external_array(name, array, data) for name, array in arrays.items())
+    graph.graph.node.extend(nodes)
+    kept = [o for o in graph.graph.output if o.name != "normed"]
+    del graph.graph.output[:]
+    graph.graph.output.extend([helper.make_tensor_value_info("hidden", TensorProto.FLOAT,
+                                                             [1, "tokens", config.hidden_size]), *kept,
+                               helper.make_tensor_value_info("logits", TensorProto.FLOAT,
+                                                             [1, "tokens", config.vocab_size])])
+    return graph
+
+
+def _tables(ends: torch.nn.Module, accuracy_level: int) -> tuple[list[onnx.NodeProto], dict[str, np.ndarray]]:
+    """The nodes that gather `hidden` from the embedding table by `input_ids` and multiply `normed` by the head
+    into `logits`, and the arrays they read: packed codes where edgekit quantized a table, float otherwise; a
+    tied table stored once."""
+    from onnx import helper, numpy_helper
+
+    head = getattr(ends.lm_head, "edgekit_quantized", None)
+    tied = bool(ends.config.tie_word_embeddings)
+    table = head if tied and head is not None else getattr(ends.model.embed_tokens, "edgekit_quantized", None)
+    nodes: list[onnx.NodeProto] = []
+    arrays: dict[str, np.ndarray] = {}
+
+    def packed(quantized: QuantizedWeight, prefix: str) -> list[str]:
+        stored, cast, names = packed_initializers(quantized, prefix)
+        arrays.update((tensor.name, numpy_helper.to_array(tensor)) for tensor in stored)
+        nodes.append(cast)
+        return names
+
+    if head is not None:
+        head_names = packed(head, "lm_head_q")
+        nodes.append(matmul_nbits("normed", "logits", "lm_head_nbits", head, head_names, accuracy_level))
+    elif tied:
+        nodes += [helper.make_node("Transpose", ["embed_table"], ["head_weight"], name="head_tied", perm=[1, 0]),
+                  helper.make_node("MatMul", ["normed", "head_weight"], ["logits"], name="head")]
+    else:
+        arrays["head_weight"] = ends.lm_head.weight.detach().numpy().T
+        nodes.append(helper.make_node("MatMul", ["normed", "head_weight"], ["logits"], name="head"))
+    gather = helper.make_node("Gather", ["embed_table", "input_ids"], ["hidden"], name="embedding")
+    if table is None:
+        arrays["embed_table"] = ends.model.embed_tokens.weight.detach().numpy()
+        return [gather, *nodes], arrays
+    names = head_names if table is head else packed(table, "embedding_q")
+    return [*nodes, *dequantizing_gather(gather, table, names)], arrays
 
 
 def _traced(step: torch.nn.Module, example: tuple[Any, ...], inputs: list[str], outputs: list[str],
@@ -224,24 +301,37 @@ def _traced(step: torch.nn.Module, example: tuple[Any, ...], inputs: list[str], 
 
 
 def _external(graph: onnx.ModelProto, data: IO[bytes]) -> onnx.ModelProto:
-    """`graph` with its larger initializers appended to `data` (page-aligned) and referenced from there."""
+    """`graph` with its larger initializers moved to `data` and referenced from there."""
+    for index, tensor in enumerate(graph.graph.initializer):
+        graph.graph.initializer[index].CopyFrom(_external_tensor(tensor, data))
+    return graph
+
+
+def _external_tensor(tensor: onnx.TensorProto, data: IO[bytes]) -> onnx.TensorProto:
+    """`tensor` itself if small, else its bytes appended to `data` and a tensor naming where they are."""
     import onnx
 
-    for tensor in graph.graph.initializer:
-        raw = tensor.raw_data or onnx.numpy_helper.to_array(tensor).tobytes()
-        if len(raw) < INLINE_BYTES:
-            continue
-        data.write(b"\0" * (-data.tell() % ALIGN))
-        offset = data.tell()
-        data.write(raw)
-        for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data"):
-            tensor.ClearField(field)
-        del tensor.external_data[:]
-        for key, value in (("location", DATA_FILE), ("offset", str(offset)), ("length", str(len(raw)))):
-            entry = tensor.external_data.add()
-            entry.key, entry.value = key, value
-        tensor.data_location = onnx.TensorProto.EXTERNAL
-    return graph
+    size = len(tensor.raw_data) if tensor.HasField("raw_data") else 0
+    if size and size < INLINE_BYTES:
+        return tensor
+    return _external_array(tensor.name, onnx.numpy_helper.to_array(tensor), data)
+
+
+def _external_array(name: str, array: np.ndarray, data: IO[bytes]) -> onnx.TensorProto:
+    """A tensor holding `array`: in the graph if small, else appended to `data` (page-aligned: onnxruntime maps
+    it in place) and named by location, offset and length."""
+    import onnx
+
+    if array.nbytes < INLINE_BYTES:
+        return onnx.numpy_helper.from_array(array, name)
+    data.write(b"\0" * (-data.tell() % ALIGN))
+    moved = onnx.TensorProto(name=name, dims=array.shape, data_location=onnx.TensorProto.EXTERNAL,
+                             data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype))
+    for key, value in (("location", DATA_FILE), ("offset", str(data.tell())), ("length", str(array.nbytes))):
+        entry = moved.external_data.add()
+        entry.key, entry.value = key, value
+    data.write(np.ascontiguousarray(array).tobytes())
+    return moved
 
 
 def joined(ends: onnx.ModelProto, blocks: list[onnx.ModelProto]) -> onnx.ModelProto:

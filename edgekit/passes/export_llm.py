@@ -158,11 +158,9 @@ def _integer_weights(graph: onnx.ModelProto, model: torch.nn.Module, accuracy_le
 
     def store(quantized: QuantizedWeight, prefix: str) -> list[str]:
         if id(quantized) not in stored:
-            tensors = _packed(quantized, prefix)
-            graph.graph.initializer.extend(numpy_helper.from_array(value, name) for name, value in tensors.items())
-            scales = f"{prefix}_scales"
-            casts.append(helper.make_node("Cast", [scales + "16"], [scales], name=scales, to=onnx.TensorProto.FLOAT))
-            stored[id(quantized)] = [scales if name == scales + "16" else name for name in tensors]
+            tensors, cast, stored[id(quantized)] = packed_initializers(quantized, prefix)
+            graph.graph.initializer.extend(tensors)
+            casts.append(cast)
         return stored[id(quantized)]
 
     def constant(node: onnx.NodeProto, index: int) -> np.ndarray | None:
@@ -188,12 +186,9 @@ def _integer_weights(graph: onnx.ModelProto, model: torch.nn.Module, accuracy_le
                 node.input[1] = node.input[1] + "_tied"
             nodes.append(node)
             continue
-        out, columns = quantized.codes.shape
         names = store(quantized, node.output[0].replace("/", "_").strip("_") + "_q")
-        nodes.append(helper.make_node("MatMulNBits", [node.input[0], *names], list(node.output),
-                                      name=node.name + "_nbits", domain="com.microsoft", K=columns, N=out,
-                                      bits=quantized.bits, block_size=quantized.group_size,
-                                      accuracy_level=accuracy_level))
+        nodes.append(matmul_nbits(node.input[0], node.output[0], node.name + "_nbits", quantized, names,
+                                  accuracy_level))
     rewritten: list[onnx.NodeProto] = []
     for node in nodes:
         keys = gathered.get(node.input[0]) if node.op_type == "Gather" else None
@@ -201,7 +196,7 @@ def _integer_weights(graph: onnx.ModelProto, model: torch.nn.Module, accuracy_le
         if quantized is None:
             rewritten.append(node)
             continue
-        rewritten.extend(_dequantizing_gather(node, quantized, store(quantized, "embedding_q")))
+        rewritten.extend(dequantizing_gather(node, quantized, store(quantized, "embedding_q")))
     del graph.graph.node[:]
     graph.graph.node.extend(casts + rewritten)
     used = {name for node in graph.graph.node for name in node.input}
@@ -211,6 +206,31 @@ def _integer_weights(graph: onnx.ModelProto, model: torch.nn.Module, accuracy_le
     if not any(o.domain == "com.microsoft" for o in graph.opset_import):
         graph.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     onnx.checker.check_model(graph)
+
+
+def packed_initializers(quantized: QuantizedWeight, prefix: str
+                        ) -> tuple[list[onnx.TensorProto], onnx.NodeProto, list[str]]:
+    """`quantized` as initializers (packed codes, float16 scales, zero points), the Cast that widens its scales
+    once at load, and the names a MatMulNBits or a dequantizing gather reads (codes, scales[, zero points])."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    tensors = _packed(quantized, prefix)
+    scales = f"{prefix}_scales"
+    cast = helper.make_node("Cast", [scales + "16"], [scales], name=scales, to=onnx.TensorProto.FLOAT)
+    return ([numpy_helper.from_array(value, name) for name, value in tensors.items()], cast,
+            [scales if name == scales + "16" else name for name in tensors])
+
+
+def matmul_nbits(x: str, output: str, name: str, quantized: QuantizedWeight, names: list[str],
+                 accuracy_level: int) -> onnx.NodeProto:
+    """`x @ Wᵀ` for a weight stored as `quantized` (its initializers called `names`), in onnxruntime's kernel."""
+    from onnx import helper
+
+    out, columns = quantized.codes.shape
+    return helper.make_node("MatMulNBits", [x, *names], [output], name=name, domain="com.microsoft", K=columns,
+                            N=out, bits=quantized.bits, block_size=quantized.group_size,
+                            accuracy_level=accuracy_level)
 
 
 def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -239,7 +259,7 @@ def _packed(quantized: QuantizedWeight, prefix: str) -> dict[str, np.ndarray]:
     return tensors
 
 
-def _dequantizing_gather(node: onnx.NodeProto, quantized: QuantizedWeight,
+def dequantizing_gather(node: onnx.NodeProto, quantized: QuantizedWeight,
                          names: list[str]) -> list[onnx.NodeProto]:
     """`table[ids]` read from packed codes: gather the rows' codes, zero points and scales, unpack, dequantize."""
     from onnx import TensorProto, helper
