@@ -189,7 +189,7 @@ def quantize_ends(module: Any, hidden: Any, scheme: WeightScheme, head_bits: int
                 covariance(module.lm_head, (module.model.norm(part),))
             head_scheme = WeightScheme(head_bits, scheme.group_size, scheme.symmetric, scheme.method, scheme.damp,
                                        act_order=scheme.act_order)
-            records.append({"block": None} | compress_linear(module, "lm_head", module.lm_head, covariance.matrix,
+            records.append({"block": None} | compress_linear(module, "lm_head", module.lm_head, covariance,
                                                              head_scheme))
         table = module.model.embed_tokens
         if tied and head_bits:

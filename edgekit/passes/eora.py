@@ -33,9 +33,10 @@ def eora(delta: torch.Tensor, covariance: torch.Tensor, rank: int) -> tuple[torc
 
 
 def output_error(delta: torch.Tensor, covariance: torch.Tensor) -> float:
-    """‖ΔW X‖² = tr(ΔW H ΔWᵀ): how much an error in the weights moves the layer's outputs on the data."""
-    delta = delta.double()
-    return float(torch.einsum("oi,ij,oj->", delta, covariance.double(), delta))
+    """‖ΔW X‖² = tr(ΔW H ΔWᵀ): how much an error in the weights moves the layer's outputs on the data (products in
+    float32, twice as fast as float64 on a wide layer; summed in float64)."""
+    delta = delta.float()
+    return float(((delta @ covariance.float()) * delta).sum(dtype=torch.float64))
 
 
 class Compensated(torch.nn.Module):

@@ -49,16 +49,27 @@ SchemeOf = Callable[[int, str], WeightScheme]  # a block's index and a linear's 
 
 
 class Covariance:
-    """Accumulates `Σ x xᵀ` over every row of a linear layer's input (a forward pre-hook)."""
+    """Accumulates `Σ x xᵀ` over every row of a linear layer's input (a forward pre-hook), and keeps the rows
+    themselves while there are fewer of them than features: an output error through them is then cheaper than
+    through the matrix (a wide layer of a large model on a few hundred calibration tokens)."""
 
     def __init__(self, features: int) -> None:
         self.matrix = torch.zeros(features, features, dtype=torch.float64)
         self.rows = 0
+        self.inputs: list[torch.Tensor] | None = []
 
     def __call__(self, _module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
         rows = args[0].detach().reshape(-1, args[0].shape[-1]).float()
         self.matrix += (rows.T @ rows).double()
         self.rows += rows.shape[0]
+        if self.inputs is not None:
+            self.inputs = [*self.inputs, rows] if self.rows < self.matrix.shape[0] else None
+
+    def error(self, delta: torch.Tensor) -> float:
+        """‖ΔW X‖²: how much an error in the weights moves the layer's outputs on these inputs."""
+        if self.inputs is None:
+            return output_error(delta, self.matrix)
+        return float((delta.float() @ torch.cat(self.inputs).T).pow(2).sum(dtype=torch.float64))
 
 
 def run_block(block: torch.nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
@@ -98,22 +109,21 @@ def quantized_copy(layer: torch.nn.Linear, quantized: QuantizedWeight) -> torch.
     return hold(copy, quantized)
 
 
-def compress_linear(parent: torch.nn.Module, name: str, layer: torch.nn.Linear, covariance: torch.Tensor,
+def compress_linear(parent: torch.nn.Module, name: str, layer: torch.nn.Linear, inputs: Covariance,
                     scheme: WeightScheme) -> dict[str, Any]:
     """Quantize one linear layer in place (its weight becomes the dequantized one, its codes ride along as
     `edgekit_quantized` for the exporter) and, with a rank, replace it by its EoRA-compensated form."""
     weight = layer.weight.detach().float()
-    quantized = scheme.quantize(weight, covariance)
+    quantized = scheme.quantize(weight, inputs.matrix)
     delta = weight - hold(layer, quantized).weight.detach()
-    signal = output_error(weight, covariance)
+    signal = inputs.error(weight)
     record: dict[str, Any] = {"layer": name, "bits": scheme.bits, "eora_rank": scheme.rank_for(name),
-                              "bytes": quantized.nbytes,
-                              "output_error": output_error(delta, covariance) / signal}
+                              "bytes": quantized.nbytes, "output_error": inputs.error(delta) / signal}
     if scheme.rank_for(name):
-        b, a = eora(delta, covariance, scheme.rank_for(name))
+        b, a = eora(delta, inputs.matrix, scheme.rank_for(name))
         compensated = Compensated(layer, b, a, scheme.rank_bits, scheme.group_size)
         residual = delta - compensated.b.weight @ compensated.a.weight
-        record["output_error_eora"] = output_error(residual, covariance) / signal
+        record["output_error_eora"] = inputs.error(residual) / signal
         record["bytes"] += sum(stored_bytes(f) for f in (compensated.a, compensated.b))
         parent.set_submodule(name, compensated)
     return record
@@ -139,7 +149,7 @@ def compress_blocks(blocks: Iterable[torch.nn.Module], linears_of: Callable[[tor
         linears = linears_of(block)
         stats = input_statistics(block, linears, hidden, kwargs, Covariance)  # GPTQ, EoRA, each layer's error
         for name, layer in linears.items():
-            records.append({"block": index} | compress_linear(block, name, layer, stats[name].matrix,
+            records.append({"block": index} | compress_linear(block, name, layer, stats[name],
                                                               scheme_of(index, name)))
         hidden = run_block(block, hidden, kwargs)
     return hidden, records
