@@ -16,6 +16,7 @@ from edgekit.errors import UsageError
 from edgekit.families import llm
 from edgekit.families.llm_adapter import quantize_lm
 from edgekit.families.llm_lazy import DATA_FILE, MODEL_FILE, Shards, compress_lazily
+from edgekit.passes import weightonly
 from edgekit.passes.export_llm import export_lm
 from edgekit.passes.sequential import WeightScheme
 from edgekit.progress import Progress
@@ -60,6 +61,20 @@ def test_a_sharded_checkpoint_compressed_block_by_block_matches_the_model_compre
     np.testing.assert_allclose(ours, theirs, atol=1e-4)
     float_logits = llm.logits(model, torch.from_numpy(prompt)[None])[0][0].detach().numpy()
     assert np.abs(float_logits - ours).max() > 0  # quantized, not the float model by another road
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_a_tall_matrix_is_quantized_a_slice_of_rows_at_a_time_with_the_same_codes(
+        monkeypatch: pytest.MonkeyPatch, method: str) -> None:
+    weight = torch.randn(300, 64, generator=torch.Generator().manual_seed(0))
+    inputs = torch.randn(256, 64, generator=torch.Generator().manual_seed(1))
+    scheme = WeightScheme(4, 32, True, method)  # type: ignore[arg-type]
+    whole = scheme.quantize(weight, (inputs.T @ inputs).double())
+    monkeypatch.setattr(weightonly, "SLICE_WEIGHTS", 64 * 64)  # 64 rows a slice: 5 slices
+    assert len(weightonly.row_slices(300, 64)) == 5
+    sliced = scheme.quantize(weight, (inputs.T @ inputs).double())
+    assert torch.equal(sliced.codes, whole.codes) and torch.equal(sliced.scales, whole.scales)
+    assert torch.equal(sliced.dequantize(), whole.dequantize())
 
 
 def _weight_bytes(graph: onnx.ModelProto) -> int:

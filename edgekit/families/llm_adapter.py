@@ -42,7 +42,7 @@ from edgekit.passes.weight_levels import (
     record_search,
     variants,
 )
-from edgekit.passes.weightonly import rtn
+from edgekit.passes.weightonly import by_rows, rtn
 from edgekit.progress import Progress
 from edgekit.runtimes.llama_cpp_lm import LlamaCppLM, gguf_tokenize, require_llama_cpp
 from edgekit.runtimes.onnx_lm import OnnxCausalLM, window_nll
@@ -196,7 +196,8 @@ def quantize_ends(module: Any, hidden: Any, scheme: WeightScheme, head_bits: int
             records.append({"block": None, "layer": "embed_tokens", "bits": head_bits, "bytes": 0,
                             "shared_with": "lm_head"})
         elif embedding_bits:
-            quantized = rtn(table.weight.detach(), embedding_bits, scheme.group_size, symmetric=True)
+            quantized = by_rows(lambda rows: rtn(rows, embedding_bits, scheme.group_size, symmetric=True),
+                                table.weight.detach())
             table.weight.data = quantized.dequantize()
             table.edgekit_quantized = quantized
             records.append({"block": None, "layer": "embed_tokens", "bits": embedding_bits,

@@ -114,10 +114,38 @@ def with_tables(ends: torch.nn.Module, shards: Shards, head: bool) -> torch.nn.M
 
 def without_tables(ends: torch.nn.Module) -> None:
     """Free the embedding table (and head) while the blocks run."""
+    for module in (ends.model.embed_tokens, ends.lm_head):
+        _release(module)
+
+
+def _release(module: torch.nn.Module) -> None:
+    """Free a module's float weight (its quantized codes, where it has them, stay)."""
     import torch
 
-    for module in (ends.model.embed_tokens, ends.lm_head):
-        module.weight = torch.nn.Parameter(torch.empty(module.weight.shape, device="meta"), requires_grad=False)
+    module.weight = torch.nn.Parameter(torch.empty(module.weight.shape, device="meta"), requires_grad=False)
+
+
+def _quantized_tables(ends: torch.nn.Module, shards: Shards, hidden: torch.Tensor, scheme: WeightScheme,
+                      head_bits: int | None, embedding_bits: int | None) -> list[dict[str, Any]]:
+    """The head (on the last block's outputs) and the embedding table quantized as `quantize_ends` does, an
+    untied head first and freed before the table is read: one vocabulary-sized matrix in float at a time. A table
+    left float stays for the export."""
+    from edgekit.families.llm_adapter import quantize_ends
+
+    records = []
+    if not ends.config.tie_word_embeddings:
+        shards.fill(ends.lm_head, "lm_head.")
+        records += quantize_ends(ends, hidden, scheme, head_bits, None)
+        if head_bits:
+            _release(ends.lm_head)
+    with_tables(ends, shards, head=False)
+    tied = bool(ends.config.tie_word_embeddings)
+    records += quantize_ends(ends, hidden, scheme, head_bits if tied else None, embedding_bits)
+    if tied and head_bits:  # the table is the head's codes
+        _release(ends.lm_head)
+    if embedding_bits or (tied and head_bits):
+        _release(ends.model.embed_tokens)
+    return records
 
 
 def block(kind: type, config: Any, index: int, shards: Shards) -> torch.nn.Module:
@@ -132,8 +160,6 @@ def compress_lazily(folder: Path, out: Path, calibration: torch.Tensor, scheme: 
     prefill/decode graph to `out` (model.onnx, its weights in model.onnx.data). Returns the quantization records
     (one per layer, as `quantize_lm` gives) and each block's seconds."""
     import torch
-
-    from edgekit.families.llm_adapter import quantize_ends
 
     shards = Shards(folder)
     model = skeleton(folder)
@@ -160,8 +186,8 @@ def compress_lazily(folder: Path, out: Path, calibration: torch.Tensor, scheme: 
             del layer
             gc.collect()
             seconds.append(time.perf_counter() - start)
-        records += quantize_ends(with_tables(ends, shards, head=True), hidden, scheme_of(depth - 1, "lm_head"),
-                                 head_bits, embedding_bits)
+        records += _quantized_tables(ends, shards, hidden, scheme_of(depth - 1, "lm_head"), head_bits,
+                                     embedding_bits)
         first = ends_graph(ends, opset, accuracy_level, data)
     onnx_save(joined(first, parts), out / MODEL_FILE)
     return {"layers": records, "block_seconds": seconds}
@@ -229,8 +255,9 @@ def ends_graph(ends: torch.nn.Module, opset: int, accuracy_level: int, data: IO[
             "sin": {1: "tokens"}, "mask": {2: "tokens", 3: "total"}, "normed": {1: "tokens"}}
     step = Step()
     graph = _external(_traced(step, example, list(axes)[:3], list(axes)[3:], axes, opset, step, accuracy_level), data)
-    nodes, arrays = _tables(ends, accuracy_level)
-    graph.graph.initializer.extend(_external_array(name, array, data) for name, array in arrays.items())
+    nodes, packed, arrays = _tables(ends, accuracy_level)
+    graph.graph.initializer.extend([*(_external_tensor(tensor, data) for tensor in packed),
+                                    *(_external_array(name, array, data) for name, array in arrays.items())])
     graph.graph.node.extend(nodes)
     kept = [o for o in graph.graph.output if o.name != "normed"]
     del graph.graph.output[:]
@@ -241,21 +268,23 @@ def ends_graph(ends: torch.nn.Module, opset: int, accuracy_level: int, data: IO[
     return graph
 
 
-def _tables(ends: torch.nn.Module, accuracy_level: int) -> tuple[list[onnx.NodeProto], dict[str, np.ndarray]]:
+def _tables(ends: torch.nn.Module, accuracy_level: int
+            ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], dict[str, np.ndarray]]:
     """The nodes that gather `hidden` from the embedding table by `input_ids` and multiply `normed` by the head
-    into `logits`, and the arrays they read: packed codes where edgekit quantized a table, float otherwise; a
+    into `logits`, and what they read: packed codes where edgekit quantized a table, float arrays otherwise; a
     tied table stored once."""
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     head = getattr(ends.lm_head, "edgekit_quantized", None)
     tied = bool(ends.config.tie_word_embeddings)
     table = head if tied and head is not None else getattr(ends.model.embed_tokens, "edgekit_quantized", None)
     nodes: list[onnx.NodeProto] = []
+    tensors: list[onnx.TensorProto] = []
     arrays: dict[str, np.ndarray] = {}
 
     def packed(quantized: QuantizedWeight, prefix: str) -> list[str]:
         stored, cast, names = packed_initializers(quantized, prefix)
-        arrays.update((tensor.name, numpy_helper.to_array(tensor)) for tensor in stored)
+        tensors.extend(stored)
         nodes.append(cast)
         return names
 
@@ -271,9 +300,9 @@ def _tables(ends: torch.nn.Module, accuracy_level: int) -> tuple[list[onnx.NodeP
     gather = helper.make_node("Gather", ["embed_table", "input_ids"], ["hidden"], name="embedding")
     if table is None:
         arrays["embed_table"] = ends.model.embed_tokens.weight.detach().numpy()
-        return [gather, *nodes], arrays
+        return [gather, *nodes], tensors, arrays
     names = head_names if table is head else packed(table, "embedding_q")
-    return [*nodes, *dequantizing_gather(gather, table, names)], arrays
+    return [*nodes, *dequantizing_gather(gather, table, names)], tensors, arrays
 
 
 def _traced(step: torch.nn.Module, example: tuple[Any, ...], inputs: list[str], outputs: list[str],
@@ -311,10 +340,11 @@ def _external_tensor(tensor: onnx.TensorProto, data: IO[bytes]) -> onnx.TensorPr
     """`tensor` itself if small, else its bytes appended to `data` and a tensor naming where they are."""
     import onnx
 
-    size = len(tensor.raw_data) if tensor.HasField("raw_data") else 0
-    if size and size < INLINE_BYTES:
+    if not tensor.HasField("raw_data"):
+        return _external_array(tensor.name, onnx.numpy_helper.to_array(tensor), data)
+    if len(tensor.raw_data) < INLINE_BYTES:
         return tensor
-    return _external_array(tensor.name, onnx.numpy_helper.to_array(tensor), data)
+    return _moved(tensor.name, list(tensor.dims), tensor.data_type, tensor.raw_data, data)
 
 
 def _external_array(name: str, array: np.ndarray, data: IO[bytes]) -> onnx.TensorProto:
@@ -324,13 +354,19 @@ def _external_array(name: str, array: np.ndarray, data: IO[bytes]) -> onnx.Tenso
 
     if array.nbytes < INLINE_BYTES:
         return onnx.numpy_helper.from_array(array, name)
+    return _moved(name, list(array.shape), onnx.helper.np_dtype_to_tensor_dtype(array.dtype),
+                  memoryview(np.ascontiguousarray(array)).cast("B"), data)
+
+
+def _moved(name: str, dims: list[int], data_type: int, raw: bytes | memoryview, data: IO[bytes]) -> onnx.TensorProto:
+    import onnx
+
     data.write(b"\0" * (-data.tell() % ALIGN))
-    moved = onnx.TensorProto(name=name, dims=array.shape, data_location=onnx.TensorProto.EXTERNAL,
-                             data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype))
-    for key, value in (("location", DATA_FILE), ("offset", str(data.tell())), ("length", str(array.nbytes))):
+    moved = onnx.TensorProto(name=name, dims=dims, data_type=data_type, data_location=onnx.TensorProto.EXTERNAL)
+    for key, value in (("location", DATA_FILE), ("offset", str(data.tell())), ("length", str(len(raw)))):
         entry = moved.external_data.add()
         entry.key, entry.value = key, value
-    data.write(np.ascontiguousarray(array).tobytes())
+    data.write(raw)
     return moved
 
 

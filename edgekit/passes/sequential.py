@@ -14,7 +14,7 @@ from typing import Any, Literal, TypeVar
 import torch
 
 from edgekit.passes.eora import Compensated, eora, output_error
-from edgekit.passes.weightonly import QuantizedWeight, gptq, rtn
+from edgekit.passes.weightonly import QuantizedWeight, by_rows, gptq, rtn
 
 BATCH = 8  # calibration windows through a block at once
 T = TypeVar("T")
@@ -40,9 +40,9 @@ class WeightScheme:
 
     def quantize(self, weight: torch.Tensor, covariance: torch.Tensor) -> QuantizedWeight:
         if self.method == "gptq":
-            return gptq(weight, covariance, self.bits, self.group_size, self.symmetric, self.damp,
-                        act_order=self.act_order)
-        return rtn(weight, self.bits, self.group_size, self.symmetric)
+            return by_rows(lambda rows: gptq(rows, covariance, self.bits, self.group_size, self.symmetric,
+                                             self.damp, act_order=self.act_order), weight)
+        return by_rows(lambda rows: rtn(rows, self.bits, self.group_size, self.symmetric), weight)
 
 
 SchemeOf = Callable[[int, str], WeightScheme]  # a block's index and a linear's name in it -> how it is compressed

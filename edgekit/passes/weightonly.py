@@ -14,11 +14,13 @@ so the layer's output on the calibration data moves as little as possible.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 SHRINKS = tuple(1 - i / 40 for i in range(13))  # GPTQ's grid candidates: the group's range down to 70% of it
+SLICE_WEIGHTS = 1 << 26  # weights quantized (or dequantized) at once: 256 MB in float32
 
 
 @dataclass
@@ -34,7 +36,10 @@ class QuantizedWeight:
 
     def dequantize(self) -> torch.Tensor:
         group = torch.arange(self.codes.shape[1]) // self.group_size
-        return (self.codes.float() - self.zeros[:, group]) * self.scales[:, group]
+        weight = torch.empty(self.codes.shape)
+        for rows in row_slices(*self.codes.shape):  # a vocabulary-sized table a slice at a time
+            weight[rows] = (self.codes[rows].float() - self.zeros[rows][:, group]) * self.scales[rows][:, group]
+        return weight
 
     @property
     def symmetric(self) -> bool:
@@ -47,6 +52,22 @@ class QuantizedWeight:
         groups = math.ceil(columns / self.group_size)
         codes = out * groups * (self.group_size * self.bits // 8)
         return codes + out * groups * 2 + (0 if self.symmetric else out * math.ceil(groups * self.bits / 8))
+
+
+def row_slices(rows: int, columns: int) -> list[slice]:
+    """Slices of about `SLICE_WEIGHTS` weights: rows are quantized independently of one another, so a matrix with a
+    vocabulary's rows (a head, an embedding table) is worked on a slice at a time, with the same codes."""
+    step = max(1, SLICE_WEIGHTS // columns)
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def by_rows(quantize: Callable[[torch.Tensor], QuantizedWeight], weight: torch.Tensor) -> QuantizedWeight:
+    """`quantize(weight)`, a slice of rows at a time (`row_slices`)."""
+    parts = [quantize(weight[rows]) for rows in row_slices(*weight.shape)]
+    if len(parts) == 1:
+        return parts[0]
+    return QuantizedWeight(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]),
+                           torch.cat([p.zeros for p in parts]), parts[0].bits, parts[0].group_size)
 
 
 def block_size(columns: int, group_size: int) -> int:
