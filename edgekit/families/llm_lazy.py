@@ -24,13 +24,13 @@ import numpy as np
 from edgekit.errors import StageError, UsageError, first_line
 from edgekit.families import llm
 from edgekit.passes.export_llm import (
-    _integer_weights,
-    _PastCache,
-    _renumber,
+    PastCache,
     cache_names,
     dequantizing_gather,
+    integer_weights,
     matmul_nbits,
     packed_initializers,
+    renumber,
 )
 from edgekit.passes.sequential import SchemeOf, WeightScheme, compress_blocks
 
@@ -205,7 +205,7 @@ def block_graph(layer: torch.nn.Module, config: Any, opset: int, accuracy_level:
 
         def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                     past_key: torch.Tensor, past_value: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            cache = _PastCache([(past_key, past_value)])
+            cache = PastCache([(past_key, past_value)])
             return (self.layer(hidden, attention_mask=mask, position_embeddings=(cos, sin), cache=cache),
                     *cache.present[0])
 
@@ -324,8 +324,8 @@ def _traced(step: torch.nn.Module, example: tuple[Any, ...], inputs: list[str], 
         raise StageError(f"ONNX export of a decoder part failed at opset {opset}: {first_line(err)}") from err
     graph = onnx.load_from_string(buffer.getvalue())
     del buffer
-    _integer_weights(graph, holder, accuracy_level)
-    _renumber(graph)
+    integer_weights(graph, holder, accuracy_level)
+    renumber(graph)
     return graph
 
 

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 EXPORT_TOKENS = 3  # example sequence used for tracing; the axes are dynamic
 
 
-class _PastCache:
+class PastCache:
     """The cache object transformers' attention expects, over the past tensors given as graph inputs."""
 
     def __init__(self, past: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -58,7 +58,7 @@ def _step_module(model: torch.nn.Module) -> torch.nn.Module:
             self.model = model
 
         def forward(self, input_ids: torch.Tensor, *past_flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            cache = _PastCache(list(zip(past_flat[0::2], past_flat[1::2], strict=True)))
+            cache = PastCache(list(zip(past_flat[0::2], past_flat[1::2], strict=True)))
             hidden, kwargs = block_inputs(self.model, input_ids, past_flat[0].shape[2])
             for layer in decoder_layers(self.model):
                 hidden = layer(hidden, cache=cache, **kwargs)
@@ -97,15 +97,15 @@ def export_lm(model: torch.nn.Module, opset: int, accuracy_level: int = 0) -> on
     except Exception as err:  # the exporter raises many types; the first line names what failed
         raise StageError(f"ONNX export of the decoder failed at opset {opset}: {first_line(err)}") from err
     graph = onnx.load_from_string(buffer.getvalue())
-    _integer_weights(graph, model, accuracy_level)
-    _renumber(graph)
+    integer_weights(graph, model, accuracy_level)
+    renumber(graph)
     return graph
 
 
 COUNTED = re.compile(r"((?:onnx::)?[A-Za-z]+_)\d+")  # names the exporter numbers by its running counters
 
 
-def _renumber(graph: onnx.ModelProto) -> None:
+def renumber(graph: onnx.ModelProto) -> None:
     """Renumber the exporter's running counters (`onnx::Unsqueeze_97`, `Constant_247`) in order of first use.
 
     Traced through an EoRA-compensated layer, every later counter moves on; renumbered, a layer's form changes no
@@ -133,7 +133,7 @@ def _key(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest()
 
 
-def _integer_weights(graph: onnx.ModelProto, model: torch.nn.Module, accuracy_level: int) -> None:
+def integer_weights(graph: onnx.ModelProto, model: torch.nn.Module, accuracy_level: int) -> None:
     """Swap each traced float MatMul whose weight a quantized linear layer holds for MatMulNBits, and each gather
     from a quantized table (the embedding, or the head it is tied to) for a gather of packed codes dequantized per
     row; float initializers left unused are dropped, so a tied table is stored once (as the head's codes, or as
