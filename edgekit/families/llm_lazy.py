@@ -6,8 +6,8 @@ ONNX part, and its packed weights appended to the artifact's external data file 
 The ends (embedding, rotary positions, mask, final norm and head) are one more part, and the parts are joined into
 the same prefill/decode graph `passes/export_llm.py` writes for a model in memory: same inputs, outputs and cache.
 
-Peak memory is one float32 block with its GPTQ statistics, the calibration windows' activations, and at the ends
-the embedding table and head: it does not grow with the depth.
+Peak memory is one float32 block with its GPTQ statistics and the calibration windows' activations, or at the ends
+one vocabulary-sized table (the head, then the embedding) and its codes: it does not grow with the depth.
 """
 
 from __future__ import annotations
