@@ -9,7 +9,7 @@ the prefill/decode ONNX graph and its external data. The process reports its pea
 memory before it started (imports), and each block's seconds. Random weights: this measures memory and time, not
 accuracy (tests/test_llm_lazy.py checks the graph against the model compressed in memory).
 
-    .venv/bin/python bench/llm_scale.py [--blocks 2 4 8] [--method gptq] [--rank 0] [--tokens 512] [--work DIR]
+    .venv/bin/python bench/llm_scale.py [--blocks 2 4 8] [--method gptq] [--rank 0] [--tokens 512] [--threads N]
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def checkpoint(root: Path, depth: int, weight_map: dict[str, str]) -> Path:
     return folder
 
 
-def child(folder: Path, out: Path, method: str, rank: int, tokens: int) -> None:
+def child(folder: Path, out: Path, method: str, rank: int, tokens: int, threads: int) -> None:
     """Compress one checkpoint; print one JSON line with memory and times."""
     import torch
 
@@ -84,7 +84,7 @@ def child(folder: Path, out: Path, method: str, rank: int, tokens: int) -> None:
     from edgekit.passes.sequential import WeightScheme
     from edgekit.recipe import DEFAULT_OPSET
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(threads)
     before = _status("VmRSS")
     start = time.perf_counter()
     windows = max(1, tokens // 256)
@@ -109,12 +109,13 @@ def main() -> None:
     parser.add_argument("--method", choices=["gptq", "rtn"], default="gptq")
     parser.add_argument("--rank", type=int, default=0, help="EoRA rank (0: none)")
     parser.add_argument("--tokens", type=int, default=512, help="calibration tokens (windows of 256)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     parser.add_argument("--work", type=Path, help="folder for shards and outputs (default: a new temporary one)")
     parser.add_argument("--child", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         folder, out = args.child
-        child(folder, out, args.method, args.rank, args.tokens)
+        child(folder, out, args.method, args.rank, args.tokens, args.threads)
         return
     work = args.work or Path(tempfile.mkdtemp(prefix="edgekit-llm-scale-"))
     (work / "shards").mkdir(parents=True, exist_ok=True)
@@ -127,7 +128,8 @@ def main() -> None:
         folder = checkpoint(work / "shards", depth, weight_map)
         out = work / f"out-{depth}"
         run = subprocess.run([sys.executable, __file__, "--child", str(folder), str(out), "--method", args.method,
-                              "--rank", str(args.rank), "--tokens", str(args.tokens)],
+                              "--rank", str(args.rank), "--tokens", str(args.tokens),
+                              "--threads", str(args.threads)],
                              capture_output=True, text=True, check=False)
         if run.returncode:
             raise SystemExit(f"depth {depth} failed:\n{run.stderr[-3000:]}")
@@ -136,7 +138,7 @@ def main() -> None:
         print(f"{depth} blocks: peak RSS {row['peak_rss'] / 2**30:.2f} GiB (imports {row['rss_before'] / 2**30:.2f}); "
               f"{row['seconds']:.0f} s; {sum(row['block_seconds']) / depth:.1f} s per block; "
               f"{row['bytes'] / 1e9:.2f} GB written", flush=True)
-    print(f"\n{args.method} int4, EoRA rank {args.rank}, {args.tokens} calibration tokens, {os.cpu_count()} threads")
+    print(f"\n{args.method} int4, EoRA rank {args.rank}, {args.tokens} calibration tokens, {args.threads} threads")
     print("| blocks | peak RSS GiB | s per block | total s | artifact GB |\n|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['depth']} | {row['peak_rss'] / 2**30:.2f} | {sum(row['block_seconds']) / row['depth']:.1f} | "
