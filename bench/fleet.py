@@ -65,9 +65,9 @@ def main() -> None:
 
 def _ray_start_stop() -> float:
     """Seconds for a local Ray as `edgekit fleet` starts and stops it, in a fresh process."""
-    code = ("import logging, os, time; import ray; from edgekit.fleet import OBJECT_STORE_BYTES; t = time.monotonic(); "
-            "ray.init(num_cpus=os.cpu_count(), object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False, "
-            "log_to_driver=False, logging_level=logging.WARNING); ray.shutdown(); print(time.monotonic() - t)")
+    code = ("import os, time; import ray; from edgekit.fleet import OBJECT_STORE_BYTES, start_local_ray; "
+            "t = time.monotonic(); start_local_ray(os.cpu_count() or 1, OBJECT_STORE_BYTES); ray.shutdown(); "
+            "print(time.monotonic() - t)")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(run.stdout.strip().splitlines()[-1])
 

@@ -21,6 +21,7 @@ import torch
 from edgekit import build
 from edgekit.cli import main
 from edgekit.data import file_sha256
+from edgekit.fleet import start_local_ray
 from edgekit.passes.export import export_onnx
 
 ray = pytest.importorskip("ray")
@@ -29,7 +30,7 @@ ray = pytest.importorskip("ray")
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[None]:
     """One small local Ray for the module (starting one takes seconds); the fleet uses it and leaves it running."""
-    ray.init(num_cpus=2, object_store_memory=100 * 2**20, include_dashboard=False, log_to_driver=False)
+    start_local_ray(2, 100 * 2**20)
     yield
     ray.shutdown()
 
@@ -185,3 +186,8 @@ def test_fleet_joins_a_running_cluster_by_address(local_ray: None, tiny_onnx: Pa
     summary = json.loads(Path("dist/fleet/fleet.json").read_text())
     assert summary["ray"] == address and summary["cells"][0]["status"] == "ok"
     assert ray.cluster_resources()["CPU"] == 2  # the cluster outlives the fleet that joined it
+    assert ray.get(ray.remote(_niceness).remote()) == os.nice(0)  # workers at the driver's priority, not Ray's 15
+
+
+def _niceness() -> int:
+    return os.nice(0)
