@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 SHAPE = {"vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
@@ -90,10 +91,17 @@ def child(folder: Path, out: Path, method: str, rank: int, tokens: int, threads:
     windows = max(1, tokens // 256)
     calibration = torch.randint(0, SHAPE["vocab_size"], (windows, tokens // windows),
                                 generator=torch.Generator().manual_seed(1))
+    after_blocks: list[int] = []
+
+    def track(blocks: Iterable[int], _count: int) -> Iterator[int]:
+        for index in blocks:
+            yield index
+            after_blocks.append(_status("VmRSS"))  # resident memory once each block is written
+
     found = compress_lazily(folder, out, calibration, WeightScheme(4, 64, True, method, rank=rank), 8, 8,  # type: ignore[arg-type]
-                            DEFAULT_OPSET, 0)
+                            DEFAULT_OPSET, 0, track)
     print(json.dumps({"peak_rss": _status("VmHWM"), "rss_before": before, "seconds": time.perf_counter() - start,
-                      "block_seconds": found["block_seconds"],
+                      "block_seconds": found["block_seconds"], "rss_after_blocks": after_blocks,
                       "bytes": sum(f.stat().st_size for f in out.iterdir())}), flush=True)
 
 
@@ -135,7 +143,8 @@ def main() -> None:
             raise SystemExit(f"depth {depth} failed:\n{run.stderr[-3000:]}")
         rows.append({"depth": depth, **json.loads(run.stdout.strip().splitlines()[-1])})
         row = rows[-1]
-        print(f"{depth} blocks: peak RSS {row['peak_rss'] / 2**30:.2f} GiB (imports {row['rss_before'] / 2**30:.2f}); "
+        print(f"{depth} blocks: peak RSS {row['peak_rss'] / 2**30:.2f} GiB (imports {row['rss_before'] / 2**30:.2f}; "
+              f"after each block {' '.join(f'{r / 2**30:.2f}' for r in row['rss_after_blocks'])}); "
               f"{row['seconds']:.0f} s; {sum(row['block_seconds']) / depth:.1f} s per block; "
               f"{row['bytes'] / 1e9:.2f} GB written", flush=True)
     print(f"\n{args.method} int4, EoRA rank {args.rank}, {args.tokens} calibration tokens, {args.threads} threads")

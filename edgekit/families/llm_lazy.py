@@ -330,10 +330,14 @@ def _traced(step: torch.nn.Module, example: tuple[Any, ...], inputs: list[str], 
 
 
 def _external(graph: onnx.ModelProto, data: IO[bytes]) -> onnx.ModelProto:
-    """`graph` with its larger initializers moved to `data` and referenced from there."""
+    """`graph` with its larger initializers moved to `data` and referenced from there, as a new message: protobuf
+    keeps a message's cleared bytes until the message itself goes, so the traced one (its weights included) must
+    not outlive its block."""
+    import onnx
+
     for index, tensor in enumerate(graph.graph.initializer):
         graph.graph.initializer[index].CopyFrom(_external_tensor(tensor, data))
-    return graph
+    return onnx.load_from_string(graph.SerializeToString())
 
 
 def _external_tensor(tensor: onnx.TensorProto, data: IO[bytes]) -> onnx.TensorProto:
