@@ -93,7 +93,7 @@ def skeleton(folder: Path) -> torch.nn.Module:
 
 def ends_of(model: torch.nn.Module, shards: Shards) -> torch.nn.Module:
     """`model` (a skeleton) without its blocks, its final norm read in and its rotary positions computed; the
-    embedding table and head come in when asked for (`with_tables`)."""
+    embedding table and head come in when asked for (`with_table`)."""
     import torch
 
     model.model.layers = torch.nn.ModuleList()
@@ -102,13 +102,12 @@ def ends_of(model: torch.nn.Module, shards: Shards) -> torch.nn.Module:
     return model.eval()
 
 
-def with_tables(ends: torch.nn.Module, shards: Shards, head: bool) -> torch.nn.Module:
-    """`ends` with its embedding table read in, and its head (the same table where they are tied) if `head`."""
+def with_table(ends: torch.nn.Module, shards: Shards) -> torch.nn.Module:
+    """`ends` with its embedding table read in (and its head, where the two are tied: an untied head is read
+    when it is quantized)."""
     shards.fill(ends.model.embed_tokens, "model.embed_tokens.")
     if ends.config.tie_word_embeddings:
         ends.lm_head.weight = ends.model.embed_tokens.weight
-    elif head:
-        shards.fill(ends.lm_head, "lm_head.")
     return ends
 
 
@@ -138,7 +137,7 @@ def _quantized_tables(ends: torch.nn.Module, shards: Shards, hidden: torch.Tenso
         records += quantize_ends(ends, hidden, scheme, head_bits, None)
         if head_bits:
             _release(ends.lm_head)
-    with_tables(ends, shards, head=False)
+    with_table(ends, shards)
     tied = bool(ends.config.tie_word_embeddings)
     records += quantize_ends(ends, hidden, scheme, head_bits if tied else None, embedding_bits)
     if tied and head_bits:  # the table is the head's codes
@@ -170,7 +169,7 @@ def compress_lazily(folder: Path, out: Path, calibration: torch.Tensor, scheme: 
     records: list[dict[str, Any]] = []
     seconds: list[float] = []
     with (out / DATA_FILE).open("wb") as data, torch.no_grad():
-        ends = with_tables(ends_of(model, shards), shards, head=False)
+        ends = with_table(ends_of(model, shards), shards)
         hidden, kwargs = llm.block_inputs(ends, calibration)
         without_tables(ends)
         for index in track(range(depth), depth):
