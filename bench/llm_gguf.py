@@ -1,14 +1,18 @@
 """SmolLM2-135M-Instruct in llama.cpp, one run: llama.cpp's own Q8_0 / Q4_0 / Q4_K_M against edgekit's GGUF (RTN,
-GPTQ, GPTQ + EoRA adapter at two ranks) and edgekit's ONNX graph of the same codes, on the same held-out windows.
+GPTQ, GPTQ + EoRA adapter at two ranks, and with `--search` a budget build at Q4_K_M's bytes) and edgekit's ONNX
+graph of the same codes, on the same held-out windows.
 
-    .venv/bin/python bench/llm_gguf.py [--windows 8] [--ranks 32 64] [--no-rtn] [--rounds 5] [--threads 2]
+    .venv/bin/python bench/llm_gguf.py [--windows 8] [--ranks 32 64] [--no-rtn] [--search] [--rounds 5] [--threads 2]
 
 Every row starts from the same float weights: the model edgekit loads (SmolLM2 ships only as a Q4_1 GGUF, which
 transformers dequantizes to float32 once). edgekit writes them as a float32 GGUF (its own `--format gguf
 --precision fp32` writer: same tensors, same tokenizer), and llama.cpp's `llama_model_quantize` (no importance
 matrix) requantizes that file to each of its types, with its default choice for the tied embedding / output table.
 edgekit quantizes the same float module (defaults: groups of 32, the tied table as the head's 8-bit codes), and
-each quantized module is written both as GGUF and as ONNX, so the two formats hold the same codes.
+each quantized module is written both as GGUF and as ONNX, so the two formats hold the same codes. `--search` adds
+the product's budget build (`edgekit build --format gguf` with `search.budget = bytes=<Q4_K_M's file>`: each
+block's attention and MLP linears at Q8_0, Q4_0 + EoRA r32 adapter or Q4_0, chosen by the EvoPress search on
+calibration windows), a GGUF row only.
 
 Perplexity: summed NLL over the product's held-out windows (32 × 512 tokens unless `--windows`), each scored in
 one prefill, one thread (the numbers do not depend on threads; on a shared 2-core host one thread is fastest).
@@ -41,6 +45,8 @@ from pathlib import Path
 from typing import Any
 
 MODEL = "smollm2-135m"
+SEARCH_LEVELS = ["int8", "int4+eora32", "int4"]  # Q8_0, Q4_0 + a rank-32 adapter, Q4_0
+SEARCH_TARGET = "raspberry-pi-5"  # a llama.cpp target; the budget is bytes, so its device model does not decide
 LLAMA_TYPES = {"Q8_0": 7, "Q4_0": 2, "Q4_K_M": 15}  # llama_ftype: LLAMA_FTYPE_MOSTLY_*
 COMPARED_TOKENS = 16
 
@@ -69,6 +75,8 @@ def main() -> None:
                         help="EoRA ranks (multiples of 32: Q8_0); the first is built right after plain GPTQ")
     parser.add_argument("--rtn", action=argparse.BooleanOptionalAction, default=True,
                         help="also the round-to-nearest row (--no-rtn: only GPTQ and its EoRA rows)")
+    parser.add_argument("--search", action="store_true",
+                        help="also the budget build at Q4_K_M's bytes (levels " + ", ".join(SEARCH_LEVELS) + ")")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     parser.add_argument("--threads", type=int, default=2, help="threads for the timing runs")
     parser.add_argument("--work", type=Path, help="folder for the files (default: a new temporary folder)")
@@ -112,6 +120,9 @@ def main() -> None:
     source.unlink()
     for row in rows:
         scored(row)
+    if args.search:
+        k_m = next(row for row in rows if row.name == "llama.cpp Q4_K_M")
+        rows.append(scored(_searched(args.model, k_m.bytes, args.windows, work)))
 
     weights = plan.weights
     # the rows the verdicts need first (GPTQ against Q4_0, + EoRA against Q4_K_M), in case the run is cut short
@@ -146,6 +157,19 @@ def main() -> None:
     tokens = int(text.evaluation.shape[0] * (text.evaluation.shape[1] - 1))
     _print(rows, loaded.name, plan.text.prompt_length, args, float(ref["nll"].sum()), tokens)
     _log(started, f"done; files in {work}")
+
+
+def _searched(model: str, budget: int, windows: int | None, work: Path) -> Row:
+    """The product's GGUF budget build at `budget` bytes, its files as a row."""
+    import edgekit
+    from edgekit.families.llm_adapter import GGUF_ADAPTER, GGUF_MODEL
+
+    out = work / "searched"
+    edgekit.build(model, SEARCH_TARGET, format="gguf", precision="int4", out=out, quiet=False,
+                  overrides={"search.budget": f"bytes={budget}B", "search.weight_levels": SEARCH_LEVELS,
+                             **({"text.eval_windows": windows} if windows else {})})
+    files = [out / GGUF_MODEL] + ([out / GGUF_ADAPTER] if (out / GGUF_ADAPTER).exists() else [])
+    return Row("edgekit searched", "llama.cpp", files, " + ".join(_types(p) for p in files))
 
 
 def _quantize(module: Any, text: Any, plan: Any, method: str, rank: int) -> None:
@@ -253,11 +277,11 @@ def _print(rows: list[Row], model: str, prompt_tokens: int, args: argparse.Names
               f"bytes, adapter included) vs llama.cpp {ppl(k_m):.3f}: {verdict}")
     for row in rows:
         if row.runtime == "llama.cpp" and row.name.startswith("edgekit"):
-            ratio = min(q4_0.decode_ms) / min(row.decode_ms)
-            print(f"- decode {row.name} (Q4_0 blocks{' + LoRA adapter' if len(row.files) > 1 else ''}): "
-                  f"{ratio:.1%} of llama.cpp Q4_0's tok/s")
+            peer = k_m if row.name == "edgekit searched" else q4_0
+            print(f"- decode {row.name} ({row.types}): {min(peer.decode_ms) / min(row.decode_ms):.1%} of {peer.name}'s "
+                  "tok/s")
     for row in rows:
-        if row.runtime == "llama.cpp" and row.name.startswith("edgekit"):
+        if row.runtime == "llama.cpp" and row.name.startswith("edgekit") and row.name != "edgekit searched":
             onnx = find(row.name, "onnxruntime")
             same = [_common_prefix(a[:COMPARED_TOKENS], b[:COMPARED_TOKENS]) for a, b in zip(row.tokens, onnx.tokens,
                                                                                      strict=True)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 from pathlib import Path
@@ -14,11 +15,13 @@ import torch
 from edgekit.api import build
 from edgekit.errors import UsageError
 from edgekit.families import llm
-from edgekit.families.llm_adapter import GGUF_ADAPTER, gguf_files, quantize_lm
+from edgekit.families.llm_adapter import GGUF_ADAPTER, gguf_files, quantize_ends, quantize_lm, uniform_files
 from edgekit.passes import export_gguf
 from edgekit.passes.sequential import WeightScheme
+from edgekit.passes.weight_levels import LanguageModelSpace, WeightLevel, level_database, variants
 from edgekit.passes.weightonly import gptq, rtn
 from edgekit.progress import Progress
+from edgekit.search.evolve import cost
 
 from .conftest import VOCAB
 
@@ -146,6 +149,39 @@ def test_gguf_builds_refuse_settings_blocks_cannot_hold(tiny_lm_folder: Path) ->
         build(tiny_lm_folder, "x86-64", format="gguf", quiet=True, overrides={"weights.symmetric": False})
     with pytest.raises(UsageError, match="does not run gguf"):
         build(tiny_lm_folder, "jetson-orin-nano", format="gguf", quiet=True)
+
+
+def test_a_searched_configuration_s_files_are_no_larger_than_the_search_priced_them(tiny_lm_folder: Path) -> None:
+    """A budget search over GGUF prices each unit's level from its tensors: any mixed configuration's model and
+    adapter files come to at most the predicted size, and within the padding (plus the adapter's fixed part
+    where no unit has EoRA) of it; the decode estimate reads the same bytes, to within the adapter's header."""
+    loaded = llm.load_lm(tiny_lm_folder, None)
+    model = loaded.module
+    calibration = llm.token_windows(loaded.tokenizer, list(llm.wiki_articles()[:4]), 32, 4)
+    labels = ("int8", "int4+eora32", "int4")
+    levels = [WeightLevel.parse(label) for label in labels]
+    scheme = WeightScheme(4, 32, rank_bits=8)
+    quiet = Progress(quiet=True)
+    arrays = level_database(model, calibration, levels, scheme, quiet)
+    hidden = torch.from_numpy(arrays["hidden"])
+    working = copy.deepcopy(model)
+    quantize_ends(working, hidden, scheme, 8, 8)
+    space = LanguageModelSpace(model, working, variants(model, arrays, levels, scheme), list(labels),
+                               calibration[:2], hidden[:2], "test")
+    precision = "/".join(labels)
+    measured = uniform_files(space, loaded, precision, quiet)
+    space.set_costs(measured["shares"], measured["analysis"], lambda analysis: analysis["weight_bytes"] * 1e-6)
+    unit_bytes = [[level.delta.bytes for level in unit.levels] for unit in space.units]
+    assert all(0 == int8 > int4 < eora for int8, eora, int4 in unit_bytes)  # relative to every unit at int8
+    for config in [(0, 1, 2, 1), (2, 1, 0, 2), (1, 1, 1, 1), (2, 0, 2, 0), (0, 0, 0, 0), (2, 2, 2, 2)]:
+        files, _, _ = gguf_files(space.stitch(config), loaded, precision)
+        real, predicted = sum(map(len, files.values())), cost(space, config)
+        slack = predicted.bytes - real
+        assert predicted.latency_ms == pytest.approx(real * 1e-6, abs=1024e-6), config  # less a header at most
+        if 1 in config:
+            assert GGUF_ADAPTER in files and 0 <= slack <= 2 * 62, config
+        else:  # no adapter file: its header and metadata were priced in
+            assert GGUF_ADAPTER not in files and 0 < slack < 1024, config
 
 
 @pytest.mark.skipif(HAS_LLAMA_CPP, reason="llama-cpp-python is installed: the build verifies instead")

@@ -40,6 +40,7 @@ from edgekit.passes.weight_levels import (
     kl_to_original,
     level_database,
     record_search,
+    unit_index,
     variants,
 )
 from edgekit.passes.weightonly import by_rows, rtn
@@ -448,8 +449,6 @@ def _check_gguf_build(model: llm.LoadedLM, ctx: BuildContext) -> None:
     """Before any long step: settings whose codes Q4_0 / Q8_0 cannot hold as they are, a decoder llama.cpp's
     `llama` architecture would compute differently, and llama.cpp itself, which verifies the file."""
     weights = ctx.plan.weights
-    if ctx.plan.search.budget:
-        raise UsageError("search.budget prices each level from ONNX exports; --format gguf takes one precision")
     if ctx.precision == "fp16":
         raise UsageError("--format gguf writes fp32, int8 (Q8_0) or int4 (Q4_0) weights, not fp16")
     if ctx.precision in BITS and (weights.group_size != gguf_export.BLOCK or not weights.symmetric):
@@ -483,7 +482,7 @@ def _gguf_artifact(module: Any, model: llm.LoadedLM, quantization: dict[str, Any
     """The decoder as a llama.cpp GGUF file, its EoRA factors as a LoRA adapter beside it, both read back and
     dequantized by gguf's own code against the weights edgekit computes with."""
     with ctx.progress.stage("export", note="gguf for llama.cpp") as record:
-        files, written, ranks = gguf_files(module, model, ctx.precision)
+        files, written, ranks = gguf_files(module, model, _precision(ctx))
         tensors, factors = written[GGUF_MODEL], written.get(GGUF_ADAPTER, [])
         check = gguf_export.dequantization_check(files, written)
         if not check["passed"]:
@@ -493,7 +492,7 @@ def _gguf_artifact(module: Any, model: llm.LoadedLM, quantization: dict[str, Any
                           f"{check['bit_exact']} of {check['tensors']} bit-exact")
     config = module.config
     return Artifact(
-        files=files, format="gguf", precision=ctx.precision, quantization=quantization,
+        files=files, format="gguf", precision=_precision(ctx), quantization=quantization,
         analysis=_gguf_costs(files, tensors, module),
         details={"architecture": llm_gguf.ARCH, "tensor_types": dict(sorted(types.items())),
                  "adapter": {"file": GGUF_ADAPTER, "kind": "LoRA (EoRA residual B·A), alpha 0: scale 1",
@@ -565,9 +564,13 @@ def search_lm(model: llm.LoadedLM, text: Text, ctx: BuildContext) -> Decoder:
                                    basis=f"estimated: {ctx.target.name}")
         costs_key = {**key, "kind": "lm-weight-level-costs", "labels": settings.weight_levels,
                      "head_bits": weights.head_bits, "embedding_bits": weights.embedding_bits,
-                     "rank_bits": plan.lowrank.bits, "opset": plan.export.opset,
+                     "rank_bits": plan.lowrank.bits, "format": ctx.format, "opset": plan.export.opset,
                      "accuracy_level": weights.accuracy_level, "target": ctx.target.name, "tokenizer": model.source}
-        measured = checked_json(ctx.cache.path(costs_key, ".json"), lambda: _uniform_exports(space, model, ctx))
+        if ctx.format == "gguf":
+            space.sizing = GGUF_SIZING
+        measured = checked_json(ctx.cache.path(costs_key, ".json"), lambda: (
+            uniform_files(space, model, _precision(ctx), progress) if ctx.format == "gguf"
+            else _uniform_exports(space, model, ctx)))
         space.set_costs(measured["shares"], measured["analysis"], lambda analysis: _estimate(ctx, analysis)["ms"])
         note["note"] = (f"{len(space.units)} units x {len(levels)} levels; all at {levels[0].label}: "
                         f"{budget.format(space.base.of(budget.metric))}")
@@ -629,6 +632,33 @@ def _uniform_exports(space: LanguageModelSpace, model: llm.LoadedLM, ctx: BuildC
         graph = _graph(module, model, ctx)
         shares.append(graph_shares(graph, len(space.found)))
         analysis = analysis or _costs(graph, module)
+    return {"shares": shares, "analysis": analysis}
+
+
+GGUF_SIZING = ("the model and adapter files', an upper bound within 62 bytes per file (each unit's tensors and rank "
+               "entries priced exactly; the padding before the data is 0 to 31 bytes)")
+
+
+def uniform_files(space: LanguageModelSpace, model: llm.LoadedLM, precision: str, progress: Progress
+                  ) -> dict[str, Any]:
+    """As `_uniform_exports`, for GGUF files: each unit's linears priced per level from their tensors
+    (`llm_gguf.linear_bytes`); the files' fixed parts (header, metadata, padding) from the uniform files, taken at
+    the most padding, so that a configuration's predicted size bounds its files from above."""
+    shares: list[dict[str, Any]] = []
+    fixed: dict[str, int] = {}
+    analysis = None
+    units = len(space.found)
+    for level in progress.track(range(len(space.labels)), len(space.labels), "uniform files"):
+        module = space.stitch((level,) * units)
+        files, written, _ = gguf_files(module, model, precision)
+        in_model, in_adapter = llm_gguf.linear_bytes(module, unit_index, units)
+        for name, held in ((GGUF_MODEL, in_model), (GGUF_ADAPTER, in_adapter)):
+            if name in files:
+                fixed.setdefault(name, len(files[name]) - sum(held) + gguf_export.ALIGNMENT - 1)
+        linears = [a + b for a, b in zip(in_model, in_adapter, strict=True)]
+        shares.append({"bytes": linears, "weights": linears, "nodes": [0] * units})
+        analysis = analysis or _gguf_costs(files, written[GGUF_MODEL], module)
+    shares[0]["size"] = sum(fixed.values()) + sum(shares[0]["bytes"])
     return {"shares": shares, "analysis": analysis}
 
 

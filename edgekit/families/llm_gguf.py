@@ -72,8 +72,9 @@ def _tensor(name: str, layer: torch.nn.Linear, order: torch.Tensor | None = None
     return tensors
 
 
-def _linears(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module, torch.Tensor | None]]:
-    """Each decoder linear (or its EoRA-compensated form) with its GGUF name and row order."""
+def _linears(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module, torch.Tensor | None, int, str]]:
+    """Each decoder linear (or its EoRA-compensated form) with its GGUF name and row order, and its block's index
+    and its name in the block."""
     import gguf
 
     config = module.config
@@ -85,7 +86,7 @@ def _linears(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module, torch.
                      "self_attn.k_proj": config.num_key_value_heads}.get(name)
             base = getattr(layer, "base", layer)
             order = rope_rows(base.out_features, heads) if heads else None
-            found.append((names.get_name(f"model.layers.{index}.{name}"), layer, order))
+            found.append((names.get_name(f"model.layers.{index}.{name}"), layer, order, index, name))
     return found
 
 
@@ -98,7 +99,7 @@ def model_tensors(module: torch.nn.Module) -> list[GGUFTensor]:
     for index, block in enumerate(llm.decoder_layers(module)):
         tensors += [GGUFTensor(f"blk.{index}.{short}.weight", getattr(block, norm).weight.detach())
                     for norm, short in NORMS.items()]
-    for name, layer, order in _linears(module):
+    for name, layer, order, _, _ in _linears(module):
         tensors += _tensor(name, getattr(layer, "base", layer), order)
     tensors.append(GGUFTensor("output_norm.weight", module.model.norm.weight.detach()))
     if not tied:
@@ -109,15 +110,36 @@ def model_tensors(module: torch.nn.Module) -> list[GGUFTensor]:
 def adapter_tensors(module: torch.nn.Module) -> tuple[list[GGUFTensor], dict[str, int]]:
     """The EoRA factors of every compensated linear as LoRA pairs (B's rows in the layer's order), and each
     layer's rank."""
-    from edgekit.passes.export_gguf import lora_tensors
-
     tensors, ranks = [], {}
-    for name, layer, order in _linears(module):
+    for name, layer, order, _, _ in _linears(module):
         if hasattr(layer, "base"):
-            (a,), (b,) = _tensor(name, layer.a), _tensor(name, layer.b, order)
-            tensors += lora_tensors(f"{name}.weight", a, b)
+            tensors += _factors(name, layer, order)
             ranks[name] = layer.a.out_features
     return tensors, ranks
+
+
+def _factors(name: str, layer: torch.nn.Module, order: torch.Tensor | None) -> list[GGUFTensor]:
+    from edgekit.passes.export_gguf import lora_tensors
+
+    (a,), (b,) = _tensor(name, layer.a), _tensor(name, layer.b, order)
+    return lora_tensors(f"{name}.weight", a, b)
+
+
+def linear_bytes(module: torch.nn.Module, unit_of: Callable[[int, str], int], units: int
+                 ) -> tuple[list[int], list[int]]:
+    """What each unit's linears add to the model file and to the adapter file (`unit_of(block index, name in the
+    block)`): their tensors' entries, and their EoRA factors and rank entries. The files are these plus parts no
+    linear's level changes (`export_gguf.entry_bytes`)."""
+    from edgekit.passes.export_gguf import entry_bytes, rank_entry
+
+    model, adapter = [0] * units, [0] * units
+    for name, layer, order, index, short in _linears(module):
+        unit = unit_of(index, short)
+        model[unit] += sum(map(entry_bytes, _tensor(name, getattr(layer, "base", layer), order)))
+        if hasattr(layer, "base"):  # the factors, and the rank entry: a length-prefixed string
+            adapter[unit] += (sum(map(entry_bytes, _factors(name, layer, order)))
+                              + 8 + len(rank_entry(name, layer.a.out_features).encode()))
+    return model, adapter
 
 
 def describe_model(module: torch.nn.Module, tokenizer: Any, source: str, name: str,

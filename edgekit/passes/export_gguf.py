@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 
 BLOCK = 32  # weights per Q4_0 / Q8_0 block
 BLOCK_TYPES = {4: "Q4_0", 8: "Q8_0"}  # bits -> the llama.cpp block type that holds edgekit's symmetric codes
+BLOCK_BYTES = {"Q4_0": 2 + BLOCK // 2, "Q8_0": 2 + BLOCK}  # a float16 scale and the block's codes
+ALIGNMENT = 32  # GGUF's default: the tensor data, and each tensor in it, start on a multiple of this
 
 
 @dataclass
@@ -76,6 +78,17 @@ def type_name(tensor: GGUFTensor) -> str:
     return BLOCK_TYPES[quantized.bits] if quantized is not None and unexact(quantized) is None else "F32"
 
 
+def entry_bytes(tensor: GGUFTensor) -> int:
+    """What one tensor adds to a GGUF file: its info record (name, dimensions, type, data offset) and its data,
+    padded to the alignment. A file is these plus a fixed part (header, metadata) and at most `ALIGNMENT - 1`
+    bytes of padding before the data."""
+    kind = type_name(tensor)
+    values = tensor.values.numel()
+    data = values * 4 if kind == "F32" else values // BLOCK * BLOCK_BYTES[kind]
+    info = 8 + len(tensor.name.encode()) + 4 + 8 * tensor.values.dim() + 4 + 8
+    return info + -(-data // ALIGNMENT) * ALIGNMENT
+
+
 def stored(tensor: GGUFTensor) -> tuple[np.ndarray, GGMLQuantizationType | None]:
     """The array the file holds, and its block type (None: float32)."""
     from gguf import GGMLQuantizationType
@@ -109,6 +122,11 @@ def lora_tensors(name: str, a: GGUFTensor, b: GGUFTensor) -> list[GGUFTensor]:
     return [GGUFTensor(f"{name}.lora_a", a.values, a.quantized), GGUFTensor(f"{name}.lora_b", b.values, b.quantized)]
 
 
+def rank_entry(name: str, rank: int) -> str:
+    """A compensated layer's entry in the adapter's `edgekit.adapter.ranks` list."""
+    return f"{name}={rank}"
+
+
 def describe_adapter(ranks: dict[str, int]) -> Callable[[GGUFWriter], None]:
     """The metadata of an EoRA adapter: llama.cpp's LoRA keys, alpha 0 (scale 1), and each layer's rank."""
 
@@ -118,7 +136,7 @@ def describe_adapter(ranks: dict[str, int]) -> Callable[[GGUFWriter], None]:
         writer.add_float32("adapter.lora.alpha", 0.0)
         writer.add_string("edgekit.adapter", "EoRA: rank-r residual of each quantized layer's error, fitted in the "
                           "eigenspace of its calibration inputs")
-        writer.add_array("edgekit.adapter.ranks", [f"{name}={rank}" for name, rank in ranks.items()])
+        writer.add_array("edgekit.adapter.ranks", [rank_entry(name, rank) for name, rank in ranks.items()])
 
     return describe
 

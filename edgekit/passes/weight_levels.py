@@ -117,6 +117,11 @@ def variants(module: torch.nn.Module, arrays: dict[str, np.ndarray], levels: Seq
     return found
 
 
+def unit_index(block: int, name: str) -> int:
+    """The unit a linear belongs to, by its block's index and its name in the block."""
+    return len(GROUPS) * block + next(i for i, names in enumerate(GROUPS.values()) if name in names)
+
+
 def unit_names(module: torch.nn.Module) -> list[str]:
     return [f"layers.{index}.{group}" for index in range(len(llm.decoder_layers(module))) for group in GROUPS]
 
@@ -127,22 +132,24 @@ def _varint_length(value: int) -> int:
 
 def graph_shares(graph: onnx.ModelProto, units: int) -> dict[str, Any]:
     """What each unit's nodes and initializers take in the serialized graph (`bytes`, one repeated-field entry each:
-    tag, length, message; an entry is the unit's whose scope its name, or else one of its values, is in) and how
-    many kernels it launches (`nodes`); the file's and the graph's own size."""
+    tag, length, message; an entry is the unit's whose scope its name, or else one of its values, is in), the
+    weights it streams (`weights`: its initializers' data) and how many kernels it launches (`nodes`); the file's
+    and the graph's own size."""
     from edgekit.verify.estimate_lm import METADATA_OPS
 
-    owned: np.ndarray = np.zeros((units, 2), np.int64)  # bytes, kernels
-    entries = [(node, [node.name, *node.output, *node.input], node.op_type not in METADATA_OPS)
-               for node in graph.graph.node]
-    entries += [(init, [init.name], False) for init in graph.graph.initializer]
-    for entry, names, kernel in entries:
+    owned: np.ndarray = np.zeros((units, 3), np.int64)  # bytes, kernels, weights
+    entries: list[tuple[Any, list[str], bool, int]] = [
+        (node, [node.name, *node.output, *node.input], node.op_type not in METADATA_OPS, 0)
+        for node in graph.graph.node]
+    entries += [(init, [init.name], False, len(init.raw_data) or init.ByteSize()) for init in graph.graph.initializer]
+    for entry, names, kernel, weights in entries:
         owner = next((m for m in map(_OWNER.search, names) if m), None)
         if owner is not None:
             size = entry.ByteSize()
             unit = len(GROUPS) * int(owner.group(1)) + list(GROUPS).index(owner.group(2))
-            owned[unit] += (1 + _varint_length(size) + size, kernel)
+            owned[unit] += (1 + _varint_length(size) + size, kernel, weights)
     return {"size": graph.ByteSize(), "graph": graph.graph.ByteSize(), "bytes": owned[:, 0].tolist(),
-            "nodes": owned[:, 1].tolist()}
+            "nodes": owned[:, 1].tolist(), "weights": owned[:, 2].tolist()}
 
 
 @dataclass
@@ -157,6 +164,7 @@ class LanguageModelSpace:
     windows: torch.Tensor  # calibration token windows fitness reads, first ones first
     teacher: torch.Tensor  # the original's last block outputs on them
     basis: str
+    sizing: str = "the artifact file's, each unit's share measured in one export per level"
     units: list[Unit] = field(default_factory=list)  # set by `set_costs`
     base: Costs = field(default_factory=Costs)
     current: list[int | None] = field(init=False)
@@ -218,8 +226,7 @@ class LanguageModelSpace:
         """Each linear's weight scheme at `config`'s levels (by block index and name): the sequential requantization
         of the chosen configuration compresses every layer as its level says."""
         def scheme_of(block: int, name: str) -> WeightScheme:
-            group = next(g for g, names in GROUPS.items() if name in names)
-            bits, rank = weight_level(self.labels[config[len(GROUPS) * block + list(GROUPS).index(group)]])
+            bits, rank = weight_level(self.labels[config[unit_index(block, name)]])
             return replace(scheme, bits=bits, rank=rank, ranks=())
 
         return scheme_of
@@ -227,21 +234,25 @@ class LanguageModelSpace:
 
     def set_costs(self, shares: list[dict[str, Any]], base: dict[str, Any],
                   decode_ms: Callable[[dict[str, Any]], float]) -> None:
-        """Each unit's levels with their costs relative to the all-first-level model: bytes from the uniform exports'
-        `shares` (one per level), latency from `decode_ms` on the first level's analysis (`base`) changed by the
-        unit's streamed bytes, kernels and parameters."""
-        params, stored = module_totals(self.found)
+        """Each unit's levels with their costs relative to the all-first-level model: bytes and streamed weights
+        from the uniform exports' `shares` (one per level; the first also holds the file's `size`, and an ONNX
+        graph's own size as `graph`), latency from `decode_ms` on the first level's analysis (`base`) changed by
+        the unit's streamed bytes, kernels and parameters."""
+        params = module_params(self.found)
         first = shares[0]
 
         def ms(unit: int, level: int) -> float:
-            return decode_ms({**base, "weight_bytes": base["weight_bytes"] + stored[unit, level] - stored[unit, 0],
+            return decode_ms({**base,
+                              "weight_bytes": base["weight_bytes"] + shares[level]["weights"][unit]
+                              - first["weights"][unit],
                               "nodes": base["nodes"] + shares[level]["nodes"][unit] - first["nodes"][unit],
                               "params": base["params"] + params[unit, level] - params[unit, 0]})
 
         deltas = np.array([share["bytes"] for share in shares]).T - np.array(first["bytes"])[:, None]
-        graph = (first["graph"] + deltas.min(1).sum(), first["graph"] + deltas.max(1).sum())
-        # the graph's length prefix, a byte longer for some configurations if their sizes straddle 2^(7k)
-        prefix = _varint_length(int(graph[1])) - _varint_length(int(graph[0]))
+        prefix = 0  # an ONNX graph's length prefix: a byte longer for configurations whose sizes straddle 2^(7k)
+        if "graph" in first:
+            graph = (first["graph"] + deltas.min(1).sum(), first["graph"] + deltas.max(1).sum())
+            prefix = _varint_length(int(graph[1])) - _varint_length(int(graph[0]))
         start = decode_ms(base)
         self.base = Costs(bytes=first["size"] + prefix, latency_ms=start)
         self.units = [Unit(name, tuple(Level(label, Costs(bytes=int(deltas[unit, level]),
@@ -265,17 +276,10 @@ def kl_to_original(original: torch.nn.Module, model: torch.nn.Module, windows: t
     return total / len(windows)
 
 
-def module_totals(found: list[list[dict[str, torch.nn.Module]]]) -> tuple[np.ndarray, np.ndarray]:
-    """[unit, level] parameters and stored weight bytes (codes and scales: what the initializers hold)."""
-    import torch
-
-    from edgekit.passes.sequential import stored_bytes
-
-    params = np.array([[sum(p.numel() for m in level.values() for p in m.parameters()) for level in unit]
-                       for unit in found], np.int64)
-    stored = np.array([[sum(stored_bytes(layer) for m in level.values() for layer in m.modules()
-                            if isinstance(layer, torch.nn.Linear)) for level in unit] for unit in found], np.int64)
-    return params, stored
+def module_params(found: list[list[dict[str, torch.nn.Module]]]) -> np.ndarray:
+    """[unit, level] parameters (EoRA factors included)."""
+    return np.array([[sum(p.numel() for m in level.values() for p in m.parameters()) for level in unit]
+                     for unit in found], np.int64)
 
 
 def record_search(space: LanguageModelSpace, result: SearchResult, budget: str, seed: int) -> dict[str, Any]:
@@ -285,8 +289,7 @@ def record_search(space: LanguageModelSpace, result: SearchResult, budget: str, 
         "method": "EvoPress-style evolutionary search (level-switch mutations within the budget, selection in steps "
                   "on 4, 16 and all fitness windows); every level of every linear computed once (GPTQ, EoRA) from "
                   "the original model's calibration activations",
-        "costs": f"decode latency {space.basis}; bytes: the artifact file's, each unit's share measured in one "
-                 "export per level",
+        "costs": f"decode latency {space.basis}; bytes: {space.sizing}",
         "fitness": f"KL(original ‖ candidate) of next-token distributions per token, mean over the first "
                    f"{space.samples} calibration windows",
         **result.record(space.labels, space.names, seed,
