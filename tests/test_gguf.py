@@ -226,3 +226,25 @@ def test_gguf_build_is_verified_in_llama_cpp(tiny_lm_folder: Path) -> None:
     assert report["latency_ms"]["measured_host"]["runtime"].startswith("llama.cpp")
     assert report["latency_ms"]["measured_host"]["label"] == "measured: host"
     assert 0.8 < report["ppl_ratio"] < 1.25 and report["next_token_agreement"] > 0.5
+
+
+@pytest.mark.skipif(not HAS_LLAMA_CPP, reason=NO_LLAMA_CPP)
+def test_gguf_budget_build_mixes_q8_0_and_q4_0_within_the_budget(tiny_lm_folder: Path) -> None:
+    from edgekit.search import BudgetUnreachable
+
+    settings = {**TEXT, "search.weight_levels": ["int8", "int4"], "search.generations": 3, "search.offspring": 4,
+                "search.images": 2}
+    with pytest.raises(BudgetUnreachable) as raised:
+        build(tiny_lm_folder, "raspberry-pi-5", format="gguf", quiet=True,
+              overrides={**settings, "search.budget": "bytes=1kB"})
+    limit = int(raised.value.closest.bytes) + 16_000  # every unit at Q4_0, and room for about two at Q8_0
+    report = build(tiny_lm_folder, "raspberry-pi-5", format="gguf", quiet=True,
+                   overrides={**settings, "search.budget": f"bytes={limit}B"}).report
+    search = report["search"]
+    assert report["size_bytes"] <= search["chosen"]["bytes"] <= limit
+    levels = search["chosen"]["levels"]
+    assert set(levels) == {"int8", "int4"}
+    # units alternate attention (4 linears) and MLP (3); the tied table is Q8_0 too
+    eights = sum(4 if unit % 2 == 0 else 3 for unit, level in enumerate(levels) if level == "int8")
+    assert report["artifact"]["tensor_types"] == {"F32": 5, "Q8_0": 1 + eights, "Q4_0": 14 - eights}
+    assert report["artifact"]["dequantization_check"]["passed"] and report["ppl_ratio"] < 1.25
