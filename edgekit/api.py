@@ -51,6 +51,7 @@ def build(
     effort: str = "default",
     device_url: str | None = None,
     device_token: str | None = None,
+    ray: str | None = None,
     reuse: bool = False,
 ) -> BuildResult:
     """Build a verified artifact of `model` for `target`.
@@ -63,6 +64,8 @@ def build(
     the gates. With `reuse` and `out`, a folder at `out` that this edgekit built from the same inputs (by sha256),
     load options, resolved recipe and packages, its outputs intact, is returned as it is instead of being rebuilt
     (what lets a killed `edgekit fleet` finish only what is missing); a build verified on a device always runs.
+    With `ray` (a Ray address, or "local"), a budget search scores its candidates on Ray actors
+    (edgekit/search/remote.py): the same result, the forward passes spread over the cluster.
     """
     for name, given in (("out", out), ("calib", calib), ("eval", eval), ("train", train)):
         if given is not None and not str(given).strip():
@@ -78,6 +81,8 @@ def build(
     if device_url and not adapter.device_verifiable:
         raise UsageError(f"device verification through an agent takes one-graph image models; {adapter.name} "
                          "models verify here")
+    if ray and not resolved.search.budget:
+        raise UsageError("--ray scores a budget search's candidates: give --budget too")
     if device_url:
         _agent_runs(str(resolved.export.format))
     if resolved.export.format == "pte":
@@ -91,7 +96,7 @@ def build(
             calib=str(calib) if calib else None, eval=str(eval) if eval else None,
             cache=ArrayCache(default_cache_dir() if use_cache else None), progress=progress,
             threads=min(resolved.verify.threads or 1, os.cpu_count() or 1), remote=remote,
-            recipe_file=recipe_file, train=str(train) if train else None,
+            recipe_file=recipe_file, train=str(train) if train else None, ray=ray,
         )
 
     reusable = reuse and out is not None and not device_url

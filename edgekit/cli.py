@@ -128,6 +128,9 @@ def _parser() -> argparse.ArgumentParser:
                         "macs=1.5G (image models), bytes=90MB or tokens_per_s=40 (language models); a search picks "
                         "each unit's level (image models: each block's pruning; language models: each block's "
                         "attention and MLP weights, int8/int4/+EoRA; not with --prune)")
+    stages.add_argument("--ray", metavar="ADDRESS",
+                        help="score --budget's search candidates on Ray actors: auto (this machine's cluster), "
+                        "ray://head:10001, or local (a Ray started here); the search's result is the same as without")
     stages.add_argument("--distill-steps", type=int,
                         help="after --prune or --budget: training steps towards the original on the calibration "
                         "images")
@@ -318,7 +321,7 @@ def build_arguments(args: argparse.Namespace) -> dict[str, Any]:
         model=args.model, target=args.target, calib=args.calib, eval=args.eval, train=args.train, recipe=args.recipe,
         precision=args.precision, format=args.format, arch=args.arch, num_classes=args.num_classes,
         input_size=args.input_size, out=args.out, use_cache=not args.no_cache, quiet=args.quiet, effort=args.effort,
-        device_url=args.device, device_token=args.device_token,
+        device_url=args.device, device_token=args.device_token, ray=args.ray,
         overrides={
             "export.opset": args.opset, "quantize.max_float_layers": args.max_float_layers,
             "quantize.int8_mode": args.int8_mode, "prune.ratio": args.prune, "search.budget": args.budget,

@@ -35,6 +35,7 @@ class BuildContext:
     remote: RemoteDevice | None = None  # the board's agent, when the artifact is also verified there
     train: str | None = None  # labelled images to fine-tune on after compression (families that train on labels)
     recipe_file: Path | None = None
+    ray: str | None = None  # a Ray address a budget search scores its candidates on (None: in this process)
     staging: Path | None = None  # the folder being written (renamed into place when the build completes)
     notes: list[str] = field(default_factory=list)
     sections: dict[str, Any] = field(default_factory=dict)  # report sections the steps add (pruning, search, …)

@@ -191,3 +191,29 @@ def test_fleet_joins_a_running_cluster_by_address(local_ray: None, tiny_onnx: Pa
 
 def _niceness() -> int:
     return os.nice(0)
+
+
+def test_search_candidates_scored_on_ray_actors_give_the_search_its_own_result(local_ray: None, tiny_onnx: Path
+                                                                               ) -> None:
+    """A budget search whose selection steps score their children on Ray actors: the same draws, scores and
+    chosen configuration as scoring here, with the children's fitness computed in the actors."""
+    from ray import cloudpickle
+
+    from edgekit.errors import UsageError
+    from edgekit.search import evolve, parse_budget
+    from edgekit.search.remote import ray_scorer
+
+    from . import test_search
+
+    cloudpickle.register_pickle_by_value(test_search)  # the actors cannot import the tests
+    here, there = test_search._toy(units=8), test_search._toy(units=8)
+    budget = parse_budget(f"latency={0.75 * here.base.latency_ms}ms")
+    alone = evolve(here, budget, seed=3, generations=8)
+    with ray_scorer(there, "local") as score_many:  # joins the module's Ray
+        assert score_many is not None
+        spread = evolve(there, budget, seed=3, generations=8, score_many=score_many)
+    assert (spread.best, spread.scored, spread.evaluations) == (alone.best, alone.scored, alone.evaluations)
+    assert len(there.calls) < len(here.calls) / 2  # here: only the starts and the parents
+    assert ray.is_initialized()  # a search that joined a Ray leaves it running
+    with pytest.raises(UsageError, match="give --budget too"):
+        build(tiny_onnx, "x86-64", quiet=True, ray="local")

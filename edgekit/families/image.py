@@ -278,7 +278,8 @@ class ImageFamily(FloatParts):
             from edgekit.passes.levels import search
 
             module, ctx.sections["search"] = search(model.module, model.input_shape, model.fingerprint, self, images,
-                                                    calibration["sha256"], plan, ctx.target, ctx.cache, ctx.progress)
+                                                    calibration["sha256"], plan, ctx.target, ctx.cache, ctx.progress,
+                                                    ctx.ray)
         else:
             from edgekit.passes.prune import prune_channels
 

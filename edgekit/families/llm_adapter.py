@@ -533,6 +533,7 @@ def search_lm(model: llm.LoadedLM, text: Text, ctx: BuildContext) -> Decoder:
     import torch
 
     from edgekit.search import evolve
+    from edgekit.search.remote import ray_scorer
 
     plan, settings, progress = ctx.plan, ctx.plan.search, ctx.progress
     budget = settings.parsed_budget()
@@ -574,9 +575,9 @@ def search_lm(model: llm.LoadedLM, text: Text, ctx: BuildContext) -> Decoder:
         space.set_costs(measured["shares"], measured["analysis"], lambda analysis: _estimate(ctx, analysis)["ms"])
         note["note"] = (f"{len(space.units)} units x {len(levels)} levels; all at {levels[0].label}: "
                         f"{budget.format(space.base.of(budget.metric))}")
-    with progress.stage("search") as note:
+    with progress.stage("search") as note, ray_scorer(space, ctx.ray) as score_many:
         result = evolve(space, budget, seed=plan.seed, generations=settings.generations, seconds=settings.seconds,
-                        offspring=settings.offspring,
+                        offspring=settings.offspring, score_many=score_many,
                         progress=lambda rounds, total: progress.track(rounds, total, "generations"))
         uniform = result.uniform
         note["note"] = (f"{budget.text}: {budget.format(result.best.costs.of(budget.metric))}, fitness "

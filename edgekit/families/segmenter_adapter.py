@@ -141,7 +141,8 @@ class SegmenterFamily(FloatParts):
 
         plan = ctx.plan
         teacher, student, ctx.sections["search"] = search_encoder(
-            original, model, plan, data.calib_files, data.calib_dir, CROP, self, ctx.target, ctx.cache, ctx.progress)
+            original, model, plan, data.calib_files, data.calib_dir, CROP, self, ctx.target, ctx.cache, ctx.progress,
+            ctx.ray)
         if plan.distill.steps:
             with ctx.progress.stage("distill") as note:
                 ctx.sections["distillation"] = done = _distill(student, teacher, {}, data.calib_files, plan,

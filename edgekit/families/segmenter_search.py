@@ -39,8 +39,8 @@ if TYPE_CHECKING:
 
 
 def search_encoder(original: Any, loaded: LoadedSegmenter, plan: Recipe, files: list[Path], root: Path,
-                   crop: int, adapter: FloatParts, target: Target, cache: ArrayCache, progress: Progress
-                   ) -> tuple[torch.nn.Module, torch.nn.Module, dict[str, Any]]:
+                   crop: int, adapter: FloatParts, target: Target, cache: ArrayCache, progress: Progress,
+                   ray: str | None = None) -> tuple[torch.nn.Module, torch.nn.Module, dict[str, Any]]:
     """The original encoder and a copy with each block at the level the search chose for `plan.search.budget` on
     `target` (both torch, at the `crop` resolution), and the report's `search` block. The first `prune.images` of
     `files` rank and refit the variants, the next `search.images` measure fitness (with too few, the same ones)."""
@@ -74,7 +74,7 @@ def search_encoder(original: Any, loaded: LoadedSegmenter, plan: Recipe, files: 
         note["note"] = (f"{len(found.names)} blocks x {len(found.labels)} levels, {space.basis}"
                         + (", from the cache" if cache.hits > hits else ""))
     refitted = ", least-squares refit of the block to the original's outputs" if plan.prune.reconstruct else ""
-    config, record = choose(space, plan, progress, refit=refit, disjoint=disjoint,
+    config, record = choose(space, plan, progress, refit=refit, disjoint=disjoint, ray=ray,
                             levels="shares of each encoder block's own hidden units removed (disturbed Taylor "
                                    f"ranking on the original encoder{refitted}); embedding channels stay whole",
                             fitness=f"image encoder embedding, normalised MSE to the original's, mean over "

@@ -400,10 +400,11 @@ def artifact_key(plan: Recipe, target: Target) -> dict[str, Any]:
 
 def search(module: torch.nn.Module, input_shape: tuple[int, ...], fingerprint: str, adapter: Family,
            images: np.ndarray, calibration_sha: str, plan: Recipe, target: Target, cache: ArrayCache,
-           progress: Progress) -> tuple[torch.nn.Module, dict[str, Any]]:
+           progress: Progress, ray: str | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
     """A copy of `module` with each search unit at the level the search chose for `plan.search.budget` on `target`,
     and the report's `search` block. The first `plan.prune.images` calibration images refit the variants, the next
-    `plan.search.images` (in a seeded order) measure fitness; with too few images, the same ones do both."""
+    `plan.search.images` (in a seeded order) measure fitness; with too few images, the same ones do both. `ray`: a
+    Ray address the candidates are scored on."""
     image_budget(plan)
     settings = plan.search
     units = adapter.search_units(module)
@@ -436,7 +437,7 @@ def search(module: torch.nn.Module, input_shape: tuple[int, ...], fingerprint: s
                            target, cache, {**key, "kind": "search-costs", "artifact": artifact_key(plan, target),
                                            "units": found.names}, teacher=module)
         note["note"] = f"{len(found.names)} units x {len(found.labels)} levels, {space.basis}"
-    config, record = choose(space, plan, progress, refit=len(refit), disjoint=disjoint,
+    config, record = choose(space, plan, progress, refit=len(refit), disjoint=disjoint, ray=ray,
                             levels="shares of each unit's own channels removed (Torch-Pruning, FLAP ranking, "
                                    "least-squares refit of the unit to the original's outputs)",
                             fitness=f"{adapter.name} output distance to the original (search_distance), mean over "
@@ -457,15 +458,17 @@ def artifact_costs(analysis: Analysis, size: int, target: Target) -> Costs:
 
 
 def choose(space: ImageSpace, plan: Recipe, progress: Progress, *, refit: int, disjoint: bool, levels: str,
-           fitness: str) -> tuple[Config, dict[str, Any]]:
+           fitness: str, ray: str | None) -> tuple[Config, dict[str, Any]]:
     """The search stage: the configuration of `space` the search chooses for `plan.search.budget`, and the report's
     `search` block (`levels`: what a level removes, and how its variants were made; `fitness`: what it measures, on
-    what)."""
+    what). `ray`: a Ray address the candidates are scored on (None: here)."""
+    from edgekit.search.remote import ray_scorer
+
     budget = image_budget(plan)
     settings = plan.search
-    with progress.stage("search") as note:
+    with progress.stage("search") as note, ray_scorer(space, ray) as score_many:
         result = evolve(space, budget, seed=plan.seed, generations=settings.generations, seconds=settings.seconds,
-                        offspring=settings.offspring,
+                        offspring=settings.offspring, score_many=score_many,
                         progress=lambda rounds, total: progress.track(rounds, total, "generations"))
         note["note"] = (f"{budget.text}: {budget.format(result.best.costs.of(budget.metric))}, fitness "
                         f"{result.best.fitness:.4g}" + (f" (uniform {space.found.labels[max(result.uniform.config)]}: "

@@ -59,6 +59,7 @@ MIN_TAKEN = 0.8  # a child gives back at most 1/0.8 of the budget it took from t
 DEFAULT_STAGES = ((4, 4), (16, 1))  # (samples, survivors): 16 children on 4 samples, 4 on 16, then 1 vs parent on all
 
 Config = tuple[int, ...]
+Scorer = Callable[[list[Config], int], list[float]]  # many configurations' fitness on `samples` samples at once
 
 
 @dataclass(frozen=True)
@@ -194,9 +195,12 @@ class BudgetUnreachable(EdgekitError):
 
 def evolve(space: Space, budget: Budget, *, seed: int, generations: int = 50, seconds: float = 600.0,
            offspring: int = 16, stages: Sequence[tuple[int, int]] = DEFAULT_STAGES,
-           progress: Callable[[Iterable[int], int], Iterable[int]] | None = None) -> SearchResult:
+           progress: Callable[[Iterable[int], int], Iterable[int]] | None = None,
+           score_many: Scorer | None = None) -> SearchResult:
     """The configuration of `space` with the lowest fitness the search finds within `budget`, in at most
-    `generations` generations and about `seconds` seconds (a generation started is finished)."""
+    `generations` generations and about `seconds` seconds (a generation started is finished). `score_many`
+    scores each selection step's candidates together (on Ray: `search/remote.py`) where given; the fitness values,
+    and so the result, are the same."""
     start = time.perf_counter()
     rng = np.random.default_rng(seed)
     deltas = [[level.delta.of(budget.metric) for level in unit.levels] for unit in space.units]
@@ -214,13 +218,23 @@ def evolve(space: Space, budget: Budget, *, seed: int, generations: int = 50, se
     memo: dict[tuple[Config, int], float] = {}
     known: dict[Config, Scored] = {}
 
+    def remember(config: Config, samples: int, fitness: float) -> None:
+        memo[config, samples] = fitness
+        if config not in known or known[config].samples < samples:
+            known[config] = Scored(config, fitness, samples, cost(space, config))
+
     def score(config: Config, samples: int) -> float:
         samples = min(samples, space.samples)
         if (config, samples) not in memo:
-            memo[config, samples] = float(space.fitness(config, samples))
-            if config not in known or known[config].samples < samples:
-                known[config] = Scored(config, memo[config, samples], samples, cost(space, config))
+            remember(config, samples, float(space.fitness(config, samples)))
         return memo[config, samples]
+
+    def score_all(configs: list[Config], samples: int) -> None:
+        samples = min(samples, space.samples)
+        missing = [config for config in configs if (config, samples) not in memo]
+        if score_many is not None and missing:
+            for config, fitness in zip(missing, score_many(missing, samples), strict=True):
+                remember(config, samples, float(fitness))
 
     def child_of(parent: Config) -> Config | None:
         child = list(parent)
@@ -275,7 +289,9 @@ def evolve(space: Space, budget: Budget, *, seed: int, generations: int = 50, se
         if not children:  # no move keeps the budget: the parent is the only candidate
             break
         for samples, survivors in stages:
+            score_all(children, samples)
             children = sorted(children, key=partial(score, samples=samples))[:survivors]
+        score_all(children, space.samples)
         parent = min([*children, parent], key=lambda c: score(c, space.samples))
         done += 1
     return SearchResult(best=known[parent], uniform=known[start_uniform] if start_uniform else None,
