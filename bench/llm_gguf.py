@@ -80,7 +80,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     parser.add_argument("--threads", type=int, default=2, help="threads for the timing runs")
     parser.add_argument("--work", type=Path, help="folder for the files (default: a new temporary folder)")
+    parser.add_argument("--retime", action="store_true",
+                        help="time again the rows a run left in --work (its rows.json and files): perplexity and "
+                        "tokens are kept, only the timing rounds run (timings on shared cores are noisy)")
     args = parser.parse_args()
+    if args.retime and not args.work:
+        parser.error("--retime needs --work: the folder of an earlier run")
 
     import torch
 
@@ -103,6 +108,10 @@ def main() -> None:
     _log(started, f"{loaded.name}: held-out {tuple(text.evaluation.shape)}, {len(text.prompts)} prompts")
 
     rows: list[Row] = []
+    if args.retime:
+        kept = json.loads((work / "rows.json").read_text())
+        rows = [Row(r["name"], r["runtime"], [Path(f) for f in r["files"]], r["types"], r["accuracy"], r["tokens"])
+                for r in kept]
 
     def scored(row: Row) -> Row:
         """The row with its perplexity and greedy tokens (deterministic: measured once, as soon as it exists)."""
@@ -112,22 +121,24 @@ def main() -> None:
         return row
 
     source = work / "float32.gguf"
-    source.write_bytes(gguf_files(loaded.module, loaded, "fp32")[0][GGUF_MODEL])
-    for kind, ftype in LLAMA_TYPES.items():
+    if not args.retime:
+        source.write_bytes(gguf_files(loaded.module, loaded, "fp32")[0][GGUF_MODEL])
+    for kind, ftype in LLAMA_TYPES.items() if not args.retime else ():
         path = work / f"llama.cpp-{kind}.gguf"
         _llama_quantize(source, path, ftype, args.threads)
         rows.append(Row(f"llama.cpp {kind}", "llama.cpp", [path], _types(path)))
-    source.unlink()
-    for row in rows:
+    source.unlink(missing_ok=True)
+    for row in rows if not args.retime else ():
         scored(row)
-    if args.search:
+    if args.search and not args.retime:
         k_m = next(row for row in rows if row.name == "llama.cpp Q4_K_M")
         rows.append(scored(_searched(args.model, k_m.bytes, args.windows, work)))
 
     weights = plan.weights
     # the rows the verdicts need first (GPTQ against Q4_0, + EoRA against Q4_K_M), in case the run is cut short
     eora = [(f"gptq + eora r{rank}", "gptq", rank) for rank in args.ranks]
-    for label, method, rank in [("gptq", "gptq", 0), *eora[:1], *([("rtn", "rtn", 0)] if args.rtn else []), *eora[1:]]:
+    built = [("gptq", "gptq", 0), *eora[:1], *([("rtn", "rtn", 0)] if args.rtn else []), *eora[1:]]
+    for label, method, rank in built if not args.retime else ():
         module = copy.deepcopy(loaded.module)
         _quantize(module, text, plan, method, rank)
         folder = work / label.replace(" ", "").replace("+", "-")
