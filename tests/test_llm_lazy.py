@@ -88,3 +88,17 @@ def test_a_folder_without_safetensors_is_refused_in_one_line(tmp_path: Path) -> 
         (tmp_path / "model.safetensors").unlink()
     with pytest.raises(UsageError, match="no safetensors weights"):
         Shards(tmp_path)
+
+
+def test_a_build_refuses_a_checkpoint_larger_than_memory_naming_the_block_by_block_path(
+        tiny_lm_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgekit.api import build
+    from edgekit.families import llm_lazy
+
+    params = sum(p.numel() for p in llm.load_lm(tiny_lm_folder, None).module.parameters())
+    assert Shards(tiny_lm_folder).numel() == params  # from the headers: the tied head is stored once
+    monkeypatch.setattr(llm_lazy, "available_memory", lambda: 8 * params - 1)
+    with pytest.raises(UsageError, match=r"float32 twice .*compress_lazily"):
+        build(tiny_lm_folder, "x86-64", quiet=True)
+    monkeypatch.setattr(llm_lazy, "available_memory", lambda: 8 * params)
+    llm.load_lm(tiny_lm_folder, None)  # it fits

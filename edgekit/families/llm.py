@@ -116,6 +116,9 @@ def load_lm(source: str | Path, cache_root: Path | None) -> LoadedLM:
     elif is_causal_lm_folder(path):
         if not any((path / name).is_file() for name in WEIGHT_FILES):
             raise UsageError(f"{path}: no weights found (looked for {', '.join(WEIGHT_FILES)})")
+        from edgekit.families.llm_lazy import check_fits
+
+        check_fits(path)
         fingerprint, folder = _folder_fingerprint(path), path
     else:
         raise UsageError(f"{path} is neither a GGUF file nor a Hugging Face causal-LM folder (config.json)")

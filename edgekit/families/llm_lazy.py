@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from edgekit.passes.weightonly import QuantizedWeight
 
 MODEL_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
+BUILD_BYTES_PER_PARAM = 8  # `edgekit build` holds the model in float32 and the copy it compresses
 ALIGN = 4096  # external tensors start on page boundaries: onnxruntime maps them in place
 INLINE_BYTES = 1024  # smaller tensors (norms, shapes) stay in the graph
 
@@ -60,6 +61,16 @@ class Shards:
         else:
             raise UsageError(f"{folder}: no safetensors weights (model.safetensors or its .index.json): block-by-block "
                              "compression reads them in place")
+
+    def numel(self) -> int:
+        """Parameters in the checkpoint, from the shards' headers (no tensor is read)."""
+        from safetensors import safe_open
+
+        total = 0
+        for file in sorted(set(self.files.values())):
+            with safe_open(file, framework="pt") as handle:
+                total += sum(int(np.prod(handle.get_slice(name).get_shape())) for name in handle.keys())
+        return total
 
     def tensor(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
@@ -150,6 +161,31 @@ def _quantized_tables(ends: torch.nn.Module, shards: Shards, hidden: torch.Tenso
 def block(kind: type, config: Any, index: int, shards: Shards) -> torch.nn.Module:
     """Decoder block `index` (of class `kind`), read from the shards in float32."""
     return shards.fill(kind(config, index), f"model.layers.{index}.")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this machine can give a new allocation now (Linux's MemAvailable), or None where unknown."""
+    try:
+        lines = Path("/proc/meminfo").read_text().splitlines()
+    except OSError:
+        return None
+    found = [int(line.split()[1]) * 1024 for line in lines if line.startswith("MemAvailable:")]
+    return found[0] if found else None
+
+
+def check_fits(folder: Path) -> None:
+    """Refuse, before anything is loaded, a safetensors checkpoint a build could not hold in this machine's memory,
+    naming the block-by-block path (other weight files are not sized: transformers loads them)."""
+    try:
+        params = Shards(folder).numel()
+    except UsageError:
+        return
+    needed, available = BUILD_BYTES_PER_PARAM * params, available_memory()
+    if available is not None and needed > available:
+        raise UsageError(f"{folder}: {params:,} parameters; a build holds them in float32 twice (about "
+                         f"{needed / 2**30:.1f} GiB) and this machine has {available / 2**30:.1f} GiB available: "
+                         "compress the checkpoint block by block with edgekit.families.llm_lazy.compress_lazily "
+                         "(README: \"Larger than memory\")")
 
 
 def compress_lazily(folder: Path, out: Path, calibration: torch.Tensor, scheme: WeightScheme | SchemeOf,
