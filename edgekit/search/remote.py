@@ -49,7 +49,6 @@ def ray_scorer(space: Space, address: str | None) -> Iterator[Scorer | None]:
     from ray.util import ActorPool
 
     threads = torch.get_num_threads()
-
     started = not ray.is_initialized()
     if started:
         if address == "local":
@@ -61,19 +60,20 @@ def ray_scorer(space: Space, address: str | None) -> Iterator[Scorer | None]:
                 ray.init(address=address, include_dashboard=False, log_to_driver=False)
             except (ConnectionError, ValueError, RuntimeError) as err:
                 raise UsageError(f"no Ray cluster at {address!r}: {err}") from None
+    actors: list[Any] = []
     try:
         cpus = int(ray.cluster_resources().get("CPU", 1))
         actor = ray.remote(num_cpus=threads)(_Scoring)
         shipped = ray.put(space)
-        actors = [actor.remote(shipped, threads) for _ in range(max(1, min(64, cpus // threads)))]
+        actors += [actor.remote(shipped, threads) for _ in range(max(1, min(64, cpus // threads)))]
 
         def score(configs: list[Config], samples: int) -> list[float]:
             pool: Any = ActorPool(actors)
             return list(pool.map(lambda a, config: a.fitness.remote(config, samples), configs))
 
         yield score
+    finally:  # a joined cluster keeps running; its actors do not
         for handle in actors:
             ray.kill(handle)
-    finally:
         if started:
             ray.shutdown()
