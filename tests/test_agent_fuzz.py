@@ -36,7 +36,8 @@ def _plus_one() -> bytes:
 
 
 MODEL = _plus_one()
-GOOD_HEADER = {"format": "onnx", "sha256": hashlib.sha256(MODEL).hexdigest(), "threads": 1, "warmup": 0, "runs": 1}
+GOOD_HEADER = {"task": "run", "format": "onnx", "sha256": [hashlib.sha256(MODEL).hexdigest()], "threads": 1,
+               "warmup": 0, "runs": 1, "model_bytes": [len(MODEL)]}
 
 
 def _npy(array: np.ndarray) -> bytes:
@@ -61,7 +62,7 @@ arrays = st.one_of(
 def frames(draw: st.DrawFn) -> bytes:
     """A verification body: a valid one, or one with some header fields, counts or bytes changed."""
     inputs = draw(arrays)
-    header: dict = {**GOOD_HEADER, "model_bytes": len(MODEL), "inputs_bytes": len(inputs)}
+    header: dict = {**GOOD_HEADER, "array_bytes": [len(inputs)]}
     for field in draw(st.lists(st.sampled_from([*header, "extra"]), max_size=3)):
         header[field] = draw(json_values)
     text = json.dumps(header).encode()
@@ -86,7 +87,7 @@ header_lines = st.lists(st.one_of(
 @st.composite
 def requests(draw: st.DrawFn) -> bytes:
     method = draw(st.sampled_from([b"GET", b"POST", b"PUT", b"HEAD", b"OPTIONS", b"", b"P\x00ST"]))
-    path = draw(st.sampled_from([b"/v1/verify", b"/v1/info", b"/", b"/v1/../../etc/passwd", b"*"])
+    path = draw(st.sampled_from([b"/v2/verify", b"/v2/info", b"/", b"/v2/../../etc/passwd", b"*"])
                 | st.binary(min_size=1, max_size=30).filter(lambda b: not re.search(rb"\s", b)))
     version = draw(st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"HTTP/1.x", b"", b"HTTP/1.1 extra"]))
     body = draw(frames() | st.binary(max_size=300))
@@ -131,9 +132,9 @@ def test_every_request_gets_a_status_line_and_the_agent_serves_on(agent: Agent,
 
     answered()
     inputs = _npy(np.zeros((1, 4), np.float32))
-    header = json.dumps({**GOOD_HEADER, "model_bytes": len(MODEL), "inputs_bytes": len(inputs)}).encode()
+    header = json.dumps({**GOOD_HEADER, "array_bytes": [len(inputs)]}).encode()
     frame = struct.pack(">I", len(header)) + header + MODEL + inputs
-    answer = exchange(port, f"POST /v1/verify HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\n"
+    answer = exchange(port, f"POST /v2/verify HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\n"
                       f"Content-Length: {len(frame)}\r\n\r\n".encode() + frame)
     assert answer.startswith(b"HTTP/1.1 200 ")
     log = capfd.readouterr().err

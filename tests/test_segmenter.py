@@ -10,16 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from edgekit.families.segmenter import (
-    ENCODER_SIZE,
-    PIXEL_MEAN,
-    PIXEL_STD,
-    box_of,
-    box_prompt,
-    encoder_input,
-    instance_masks,
-    iou,
-)
+from edgekit.families.segmenter import box_of, encoder_input, instance_masks, iou
+from edgekit.runtimes.sam_pair import ENCODER_SIZE, PIXEL_MEAN, PIXEL_STD, box_prompt
 
 from .test_report_html import assert_page
 

@@ -1,10 +1,14 @@
 """The agent's wire format, shared by the server on the board and the client on the workstation.
 
-A verification request is one body: a 4-byte big-endian header length, a JSON header (format,
-sha256, threads, warmup, runs, and the byte counts that follow), the model file, and the inputs
-as one `.npy` array. Nothing in it is a path and nothing is unpickled: models are checked to be
-ONNX (no tensor anywhere with external data, which would name files on the board) or TFLite
+A request is one body: a 4-byte big-endian header length, a JSON header (task, format, threads, warmup,
+runs, each model's sha256 and byte count, each array's byte count), the model files, and the task's arrays
+as `.npy` arrays in the task's order. Nothing in it is a path and nothing is unpickled: models are checked
+to be ONNX (no tensor anywhere with external data, which would name files on the board) or TFLite
 flatbuffers, and arrays are read in place from their checked header, never through pickle.
+
+A task is what the board runs, as the host would: `run` one graph over rows of inputs (image models);
+`segment` an encoder / prompt-decoder pair over images and box prompts (the encoder in the job's format, the
+decoder ONNX); `lm` a language model's held-out windows and greedy decoding through its key/value cache.
 """
 
 from __future__ import annotations
@@ -23,13 +27,27 @@ from typing import Any
 import numpy as np
 
 FORMATS = ("onnx", "tflite")
-API = "/v1"
-MAX_HEADER_BYTES = 4096  # the JSON header is about 200 bytes
+API = "/v2"
+MAX_HEADER_BYTES = 4096  # the JSON header is about 300 bytes
 NPY_HEADER_BYTES = 10_000  # numpy's own limit on a .npy header it will parse
-# every header field, with the bounds of the numbers (None: a string, checked on its own)
-HEADER_FIELDS: dict[str, tuple[int, int] | tuple[None, None]] = {
-    "format": (None, None), "sha256": (None, None), "threads": (1, 256), "warmup": (0, 1000), "runs": (1, 10000),
-    "model_bytes": (1, 2**40), "inputs_bytes": (1, 2**40)}
+
+
+@dataclass(frozen=True)
+class Task:
+    models: tuple[str, ...]  # each model's format: "job" (the job's format) or a fixed one
+    arrays: dict[str, tuple[str, int]]  # each array: numpy kinds it may have, and its number of axes (0: any)
+
+
+TASKS = {
+    "run": Task(("job",), {"inputs": ("fiub", 0)}),
+    "segment": Task(("job", "onnx"), {"frames": ("u", 4), "shapes": ("iu", 2), "scales": ("f", 1),
+                                      "boxes": ("f", 2), "image_of": ("iu", 1)}),
+    "lm": Task(("job",), {"windows": ("iu", 2), "prompts": ("iu", 2), "new_tokens": ("iu", 1)}),
+}
+# every header field: a count within bounds, or (None) checked on its own
+COUNTS = {"threads": (1, 256), "warmup": (0, 1000), "runs": (1, 10000)}
+SIZE_BOUNDS = (1, 2**40)
+HEADER_FIELDS = ("task", "format", *COUNTS, "sha256", "model_bytes", "array_bytes")
 
 
 class Refused(Exception):
@@ -42,29 +60,38 @@ class Refused(Exception):
 
 @dataclass
 class Job:
+    task: str
     format: str
-    sha256: str
     threads: int
     warmup: int
     runs: int
-    model: bytes
-    inputs: np.ndarray
+    models: list[bytes]
+    arrays: dict[str, np.ndarray]
+
+    @property
+    def sha256(self) -> list[str]:
+        return [hashlib.sha256(model).hexdigest() for model in self.models]
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
 
 
 def encode(job: Job) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(job.inputs), allow_pickle=False)
-    arrays = buffer.getvalue()
-    header = json.dumps({"format": job.format, "sha256": job.sha256, "threads": job.threads, "warmup": job.warmup,
-                         "runs": job.runs, "model_bytes": len(job.model), "inputs_bytes": len(arrays)}).encode()
-    return struct.pack(">I", len(header)) + header + job.model + arrays
+    arrays = [npy_bytes(job.arrays[name]) for name in TASKS[job.task].arrays]
+    header = json.dumps({"task": job.task, "format": job.format, "threads": job.threads, "warmup": job.warmup,
+                         "runs": job.runs, "sha256": job.sha256, "model_bytes": [len(m) for m in job.models],
+                         "array_bytes": [len(a) for a in arrays]}).encode()
+    return struct.pack(">I", len(header)) + header + b"".join(job.models) + b"".join(arrays)
 
 
 def decode(body: bytes | bytearray) -> Job:
     """The job in `body`, checked before anything is allocated for it: a well-formed frame whose header has
-    exactly the known fields (finite, bounded numbers), a model of the stated format whose sha256 matches,
-    and a non-empty plain numeric .npy array whose header agrees with its length. Anything else is refused
-    with 400 and the reason."""
+    exactly the known fields (finite, bounded numbers, as many models and arrays as its task takes), models of
+    the stated formats whose sha256 match, and non-empty plain numeric .npy arrays of the task's kinds and axes
+    whose headers agree with their lengths. Anything else is refused with 400 and the reason."""
     frame = memoryview(body)
     if len(frame) < 4:
         raise Refused(400, "empty request: no frame header")
@@ -72,15 +99,27 @@ def decode(body: bytes | bytearray) -> Job:
     if not 2 <= length <= min(MAX_HEADER_BYTES, len(frame) - 4):
         raise Refused(400, f"frame header of {length} bytes does not fit the request or the agent's limit")
     header = _header(bytes(frame[4:4 + length]))
-    model_end = 4 + length + header["model_bytes"]
-    if model_end + header["inputs_bytes"] != len(frame):
-        raise Refused(400, f"request is {len(frame)} bytes, its header says {model_end + header['inputs_bytes']}")
-    model = bytes(frame[4 + length:model_end])
-    if hashlib.sha256(model).hexdigest() != header["sha256"]:
-        raise Refused(400, "model sha256 does not match the header: the upload was corrupted")
-    check_model(model, header["format"])
-    inputs = plain_array(frame[model_end:])
-    return Job(header["format"], header["sha256"], header["threads"], header["warmup"], header["runs"], model, inputs)
+    task = TASKS[header["task"]]
+    stated = 4 + length + sum(header["model_bytes"]) + sum(header["array_bytes"])
+    if stated != len(frame):
+        raise Refused(400, f"request is {len(frame)} bytes, its header says {stated}")
+    at, models = 4 + length, []
+    for size, digest, fmt in zip(header["model_bytes"], header["sha256"], task.models, strict=True):
+        model = bytes(frame[at:at + size])
+        at += size
+        if hashlib.sha256(model).hexdigest() != digest:
+            raise Refused(400, "model sha256 does not match the header: the upload was corrupted")
+        check_model(model, header["format"] if fmt == "job" else fmt)
+        models.append(model)
+    arrays = {}
+    for size, (name, (kinds, axes)) in zip(header["array_bytes"], task.arrays.items(), strict=True):
+        array = plain_array(frame[at:at + size])
+        at += size
+        if array.dtype.kind not in kinds or (axes and array.ndim != axes):
+            raise Refused(400, f"{name} must be a {axes or 'any'}-axis array of kind {kinds!r}, got "
+                          f"{array.ndim} axes of {array.dtype}")
+        arrays[name] = array
+    return Job(header["task"], header["format"], header["threads"], header["warmup"], header["runs"], models, arrays)
 
 
 def _header(text: bytes) -> dict[str, Any]:
@@ -91,19 +130,30 @@ def _header(text: bytes) -> dict[str, Any]:
         header = json.loads(text, parse_constant=no_constants)
     except (ValueError, RecursionError) as err:  # ValueError covers bad UTF-8 and over-long integers
         raise Refused(400, f"request header is not JSON: {str(err)[:80]}") from None
-    if not isinstance(header, dict) or header.keys() != HEADER_FIELDS.keys():
+    if not isinstance(header, dict) or set(header) != set(HEADER_FIELDS):
         raise Refused(400, f"request header must have exactly the fields {', '.join(HEADER_FIELDS)}")
-    for field, (low, high) in HEADER_FIELDS.items():
-        value = header[field]
-        if low is None or high is None:
-            continue
-        if type(value) is not int or not low <= value <= high:  # not bool, not float: a count, within bounds
-            raise Refused(400, f"{field} must be a whole number from {low} to {high}, got {str(value)[:40]}")
+    if header["task"] not in TASKS:
+        raise Refused(400, f"task must be one of {', '.join(TASKS)}, got {str(header['task'])[:40]!r}")
     if header["format"] not in FORMATS:
         raise Refused(400, f"format must be one of {', '.join(FORMATS)}, got {str(header['format'])[:40]!r}")
-    if not isinstance(header["sha256"], str) or not re.fullmatch(r"[0-9a-f]{64}", header["sha256"]):
-        raise Refused(400, "sha256 must be 64 lowercase hexadecimal digits")
+    for field, bounds in COUNTS.items():
+        _count(field, header[field], bounds)
+    task = TASKS[header["task"]]
+    for field, wanted in (("sha256", len(task.models)), ("model_bytes", len(task.models)),
+                          ("array_bytes", len(task.arrays))):
+        if not isinstance(header[field], list) or len(header[field]) != wanted:
+            raise Refused(400, f"{field} must list {wanted} values for a {header['task']} task")
+    for value in header["model_bytes"] + header["array_bytes"]:
+        _count("a byte count", value, SIZE_BOUNDS)
+    if not all(isinstance(d, str) and re.fullmatch(r"[0-9a-f]{64}", d) for d in header["sha256"]):
+        raise Refused(400, "sha256 must list 64 lowercase hexadecimal digits per model")
     return header
+
+
+def _count(field: str, value: Any, bounds: tuple[int, int]) -> None:
+    low, high = bounds
+    if type(value) is not int or not low <= value <= high:  # not bool, not float: a count, within bounds
+        raise Refused(400, f"{field} must be a whole number from {low} to {high}, got {str(value)[:40]}")
 
 
 def plain_array(data: memoryview) -> np.ndarray:
@@ -174,14 +224,19 @@ def _message_fields(descriptor: Any) -> list[Any]:
     return [field for field in descriptor.fields if field.type == field.TYPE_MESSAGE]
 
 
-def result_body(outputs: np.ndarray, info: dict[str, Any]) -> bytes:
-    """The response: JSON with the figures, then the outputs as .npy (same framing as requests)."""
-    buffer = io.BytesIO()
-    np.save(buffer, outputs, allow_pickle=False)
-    header = json.dumps(info).encode()
-    return struct.pack(">I", len(header)) + header + buffer.getvalue()
+def result_body(outputs: dict[str, np.ndarray], info: dict[str, Any]) -> bytes:
+    """The response: JSON with the figures and the arrays' names and sizes, then the arrays as .npy (the
+    requests' framing)."""
+    arrays = {name: npy_bytes(array) for name, array in outputs.items()}
+    header = json.dumps({**info, "arrays": {name: len(data) for name, data in arrays.items()}}).encode()
+    return struct.pack(">I", len(header)) + header + b"".join(arrays.values())
 
 
-def read_result(body: bytes) -> tuple[np.ndarray, dict[str, Any]]:
+def read_result(body: bytes) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     (length,) = struct.unpack(">I", body[:4])
-    return np.load(io.BytesIO(body[4 + length:]), allow_pickle=False), json.loads(body[4:4 + length])
+    info = json.loads(body[4:4 + length])
+    outputs, at = {}, 4 + length
+    for name, size in info.pop("arrays").items():
+        outputs[name] = np.load(io.BytesIO(body[at:at + size]), allow_pickle=False)
+        at += size
+    return outputs, info

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from edgekit import __version__
-from edgekit.agent.protocol import API, Refused, decode, result_body
+from edgekit.agent.protocol import API, TASKS, Refused, decode, result_body
 from edgekit.agent.worker import Lane
 from edgekit.errors import first_line
 
@@ -91,7 +91,8 @@ class Agent(ThreadingHTTPServer):
             "machine": platform.machine(), "runtimes": {"onnxruntime": version("onnxruntime"),
                                                         "litert": version("ai-edge-litert"),
                                                         "trtexec": shutil.which("trtexec")},
-            "emulated": self.emulated, "max_bytes": self.max_bytes, "memory_bytes": self.memory.total,
+            "tasks": list(TASKS), "emulated": self.emulated, "max_bytes": self.max_bytes,
+            "memory_bytes": self.memory.total,
             "job_timeout_s": self.job_timeout, "request_timeout_s": self.request_timeout,
             "max_connections": self.max_connections, "tls": self.tls,
             "queued": {lane.name: lane.jobs.qsize() for lane in self.lanes.values()},
@@ -345,7 +346,7 @@ class _Handler(BaseHTTPRequestHandler):
                 "latency_ms": {"label": f"{'emulated' if self.server.emulated else 'measured'}: {self.server.name}",
                                "p50": round(float(np.percentile(timings, 50)), 4),
                                "p90": round(float(np.percentile(timings, 90)), 4),
-                               "min": round(float(timings.min()), 4), "runs": job.runs, "warmup": job.warmup,
+                               "min": round(float(timings.min()), 4), "runs": len(timings), "warmup": job.warmup,
                                "runtime": info["runtime"], "device": self.server.name,
                                "machine": platform.machine()},
             })

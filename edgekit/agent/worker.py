@@ -25,13 +25,31 @@ from edgekit.agent.protocol import Job, Refused
 PYTHON_ENV = "EDGEKIT_WORKER_PYTHON"  # the command that starts this Python, where it is not sys.executable
 
 
-def run_job(job: Job) -> tuple[np.ndarray, dict[str, Any]]:
-    """Outputs for every input row and timings of single inferences, in the runtime the format names."""
+def run_job(job: Job) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The job's task in the runtime its format names: its output arrays, and the runtime's description with the
+    timings the task measures (single inferences; the encoder of a pair; decode steps of a language model)."""
     from edgekit.runtimes import runner_for
 
-    runner = runner_for(job.model, job.format, job.threads)
-    outputs = runner.run(job.inputs)
-    timings = runner.time(job.inputs[0], job.warmup, job.runs)
+    if job.task == "lm":
+        from edgekit.runtimes.onnx_lm import OnnxCausalLM, lm_outputs
+
+        lm = OnnxCausalLM(job.models[0], job.threads)
+        windows, prompts, new_tokens = job.arrays["windows"], job.arrays["prompts"], job.arrays["new_tokens"]
+        if new_tokens.shape != (1,) or not 2 <= int(new_tokens[0]) <= 4096:
+            raise ValueError("new_tokens must hold one count from 2 to 4096")
+        outputs = lm_outputs(lm, windows, prompts, int(new_tokens[0]))
+        return outputs, {"runtime": lm.description, "timings_ms": [round(float(t), 4) for t in
+                                                                   outputs["decode_ms"].ravel()]}
+    runner = runner_for(job.models[0], job.format, job.threads)
+    if job.task == "segment":
+        from edgekit.runtimes.onnxruntime import cpu_session
+        from edgekit.runtimes.sam_pair import pair_outputs
+
+        outputs, timings = pair_outputs(runner, cpu_session(job.models[1], job.threads), job.arrays, job.warmup,
+                                        job.runs)
+    else:
+        inputs = job.arrays["inputs"]
+        outputs, timings = {"outputs": runner.run(inputs)}, runner.time(inputs[0], job.warmup, job.runs)
     return outputs, {"runtime": runner.description, "timings_ms": [round(t, 4) for t in timings]}
 
 

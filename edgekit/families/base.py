@@ -151,7 +151,6 @@ class Family(Protocol):
     accuracy_gates: ClassVar[dict[str, tuple[str, str, str]]]
     precisions: ClassVar[tuple[str, ...]]  # artifact precisions this family builds
     formats: ClassVar[tuple[str, ...]]  # artifact formats this family exports
-    device_verifiable: ClassVar[bool]  # whether `edgekit agent` on a board can run its artifact and answer
     trains_on_labels: ClassVar[bool]  # whether `--train` (a labelled fine-tune after compression) applies
 
     def claims(self, source: object, options: LoadOptions) -> bool:
@@ -176,7 +175,7 @@ class Family(Protocol):
         """Run the artifact in its runtime on the held-out data; compare with the reference; time it."""
 
     def on_device(self, artifact: Artifact, data: Any, reference: Any, ctx: BuildContext) -> dict[str, Any]:
-        """The report's `device` block: the artifact run on the board through its agent (device_verifiable)."""
+        """The report's `device` block: the artifact run on the board through its agent (`RemoteDevice.record`)."""
 
     def inspect(self, source: object, options: LoadOptions) -> dict[str, Any]:
         """Parameters, MACs and the per-layer table of what the family would build, without building."""

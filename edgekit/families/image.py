@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from edgekit import __version__
+from edgekit.agent.protocol import Job
 from edgekit.data import files_digest, files_record, list_images, split_held_out
 from edgekit.errors import UsageError
 from edgekit.families.base import (
@@ -109,7 +110,6 @@ class ImageFamily(FloatParts):
     precisions: ClassVar[tuple[str, ...]] = ("fp32", "fp16", "int8")
     formats: ClassVar[tuple[str, ...]] = ("onnx", "tflite", "openvino", "pte")
     pte_precisions: ClassVar[tuple[str, ...]] = ("fp32", "int8")
-    device_verifiable: ClassVar[bool] = True
     trains_on_labels: ClassVar[bool] = True
     label_layout: ClassVar[str]  # how a `--train` folder carries its labels, for the error that finds none
     agreement: ClassVar[str]  # the `compare` metric of agreement with the original, which judges a distillation
@@ -582,13 +582,11 @@ class ImageFamily(FloatParts):
         assert ctx.remote is not None and data.samples is not None
         plan, remote = ctx.plan, ctx.remote
         with ctx.progress.stage("device", note=remote.url) as record:
-            outputs, info = remote.verify(artifact.main, artifact.format, data.samples.inputs, ctx.target_threads,
-                                          plan.verify.warmup, plan.verify.runs)
-            accuracy = self.compare(reference, outputs, data.samples.labels)
+            answer, info = remote.run(Job("run", artifact.format, ctx.target_threads, plan.verify.warmup,
+                                          plan.verify.runs, [artifact.main], {"inputs": data.samples.inputs}))
+            accuracy = self.compare(reference, answer["outputs"], data.samples.labels)
             record["note"] = f"{info['device']}: {accuracy['summary']}, p50 {info['latency_ms']['p50']:.2f} ms"
-        return {"name": info["device"], "url": remote.url, "runtime": info["runtime"], "sha256": info["sha256"],
-                "seconds": info["seconds"], "accuracy": {**accuracy, "eval_source": data.eval_source},
-                "latency_ms": info["latency_ms"]}
+        return remote.record(info, {**accuracy, "eval_source": data.eval_source})
 
     def inspect(self, source: object, options: LoadOptions) -> dict[str, Any]:
         from edgekit.passes.analyze import analyze

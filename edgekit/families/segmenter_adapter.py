@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from edgekit import __version__
+from edgekit.agent.protocol import Job
 from edgekit.cache import ArrayCache
 from edgekit.data import files_record
 from edgekit.errors import UsageError
@@ -22,7 +23,6 @@ from edgekit.families.segmenter import (
     PARTS,
     LoadedSegmenter,
     box_of,
-    box_prompt,
     encoder_crops,
     encoder_frames,
     encoder_input,
@@ -30,6 +30,7 @@ from edgekit.families.segmenter import (
     iou,
     load_pair,
     polygon_file,
+    resized_image,
 )
 from edgekit.passes.analyze import analyze
 from edgekit.passes.export import set_metadata
@@ -38,6 +39,7 @@ from edgekit.passes.quantize import to_fp16
 from edgekit.progress import Progress
 from edgekit.recipe import Recipe
 from edgekit.runtimes.onnxruntime import OnnxRuntimeRunner, cpu_session
+from edgekit.runtimes.sam_pair import box_masks, unpack_masks
 from edgekit.verify.estimate import estimate
 from edgekit.verify.latency import measure
 
@@ -81,7 +83,6 @@ class SegmenterFamily(FloatParts):
     headline: ClassVar[tuple[str, ...]] = ("miou_reference", "miou_artifact", "miou_drop_pt", "miou_vs_reference")
     precisions: ClassVar[tuple[str, ...]] = ("fp32", "fp16", "int8")
     formats: ClassVar[tuple[str, ...]] = ("onnx",)
-    device_verifiable: ClassVar[bool] = False  # the agent runs one-graph models; the pair is verified here
     trains_on_labels: ClassVar[bool] = False
 
     def claims(self, source: object, options: LoadOptions) -> bool:
@@ -194,8 +195,25 @@ class SegmenterFamily(FloatParts):
         return Verification(accuracy=accuracy, latency=latency,
                             examples=_examples(data.frames, data.eval_files, reference, found))
 
-    def on_device(self, artifact: Artifact, data: Any, reference: Any, ctx: BuildContext) -> dict[str, Any]:
-        raise UsageError("device verification through an agent takes one-graph image models; segmenters verify here")
+    def on_device(self, artifact: Artifact, data: SegmenterData, reference: list[list[np.ndarray]],
+                  ctx: BuildContext) -> dict[str, Any]:
+        """The pair run on the device on every held-out box prompt (its images sent resized, 8-bit), its masks
+        compared with the ground truth and the original's as here; latency is the encoder's, as here."""
+        assert ctx.remote is not None
+        arrays = _segment_arrays(data)
+        job = Job("segment", artifact.format, ctx.target_threads, ctx.plan.verify.warmup, ctx.plan.verify.runs,
+                  [artifact.main, artifact.files[DECODER_FILE]], arrays)
+        with ctx.progress.stage("device", note=ctx.remote.url) as record:
+            answer, info = ctx.remote.run(job)
+            sizes = [mask.shape for _, _, truth in data.frames for mask in truth]
+            masks = iter(unpack_masks(answer["masks"], sizes))
+            found = [[next(masks) for _ in truth] for _, _, truth in data.frames]
+            accuracy = _compare(reference, found, data.frames)
+            record["note"] = f"{info['device']}: {accuracy['summary']}, encoder p50 {info['latency_ms']['p50']:.0f} ms"
+        decoder_ms = answer["decoder_ms"]
+        return ctx.remote.record(info, {**accuracy, "eval_source": data.eval_source},
+                                 {**info["latency_ms"], "part": "image encoder",
+                                  "decoder_p50": round(float(np.median(decoder_ms)), 4)})
 
     def inspect(self, source: object, options: LoadOptions) -> dict[str, Any]:
         """The image encoder is the cost; the decoder runs once per prompt."""
@@ -221,10 +239,28 @@ def prompted_masks(encoder: OnnxRuntimeRunner, decoder: Any, frame: Frame) -> li
     x, scale, truth = frame
     if not truth:
         return []
-    embedding = encoder.run(x)
     height, width = truth[0].shape
-    return [decoder.run(["masks"], box_prompt(embedding, box_of(mask), scale, height, width))[0][0, 0] > 0
-            for mask in truth]
+    return box_masks(encoder, decoder, x, [box_of(mask) for mask in truth], scale, height, width)
+
+
+def _segment_arrays(data: SegmenterData) -> dict[str, np.ndarray]:
+    """A `segment` job's arrays for the held-out images that have instances: each image resized (8-bit, padded
+    to the encoder's square), its original and resized sizes, resize factor, and every instance's box."""
+    from PIL import Image
+
+    kept = [(path, frame) for path, frame in zip(data.eval_files, data.frames, strict=True) if frame[2]]
+    frames: np.ndarray = np.zeros((len(kept), ENCODER_SIZE, ENCODER_SIZE, 3), np.uint8)
+    shapes, scales, boxes, image_of = [], [], [], []
+    for index, (path, (_, scale, truth)) in enumerate(kept):
+        with Image.open(path) as image:
+            resized, _ = resized_image(image)
+        frames[index, : resized.shape[0], : resized.shape[1]] = resized
+        shapes.append((*truth[0].shape, *resized.shape[:2]))
+        scales.append(scale)
+        boxes += [box_of(mask) for mask in truth]
+        image_of += [index] * len(truth)
+    return {"frames": frames, "shapes": np.array(shapes, np.int64), "scales": np.array(scales, np.float64),
+            "boxes": np.array(boxes, np.float32), "image_of": np.array(image_of, np.int64)}
 
 
 def _examples(frames: list[Frame], files: list[Path], reference: list[list[np.ndarray]],

@@ -7,6 +7,7 @@ with the cache the previous step returned.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -61,3 +62,17 @@ class OnnxCausalLM:
             decode_ms.append((time.perf_counter() - start) * 1000)
             tokens.append(int(logits[-1].argmax()))
         return {"tokens": tokens, "prefill_ms": prefill_ms, "decode_ms": decode_ms}
+
+
+def lm_outputs(lm: Any, windows: np.ndarray, prompts: np.ndarray, new_tokens: int,
+               track: Callable[[Any, int, str], Any] = lambda items, count, what: items) -> dict[str, np.ndarray]:
+    """What verification reads of a language model in its runtime (an `OnnxCausalLM` or llama.cpp's, here or on
+    a board through `edgekit agent`): each held-out window's summed NLL and next-token predictions, and each
+    prompt's greedy tokens with its prefill and per-token decode milliseconds."""
+    scores = [lm.score(window) for window in track(windows, len(windows), "artifact on held-out text")]
+    runs = [lm.greedy(prompt, new_tokens) for prompt in prompts]
+    return {"nll": np.array([nll for nll, _ in scores], np.float64),
+            "predictions": np.stack([best for _, best in scores]).astype(np.int64),
+            "tokens": np.array([run["tokens"] for run in runs], np.int64).reshape(len(runs), new_tokens),
+            "prefill_ms": np.array([run["prefill_ms"] for run in runs], np.float64),
+            "decode_ms": np.array([run["decode_ms"] for run in runs], np.float64).reshape(len(runs), new_tokens - 1)}

@@ -6,7 +6,6 @@ in milliseconds), so verification compares them with the reference exactly as it
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import ssl
@@ -47,6 +46,8 @@ class RemoteDevice:
                 reason = json.loads(err.read()).get("error", err.reason)
             except ValueError:
                 reason = err.reason
+            if err.code == 404 and path == "info":
+                reason = f"{reason} (is it an agent of another edgekit version? this one speaks {API})"
             kind = UsageError if err.code in (401, 404, 413) else StageError
             raise kind(f"agent at {self.url} answered {err.code}: {reason}") from None
         except (urllib.error.URLError, OSError) as err:
@@ -57,19 +58,24 @@ class RemoteDevice:
         self._info = json.loads(self._call("info"))
         return self._info
 
-    def verify(self, model: bytes, fmt: str, inputs: np.ndarray, threads: int, warmup: int,
-               runs: int) -> tuple[np.ndarray, dict[str, Any]]:
-        """The artifact's outputs for every input row on the device, and the device's latency figures."""
-        digest = hashlib.sha256(model).hexdigest()
-        body = encode(Job(fmt, digest, threads, warmup, runs, model, inputs))
+    def run(self, job: Job) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The job's output arrays from the device, and the device's latency figures."""
+        body = encode(job)
         limit = (self._info or self.info())["max_bytes"]
         if len(body) > limit:  # said here: the agent refuses it unread, which a client sees as a broken pipe
-            raise UsageError(f"the artifact and its {len(inputs)} inputs are {len(body) / 1e6:.1f} MB, over the "
-                             f"agent's {limit / 1e6:g} MB limit (agent --max-mb)")
+            raise UsageError(f"the artifact and its inputs are {len(body) / 1e6:.1f} MB, over the agent's "
+                             f"{limit / 1e6:g} MB limit (agent --max-mb)")
         outputs, info = read_result(self._call("verify", body))
-        if info.get("sha256") != digest:
+        if info.get("sha256") != job.sha256:
             raise StageError(f"the agent at {self.url} ran a different artifact (sha256 {info.get('sha256')})")
         return outputs, info
+
+    def record(self, info: dict[str, Any], accuracy: dict[str, Any], latency: dict[str, Any] | None = None
+               ) -> dict[str, Any]:
+        """The report's `device` block of a job's answer: where it ran, the family's accuracy there, and the
+        device's latency (the agent's figures, or the family's own reading of the job's timings)."""
+        return {"name": info["device"], "url": self.url, "runtime": info["runtime"], "sha256": info["sha256"][0],
+                "seconds": info["seconds"], "accuracy": accuracy, "latency_ms": latency or info["latency_ms"]}
 
 
 def _client_tls(ca_file: str | None) -> ssl.SSLContext:

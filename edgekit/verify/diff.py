@@ -115,6 +115,8 @@ def _on_device(graph: onnx.ModelProto, values: list[Any], inputs: np.ndarray, th
     import onnx
     from onnx import TensorProto, helper
 
+    from edgekit.agent.protocol import Job
+
     shapes = {value.name: [dim.dim_value for dim in value.type.tensor_type.shape.dim] for value in values}
     names = [name for name, shape in shapes.items() if shape and all(shape)]
     probe = onnx.ModelProto()
@@ -127,8 +129,8 @@ def _on_device(graph: onnx.ModelProto, values: list[Any], inputs: np.ndarray, th
     sizes = [int(np.prod(shapes[name])) for name in names]
     del probe.graph.output[:]
     probe.graph.output.append(helper.make_tensor_value_info("edgekit_diff", TensorProto.FLOAT, [1, sum(sizes)]))
-    outputs, _ = device.verify(probe.SerializeToString(), "onnx", inputs, threads, warmup=0, runs=1)
-    for row in outputs:
+    answer, _ = device.run(Job("run", "onnx", threads, 0, 1, [probe.SerializeToString()], {"inputs": inputs}))
+    for row in answer["outputs"]:
         parts = np.split(row, np.cumsum(sizes)[:-1])
         yield {name: part.reshape(shapes[name]) for name, part in zip(names, parts, strict=True)}
 
