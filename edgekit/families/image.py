@@ -496,7 +496,7 @@ class ImageFamily(FloatParts):
     def _tflite(self, model: LoadedModel, float_model: bytes, data: ImageData,
                 ctx: BuildContext) -> tuple[bytes, dict[str, Any] | None]:
         """The TFLite artifact at the recipe's precision; full-integer INT8 is calibrated like the ONNX path."""
-        from edgekit.passes.tflite import Int8Fit, op_outputs, tflite_precision
+        from edgekit.passes.tflite import Int8Fit, int8_scheme, op_outputs, tflite_precision
 
         settings, device = ctx.plan.quantize, ctx.target
         precision = settings.precision
@@ -510,16 +510,8 @@ class ImageFamily(FloatParts):
                                         progress=lambda xs, what: ctx.progress.track(xs, len(xs), what))
         if precision != "int8":
             return artifact, None
-        searched = f", each range then searched against the model's output ({fit.range_sweeps} sweeps at most)"
         return artifact, {
-            "scheme": {"format": "TFLite", "engine": "ai-edge-quantizer",
-                       "weights": "int8, symmetric, per output channel",
-                       "activations": "float, quantized at run time per tensor" if dynamic
-                       else "int8, asymmetric, per tensor",
-                       "calibration": None if dynamic
-                       else settings.calibration + (searched if fit.range_sweeps else ""),
-                       "weights_fit": "layer-wise least squares on the integer model's inputs, GPTQ rounding"
-                       if fit.refit and not dynamic else None},
+            "scheme": int8_scheme(fit, dynamic),
             "calibration": record,
             "kept_float": keep,
             "decided_on": f"every op quantized: {device.name} runs no float op" if device.integer_only

@@ -32,12 +32,14 @@ from edgekit.families.segmenter import (
     polygon_file,
     resized_image,
 )
-from edgekit.passes.analyze import analyze
+from edgekit.passes.analyze import analyze, analyze_tflite
 from edgekit.passes.export import set_metadata
 from edgekit.passes.int8 import Int8Quantizer, Int8Scheme
 from edgekit.passes.quantize import to_fp16
 from edgekit.progress import Progress
 from edgekit.recipe import Recipe
+from edgekit.runtimes import files_runner
+from edgekit.runtimes.base import Runner
 from edgekit.runtimes.onnxruntime import OnnxRuntimeRunner, cpu_session
 from edgekit.runtimes.sam_pair import box_masks, unpack_masks
 from edgekit.verify.estimate import estimate
@@ -46,7 +48,7 @@ from edgekit.verify.latency import measure
 if TYPE_CHECKING:
     from edgekit.context import BuildContext
 
-ENCODER_FILE, DECODER_FILE = "encoder.onnx", "decoder.onnx"
+ENCODER_FILE, TFLITE_ENCODER_FILE, DECODER_FILE = "encoder.onnx", "encoder.tflite", "decoder.onnx"
 CROP = 512  # side of the encoder crops slimming ranks, refits and distils on (a quarter of a frame's cost)
 
 Frame = tuple[np.ndarray, float, list[np.ndarray]]  # the encoder's input, its resize factor, instance masks
@@ -82,7 +84,7 @@ class SegmenterFamily(FloatParts):
     }
     headline: ClassVar[tuple[str, ...]] = ("miou_reference", "miou_artifact", "miou_drop_pt", "miou_vs_reference")
     precisions: ClassVar[tuple[str, ...]] = ("fp32", "fp16", "int8")
-    formats: ClassVar[tuple[str, ...]] = ("onnx",)
+    formats: ClassVar[tuple[str, ...]] = ("onnx", "tflite")
     trains_on_labels: ClassVar[bool] = False
 
     def claims(self, source: object, options: LoadOptions) -> bool:
@@ -124,6 +126,9 @@ class SegmenterFamily(FloatParts):
         original = onnx.load(str(model.encoder))
         plan = ctx.plan
         if plan.search.budget:
+            if ctx.format == "tflite":
+                raise UsageError("a segmenter's budget search prices its candidates as ONNX encoders (converting a "
+                                 "1024 px encoder to TFLite takes about a minute each): search with --format onnx")
             return self._searched(original, model, data, ctx)
         if not plan.prune.ratio:
             if plan.distill.steps:
@@ -159,10 +164,20 @@ class SegmenterFamily(FloatParts):
             reference_analysis = analyze(onnx.load(str(model.encoder)))
             record["note"] = (f"encoder {reference_analysis.params / 1e6:.2f} M params, "
                               f"{reference_analysis.macs / 1e9:.1f} G MACs")
+        decoder = model.decoder.read_bytes()
+        details = {"decoder_file": DECODER_FILE, "decoder_size_bytes": len(decoder)}
+        calib_files = data.calib_files[: ctx.plan.quantize.calib_limit]
+        if ctx.format == "tflite":
+            encoder_file, quantization = _tflite_encoder(compressed, ctx.precision, ctx.plan, calib_files,
+                                                         files_record(calib_files, data.calib_dir), ctx.progress)
+            ctx.notes.append("TFLite artifacts carry no edgekit metadata: report.json holds the preprocessing; the "
+                             "prompt decoder stays ONNX (onnxruntime)")
+            return Artifact(files={TFLITE_ENCODER_FILE: encoder_file, DECODER_FILE: decoder}, format="tflite",
+                            precision=ctx.precision, quantization=quantization, analysis=analyze_tflite(encoder_file),
+                            reference_analysis=reference_analysis, details=details)
         quantization = None
         with ctx.progress.stage("quantize", note=ctx.precision) as record:
             if ctx.precision == "int8":
-                calib_files = data.calib_files[: ctx.plan.quantize.calib_limit]
                 encoder, quantization = _int8(compressed, model, ctx.plan, calib_files,
                                               files_record(calib_files, data.calib_dir), ctx.threads, ctx.cache,
                                               ctx.progress)
@@ -172,17 +187,15 @@ class SegmenterFamily(FloatParts):
         set_metadata(encoder, {"edgekit.version": __version__, "edgekit.family": self.name,
                                "edgekit.target": ctx.target.name, "edgekit.precision": ctx.precision,
                                "edgekit.preprocess": model.preprocess})
-        decoder = model.decoder.read_bytes()
         return Artifact(files={ENCODER_FILE: encoder.SerializeToString(deterministic=True), DECODER_FILE: decoder},
                         format="onnx", precision=ctx.precision, quantization=quantization,
-                        analysis=analyze(encoder), reference_analysis=reference_analysis,
-                        details={"decoder_file": DECODER_FILE, "decoder_size_bytes": len(decoder)},
+                        analysis=analyze(encoder), reference_analysis=reference_analysis, details=details,
                         deploy=tensorrt_deploy(ctx, ENCODER_FILE))
 
     def verify(self, artifact: Artifact, model: LoadedSegmenter, data: SegmenterData,
                reference: list[list[np.ndarray]], ctx: BuildContext) -> Verification:
         with ctx.progress.stage("verify") as record:
-            runner = OnnxRuntimeRunner(artifact.main, ctx.threads)
+            runner = files_runner(artifact.files, artifact.format, ctx.threads)
             found = [prompted_masks(runner, data.decoder, frame)
                      for frame in ctx.progress.track(data.frames, len(data.frames), "artifact pair on held-out images")]
             accuracy = _compare(reference, found, data.frames)
@@ -234,7 +247,7 @@ def held_out_frame(path: Path) -> Frame:
         return x, scale, instance_masks(label, image.width, image.height) if label else []
 
 
-def prompted_masks(encoder: OnnxRuntimeRunner, decoder: Any, frame: Frame) -> list[np.ndarray]:
+def prompted_masks(encoder: Runner, decoder: Any, frame: Frame) -> list[np.ndarray]:
     """The pair's mask for each instance's box prompt on one image."""
     x, scale, truth = frame
     if not truth:
@@ -315,6 +328,29 @@ def _int8(encoder: Any, loaded: LoadedSegmenter, plan: Recipe, files: list[Path]
     return quantized, {"scheme": scheme.describe() | {"activations_for": "onnx"},
                        "calibration": record, "ranges_sha256": quantizer.ranges_digest,
                        "kept_float": [], "part": "image encoder; the decoder stays float"}
+
+
+def _tflite_encoder(encoder: Any, precision: str, plan: Recipe, files: list[Path], record: dict[str, Any],
+                    progress: Progress) -> tuple[bytes, dict[str, Any] | None]:
+    """The encoder (the original or a slimmed one, as ONNX) as TFLite: rebuilt as a torch TinyViT, converted by
+    litert-torch, then fp16 or full-integer int8 calibrated on `files` by ai-edge-quantizer. A 1024 px encoder's
+    int8 takes the ranges as they are: the range search and layer refit run the whole model per try."""
+    from edgekit.families.tinyvit import tinyvit_from_onnx
+    from edgekit.passes.tflite import Int8Fit, convert_tflite, int8_scheme, tflite_precision
+
+    with progress.stage("export", note="tflite via litert-torch") as note:
+        float_model = convert_tflite(tinyvit_from_onnx(encoder), (1, 3, ENCODER_SIZE, ENCODER_SIZE))
+        note["note"] = f"{len(float_model) / 1e6:.1f} MB float TFLite"
+    with progress.stage("quantize", note=precision) as note:
+        if precision != "int8":
+            return tflite_precision(float_model, precision), None
+        assert plan.quantize.calibration is not None
+        fit = Int8Fit(plan.quantize.calibration, 0, False)
+        calibration = encoder_frames(list(progress.track(files, len(files), "calibration images read")))
+        quantized = tflite_precision(float_model, "int8", calibration, fit)
+        note["note"] = f"full-integer int8, {len(files)} calibration images"
+    return quantized, {"scheme": int8_scheme(fit, dynamic=False), "calibration": record, "kept_float": [],
+                       "part": "image encoder; the decoder stays float (ONNX)"}
 
 
 def _model_sha256(model: Any) -> str:

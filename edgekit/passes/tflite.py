@@ -126,6 +126,16 @@ def tflite_precision(float_model: bytes, precision: str, calibration: np.ndarray
                   lambda items: progress(items, "layers refitted"))
 
 
+def int8_scheme(fit: Int8Fit, dynamic: bool) -> dict[str, Any]:
+    """The report's scheme of a TFLite int8 artifact quantized by `tflite_precision` with `fit`."""
+    searched = f", each range then searched against the model's output ({fit.range_sweeps} sweeps at most)"
+    return {"format": "TFLite", "engine": "ai-edge-quantizer", "weights": "int8, symmetric, per output channel",
+            "activations": "float, quantized at run time per tensor" if dynamic else "int8, asymmetric, per tensor",
+            "calibration": None if dynamic else fit.calibration + (searched if fit.range_sweeps else ""),
+            "weights_fit": "layer-wise least squares on the integer model's inputs, GPTQ rounding"
+            if fit.refit and not dynamic else None}
+
+
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """The quantizer prints its progress and warnings; the build shows its own."""
