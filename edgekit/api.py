@@ -286,7 +286,13 @@ def _rebuilt(folder: Path, use_cache: bool, quiet: bool, remote: Any, reads: Cal
         record["note"] = model.name
     if model.fingerprint != manifest.inputs["model"]["sha256"]:
         raise UsageError(f"{given} changed since the artifact was built; rebuild it")
-    return report, manifest, ctx, model, adapter.data(model, ctx)
+    data = adapter.data(model, ctx)
+    for part, found in data.record().items():  # the held-out data is the build's, or the figures mean nothing
+        built = manifest.inputs.get(part)
+        if isinstance(built, dict) and "sha256" in found and found["sha256"] != built.get("sha256"):
+            raise UsageError(f"the {part} data the build used has changed ({found.get('path') or found.get('source')})"
+                             "; rebuild the folder")
+    return report, manifest, ctx, model, data
 
 
 def report(folder: str | Path) -> Path:

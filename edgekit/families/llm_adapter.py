@@ -67,10 +67,12 @@ class Text:
     evaluation: Any
     prompts: Any
     source: str
+    given: tuple[str | None, str | None] = (None, None)  # --calib and --eval as given, for `edgekit verify`
 
     def record(self) -> dict[str, Any]:
-        """How the manifest names the text."""
-        return {"text": {"source": self.source, "sha256": self.digest()}}
+        """How the manifest names the text (and `edgekit verify` finds it again)."""
+        return {"text": {"source": self.source, "sha256": self.digest()}, "calibration": {"path": self.given[0]},
+                "eval": {"dir": self.given[1]}}
 
     def digest(self) -> str:
         return _sha256(self.calibration, self.evaluation, self.prompts)
@@ -113,7 +115,8 @@ def load_text(loaded: llm.LoadedLM, plan: Recipe, calib: str | Path | None, eval
     prompt_text = held[::-1]  # prompts from the end of the held-out text: its start is read for perplexity
     prompts = llm.token_windows(loaded.tokenizer, prompt_text, settings.prompt_length, max(1, settings.prompts))
     return Text(llm.token_windows(loaded.tokenizer, calibration, settings.calib_length, settings.calib_windows),
-                evaluation, prompts[: settings.prompts], source)
+                evaluation, prompts[: settings.prompts], source,
+                (str(calib) if calib else None, str(eval_text) if eval_text else None))
 
 
 def torch_greedy(module: Any, prompt: Any, new_tokens: int) -> list[int]:

@@ -34,12 +34,12 @@ class RemoteDevice:
         self._tls = _client_tls(ca_file or os.environ.get(CA_ENV)) if self.url.startswith("https://") else None
         self._info: dict[str, Any] | None = None
 
-    def _call(self, path: str, body: bytes | None = None) -> bytes:
+    def _call(self, path: str, body: bytes | None = None, timeout: float | None = None) -> bytes:
         request = urllib.request.Request(f"{self.url}{API}/{path}", data=body, method="POST" if body else "GET",
                                          headers={"Authorization": f"Bearer {self.token}",
                                                   "Content-Type": "application/octet-stream"})
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout, context=self._tls) as response:
+            with urllib.request.urlopen(request, timeout=timeout or self.timeout, context=self._tls) as response:
                 return response.read()
         except urllib.error.HTTPError as err:
             try:
@@ -61,11 +61,14 @@ class RemoteDevice:
     def run(self, job: Job) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """The job's output arrays from the device, and the device's latency figures."""
         body = encode(job)
-        limit = (self._info or self.info())["max_bytes"]
+        info = self._info or self.info()
+        limit = info["max_bytes"]
         if len(body) > limit:  # said here: the agent refuses it unread, which a client sees as a broken pipe
             raise UsageError(f"the artifact and its inputs are {len(body) / 1e6:.1f} MB, over the agent's "
                              f"{limit / 1e6:g} MB limit (agent --max-mb)")
-        outputs, info = read_result(self._call("verify", body))
+        # as long as the agent may take: an emulated board runs a 1024 px encoder for minutes
+        wait = max(self.timeout, info.get("job_timeout_s", 0) + info.get("request_timeout_s", 0))
+        outputs, info = read_result(self._call("verify", body, wait))
         if info.get("sha256") != job.sha256:
             raise StageError(f"the agent at {self.url} ran a different artifact (sha256 {info.get('sha256')})")
         return outputs, info
