@@ -5,13 +5,13 @@ as TFLite for LiteRT, and the encoder slimmed SlimSAM's way, with and without IN
     .venv/bin/python bench/sam.py [--threads 1] [--eval-images 32] [--slim 0.33] [--distill-steps 300]
     .venv/bin/python bench/sam.py --variants "original fp32" "tflite fp32, rpi5" "tflite int8, rpi5"
 
-Every variant is an `edgekit build minisam` folder, verified by edgekit itself: each instance of the held-out
-images is prompted with its polygon's tight box, the variant's encoder runs in its runtime (onnxruntime or
-LiteRT) and the decoder (ONNX, onnxruntime) turns the embedding into a mask. Columns: box-prompt mIoU against the ground-truth polygons, mIoU against the original
-pair's masks, encoder MACs, encoder size, encoder latency measured here (interleaved, min of several medians),
-build time. coco128's first `--eval-images` images with polygons score; all its other images are the unlabelled
-calibration set: INT8 calibrates on the first `--calib-images`, slimming ranks and refits on `prune.images` of them
-and distils on `distill.images` (the segmenter's recipe defaults).
+Every variant is an `edgekit build minisam` folder, verified by edgekit itself: each instance of the held-out images
+is prompted with its polygon's tight box, the variant's encoder runs in its runtime (onnxruntime or LiteRT) and the
+decoder (ONNX, onnxruntime) turns the embedding into a mask. Columns: box-prompt mIoU against the ground-truth
+polygons, mIoU against the original pair's masks, encoder MACs, encoder size, encoder latency measured here
+(interleaved, min of several medians), build time. coco128's first `--eval-images` images with polygons score; all
+its other images are the unlabelled calibration set: INT8 calibrates on the first `--calib-images`, slimming ranks
+and refits on `prune.images` of them and distils on `distill.images` (the segmenter's recipe defaults).
 """
 
 from __future__ import annotations
