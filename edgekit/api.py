@@ -142,11 +142,12 @@ def _kept(folder: Path, source: object, ctx: BuildContext) -> BuildResult | None
 
 
 def _agent_runs(fmt: str) -> None:
-    """Refuse a format the agent's one-blob jobs cannot carry (an OpenVINO IR is two files) before any work."""
+    """Refuse a format the agent's jobs cannot carry (a llama.cpp file is verified in llama.cpp here) before any
+    work."""
     from edgekit.agent.protocol import FORMATS
 
     if fmt not in FORMATS:
-        raise UsageError(f"the agent runs {' and '.join(FORMATS)} artifacts, not {fmt}; {fmt} artifacts are verified "
+        raise UsageError(f"the agent runs {', '.join(FORMATS)} artifacts, not {fmt}; {fmt} artifacts are verified "
                          "on this host")
 
 
@@ -179,8 +180,10 @@ def _folder(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def _artifact_files(report: dict[str, Any]) -> list[str]:
-    """The artifact's model files as its report names them: the artifact, then a segmenter's decoder."""
-    return [str(report["artifact"].get("file")), *filter(None, [report["artifact"].get("decoder_file")])]
+    """The artifact's model files as its report names them: the artifact, then an OpenVINO IR's weights or a
+    segmenter's decoder."""
+    more = [report["artifact"].get(key) for key in ("weights_file", "decoder_file")]
+    return [str(report["artifact"].get("file")), *filter(None, more)]
 
 
 def verify(folder: str | Path, device_url: str, *, device_token: str | None = None, use_cache: bool = True,

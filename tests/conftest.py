@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +17,23 @@ REPO = Path(__file__).resolve().parent.parent
 PHOTOS = sorted((REPO / "calibration" / "images").glob("*.jpg"))
 SHARED_DATA = REPO.parent / "shared" / "data"
 VOCAB = 384  # tiny language models' vocabulary
+AGENT_TOKEN = "test-token-0123"
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # the suite's workers share the cores: one torch thread each
     torch.set_num_threads(1)
+
+
+@pytest.fixture
+def loopback_agent(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """An `edgekit agent` named test-board on loopback, its URL, with its token in $EDGEKIT_AGENT_TOKEN."""
+    from edgekit.agent.server import Agent
+
+    server = Agent(("127.0.0.1", 0), AGENT_TOKEN, name="test-board", quiet=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("EDGEKIT_AGENT_TOKEN", AGENT_TOKEN)
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
 
 
 @pytest.fixture(autouse=True)

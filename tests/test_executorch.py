@@ -29,8 +29,8 @@ def sha(path: Path) -> str:
 
 
 @needs_executorch
-def test_fp32_program_verifies_in_executorch_is_hashed_and_rebuilds_to_the_same_bytes(
-        tiny_model: nn.Module, photos: Path) -> None:
+def test_fp32_program_verifies_in_executorch_here_and_on_a_device_and_rebuilds_to_the_same_bytes(
+        tiny_model: nn.Module, photos: Path, loopback_agent: str) -> None:
     import torch
 
     from edgekit.runtimes.executorch import ExecuTorchRunner
@@ -50,8 +50,11 @@ def test_fp32_program_verifies_in_executorch_is_hashed_and_rebuilds_to_the_same_
         expected = tiny_model(torch.from_numpy(sample)).numpy()
     # two rows: the second call overwrites the program's output buffer, the first row must have been copied out
     np.testing.assert_allclose(ExecuTorchRunner(program.read_bytes(), 1).run(sample), expected, rtol=1e-4, atol=1e-5)
-    again = build(tiny_model, "android-arm64", format="pte", calib=photos, input_size=32, out="b", overrides=FAST,
-                  quiet=True, use_cache=False).out
+    second = build(tiny_model, "android-arm64", format="pte", calib=photos, input_size=32, out="b", overrides=FAST,
+                   quiet=True, use_cache=False, device_url=loopback_agent)  # and verified on a device
+    device, again = second.report["device"], second.out
+    assert device["runtime"].startswith("ExecuTorch") and device["accuracy"]["top1_agreement"] == 1.0
+    assert device["latency_ms"]["label"] == "measured: test-board" and device["sha256"] == sha(program)
     assert sha(again / "model.pte") == sha(program)
 
 
@@ -81,8 +84,6 @@ def test_int8_program_is_quantized_on_the_calibration_images(tiny_model: nn.Modu
 @pytest.mark.parametrize(("args", "expected"), [
     (["--target", "jetson"], "jetson-orin-nano does not run pte models"),
     (["--target", "android-arm64", "--precision", "fp16"], "ExecuTorch programs are built fp32 or int8"),
-    (["--target", "android-arm64", "--device", "http://127.0.0.1:9"],
-     "the agent runs onnx and tflite artifacts, not pte"),
 ])
 def test_what_pte_cannot_build_is_refused_in_one_line(args: list[str], expected: str,
                                                       capsys: pytest.CaptureFixture[str]) -> None:

@@ -12,9 +12,7 @@ import pytest
 from torch import nn
 
 from edgekit import build
-from edgekit.api import verify
 from edgekit.cli import main
-from edgekit.errors import UsageError
 
 from .test_detector import SIZE, tiny_yaml
 
@@ -25,8 +23,8 @@ def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_fp32_build_verifies_in_openvino_hashes_both_files_and_rebuilds_to_the_same_bytes(
-        tiny_model: nn.Module, photos: Path) -> None:
+def test_fp32_build_verifies_in_openvino_here_and_on_a_device_and_rebuilds_to_the_same_bytes(
+        tiny_model: nn.Module, photos: Path, loopback_agent: str) -> None:
     first = build(tiny_model, "x86-64", format="openvino", calib=photos, input_size=32, out="a", overrides=FAST,
                   quiet=True, use_cache=False)
     report, folder = first.report, first.out
@@ -42,11 +40,13 @@ def test_fp32_build_verifies_in_openvino_hashes_both_files_and_rebuilds_to_the_s
     assert any(row["op"] == "Convolution" for row in layers) and all(row["ms"] >= 0 for row in layers)
     assert report["artifact"]["inputs"] == [{"name": "input", "shape": [1, 3, 32, 32], "dtype": "float32"}]
     assert "preprocess" in (folder / "model.xml").read_text()  # edgekit's metadata in the IR's rt_info
-    with pytest.raises(UsageError, match="the agent runs onnx and tflite artifacts, not openvino"):
-        verify(folder, "http://127.0.0.1:9")  # refused before any connection: a job carries one model blob
-    # a second build in the same process: OpenVINO's node counter has moved on, the bytes must not
-    again = build(tiny_model, "x86-64", format="openvino", calib=photos, input_size=32, out="b", overrides=FAST,
-                  quiet=True, use_cache=False).out
+    # a second build in the same process (OpenVINO's node counter has moved on, the bytes must not), verified on a
+    # device too: both files travel to the board
+    second = build(tiny_model, "x86-64", format="openvino", calib=photos, input_size=32, out="b", overrides=FAST,
+                   quiet=True, use_cache=False, device_url=loopback_agent)
+    device, again = second.report["device"], second.out
+    assert device["runtime"].startswith("OpenVINO") and device["accuracy"]["top1_agreement"] == 1.0
+    assert device["latency_ms"]["label"] == "measured: test-board"
     assert [sha(again / name) for name in ("model.xml", "model.bin")] == [
         sha(folder / name) for name in ("model.xml", "model.bin")]
 
@@ -112,14 +112,6 @@ def test_a_language_model_is_refused(tiny_gguf: Path, capsys: pytest.CaptureFixt
     assert main(["build", str(tiny_gguf), "--target", "x86-64", "--format", "openvino"]) == 2
     err = capsys.readouterr().err.strip()
     assert "not openvino" in err and "\n" not in err
-
-
-def test_the_agent_is_not_offered_an_ir(capsys: pytest.CaptureFixture[str]) -> None:
-    """The agent's jobs carry one model blob; an IR is two files: refused before anything is built or reached."""
-    assert main(["build", "mobilenet_v2", "--target", "x86-64", "--format", "openvino",
-                 "--device", "http://127.0.0.1:9"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "the agent runs onnx and tflite artifacts, not openvino" in err and "\n" not in err
 
 
 def test_fp16_build_keeps_the_graph_s_fp16_weights(tiny_model: nn.Module, photos: Path) -> None:

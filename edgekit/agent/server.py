@@ -17,6 +17,7 @@ nothing beyond the runtimes. What a bare http.server lacks is added here:
 from __future__ import annotations
 
 import hmac
+import importlib.util
 import io
 import json
 import platform
@@ -40,6 +41,8 @@ from edgekit.agent.protocol import API, TASKS, Refused, decode, result_body
 from edgekit.agent.worker import Lane
 from edgekit.errors import first_line
 
+RUNTIMES = {"onnx": ("onnxruntime", "onnxruntime"), "tflite": ("litert", "ai_edge_litert"),
+            "pte": ("executorch", "executorch"), "openvino": ("openvino", "openvino")}  # lane, module it imports
 BUSY_DEADLINE_S = 5.0  # how long a connection over the cap may take to say what it wanted before its 503
 
 
@@ -66,8 +69,8 @@ class Agent(ThreadingHTTPServer):
         self._refusals = threading.BoundedSemaphore(max_connections)  # connections being told 503
         self.quiet = quiet
         self.emulated = emulated  # under qemu: outputs are the ARM runtime's, timings are not the device's
-        self.lanes = {"onnx": Lane("onnxruntime", queue_size, job_timeout),
-                      "tflite": Lane("litert", queue_size, job_timeout)}
+        self.lanes = {fmt: Lane(name, queue_size, job_timeout) for fmt, (name, module) in RUNTIMES.items()
+                      if importlib.util.find_spec(module)}  # a lane for each runtime this board has
         try:
             super().__init__(address, _Handler)
         except BaseException:
@@ -90,6 +93,8 @@ class Agent(ThreadingHTTPServer):
             "device": self.name, "edgekit": __version__, "platform": platform.platform(),
             "machine": platform.machine(), "runtimes": {"onnxruntime": version("onnxruntime"),
                                                         "litert": version("ai-edge-litert"),
+                                                        "executorch": version("executorch"),
+                                                        "openvino": version("openvino"),
                                                         "trtexec": shutil.which("trtexec")},
             "tasks": list(TASKS), "emulated": self.emulated, "max_bytes": self.max_bytes,
             "memory_bytes": self.memory.total,
@@ -333,6 +338,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_response_only(100)
                 self.end_headers()
             job = decode(self._read_body(length))
+            if job.format not in self.server.lanes:
+                raise Refused(422, f"this agent has no {RUNTIMES[job.format][0]} runtime for {job.format} models "
+                              f"(install it beside edgekit on the device)")
             lane = self.server.lanes[job.format]
             queued = time.perf_counter()
             future = lane.submit(job)

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from edgekit.agent.protocol import Job, Refused
+from edgekit.agent.protocol import FILES, Job, Refused
 
 PYTHON_ENV = "EDGEKIT_WORKER_PYTHON"  # the command that starts this Python, where it is not sys.executable
 
@@ -40,13 +40,14 @@ def run_job(job: Job) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         outputs = lm_outputs(lm, windows, prompts, int(new_tokens[0]))
         return outputs, {"runtime": lm.description, "timings_ms": [round(float(t), 4) for t in
                                                                    outputs["decode_ms"].ravel()]}
-    runner = runner_for(job.models[0], job.format, job.threads)
+    files = len(FILES[job.format])  # the model's files (an OpenVINO IR's weights after its XML), then a decoder
+    runner = runner_for(job.models[0], job.format, job.threads, b"".join(job.models[1:files]))
     if job.task == "segment":
         from edgekit.runtimes.onnxruntime import cpu_session
         from edgekit.runtimes.sam_pair import pair_outputs
 
-        outputs, timings = pair_outputs(runner, cpu_session(job.models[1], job.threads), job.arrays, job.warmup,
-                                        job.runs)
+        outputs, timings = pair_outputs(runner, cpu_session(job.models[files], job.threads), job.arrays,
+                                        job.warmup, job.runs)
     else:
         inputs = job.arrays["inputs"]
         outputs, timings = {"outputs": runner.run(inputs)}, runner.time(inputs[0], job.warmup, job.runs)

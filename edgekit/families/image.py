@@ -575,7 +575,8 @@ class ImageFamily(FloatParts):
         plan, remote = ctx.plan, ctx.remote
         with ctx.progress.stage("device", note=remote.url) as record:
             answer, info = remote.run(Job("run", artifact.format, ctx.target_threads, plan.verify.warmup,
-                                          plan.verify.runs, [artifact.main], {"inputs": data.samples.inputs}))
+                                          plan.verify.runs, list(artifact.files.values()),
+                                          {"inputs": data.samples.inputs}))
             accuracy = self.compare(reference, answer["outputs"], data.samples.labels)
             record["note"] = f"{info['device']}: {accuracy['summary']}, p50 {info['latency_ms']['p50']:.2f} ms"
         return remote.record(info, {**accuracy, "eval_source": data.eval_source})
