@@ -421,6 +421,20 @@ def test_every_field_is_checked_before_anything_is_allocated(tiny_onnx: bytes) -
         with pytest.raises(Refused) as refused:
             decode(_frame(header, tiny_onnx, arrays))
         assert refused.value.status == 400, case
+    def with_model(fmt: str, *files: bytes) -> bytes:  # a run job of `fmt` whose model files are `files`
+        header = {**base, "format": fmt, "sha256": [hashlib.sha256(f).hexdigest() for f in files],
+                  "model_bytes": [len(f) for f in files]}
+        return _frame(header, b"".join(files), good)
+
+    entities = b'<?xml version="1.0"?><!DOCTYPE net [<!ENTITY w SYSTEM "file:///etc/passwd">]><net>&w;</net>'
+    for body, expected in ((with_model("pte", b"\0\0\0\0TFL3" + bytes(8)), "not an ExecuTorch program"),
+                           (with_model("openvino", entities, b"\0" * 8), "document type"),
+                           (with_model("openvino", b"<graph/>", b"\0" * 8), "not <net>"),
+                           (with_model("openvino", b"<net>", b"\0" * 8), "not XML"),
+                           (with_model("openvino", b'<net name="a"/>'), "must list 2 values")):
+        with pytest.raises(Refused, match=expected):
+            decode(body)
+    assert len(decode(with_model("openvino", b'<net name="a"/>', b"\0" * 8)).models) == 2  # the IR and its weights
     deep = b"[" * 3000
     for body in (b"", b"\0\0\0", struct.pack(">I", 2**31) + b"{}", struct.pack(">I", len(deep)) + deep):
         with pytest.raises(Refused):
