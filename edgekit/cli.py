@@ -378,8 +378,10 @@ def _finish(result: Any, as_json: bool) -> int:
               f"host {host_text} (measured)  {report['target']['name']} {est_text} (estimated)")
         if report.get("device"):
             on_device = report["device"]
-            print(f"on {on_device['name']}: {on_device['accuracy']['summary']}  "
-                  f"p50 {on_device['latency_ms']['p50']:.2f} ms ({on_device['latency_ms']['label']}, "
+            latency = on_device["latency_ms"]
+            speed = (f"decode {latency['tokens_per_s']} tok/s" if latency.get("tokens_per_s") else
+                     f"{latency.get('part', '')} p50 {latency['p50']:.2f} ms".lstrip())
+            print(f"on {on_device['name']}: {on_device['accuracy']['summary']}  {speed} ({latency['label']}, "
                   f"{on_device['runtime']})")
     if result.failed_gates:
         print(f"edgekit: gate failed: {gate_failures(result.failed_gates)}", file=sys.stderr)
