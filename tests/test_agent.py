@@ -536,3 +536,28 @@ def test_agent_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
     assert "--tls-cert and --tls-key go together" in capsys.readouterr().err
     assert main(["agent", "--token-file", str(tmp_path / "missing")]) == 2
     assert "cannot read the token file" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads worker processes from /proc")
+def test_a_terminated_agent_takes_its_workers_with_it(tmp_path: Path) -> None:
+    """A service manager stops the agent with SIGTERM: it exits 0 and no worker process outlives it."""
+    import signal
+    import subprocess
+
+    agent = subprocess.Popen([sys.executable, "-m", "edgekit", "agent", "--port", "0", "--token", TOKEN],
+                             stderr=subprocess.PIPE, text=True)
+    assert agent.stderr is not None
+    while "listening on" not in (line := agent.stderr.readline()):
+        assert line, "the agent ended before it listened"
+    own = Path(f"/proc/{agent.pid}/task/{agent.pid}/children").read_text().split()
+    workers = [pid for pid in own if "edgekit" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
+               or "multiprocessing" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")]
+    assert workers  # one per runtime lane
+    agent.send_signal(signal.SIGTERM)
+    assert agent.wait(timeout=60) == 0
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+              for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()
+                and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import secrets
+import signal
 import ssl
 import sys
 from pathlib import Path
@@ -89,6 +90,10 @@ def serve(host: str, port: int, *, token: str | None = None, token_file: str | N
     print(f"edgekit agent {agent.name} listening on {scheme}://{host}:{agent.server_address[1]} "
           f"({', '.join(lane.name for lane in agent.lanes.values())} lanes, {agent.max_bytes / 1e6:g} MB per request, "
           f"{agent.max_connections} connections)", file=sys.stderr, flush=True)
+    def stop(signum: int, frame: Any) -> None:  # a service manager's SIGTERM: the workers go with the agent
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         agent.serve_forever()
     finally:
