@@ -169,7 +169,8 @@ def _folder(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         manifest = json.loads((folder / "manifest.json").read_text())
     except (OSError, ValueError) as err:
         raise UsageError(f"{folder} is not an edgekit artifact folder ({err})") from None
-    if not isinstance(report, dict) or not isinstance(report.get("artifact"), dict):
+    artifact = report.get("artifact") if isinstance(report, dict) else None
+    if not isinstance(artifact, dict) or "format" not in artifact:
         raise UsageError(f"{folder}/report.json is not an edgekit report")
     outputs = manifest.get("outputs") if isinstance(manifest, dict) else None
     for index, name in enumerate(_artifact_files(report)):

@@ -78,16 +78,15 @@ def test_every_report_validates_against_the_one_model(tiny_model, photos: Path) 
         Report.model_validate(broken)
 
 
-def test_verify_refuses_a_folder_of_a_family_the_agent_cannot_run(tmp_path: Path,
-                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_verify_refuses_a_format_the_agent_cannot_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     folder = tmp_path / "built"
     folder.mkdir()
-    (folder / "encoder.onnx").write_bytes(b"graph")
-    report = {"model": {"family": "segmenter"},
-              "artifact": {"file": "encoder.onnx", "sha256": file_sha256(folder / "encoder.onnx")}}
+    (folder / "model.gguf").write_bytes(b"GGUF")
+    report = {"model": {"family": "llm"},
+              "artifact": {"file": "model.gguf", "format": "gguf", "sha256": file_sha256(folder / "model.gguf")}}
     (folder / "report.json").write_text(json.dumps(report))
     (folder / "manifest.json").write_text("{}")
     assert main(["verify", str(folder), "--device", "http://127.0.0.1:9"]) == 2
     err = capsys.readouterr().err
-    assert "segmenter model: device verification through an agent takes one-graph image models" in err
+    assert "not gguf; gguf artifacts are verified on this host" in err
     assert len(err.strip().splitlines()) == 1
