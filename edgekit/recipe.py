@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edgekit.errors import UsageError
-from edgekit.passes.int8 import OWN_RULES, Calibration
+from edgekit.passes.int8 import OWN_RULES, Calibration, SevenBitWeights
 from edgekit.search.budget import Budget, parse_budget
 from edgekit.targets import Budgets, Format, Int8Activations, Precision, Target, describe_errors, read_toml
 
@@ -36,6 +36,9 @@ class QuantizeStage(_Stage):
     precision: Precision | None = None
     # int8 only
     activations: Int8Activations | None = Field(default=None, description="default: what the target runtime takes")
+    seven_bit_weights: SevenBitWeights | None = Field(
+        default=None, description="int8 weights in 7 bits (-64..63) on no layer, every layer, or the layers whose "
+        "8-bit weights saturate x86 int16 pairs (saturating); default: saturating where the runtime adds int16 pairs")
     calibration: Calibration = "mse"
     bias_correction: bool = True
     calib_limit: int = Field(default=128, gt=0, description="calibration images at most")
@@ -286,6 +289,8 @@ def resolve(recipe: Recipe, target: Target, adapter: Family) -> Recipe:
     return with_overrides(recipe, {
         "quantize.precision": precision,
         "quantize.activations": recipe.quantize.activations or runtime.int8_activations,
+        "quantize.seven_bit_weights": recipe.quantize.seven_bit_weights or (
+            "saturating" if runtime.int16_pairs else "none"),
         "export.format": fmt,
         "export.opset": recipe.export.opset or runtime.opset or DEFAULT_OPSET,
         "verify.threads": recipe.verify.threads or target.compute.threads,

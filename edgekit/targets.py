@@ -42,6 +42,9 @@ class Runtime(_Strict):
     int8_activations: Int8Activations = Field(
         default="uint8", description="uint8 (asymmetric: onnxruntime, LiteRT) or int8-symmetric (TensorRT)"
     )
+    int16_pairs: bool = Field(
+        default=False, description="x86 engines whose uint8 x int8 kernels add products in int16 pairs (vpmaddubsw, "
+        "CPUs without VNNI): layers whose full-range weights would saturate there take 7-bit weights")
 
     @field_validator("name")
     @classmethod

@@ -63,6 +63,17 @@ def test_int8_activation_form_follows_the_target_runtime() -> None:
     assert resolve(mine, load_target("x86-64"), CLASSIFIER).quantize.activations == "int8-symmetric"
 
 
+def test_int8_weights_guard_int16_pairs_on_x86_runtimes_only() -> None:
+    int8 = with_overrides(Recipe(), {"quantize.precision": "int8"})
+    openvino = with_overrides(int8, {"export.format": "openvino"})
+    assert resolve(int8, load_target("x86-64"), CLASSIFIER).quantize.seven_bit_weights == "saturating"
+    assert resolve(openvino, load_target("intel-n100"), CLASSIFIER).quantize.seven_bit_weights == "saturating"
+    assert resolve(openvino, load_target("raspberry-pi-5"), CLASSIFIER).quantize.seven_bit_weights == "none"  # Arm
+    assert resolve(int8, load_target("jetson"), CLASSIFIER).quantize.seven_bit_weights == "none"
+    mine = with_overrides(int8, {"quantize.seven_bit_weights": "all"})
+    assert resolve(mine, load_target("x86-64"), CLASSIFIER).quantize.seven_bit_weights == "all"
+
+
 def test_family_defaults_fill_only_what_the_recipe_leaves_unset(tmp_path) -> None:
     from edgekit.recipe import load_recipe, with_defaults
 

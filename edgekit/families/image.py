@@ -446,10 +446,8 @@ class ImageFamily(FloatParts):
 
         settings, samples = ctx.plan.quantize, data.samples
         assert samples is not None
-        # OpenVINO on x86 without VNNI saturates full-range int8 weights: MobileNetV2 all-int8 agreed with the
-        # original on 0.78 of 400 held-out ImageNet-sample images in OpenVINO, 0.965 with 7-bit weights (README)
         scheme = Int8Scheme(ctx.activations, settings.calibration, settings.bias_correction,
-                            seven_bit_weights=ctx.format == "openvino")
+                            seven_bit_weights=settings.seven_bit_weights or "none")
         calibration, calib_record = self.calibration(model, data, ctx)
         # everything the ranges depend on, the symmetric/asymmetric clip and the code that computes them included
         ranges = ctx.cache.path({"kind": "int8-ranges", "model": model.fingerprint,
@@ -487,6 +485,8 @@ class ImageFamily(FloatParts):
             "kept_float": steps[chosen]["kept_float"],
             "chosen_step": chosen,
             "always_float": list(quantizer.always_float),
+            "seven_bit_layers": sorted(quantizer.seven_bit_layers()),
+            "int16_pairs": quantizer.int16_pairs,
             "max_float_layers": settings.max_float_layers,
             "steps": steps,
             "decided_on": "the held-out images, against the accuracy gates (if none meets them: the closest)",

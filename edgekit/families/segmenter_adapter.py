@@ -319,7 +319,8 @@ def _int8(encoder: Any, loaded: LoadedSegmenter, plan: Recipe, files: list[Path]
     settings = plan.quantize
     calibration = encoder_frames(list(progress.track(files, len(files), "calibration images read")))
     assert settings.activations is not None
-    scheme = Int8Scheme(settings.activations, settings.calibration, bias_correction=False)
+    scheme = Int8Scheme(settings.activations, settings.calibration, bias_correction=False,
+                        seven_bit_weights=settings.seven_bit_weights or "none")
     ranges = cache.path({"kind": "int8-ranges", "model": _model_sha256(encoder), "calibration": record["sha256"],
                          "preprocess": loaded.preprocess, "method": scheme.calibration,
                          "activations": scheme.activations, "edgekit": __version__}, ".json")

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 QUANTIZABLE = ("Conv", "Gemm", "MatMul", "ConvTranspose")
 Calibration = Literal["mse", "mean-minmax", "minmax", "entropy", "percentile"]
+SevenBitWeights = Literal["none", "saturating", "all"]
 QDQ_MIN_OPSET = 13
 OWN_RULES = ("mse", "mean-minmax", "minmax")  # `stream_ranges`; entropy and percentile are onnxruntime's
 CLIP_GRID = np.linspace(0.2, 1.0, 17)  # fractions of the observed min/max a range may be clipped to
@@ -44,9 +45,9 @@ class Int8Scheme:
     activations: Literal["uint8", "int8-symmetric"]
     calibration: Calibration = "mse"
     bias_correction: bool = True
-    # weights in 7 bits (-64..63): x86 CPUs without VNNI multiply uint8 x int8 pairs into int16 (vpmaddubsw), which
-    # saturates with full-range weights; OpenVINO's CPU plugin computes so (onnxruntime's kernels do not)
-    seven_bit_weights: bool = False
+    # weights in 7 bits (-64..63) on no layer, on every layer, or on the layers whose full-range weights saturate
+    # x86 kernels that add uint8 x int8 products in int16 pairs (int16_pairs.py)
+    seven_bit_weights: SevenBitWeights = "none"
 
     @property
     def symmetric(self) -> bool:
@@ -59,8 +60,9 @@ class Int8Scheme:
     def describe(self) -> dict[str, Any]:
         return {
             "format": "QDQ",
-            "weights": "int8" + (" in 7 bits (-64..63)" if self.seven_bit_weights else "") + ", symmetric, per output "
-                       "channel",
+            "weights": "int8" + {"none": "", "all": " in 7 bits (-64..63)",
+                                 "saturating": " (7 bits, -64..63, where 8 would saturate int16 pairs)"}[
+                                     self.seven_bit_weights] + ", symmetric, per output channel",
             "activations": "int8, symmetric, per tensor" if self.symmetric else "uint8, asymmetric, per tensor",
             "bias": "int32" if self.int32_bias else "float",
             "calibration": self.calibration,
@@ -91,6 +93,7 @@ class Int8Quantizer:
         self.threads = threads
         self.always_float: tuple[str, ...] = ()
         self.bias_images = bias_images or len(calibration)
+        self.int16_pairs: list[dict[str, Any]] | None = None  # the emulation's rows, once run
 
     def keep_float(self, names: list[str]) -> None:
         """Nodes (of `prepared`) no quantization of this graph touches: the family's known INT8 breakers."""
@@ -103,10 +106,37 @@ class Int8Quantizer:
     def quantize(self, exclude: tuple[str, ...] = (), only: tuple[str, ...] | None = None,
                  progress: Callable[[list[Any]], Any] = iter) -> onnx.ModelProto:
         """The QDQ graph with `exclude` kept float (or only `only` quantized), bias-corrected if the scheme says."""
+        from edgekit.passes.int16_pairs import with_weights_of
+
+        self._calibrate()
+        mode = self.scheme.seven_bit_weights
+        if only is not None:
+            return self._quantize(exclude, only, mode == "all" or bool(set(only) & self.seven_bit_layers()))
+        quantized = self._quantize(exclude, None, mode == "all")
+        if mode == "saturating" and self.seven_bit_layers():
+            with_weights_of(quantized, self._quantize(exclude, None, True), self.seven_bit_layers())
+        if self.scheme.bias_correction:
+            correct_bias(quantized, self.prepared, self.calibration[: self.bias_images], self.threads, progress)
+        return quantized
+
+    def seven_bit_layers(self) -> set[str]:
+        """The layers that take 7-bit weights under the `saturating` scheme: emulated once, on two calibration
+        images (int16_pairs.py)."""
+        if self.scheme.seven_bit_weights != "saturating":
+            return set()
+        if self.int16_pairs is None:
+            from edgekit.passes.int16_pairs import saturating_layers
+
+            self._calibrate()
+            self.int16_pairs = saturating_layers(self.prepared, self._quantize((), None, False),
+                                                 self._quantize((), None, True), self.calibration[:2], self.threads)
+        return {row["layer"] for row in self.int16_pairs if row["seven_bit"]}
+
+    def _quantize(self, exclude: tuple[str, ...], only: tuple[str, ...] | None, seven_bit: bool) -> onnx.ModelProto:
+        """onnxruntime's QDQ graph over the checked ranges, graph outputs left float."""
         import onnx
         from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-        self._calibrate()
         symmetric = self.scheme.symmetric
         with tempfile.TemporaryDirectory() as tmp:
             target = Path(tmp) / "out.onnx"
@@ -118,7 +148,7 @@ class Int8Quantizer:
                     activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
                     calibrate_method=self._method(),
                     nodes_to_quantize=list(only) if only is not None else None,
-                    nodes_to_exclude=[*self.always_float, *exclude], reduce_range=self.scheme.seven_bit_weights,
+                    nodes_to_exclude=[*self.always_float, *exclude], reduce_range=seven_bit,
                     calibration_cache_path=str(self._checked_ranges),
                     extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True,
                                    "QuantizeBias": self.scheme.int32_bias},
@@ -127,8 +157,6 @@ class Int8Quantizer:
                 logging.disable(logging.NOTSET)
             quantized = onnx.load(str(target))
         _float_outputs(quantized)
-        if self.scheme.bias_correction and only is None:
-            correct_bias(quantized, self.prepared, self.calibration[: self.bias_images], self.threads, progress)
         return quantized
 
     def _method(self) -> Any:
