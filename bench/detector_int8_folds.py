@@ -6,14 +6,15 @@ coco128 (sorted by name) is cut into `--folds` folds. For each fold, the 64 imag
 (cyclically) calibrate and the fold's own images score, so every image is scored once and never by ranges it made.
 Each setting is an activation scheme and a range rule (`uint8/mean-minmax`, `int8-symmetric/mse`, ...); its QDQ
 graph keeps the detector's decode in float (as every edgekit build does) and nothing else, and is run in
-onnxruntime with its graph optimisations (`ort`: integer kernels, what ships), in onnxruntime with none (`ort-
-float`: each QuantizeLinear/DequantizeLinear computed in float, the scheme's rounding alone), in OpenVINO, and
-(`litert`) as edgekit's full-integer TFLite build for raspberry-pi-5 in LiteRT. `@all` quantizes the weights to 7
-bits (-64..63), `@none` to 8, `@saturating` (the default, as edgekit's x86 builds) 7 bits only where 8 would
-saturate x86 CPUs without VNNI (their uint8 x int8 multiply, vpmaddubsw, adds pairs into int16;
-edgekit/passes/int16_pairs.py). The drop is the original PyTorch model's mAP50-95 minus the artifact's on the
-fold, in points; the pooled column scores all folds' detections together. Telling the float-simulated column from
-the integer one separates a scheme's error from a runtime's kernels."""
+onnxruntime with its graph optimisations (`ort`: integer kernels, what ships), in onnxruntime with none
+(`ort-float`: each QuantizeLinear/DequantizeLinear computed in float, the scheme's rounding alone), in OpenVINO
+(as edgekit's OpenVINO builds quantize: only the inputs of convs and matmuls), and (`litert`) as edgekit's
+full-integer TFLite build for raspberry-pi-5 in LiteRT. `@all` quantizes the weights to 7 bits (-64..63), `@none`
+to 8, `@saturating` (the default, as edgekit's x86 builds) 7 bits only where 8 would saturate x86 CPUs without
+VNNI (their uint8 x int8 multiply, vpmaddubsw, adds pairs into int16; edgekit/passes/int16_pairs.py). The drop is
+the original PyTorch model's mAP50-95 minus the artifact's on the fold, in points; the pooled column scores all
+folds' detections together. Telling the float-simulated column from the integer one separates a scheme's error
+from a runtime's kernels."""
 
 from __future__ import annotations
 
@@ -141,14 +142,14 @@ def _run(family: Any, graph: Any, calib: np.ndarray, activations: str, rule: str
     def weights(spec: str) -> str:
         return spec.partition("@")[2] or "saturating"
 
-    for mode in sorted({weights(spec) for spec in runtimes}):
-        quantizer = Int8Quantizer(graph, calib, Int8Scheme(activations, rule, False, seven_bit_weights=mode),
-                                  None, threads)
+    for mode, openvino in sorted({(weights(spec), spec.startswith("openvino")) for spec in runtimes}):
+        scheme = Int8Scheme(activations, rule, False, seven_bit_weights=mode, weighted_inputs_only=openvino)
+        quantizer = Int8Quantizer(graph, calib, scheme, None, threads)
         quantizer.keep_float(family.int8_float_nodes(quantizer.prepared))
         model = quantizer.quantize()
         for spec in runtimes:
             runtime = spec.partition("@")[0]
-            if weights(spec) != mode:
+            if (weights(spec), runtime == "openvino") != (mode, openvino):
                 continue
             if runtime == "openvino":
                 files = to_openvino(model)

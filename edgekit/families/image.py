@@ -447,7 +447,8 @@ class ImageFamily(FloatParts):
         settings, samples = ctx.plan.quantize, data.samples
         assert samples is not None
         scheme = Int8Scheme(ctx.activations, settings.calibration, settings.bias_correction,
-                            seven_bit_weights=settings.seven_bit_weights or "none")
+                            seven_bit_weights=settings.seven_bit_weights or "none",
+                            weighted_inputs_only=ctx.format == "openvino")
         calibration, calib_record = self.calibration(model, data, ctx)
         # everything the ranges depend on, the symmetric/asymmetric clip and the code that computes them included
         ranges = ctx.cache.path({"kind": "int8-ranges", "model": model.fingerprint,
