@@ -438,7 +438,8 @@ def _diff(args: argparse.Namespace) -> int:
     first, worst = found["first_departure"], found["worst"]
     print(f"{'layer':<40}{'module':<24}{'shape':<20}{'rel error':>11}{'cosine':>10}")
     for row in found["rows"]:
-        mark = " <- first departure" if row["layer"] == first else " <- worst" if row["layer"] == worst else ""
+        marks = [name for name, layer in (("first departure", first), ("worst", worst)) if row["layer"] == layer]
+        mark = f" <- {', '.join(marks)}" if marks else ""
         print(f"{row['layer']:<40}{row['module']:<24}{'x'.join(map(str, row['shape'])):<20}"
               f"{row['rel_error']:>11.4g}{row['cosine']:>10.5f}{mark}")
     print(f"{found['layers']} layers on {found['images']} held-out images, the artifact run on {found['ran_on']}; "

