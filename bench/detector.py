@@ -157,17 +157,19 @@ def main() -> None:
 def _split(work: Path, calib_images: int) -> tuple[Path, Path]:
     """coco128 as two YOLO-layout folders (images/ beside labels/): its first `calib_images` images, and the rest."""
     files = sorted((COCO / "images" / "train2017").glob("*.jpg"))
-    folders = []
-    for part, chosen in (("calib", files[:calib_images]), ("eval", files[calib_images:])):
-        for kind in ("images", "labels"):
-            (work / part / kind).mkdir(parents=True)
-        for image in chosen:
-            (work / part / "images" / image.name).symlink_to(image)
-            label = COCO / "labels" / "train2017" / f"{image.stem}.txt"
-            if label.is_file():
-                (work / part / "labels" / label.name).symlink_to(label)
-        folders.append(work / part / "images")
-    return folders[0], folders[1]
+    return yolo_folder(work / "calib", files[:calib_images]), yolo_folder(work / "eval", files[calib_images:])
+
+
+def yolo_folder(root: Path, images: list[Path]) -> Path:
+    """coco128 `images` linked into a YOLO-layout folder at `root` (images/ beside labels/); its images/ folder."""
+    for kind in ("images", "labels"):
+        (root / kind).mkdir(parents=True)
+    for image in images:
+        (root / "images" / image.name).symlink_to(image)
+        label = COCO / "labels" / "train2017" / f"{image.stem}.txt"
+        if label.is_file():
+            (root / "labels" / label.name).symlink_to(label)
+    return root / "images"
 
 
 class _UltralyticsLiteRt:

@@ -106,20 +106,16 @@ def main() -> None:
 def _litert(calib: list[Path], scored: list[Path], rule: str, inputs: np.ndarray, threads: int) -> np.ndarray:
     """The fold's outputs in LiteRT from edgekit's full-integer TFLite build (raspberry-pi-5), calibrated on `calib`
     with `rule`; no layer is kept in float, so the held-out fold chooses nothing."""
+    import sys
+
     import edgekit
     from edgekit.runtimes.litert import LiteRtRunner
 
+    sys.path.insert(0, str(Path(__file__).parent))
+    from detector import yolo_folder  # the detector bench's YOLO-layout folders of coco128 images
+
     with tempfile.TemporaryDirectory(prefix="edgekit-folds-") as work:
-        folders = []
-        for part, chosen in (("calib", calib), ("eval", scored)):
-            for kind in ("images", "labels"):
-                (Path(work) / part / kind).mkdir(parents=True)
-            for image in chosen:
-                (Path(work) / part / "images" / image.name).symlink_to(image)
-                label = COCO / "labels" / "train2017" / f"{image.stem}.txt"
-                if label.is_file():
-                    (Path(work) / part / "labels" / label.name).symlink_to(label)
-            folders.append(Path(work) / part / "images")
+        folders = [yolo_folder(Path(work) / "calib", calib), yolo_folder(Path(work) / "eval", scored)]
         result = edgekit.build("yolo11n", "raspberry-pi-5", precision="int8", calib=folders[0], eval=folders[1],
                                out=Path(work) / "out", quiet=True, use_cache=False,
                                overrides={"quantize.calibration": rule, "quantize.max_float_layers": 0,

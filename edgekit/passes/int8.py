@@ -113,13 +113,11 @@ class Int8Quantizer:
         from edgekit.passes.int16_pairs import with_weights_of
 
         self._calibrate()
-        mode = self.scheme.seven_bit_weights
-        if only is not None:
-            return self._quantize(exclude, only, mode == "all" or bool(set(only) & self.seven_bit_layers()))
-        quantized = self._quantize(exclude, None, mode == "all")
-        if mode == "saturating" and self.seven_bit_layers():
-            with_weights_of(quantized, self._quantize(exclude, None, True), self.seven_bit_layers())
-        if self.scheme.bias_correction:
+        quantized = self._quantize(exclude, only, self.scheme.seven_bit_weights == "all")
+        seven = self.seven_bit_layers() & set(self.layers() if only is None else only)
+        if seven:
+            with_weights_of(quantized, self._quantize(exclude, only, True), seven)
+        if self.scheme.bias_correction and only is None:
             correct_bias(quantized, self.prepared, self.calibration[: self.bias_images], self.threads, progress)
         return quantized
 
