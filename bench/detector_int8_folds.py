@@ -14,7 +14,9 @@ to 8, `@saturating` (the default, as edgekit's x86 builds) 7 bits only where 8 w
 VNNI (their uint8 x int8 multiply, vpmaddubsw, adds pairs into int16; edgekit/passes/int16_pairs.py). The drop is
 the original PyTorch model's mAP50-95 minus the artifact's on the fold, in points; the pooled column scores all
 folds' detections together. Telling the float-simulated column from the integer one separates a scheme's error
-from a runtime's kernels."""
+from a runtime's kernels. A rule ending in `+bc` adds empirical bias correction on the calibration images.
+`--ultralytics` adds Ultralytics' own OpenVINO INT8 export (NNCF) of each fold, calibrated on the same images,
+run in OpenVINO: the peer, under the same folds."""
 
 from __future__ import annotations
 
@@ -41,8 +43,12 @@ def main() -> None:
                         help="ort, ort-float or openvino, each with @none, @all or @saturating (the default): the "
                         "layers whose weights take 7 bits (-64..63); "
                         "litert (an edgekit TFLite build for raspberry-pi-5, no layer kept in float)")
+    parser.add_argument("--ultralytics", action="store_true",
+                        help="add Ultralytics' OpenVINO INT8 export of each fold, calibrated on the same images")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    if "litert" in args.runtimes and any("+" in setting for setting in args.settings):
+        parser.error("+bc is a QDQ graph's bias correction; edgekit's TFLite builds have none: drop litert")
     if not COCO.is_dir():
         raise SystemExit(f"{COCO} is absent: this bench needs the labelled coco128 set")
     os.environ["YOLO_OFFLINE"] = "1"
@@ -85,6 +91,15 @@ def main() -> None:
                                                          args.threads)
             print(f"  {setting} fold {k}: {time.perf_counter() - start:.0f} s", flush=True)
 
+    if args.ultralytics:
+        found["ultralytics (nncf)", "openvino"] = np.zeros_like(reference)
+        for k, fold in enumerate(folds):
+            others = np.concatenate([folds[(k + j) % args.folds] for j in range(1, args.folds)])
+            start = time.perf_counter()
+            found["ultralytics (nncf)", "openvino"][fold] = _ultralytics(
+                loaded.source, [files[i] for i in others[: args.calib_images]], samples.inputs[fold], args.threads)
+            print(f"  ultralytics fold {k}: {time.perf_counter() - start:.0f} s", flush=True)
+
     def drop(outputs: np.ndarray, rows: np.ndarray) -> float:
         truth = samples.labels[np.isin(samples.labels[:, 0], rows)].copy()
         truth[:, 0] = np.searchsorted(rows, truth[:, 0])
@@ -124,6 +139,31 @@ def _litert(calib: list[Path], scored: list[Path], rule: str, inputs: np.ndarray
     return LiteRtRunner(artifact, threads).run(inputs)
 
 
+def _ultralytics(checkpoint: str, calib: list[Path], inputs: np.ndarray, threads: int) -> np.ndarray:
+    """The fold's outputs in OpenVINO from Ultralytics' `export(format="openvino", int8=True)` calibrated on
+    `calib` (NNCF, with Ultralytics' own settings and ignored scope)."""
+    import shutil
+    import sys
+
+    from ultralytics import YOLO
+
+    from edgekit.runtimes.openvino import OpenVinoRunner
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from detector import yolo_folder
+
+    with tempfile.TemporaryDirectory(prefix="edgekit-folds-ul-") as work:
+        images = yolo_folder(Path(work) / "calib", calib)
+        data = Path(work) / "calib.yaml"
+        data.write_text((COCO / "data.yaml").read_text().replace("path: .", f"path: {images.parent}")
+                        .replace("images/train2017", "images"))
+        shutil.copy(checkpoint, Path(work) / "yolo11n.pt")
+        folder = Path(YOLO(str(Path(work) / "yolo11n.pt")).export(format="openvino", imgsz=640, int8=True,
+                                                                  data=str(data), fraction=1.0, verbose=False))
+        xml = next(folder.glob("*.xml"))
+        return OpenVinoRunner(xml.read_bytes(), xml.with_suffix(".bin").read_bytes(), threads).run(inputs)
+
+
 def _run(family: Any, graph: Any, calib: np.ndarray, activations: str, rule: str, inputs: np.ndarray,
          runtimes: list[str], threads: int) -> dict[str, np.ndarray]:
     """The fold's outputs in each runtime from one setting's QDQ graph (the decode kept float)."""
@@ -139,7 +179,9 @@ def _run(family: Any, graph: Any, calib: np.ndarray, activations: str, rule: str
         return spec.partition("@")[2] or "saturating"
 
     for mode, openvino in sorted({(weights(spec), spec.startswith("openvino")) for spec in runtimes}):
-        scheme = Int8Scheme(activations, rule, False, seven_bit_weights=mode, weighted_inputs_only=openvino)
+        base, _, extra = rule.partition("+")
+        scheme = Int8Scheme(activations, base, extra == "bc", seven_bit_weights=mode,  # type: ignore[arg-type]
+                            weighted_inputs_only=openvino)
         quantizer = Int8Quantizer(graph, calib, scheme, None, threads)
         quantizer.keep_float(family.int8_float_nodes(quantizer.prepared))
         model = quantizer.quantize()

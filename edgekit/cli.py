@@ -478,7 +478,7 @@ def _targets(args: argparse.Namespace) -> int:
                   "GB/s", "RAM MB", "default", "held to published", title="edgekit targets",
                   caption="held to published: public latencies the device model was fitted to, its median error on "
                           "them and, in brackets, leaving each model out; '-': no public latency checks it "
-                          "([sources] says where its numbers come from)")
+                          "(each profile's \\[sources] says where its numbers come from)")
 
     def num(value: float | None) -> str:
         return "-" if value is None else f"{value:g}"

@@ -9,7 +9,7 @@ from edgekit.resources import resource_dir
 from edgekit.targets import builtin_targets, load_target, load_target_file
 
 REQUIRED = {"jetson-orin-nano", "jetson-agx-orin", "raspberry-pi-5", "coral-edgetpu", "android-arm64",
-            "snapdragon-8-gen-3", "x86-64", "cortex-m55-ethos-u55"}
+            "snapdragon-8-gen-3", "x86-64", "cortex-m55-ethos-u55", "ios-arm64"}
 
 
 def test_builtin_profiles_cover_the_required_devices_and_each_number_has_a_source() -> None:

@@ -136,6 +136,11 @@ class FloatParts:
         where the target runs float ops: the TFLite side of `int8_float_nodes`."""
         return []
 
+    def pte_float_ops(self, ops: list[tuple[str, str, str]]) -> list[str]:
+        """Of an exported torch graph's ops, as (node name, op, class of the innermost module that ran it), those an
+        INT8 ExecuTorch program keeps in float: the ExecuTorch side of `int8_float_nodes`."""
+        return []
+
 
 class Family(Protocol):
     """A model family: how to recognise, load, feed, compress, export and verify its models."""

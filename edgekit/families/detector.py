@@ -109,8 +109,6 @@ class DetectorFamily(ImageFamily):
                                                  "quantize.calibration": "mean-minmax",
                                                  "quantize.range_sweeps": 0, "quantize.refit": False,
                                                  "search.stream": True}
-    # PT2E's XNNPACKQuantizer would put the decode (pixel boxes, 0-1 scores) behind one int8 scale
-    pte_precisions: ClassVar[tuple[str, ...]] = ("fp32",)
     headline: ClassVar[tuple[str, ...]] = ("box_agreement", "map50_95_reference", "map50_95_artifact",
                                            "map50_95_drop_pt", "map50_reference", "map50_artifact")
     accuracy_gates: ClassVar[dict[str, tuple[str, str, str]]] = {
@@ -329,6 +327,12 @@ class DetectorFamily(ImageFamily):
         decode = re.compile(r"\.Detect_\d+(;|/ultralytics\.nn\.modules\.block\.DFL)")
         return [name for op, name in ops
                 if op == "SOFTMAX" or decode.search(name) or name.startswith("serving_default_output")]
+
+    def pte_float_ops(self, ops: list[tuple[str, str, str]]) -> list[str]:
+        """The same parts again, in the exported torch graph: ops the head module runs itself (its decode
+        arithmetic and the output concat) or its DFL block runs, and every softmax; the head's conv stacks are
+        modules of their own and stay int8."""
+        return [name for name, op, module in ops if "softmax" in op or module in ("Detect", "DFL")]
 
     def compare(self, reference: np.ndarray, artifact: np.ndarray, labels: np.ndarray | None) -> dict[str, Any]:
         ref_detections, art_detections = detections(reference), detections(artifact)

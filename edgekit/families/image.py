@@ -109,7 +109,6 @@ class ImageFamily(FloatParts):
     accuracy_gates: ClassVar[dict[str, tuple[str, str, str]]] = {}
     precisions: ClassVar[tuple[str, ...]] = ("fp32", "fp16", "int8")
     formats: ClassVar[tuple[str, ...]] = ("onnx", "tflite", "openvino", "pte")
-    pte_precisions: ClassVar[tuple[str, ...]] = ("fp32", "int8")
     trains_on_labels: ClassVar[bool] = True
     label_layout: ClassVar[str]  # how a `--train` folder carries its labels, for the error that finds none
     agreement: ClassVar[str]  # the `compare` metric of agreement with the original, which judges a distillation
@@ -188,9 +187,6 @@ class ImageFamily(FloatParts):
         if ctx.format in ("tflite", "pte") and not model.is_torch:
             raise UsageError(f"{'TFLite' if ctx.format == 'tflite' else 'ExecuTorch'} export converts torch models; "
                              "an ONNX input builds to --format onnx")
-        if ctx.format == "pte" and ctx.precision not in self.pte_precisions:
-            raise UsageError(f"{self.name} models build to pte at {', '.join(self.pte_precisions)} in this edgekit, "
-                             f"not {ctx.precision}")
         if ctx.precision in ("fp32", "fp16"):
             ctx.notes.append(f"{ctx.precision} needs no calibration: the {len(data.calib_files)} calibration "
                              "images are recorded in the manifest and serve int8 builds")
@@ -527,7 +523,7 @@ class ImageFamily(FloatParts):
         ctx.notes.append("ExecuTorch programs carry no edgekit metadata: report.json holds the preprocessing")
         calibration, record = self.calibration(model, data, ctx) if ctx.precision == "int8" else (None, None)
         with ctx.progress.stage("quantize", note=f"{ctx.precision}, lowered to XNNPACK"):
-            program = to_pte(module, model.input_shape, calibration)
+            program, keep = to_pte(module, model.input_shape, calibration, self.pte_float_ops)
         files = {"model.pte": program}
         if calibration is None:
             return files, None
@@ -535,8 +531,9 @@ class ImageFamily(FloatParts):
             "scheme": {"format": "ExecuTorch", "engine": "PT2E (torchao) with the XNNPACKQuantizer",
                        "weights": WEIGHTS, "activations": ACTIVATIONS, "calibration": OBSERVER},
             "calibration": record,
-            "kept_float": [],
-            "decided_on": "every op the XNNPACKQuantizer annotates quantized",
+            "kept_float": keep,
+            "decided_on": "the family's parts that one int8 scale cannot serve" if keep
+            else "every op the XNNPACKQuantizer annotates quantized",
         }
 
     def verify(self, artifact: Artifact, model: LoadedModel, data: ImageData, reference: np.ndarray,

@@ -4,7 +4,9 @@ torch.export captures the module at its static input shape; `to_edge_transform_a
 takes to the delegate (the rest stays on ExecuTorch's portable kernels). INT8 is PyTorch's PT2E flow: the
 XNNPACKQuantizer annotates the exported graph (weights int8 symmetric per output channel, activations int8 per
 tensor), observers watch the build's calibration images, and `convert_pt2e` folds the ranges into
-quantize/dequantize pairs the delegate runs as int8 kernels. ExecuTorch is an extra (`edgekit[executorch]`): its
+quantize/dequantize pairs the delegate runs as int8 kernels. A family may keep some ops float (a detector's decode):
+their annotations are dropped after the quantizer's, so the int8 ops before them hand over dequantized values and
+XNNPACK runs them in float. ExecuTorch is an extra (`edgekit[executorch]`): its
 dependencies (coremltools, pandas, hydra…) weigh about 250 MB.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import warnings
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from edgekit.errors import StageError, UsageError, first_line
@@ -24,6 +27,8 @@ INSTALL = "pip install 'edgekit[executorch]'"
 WEIGHTS = "int8, symmetric, per output channel"
 ACTIVATIONS = "int8, asymmetric, per tensor"
 OBSERVER = "histogram (the XNNPACKQuantizer's observer), over the calibration images"
+# an op of the exported graph as a family sees it: (node name, op, class of the innermost module that ran it)
+GraphOp = tuple[str, str, str]
 
 
 def require_executorch() -> None:
@@ -33,9 +38,11 @@ def require_executorch() -> None:
                          f"{INSTALL}")
 
 
-def to_pte(module: torch.nn.Module, input_shape: tuple[int, ...], calibration: np.ndarray | None = None) -> bytes:
-    """The program of `module` at `input_shape`, XNNPACK-delegated: float, or int8 (PT2E) when `calibration` holds
-    the images (model inputs) the activation ranges are observed on."""
+def to_pte(module: torch.nn.Module, input_shape: tuple[int, ...], calibration: np.ndarray | None = None,
+           keep_float: Callable[[list[GraphOp]], list[str]] = lambda ops: []) -> tuple[bytes, list[str]]:
+    """The program of `module` at `input_shape`, XNNPACK-delegated, and the ops kept float: float, or int8 (PT2E)
+    when `calibration` holds the images (model inputs) the activation ranges are observed on, but for the ops
+    `keep_float` names."""
     import torch
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
@@ -45,25 +52,58 @@ def to_pte(module: torch.nn.Module, input_shape: tuple[int, ...], calibration: n
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             program = torch.export.export(module.eval(), example)
+            kept: list[str] = []
             if calibration is not None:
-                program = torch.export.export(_quantized(program.module(), calibration), example)
+                quantized, kept = _quantized(program.module(), calibration, keep_float)
+                program = torch.export.export(quantized, example)
             lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
-            return bytes(lowered.to_executorch().buffer)
+            return bytes(lowered.to_executorch().buffer), kept
     except Exception as err:  # export and lowering raise many types; the first line names the op or the rule
         raise StageError(f"ExecuTorch lowering failed: {first_line(err)}") from err
 
 
-def _quantized(graph: Any, calibration: np.ndarray) -> Any:
-    """The exported graph with int8 quantize/dequantize pairs at the ranges the calibration images give."""
+def _quantized(graph: Any, calibration: np.ndarray,
+               keep_float: Callable[[list[GraphOp]], list[str]]) -> tuple[Any, list[str]]:
+    """The exported graph with int8 quantize/dequantize pairs at the ranges the calibration images give, and the
+    names of the ops left float."""
     import torch
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
         XNNPACKQuantizer,
         get_symmetric_quantization_config,
     )
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer import Quantizer
 
-    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
-    prepared = prepare_pt2e(graph, quantizer)
+    kept: list[str] = []
+
+    class Keeping(Quantizer):
+        """The XNNPACKQuantizer's annotations, less those of the ops the family keeps float."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+
+        def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+            self.inner.annotate(model)
+            nodes = {node.name: node for node in model.graph.nodes if node.op == "call_function"}
+            kept.extend(keep_float([(node.name, str(node.target), _module_class(node)) for node in nodes.values()]))
+            for name in kept:
+                nodes[name].meta.pop("quantization_annotation", None)
+            return model
+
+        def validate(self, model: torch.fx.GraphModule) -> None:
+            self.inner.validate(model)
+
+    prepared = prepare_pt2e(graph, Keeping())
     for image in calibration:  # one at a time: the graph was exported at batch 1
         prepared(torch.from_numpy(image[None]))
-    return convert_pt2e(prepared)
+    return convert_pt2e(prepared), kept
+
+
+def _module_class(node: Any) -> str:
+    """The class name of the innermost module whose forward made `node` ("" for the model's own ops)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    kind = list(stack.values())[-1][1]
+    return (kind if isinstance(kind, str) else kind.__name__).rsplit(".", 1)[-1]
