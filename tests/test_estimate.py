@@ -63,6 +63,40 @@ def test_int8_graph_folds_qdq_and_counts_int8_bytes(graph: onnx.ModelProto) -> N
     assert {row["precision"] for row in rows if row["op"] == "Conv"} == {"int8"}  # at the int8 peak
 
 
+def test_qdq_patterns_onnxruntime_does_not_fuse_are_charged_in_float(tmp_path: Path) -> None:
+    """The exporter shares equal biases through Identity nodes; onnxruntime's quantize_static, without its
+    pre-processing, leaves such biases float, and onnxruntime then runs those convs in float between conversions.
+    The host estimate charges them so (fp32 convs, Q/DQ as whole-tensor ops); a TensorRT target, whose fusions are
+    its own, still reads int8; edgekit's quantizer (pre-processed graph) leaves none unfused."""
+    from onnxruntime.quantization import CalibrationDataReader, quantize_static
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Conv2d(8 if i else 3, 8, 3, padding=1) for i in range(4)], nn.Flatten(),
+                          nn.Linear(8 * 16 * 16, 4)).eval()
+    for conv in model[:4]:
+        nn.init.zeros_(conv.bias)  # equal biases: the exporter shares one initializer between them
+    graph = export_onnx(model, (1, 3, 16, 16), 17)
+    onnx.save(graph, tmp_path / "shared.onnx")
+    calibration = np.random.default_rng(0).normal(0, 1, (2, 3, 16, 16)).astype(np.float32)
+    rows = iter([{graph.graph.input[0].name: row[None]} for row in calibration])
+
+    class Reader(CalibrationDataReader):
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(rows, None)
+
+    quantize_static(str(tmp_path / "shared.onnx"), str(tmp_path / "ortq.onnx"), Reader())
+    analysis = analyze(onnx.load(tmp_path / "ortq.onnx"))
+    unfused = {layer.name for layer in analysis.layers if layer.op == "Conv" and layer.unfused_in_onnxruntime}
+    assert len(unfused) == 3  # the first conv reads the initializer itself and fuses
+    host = {row["name"]: row for row in estimate(analysis, load_target("x86-64"), top=999)["layers"]}
+    assert {host[name]["precision"] for name in unfused} == {"fp32"}
+    assert any(row["op"] == "DequantizeLinear" and row["class"] == "elementwise" for row in host.values())
+    jetson = estimate(analysis, load_target("jetson-orin-nano"), top=999)
+    assert {row["precision"] for row in jetson["layers"] if row["op"] == "Conv"} == {"int8"}
+    ours = Int8Quantizer(graph, calibration, Int8Scheme("uint8", "minmax", False), None, 1).quantize()
+    assert not any(layer.unfused_in_onnxruntime for layer in analyze(ours).layers if layer.op == "Conv")
+
+
 def test_tflite_analysis_counts_the_same_macs(graph: onnx.ModelProto) -> None:
     from edgekit.passes.tflite import convert_tflite
 

@@ -29,6 +29,9 @@ class LayerStats:
     precision: str = "fp32"  # of its arithmetic: the stored weights' type, else its input's
     weight_bytes: int = 0
     activation_bytes: int = 0  # activations read and written, at the width the runtime stores them
+    # onnxruntime runs this node as it stands: a Q/DQ it did not fold into an int8 kernel, or a weighted op whose
+    # QDQ pattern its fusions refused, left in float (a float bias, a float graph output, ...)
+    unfused_in_onnxruntime: bool = False
 
 
 @dataclass
@@ -130,6 +133,32 @@ def _matrix_class(output_shape: list[int]) -> str:
     return "gemv" if output_shape and prod(output_shape[:-1]) == 1 else "gemm"
 
 
+def _onnxruntime_unfused(model: onnx.ModelProto) -> set[str]:
+    """Of a QDQ graph, the Q/DQ and weighted nodes onnxruntime's CPU graph optimiser leaves as they are rather than
+    folding into its int8 kernels (QLinearConv, QGemm, ...): asked of onnxruntime itself, since whether a pattern
+    fuses turns on details (a bias reached through an Identity and left float) no rule list here would follow."""
+    import tempfile
+    from pathlib import Path
+
+    import onnx
+    import onnxruntime as ort
+
+    if not any(node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in model.graph.node):
+        return set()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED  # QDQ fusions; no layouts
+    options.log_severity_level = 3  # its notes on unused initializers are not the user's business
+    with tempfile.TemporaryDirectory() as work:
+        options.optimized_model_filepath = str(Path(work) / "optimized.onnx")
+        try:
+            ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        except Exception:  # a graph onnxruntime cannot load: no fusion to report
+            return set()
+        optimized = onnx.load(options.optimized_model_filepath, load_external_data=False)
+    return {node.name.split("/duplicated")[0] for node in optimized.graph.node
+            if node.op_type in ("QuantizeLinear", "DequantizeLinear", *_WEIGHTED)}
+
+
 def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """Shapes of every tensor, at batch one: a symbolic input dimension (a dynamic batch) is read as 1, else
     every tensor downstream of it has no size and no MACs. onnxruntime's symbolic inference also folds the
@@ -200,6 +229,7 @@ def analyze(model: onnx.ModelProto) -> Analysis:
             return quantizers[0].output[0]
         return name
 
+    unfused = _onnxruntime_unfused(model)
     layers = []
     for node in graph.node:
         if node.op_type == "Constant":
@@ -207,6 +237,8 @@ def analyze(model: onnx.ModelProto) -> Analysis:
         sources = [stored(name) for name in node.input if name]
         held = [name for name in sources if name in weights]
         moved = [name for name in sources if name not in weights] + [stored(name) for name in node.output]
+        if node.name in unfused and node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            moved = [name for name in (node.input[0], node.output[0]) if name not in weights]  # a whole conversion
         arithmetic = held[0] if held and node.op_type in _WEIGHTED else (sources[0] if sources else "")
         layers.append(LayerStats(
             name=node.name or node.output[0], op=node.op_type, macs=_node_macs(node, shapes),
@@ -215,6 +247,7 @@ def analyze(model: onnx.ModelProto) -> Analysis:
             precision=_PRECISION.get(types.get(arithmetic, 0), "fp32"),
             weight_bytes=sum(prod(weights[name].dims) * _itemsize(weights[name].data_type) for name in held),
             activation_bytes=sum(sizes.get(name, 0) for name in moved),
+            unfused_in_onnxruntime=node.name in unfused,
         ))
 
     for name in [name for name in sizes if stored(name) != name]:  # float tensors an INT8 runtime never holds

@@ -12,6 +12,7 @@ checks it against measurements here. The result is labelled `estimated`.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from math import log, prod
 from typing import Any
 
@@ -31,9 +32,11 @@ def estimate(analysis: Analysis, target: Target, top: int | None = None) -> dict
     reason = unrunnable(analysis, target)
     if reason:
         return {"label": "estimated", "ms": None, "reason": reason}
+    runtime = target.runtime_for("onnx")
+    as_run = _as_onnxruntime_runs if runtime is not None and runtime.name == "onnxruntime" else lambda layer: layer
     rows: list[dict[str, Any]] = []
     compute_total, memory_total = 0.0, 0.0
-    for index, layer in enumerate(analysis.layers):
+    for index, layer in enumerate(map(as_run, analysis.layers)):
         if layer.op_class == "fused":
             continue
         peak_precision, peak = _peak(target, layer.precision)
@@ -72,6 +75,16 @@ def estimate(analysis: Analysis, target: Target, top: int | None = None) -> dict
                    f"numbers from {target.name}'s profile" if model else
                    f"roofline per op (no [latency] section in {target.name}'s profile: no efficiencies, no overhead)"),
     }
+
+
+def _as_onnxruntime_runs(layer: LayerStats) -> LayerStats:
+    """A node as onnxruntime runs it where its fusions left it alone: a Q/DQ converts a whole tensor, and a weighted
+    op computes in float on dequantized weights."""
+    if not layer.unfused_in_onnxruntime:
+        return layer
+    if layer.op in ("QuantizeLinear", "DequantizeLinear"):
+        return replace(layer, op_class="elementwise")
+    return replace(layer, precision="fp32")
 
 
 def unrunnable(analysis: Analysis, target: Target) -> str | None:
