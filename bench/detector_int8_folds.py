@@ -14,7 +14,8 @@ to 8, `@saturating` (the default, as edgekit's x86 builds) 7 bits only where 8 w
 VNNI (their uint8 x int8 multiply, vpmaddubsw, adds pairs into int16; edgekit/passes/int16_pairs.py). The drop is
 the original PyTorch model's mAP50-95 minus the artifact's on the fold, in points; the pooled column scores all
 folds' detections together. Telling the float-simulated column from the integer one separates a scheme's error
-from a runtime's kernels. A rule ending in `+bc` adds empirical bias correction on the calibration images.
+from a runtime's kernels. A rule ending in `+bc` adds empirical bias correction on 16 of the calibration images
+(it runs the model once per layer).
 `--ultralytics` adds Ultralytics' own OpenVINO INT8 export (NNCF) of each fold, calibrated on the same images,
 run in OpenVINO: the peer, under the same folds."""
 
@@ -31,6 +32,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 COCO = REPO.parent / "shared" / "data" / "coco128"
+BIAS_IMAGES = 16
 
 
 def main() -> None:
@@ -182,7 +184,7 @@ def _run(family: Any, graph: Any, calib: np.ndarray, activations: str, rule: str
         base, _, extra = rule.partition("+")
         scheme = Int8Scheme(activations, base, extra == "bc", seven_bit_weights=mode,  # type: ignore[arg-type]
                             weighted_inputs_only=openvino)
-        quantizer = Int8Quantizer(graph, calib, scheme, None, threads)
+        quantizer = Int8Quantizer(graph, calib, scheme, None, threads, BIAS_IMAGES)
         quantizer.keep_float(family.int8_float_nodes(quantizer.prepared))
         model = quantizer.quantize()
         for spec in runtimes:
