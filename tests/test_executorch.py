@@ -71,6 +71,7 @@ def test_int8_program_is_quantized_on_the_calibration_images(tiny_model: nn.Modu
     assert report["target"]["name"] == "ios-arm64" and report["artifact"]["file"] == "model.pte"
     quantization = report["quantization"]
     assert quantization["calibration"]["images"] == 9 and "XNNPACKQuantizer" in quantization["scheme"]["engine"]
+    assert quantization["scheme"]["calibration"].startswith("histogram")  # a classifier's mse: the quantizer's own
     assert quantization["calibration_diagnostics"]["images"] == 9
     estimated = report["latency_ms"]["estimated_target"]["layers"]  # the device model reads int8 arithmetic
     assert {layer["precision"] for layer in estimated if layer["class"] in ("conv", "depthwise", "gemm")} == {"int8"}
@@ -127,6 +128,7 @@ def test_an_int8_detector_program_keeps_its_decode_float(tmp_path: Path, boxes: 
     kept = quantization["kept_float"]
     assert any("softmax" in name for name in kept) and len(kept) > 10
     assert quantization["decided_on"] == "the family's parts that one int8 scale cannot serve"
+    assert quantization["scheme"]["calibration"] == "per-image min/max averaged"  # the detector's rule
     assert "map50_95_artifact" in report["accuracy"] and 0 <= report["box_agreement"] <= 1
     int8_layers = [layer for layer in report["latency_ms"]["estimated_target"]["layers"] if layer["class"] == "conv"]
     assert {layer["precision"] for layer in int8_layers} == {"int8"}

@@ -518,18 +518,19 @@ class ImageFamily(FloatParts):
     def _pte(self, module: torch.nn.Module, model: LoadedModel, data: ImageData,
              ctx: BuildContext) -> tuple[dict[str, bytes], dict[str, Any] | None]:
         """The ExecuTorch program at the recipe's precision: int8 observes the calibration images (PT2E)."""
-        from edgekit.passes.executorch import ACTIVATIONS, OBSERVER, WEIGHTS, to_pte
+        from edgekit.passes.executorch import ACTIVATIONS, WEIGHTS, observer_of, to_pte
 
         ctx.notes.append("ExecuTorch programs carry no edgekit metadata: report.json holds the preprocessing")
         calibration, record = self.calibration(model, data, ctx) if ctx.precision == "int8" else (None, None)
+        rule = ctx.plan.quantize.calibration
         with ctx.progress.stage("quantize", note=f"{ctx.precision}, lowered to XNNPACK"):
-            program, keep = to_pte(module, model.input_shape, calibration, self.pte_float_ops)
+            program, keep = to_pte(module, model.input_shape, calibration, self.pte_float_ops, rule)
         files = {"model.pte": program}
         if calibration is None:
             return files, None
         return files, {
             "scheme": {"format": "ExecuTorch", "engine": "PT2E (torchao) with the XNNPACKQuantizer",
-                       "weights": WEIGHTS, "activations": ACTIVATIONS, "calibration": OBSERVER},
+                       "weights": WEIGHTS, "activations": ACTIVATIONS, "calibration": observer_of(rule)},
             "calibration": record,
             "kept_float": keep,
             "decided_on": "the family's parts that one int8 scale cannot serve" if keep

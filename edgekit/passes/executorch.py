@@ -3,11 +3,12 @@
 torch.export captures the module at its static input shape; `to_edge_transform_and_lower` hands every part XNNPACK
 takes to the delegate (the rest stays on ExecuTorch's portable kernels). INT8 is PyTorch's PT2E flow: the
 XNNPACKQuantizer annotates the exported graph (weights int8 symmetric per output channel, activations int8 per
-tensor), observers watch the build's calibration images, and `convert_pt2e` folds the ranges into
-quantize/dequantize pairs the delegate runs as int8 kernels. A family may keep some ops float (a detector's decode):
-their annotations are dropped after the quantizer's, so the int8 ops before them hand over dequantized values and
-XNNPACK runs them in float. ExecuTorch is an extra (`edgekit[executorch]`): its
-dependencies (coremltools, pandas, hydra…) weigh about 250 MB.
+tensor), observers watch the build's calibration images under its range rule (`mean-minmax`: each image's min and
+max, averaged; `minmax`: the extremes; any other: the quantizer's histogram search), and `convert_pt2e` folds the
+ranges into quantize/dequantize pairs the delegate runs as int8 kernels. A family may keep some ops float (a
+detector's decode): their annotations are dropped after the quantizer's, so the int8 ops before them hand over
+dequantized values and XNNPACK runs them in float. ExecuTorch is an extra (`edgekit[executorch]`): its dependencies
+(coremltools, pandas, hydra…) weigh about 250 MB.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ if TYPE_CHECKING:
 INSTALL = "pip install 'edgekit[executorch]'"
 WEIGHTS = "int8, symmetric, per output channel"
 ACTIVATIONS = "int8, asymmetric, per tensor"
-OBSERVER = "histogram (the XNNPACKQuantizer's observer), over the calibration images"
+OBSERVERS = {"mean-minmax": "per-image min/max averaged", "minmax": "min/max over the calibration images"}
+HISTOGRAM = "histogram (the XNNPACKQuantizer's own), over the calibration images"
 # an op of the exported graph as a family sees it: (node name, op, class of the innermost module that ran it)
 GraphOp = tuple[str, str, str]
 
@@ -38,11 +40,17 @@ def require_executorch() -> None:
                          f"{INSTALL}")
 
 
+def observer_of(rule: str) -> str:
+    """What observes the activation ranges for a build's calibration rule."""
+    return OBSERVERS.get(rule, HISTOGRAM)
+
+
 def to_pte(module: torch.nn.Module, input_shape: tuple[int, ...], calibration: np.ndarray | None = None,
-           keep_float: Callable[[list[GraphOp]], list[str]] = lambda ops: []) -> tuple[bytes, list[str]]:
+           keep_float: Callable[[list[GraphOp]], list[str]] = lambda ops: [],
+           rule: str = "histogram") -> tuple[bytes, list[str]]:
     """The program of `module` at `input_shape`, XNNPACK-delegated, and the ops kept float: float, or int8 (PT2E)
-    when `calibration` holds the images (model inputs) the activation ranges are observed on, but for the ops
-    `keep_float` names."""
+    when `calibration` holds the images (model inputs) the activation ranges are observed on under `rule`, but
+    for the ops `keep_float` names."""
     import torch
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
@@ -54,7 +62,7 @@ def to_pte(module: torch.nn.Module, input_shape: tuple[int, ...], calibration: n
             program = torch.export.export(module.eval(), example)
             kept: list[str] = []
             if calibration is not None:
-                quantized, kept = _quantized(program.module(), calibration, keep_float)
+                quantized, kept = _quantized(program.module(), calibration, keep_float, rule)
                 program = torch.export.export(quantized, example)
             lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
             return bytes(lowered.to_executorch().buffer), kept
@@ -62,8 +70,8 @@ def to_pte(module: torch.nn.Module, input_shape: tuple[int, ...], calibration: n
         raise StageError(f"ExecuTorch lowering failed: {first_line(err)}") from err
 
 
-def _quantized(graph: Any, calibration: np.ndarray,
-               keep_float: Callable[[list[GraphOp]], list[str]]) -> tuple[Any, list[str]]:
+def _quantized(graph: Any, calibration: np.ndarray, keep_float: Callable[[list[GraphOp]], list[str]],
+               rule: str) -> tuple[Any, list[str]]:
     """The exported graph with int8 quantize/dequantize pairs at the ranges the calibration images give, and the
     names of the ops left float."""
     import torch
@@ -81,7 +89,8 @@ def _quantized(graph: Any, calibration: np.ndarray,
 
         def __init__(self) -> None:
             super().__init__()
-            self.inner = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+            self.inner = XNNPACKQuantizer().set_global(_with_observer(
+                get_symmetric_quantization_config(is_per_channel=True), rule))
 
         def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
             self.inner.annotate(model)
@@ -98,6 +107,39 @@ def _quantized(graph: Any, calibration: np.ndarray,
     for image in calibration:  # one at a time: the graph was exported at batch 1
         prepared(torch.from_numpy(image[None]))
     return convert_pt2e(prepared), kept
+
+
+def _with_observer(config: Any, rule: str) -> Any:
+    """The quantizer's config with its activation observer set by `rule` (the histogram kept for other rules)."""
+    from dataclasses import replace
+
+    import torch
+    from torchao.quantization.pt2e.observer import MinMaxObserver
+
+    class MeanMinMax(MinMaxObserver):
+        """Each call's (one image's) min and max, averaged over the calls."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.calls = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.numel():
+                low, high = torch.aminmax(x.detach().float())
+                self.calls += 1
+                if self.calls == 1:
+                    self.min_val.copy_(low)
+                    self.max_val.copy_(high)
+                else:
+                    self.min_val.add_((low - self.min_val) / self.calls)
+                    self.max_val.add_((high - self.max_val) / self.calls)
+            return x
+
+    observer = {"mean-minmax": MeanMinMax, "minmax": MinMaxObserver}.get(rule)
+    if observer is None:
+        return config
+    activations = replace(config.input_activation, observer_or_fake_quant_ctr=observer.with_args(eps=2**-12))
+    return replace(config, input_activation=activations, output_activation=activations)
 
 
 def _module_class(node: Any) -> str:
