@@ -15,7 +15,7 @@ VNNI (their uint8 x int8 multiply, vpmaddubsw, adds pairs into int16; edgekit/pa
 the original PyTorch model's mAP50-95 minus the artifact's on the fold, in points; the pooled column scores all
 folds' detections together. Telling the float-simulated column from the integer one separates a scheme's error
 from a runtime's kernels. A rule ending in `+bc` adds empirical bias correction on 16 of the calibration images
-(it runs the model once per layer); `+fbc` the one-pass bias correction on every calibration image.
+(it runs the model once per layer).
 `--ultralytics` adds Ultralytics' own OpenVINO INT8 export (NNCF) of each fold, calibrated on the same images,
 run in OpenVINO: the peer, under the same folds."""
 
@@ -171,7 +171,7 @@ def _run(family: Any, graph: Any, calib: np.ndarray, activations: str, rule: str
     """The fold's outputs in each runtime from one setting's QDQ graph (the decode kept float)."""
     import onnxruntime as ort
 
-    from edgekit.passes.int8 import Int8Quantizer, Int8Scheme, correct_bias_fast
+    from edgekit.passes.int8 import Int8Quantizer, Int8Scheme
     from edgekit.passes.openvino import to_openvino
     from edgekit.runtimes.onnxruntime import OnnxRuntimeRunner
     from edgekit.runtimes.openvino import OpenVinoRunner
@@ -187,8 +187,6 @@ def _run(family: Any, graph: Any, calib: np.ndarray, activations: str, rule: str
         quantizer = Int8Quantizer(graph, calib, scheme, None, threads, BIAS_IMAGES)
         quantizer.keep_float(family.int8_float_nodes(quantizer.prepared))
         model = quantizer.quantize()
-        if extra == "fbc":
-            correct_bias_fast(model, quantizer.prepared, calib, threads)
         for spec in runtimes:
             runtime = spec.partition("@")[0]
             if (weights(spec), runtime == "openvino") != (mode, openvino):
