@@ -377,7 +377,7 @@ def estimate(artifacts: list[str], target: str | None, *, validate: bool = False
     if validate or calibrate_host:
         with progress.stage("calibrate", note=f"microbenchmarks, {threads} threads"):
             profile = host_profile(threads, ArrayCache(default_cache_dir()), recalibrate,
-                                   progress=lambda xs: progress.track(xs, len(xs), "kernels"))
+                                   progress=lambda xs: progress.track(xs, len(xs), "rounds"))
         if calibrate_host:
             Path(calibrate_host).write_text(profile_toml(profile))
             results["profile"] = calibrate_host
@@ -385,7 +385,7 @@ def estimate(artifacts: list[str], target: str | None, *, validate: bool = False
     if validate:
         with progress.stage("validate", note=f"{len(paths)} artifacts"):
             results["validation"] = validate_here(paths, profile, threads,
-                                                  progress=lambda xs: progress.track(xs, len(xs), "artifacts"))
+                                                  progress=lambda xs: progress.track(xs, len(xs), "rounds"))
     elif paths:
         device = load_target(target or "x86-64")
         results["estimates"] = [{"artifact": str(path), "target": device.name,

@@ -110,6 +110,9 @@ class KernelRate(_Strict):
 
     op_class: OpClass
     precision: Precision
+    weights: Literal["constant", "dequantized"] = Field(
+        default="constant", description="dequantized: float arithmetic on int8 weights dequantized at every run, as "
+        "onnxruntime runs a QDQ pattern it does not fuse")
     reduction: int = Field(gt=0, description="multiply-accumulates per output value (Cin/groups x kernel area)")
     outputs: int = Field(gt=0, description="output values")
     efficiency: float = Field(gt=0, le=1)

@@ -16,7 +16,7 @@ from edgekit.cli import main
 from edgekit.passes.analyze import analyze, analyze_tflite
 from edgekit.passes.export import export_onnx
 from edgekit.passes.int8 import Int8Quantizer, Int8Scheme
-from edgekit.targets import load_target
+from edgekit.targets import KernelRate, load_target
 from edgekit.verify.estimate import estimate
 from edgekit.verify.microbench import host_target, measure_host
 
@@ -91,6 +91,17 @@ def test_qdq_patterns_onnxruntime_does_not_fuse_are_charged_in_float(tmp_path: P
     host = {row["name"]: row for row in estimate(analysis, load_target("x86-64"), top=999)["layers"]}
     assert {host[name]["precision"] for name in unfused} == {"fp32"}
     assert any(row["op"] == "DequantizeLinear" and row["class"] == "elementwise" for row in host.values())
+    # where the profile measured float convs on dequantized weights (the host's microbenchmarks do), those take it
+    x86 = load_target("x86-64")
+    measured = {"op_class": "conv", "precision": "fp32", "reduction": 72, "outputs": 2048}
+    slow = x86.model_copy(update={"latency": x86.latency.model_copy(update={"kernels": [
+        KernelRate(**measured, efficiency=0.5), KernelRate(**measured, weights="dequantized", efficiency=0.01)]})})
+    rows = {row["name"]: row["ms"] for row in estimate(analysis, slow, top=999)["layers"]}
+    fast = x86.model_copy(update={"latency": x86.latency.model_copy(update={"kernels": slow.latency.kernels[:1]})})
+    alike = {row["name"]: row["ms"] for row in estimate(analysis, fast, top=999)["layers"]}
+    assert all(rows[name] > 5 * alike[name] for name in unfused)
+    assert [rows[name] for name in alike if name not in unfused] == [alike[name] for name in alike
+                                                                     if name not in unfused]
     jetson = estimate(analysis, load_target("jetson-orin-nano"), top=999)
     assert {row["precision"] for row in jetson["layers"] if row["op"] == "Conv"} == {"int8"}
     ours = Int8Quantizer(graph, calibration, Int8Scheme("uint8", "minmax", False), None, 1).quantize()
@@ -131,11 +142,13 @@ def test_on_chip_weights_are_not_streamed() -> None:
 
 
 def test_host_calibration_gives_a_valid_profile_with_sources() -> None:
-    profile = host_target(measure_host(threads=1, runs=3))
+    profile = host_target(measure_host(threads=1, runs=3, rounds=1))
     assert profile.compute.fp32_gflops > 0 and profile.memory.bandwidth_gbps > 0
     assert all(0 < value <= 1 for value in profile.latency.efficiency.values())
     assert {"conv", "depthwise", "gemm", "gemv", "elementwise"} <= set(profile.latency.efficiency)
     assert profile.latency.kernels and all(key in profile.sources for key in profile.device_numbers())
+    assert {(k.precision, k.weights) for k in profile.latency.kernels} == {("fp32", "constant"), ("int8", "constant"),
+                                                                           ("fp32", "dequantized")}
 
 
 def test_validate_prints_estimate_measurement_and_median_error(graph: onnx.ModelProto, capsys,

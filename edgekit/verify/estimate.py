@@ -33,15 +33,16 @@ def estimate(analysis: Analysis, target: Target, top: int | None = None) -> dict
     if reason:
         return {"label": "estimated", "ms": None, "reason": reason}
     runtime = target.runtime_for("onnx")
-    as_run = _as_onnxruntime_runs if runtime is not None and runtime.name == "onnxruntime" else lambda layer: layer
+    onnxruntime = runtime is not None and runtime.name == "onnxruntime"
     rows: list[dict[str, Any]] = []
     compute_total, memory_total = 0.0, 0.0
-    for index, layer in enumerate(map(as_run, analysis.layers)):
+    for index, stored in enumerate(analysis.layers):
+        layer = _as_onnxruntime_runs(stored) if onnxruntime else stored
         if layer.op_class == "fused":
             continue
         peak_precision, peak = _peak(target, layer.precision)
         assert peak is not None or layer.op_class == "data"  # unrunnable() found none missing
-        efficiency = _efficiency(target, layer)
+        efficiency = _efficiency(target, layer, dequantized=layer.precision != stored.precision)
         compute_s = 2 * layer.macs / (peak * 1e9 * efficiency) if layer.macs and peak else 0.0
         streamed = max(0.0, layer.weight_bytes - resident)
         resident = max(0.0, resident - layer.weight_bytes)  # the accelerator caches weights in graph order
@@ -110,14 +111,17 @@ def _peak(target: Target, precision: str) -> tuple[str, float | None]:
     return (precision, peak) if peak is not None else ("fp32", target.compute.fp32_gflops)
 
 
-def _efficiency(target: Target, layer: LayerStats) -> float:
+def _efficiency(target: Target, layer: LayerStats, dequantized: bool = False) -> float:
     """The nearest measured kernel's efficiency (in reduction depth and output size, on log scales), else the
-    class's."""
+    class's. A float layer on `dequantized` int8 weights takes the kernels measured that way where the profile has
+    them (onnxruntime's depthwise convs run several times slower so)."""
     model = target.latency
     if model is None:
         return 1.0
     outputs = prod(layer.output_shape) if layer.output_shape else 0
-    measured = [k for k in model.kernels if k.op_class == layer.op_class and k.precision == layer.precision]
+    alike = [k for k in model.kernels if k.op_class == layer.op_class and k.precision == layer.precision]
+    measured = [k for k in alike if k.weights == "dequantized"] if dequantized else []
+    measured = measured or [k for k in alike if k.weights == "constant"]
     if measured and layer.macs and outputs:
         reduction = layer.macs / outputs
         nearest = min(measured, key=lambda k: abs(log(k.reduction / reduction)) + abs(log(k.outputs / outputs)))

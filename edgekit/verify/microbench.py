@@ -12,7 +12,9 @@ latencies on the same machine. The models being validated play no part in the ca
 
 from __future__ import annotations
 
+import functools
 import itertools
+import math
 import statistics
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -70,6 +72,10 @@ ELEMENTWISE = [("Mul", (1, 96, 56, 56), (1, 96, 1, 1)), ("Sigmoid", (1, 144, 56,
                ("Add", (1, 64, 56, 56), (1, 64, 56, 56)), ("Transpose", (1, 2, 58, 28, 28), (0, 2, 1, 3, 4))]
 STREAM = (1, 64, 112, 112)  # an elementwise add over tensors larger than a core's L2 cache
 CHAIN = 64  # tiny convs in a row: what remains per op is the runtime's per-op overhead
+KERNEL_FORMS = ("fp32", "int8", "dequantized")  # see _kernel_graph
+# onnxruntime's layout conversions at the edges of a one-op graph (NCHWc reorders, NHWC transposes): a model pays
+# them once, not at every layer
+LAYOUT_OPS = ("ReorderInput", "ReorderOutput", "Transpose")
 
 
 def _model(nodes: list[Any], inputs: list[Any], outputs: list[Any], arrays: dict[str, np.ndarray],
@@ -89,52 +95,47 @@ def _io(elem: int, shape: tuple[int, ...], last: str) -> tuple[list[Any], list[A
                                                                                                    list(shape))]
 
 
-def _kernel_graph(spec: Kernel, int8: bool, ops: int = 1) -> tuple[Any, tuple[int, ...], int]:
-    """The kernel, then its mirror (out_channels back to channels, the same MACs), alternating for `ops` ops;
-    the input shape; the FLOPs of one op (2 per multiply-accumulate)."""
+def _kernel_graph(spec: Kernel, form: str) -> tuple[Any, tuple[int, ...], int]:
+    """The kernel as one op: float (`fp32`), onnxruntime's int8 kernel (`int8`: QLinearConv / QLinearMatMul, as it
+    runs edgekit's QDQ artifacts) or float on int8 weights dequantized at every run (`dequantized`: what it runs for
+    a QDQ pattern it does not fuse); the input shape; the FLOPs (2 per multiply-accumulate)."""
     from onnx import TensorProto, helper
 
     rng = np.random.default_rng(0)
-    elem = TensorProto.UINT8 if int8 else TensorProto.FLOAT
     shape: tuple[int, ...]
     if spec.rows:
         shape, spatial = (1, spec.rows, spec.channels), spec.rows
         out: tuple[int, ...] = (1, spec.rows, spec.out_channels)
-        weight_shapes: list[tuple[int, ...]] = [(spec.channels, spec.out_channels), (spec.out_channels, spec.channels)]
+        weight_shape: tuple[int, ...] = (spec.channels, spec.out_channels)
+        op, attrs, axis = "MatMul", {}, 1
     else:
-        shape, spatial = (1, spec.channels, spec.size, spec.size), spec.size * spec.size
-        out = (1, spec.out_channels, spec.size, spec.size)
-        weight_shapes = [(spec.out_channels, spec.channels // spec.groups, spec.kernel, spec.kernel),
-                         (spec.channels, spec.out_channels // spec.groups, spec.kernel, spec.kernel)]
+        shape, out = (1, spec.channels, spec.size, spec.size), (1, spec.out_channels, spec.size, spec.size)
+        spatial = spec.size * spec.size
+        weight_shape = (spec.out_channels, spec.channels // spec.groups, spec.kernel, spec.kernel)
+        op, attrs, axis = "Conv", {"group": spec.groups, "pads": [spec.kernel // 2] * 4}, 0
     flops = 2 * spatial * spec.channels * spec.out_channels * spec.kernel**2 // spec.groups
-    attrs = {} if spec.rows else {"group": spec.groups, "pads": [spec.kernel // 2] * 4}
-    names = ["x", *[f"t{i}" for i in range(ops)]]
-    arrays: dict[str, np.ndarray] = {}
-    if int8:
-        arrays |= {"s": np.array(0.02, np.float32), "z": np.array(128, np.uint8), "wz": np.array(0, np.int8)}
-    nodes = []
-    for side, weight_shape in enumerate(weight_shapes):
-        if int8:
-            arrays[f"w{side}"] = rng.integers(-100, 100, weight_shape).astype(np.int8)
-            if not spec.rows:  # per output channel weight scales and an int32 bias, as edgekit's artifacts have
-                width = weight_shape[0]
-                arrays |= {f"ws{side}": np.full(width, 0.01, np.float32), f"wz{side}": np.zeros(width, np.int8),
-                           f"b{side}": np.zeros(width, np.int32)}
-        else:
-            arrays[f"w{side}"] = rng.normal(0, 0.1, weight_shape).astype(np.float32)
-    for i in range(ops):
-        side, source, target = i % 2, names[i], names[i + 1]
-        if not int8:
-            nodes.append(helper.make_node("MatMul" if spec.rows else "Conv", [source, f"w{side}"], [target], **attrs))
-        elif spec.rows:
-            nodes.append(helper.make_node("QLinearMatMul", [source, "s", "z", f"w{side}", "s", "wz", "s", "z"],
-                                          [target]))
-        else:
-            nodes.append(helper.make_node("QLinearConv", [source, "s", "z", f"w{side}", f"ws{side}", f"wz{side}",
-                                                          "s", "z", f"b{side}"], [target], **attrs))
-    inputs, _ = _io(elem, shape, names[-1])
-    outputs = [helper.make_tensor_value_info(names[-1], elem, list(out if ops % 2 else shape))]
-    return _model(nodes, inputs, outputs, arrays), shape, flops
+    channels = weight_shape[axis]
+    codes = rng.integers(-100, 100, weight_shape).astype(np.int8)
+    # per output channel weight scales (and an int32 bias for convs), as edgekit's artifacts have
+    arrays: dict[str, np.ndarray] = {"w": codes, "ws": np.full(channels, 0.01, np.float32),
+                                     "wz": np.zeros(channels, np.int8)}
+    if form == "fp32":
+        arrays = {"w": codes.astype(np.float32) * 0.01}
+        nodes = [helper.make_node(op, ["x", "w"], ["y"], **attrs)]
+    elif form == "dequantized":
+        nodes = [helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wf"], axis=axis),
+                 helper.make_node(op, ["x", "wf"], ["y"], **attrs)]
+    elif spec.rows:  # QLinearMatMul takes one weight scale
+        arrays |= {"s": np.array(0.02, np.float32), "z": np.array(128, np.uint8), "ws": np.array(0.01, np.float32),
+                   "wz": np.array(0, np.int8)}
+        nodes = [helper.make_node("QLinearMatMul", ["x", "s", "z", "w", "ws", "wz", "s", "z"], ["y"])]
+    else:
+        arrays |= {"s": np.array(0.02, np.float32), "z": np.array(128, np.uint8),
+                   "b": np.zeros(channels, np.int32)}
+        nodes = [helper.make_node("QLinearConv", ["x", "s", "z", "w", "ws", "wz", "s", "z", "b"], ["y"], **attrs)]
+    elem = TensorProto.UINT8 if form == "int8" else TensorProto.FLOAT
+    inputs, _ = _io(elem, shape, "y")
+    return _model(nodes, inputs, [helper.make_tensor_value_info("y", elem, list(out))], arrays), shape, flops
 
 
 def _elementwise_graph(op: str, shape: tuple[int, ...], other: tuple[int, ...] | None, int8: bool,
@@ -173,38 +174,58 @@ def _chain_graph(length: int, shape: tuple[int, ...] = (1, 8, 4, 4)) -> tuple[An
     return _model(nodes, *_io(TensorProto.FLOAT, shape, names[-1]), {"w": weight}), shape
 
 
-def _milliseconds(model: Any, shape: tuple[int, ...], threads: int, runs: int) -> float:
+def _runner(model: Any, shape: tuple[int, ...], threads: int) -> tuple[OnnxRuntimeRunner, np.ndarray]:
     runner = OnnxRuntimeRunner(model.SerializeToString(), threads)
     dtype = np.uint8 if runner.session.get_inputs()[0].type == "tensor(uint8)" else np.float32
-    sample = np.random.default_rng(0).integers(0, 255, shape[1:]).astype(dtype)
-    return steady_ms(runner, sample, warmup=3, runs=runs)
+    return runner, np.random.default_rng(0).integers(0, 255, shape[1:]).astype(dtype)
 
 
-def measure_host(threads: int, runs: int = 20,
-                 progress: Callable[[list[Kernel]], Iterable[Kernel]] = iter) -> dict[str, Any]:
+def _milliseconds(model: Any, shape: tuple[int, ...], threads: int, runs: int) -> float:
+    """A whole call's time, median of `runs`: the op's work and the runtime's dispatch."""
+    return steady_ms(*_runner(model, shape, threads), warmup=3, runs=runs, repeats=1)
+
+
+def _kernel_ms(model: Any, shape: tuple[int, ...], threads: int, runs: int, skip: Iterable[str] = ()) -> float:
+    """The graph's kernels' time as onnxruntime's profiler reports it, without the `skip` ops, median of `runs`."""
+    runner, sample = _runner(model, shape, threads)
+    return statistics.median(sum(us for _, op, us in call if op not in skip) / 1e3
+                             for call in runner.profiled_runs(sample, warmup=3, runs=runs))
+
+
+def measure_host(threads: int, runs: int = 20, rounds: int = 3,
+                 progress: Callable[[list[int]], Iterable[int]] = iter) -> dict[str, Any]:
     """Milliseconds of every one-op microbenchmark on this host's onnxruntime, with its FLOPs or bytes.
 
-    Each is timed as a whole call, as a layer costs inside a model: its input arriving from memory, its
-    output leaving, the runtime's dispatch. The per-op overhead is what a tiny conv adds to a chain."""
+    Kernels are timed as onnxruntime's profiler sees them inside a graph: their input arriving from memory, their
+    output leaving; the per-op overhead (dispatch, a thread pool's wake-up) is what a tiny conv adds to a
+    chain's whole call. Every microbenchmark runs once per round and keeps its best round: a shared machine's
+    slow spells last seconds, so rounds apart see past them where repeats in a row would not."""
     import onnxruntime
 
-    def kernel(spec: Kernel, precision: str) -> dict[str, Any]:
-        model, shape, flops = _kernel_graph(spec, precision == "int8")
-        return {"class": spec.op_class, "name": spec.name, "precision": precision, "flops": flops,
-                "reduction": spec.reduction, "outputs": spec.outputs, "ms": _milliseconds(model, shape, threads, runs)}
-
-    def elementwise(op: str, shape: tuple[int, ...], other: Any, precision: str) -> dict[str, Any]:
+    timed: list[tuple[dict[str, Any], Callable[[], float]]] = []
+    for spec, form in itertools.product(KERNELS, KERNEL_FORMS):
+        model, shape, flops = _kernel_graph(spec, form)
+        timed.append(({"class": spec.op_class, "name": spec.name, "precision": "int8" if form == "int8" else "fp32",
+                       "weights": "dequantized" if form == "dequantized" else "constant", "flops": flops,
+                       "reduction": spec.reduction, "outputs": spec.outputs},
+                      functools.partial(_kernel_ms, model, shape, threads, runs, LAYOUT_OPS)))
+    for (op, shape, other), precision in itertools.product(ELEMENTWISE, ("fp32", "int8")):
         model, shape, moved = _elementwise_graph(op, shape, other, precision == "int8", 1)
-        return {"op": op, "precision": precision, "bytes": moved, "ms": _milliseconds(model, shape, threads, runs)}
-
-    chain = [_milliseconds(*_chain_graph(length), threads, runs) for length in (1, CHAIN)]
+        timed.append(({"op": op, "precision": precision, "bytes": moved},
+                      functools.partial(_kernel_ms, model, shape, threads, runs)))
+    stream = {"bytes": 3 * 4 * int(np.prod(STREAM))}  # two tensors read, one written
+    timed.append((stream, functools.partial(_kernel_ms, *_elementwise_graph("Add", STREAM, STREAM, False, 1)[:2],
+                                            threads, runs)))
+    chain = [{"ops": length} for length in (1, CHAIN)]
+    timed += [(row, functools.partial(_milliseconds, *_chain_graph(row["ops"]), threads, runs)) for row in chain]
+    for _ in progress(list(range(rounds))):
+        for row, measure in timed:
+            row["ms"] = min(row.get("ms", math.inf), measure())
     return {
         "host": host_description(), "runtime": f"onnxruntime {onnxruntime.__version__}", "threads": threads,
-        "kernels": [kernel(spec, precision) for spec in progress(KERNELS) for precision in ("fp32", "int8")],
-        "elementwise": [elementwise(*case, precision) for case in ELEMENTWISE for precision in ("fp32", "int8")],
-        "stream": {"bytes": 3 * 4 * int(np.prod(STREAM)),  # two tensors read, one written
-                   "ms": _milliseconds(*_elementwise_graph("Add", STREAM, STREAM, False, 1)[:2], threads, runs)},
-        "chain": {"ops": CHAIN - 1, "ms": chain[1] - chain[0]},
+        "rounds": rounds, "kernels": [row for row, _ in timed if "class" in row],
+        "elementwise": [row for row, _ in timed if "op" in row], "stream": stream,
+        "chain": {"ops": CHAIN - 1, "ms": chain[1]["ms"] - chain[0]["ms"]},
     }
 
 
@@ -212,10 +233,12 @@ def host_target(measured: dict[str, Any]) -> Target:
     """A target profile of this host from its microbenchmarks: the fastest conv's rate is the peak, and every
     kernel's rate over it is that kernel's efficiency (a layer takes the nearest kernel's), each class's median
     its fallback; the large add's rate is the bandwidth, the elementwise ops' median rate over it their
-    efficiency; a tiny op's time in a chain is the per-op overhead."""
+    efficiency; a tiny op's time in a chain is the per-op overhead. Kernels on dequantized weights keep their own
+    rates (over the fp32 peak) for the layers onnxruntime runs that way."""
     kernels = [{**k, "rate": k["flops"] / k["ms"] / 1e6} for k in measured["kernels"]]
+    constant = [k for k in kernels if k["weights"] == "constant"]
     precisions = ("fp32", "int8")
-    peaks = {p: max(k["rate"] for k in kernels if k["class"] == "conv" and k["precision"] == p) for p in precisions}
+    peaks = {p: max(k["rate"] for k in constant if k["class"] == "conv" and k["precision"] == p) for p in precisions}
     bandwidth = measured["stream"]["bytes"] / measured["stream"]["ms"] / 1e6
     overhead = measured["chain"]["ms"] / measured["chain"]["ops"]
     classes = sorted({spec.op_class for spec in KERNELS})
@@ -223,7 +246,7 @@ def host_target(measured: dict[str, Any]) -> Target:
     def efficiencies(precision: str) -> dict[str, float]:
         elementwise = statistics.median(e["bytes"] / e["ms"] / 1e6 for e in measured["elementwise"]
                                         if e["precision"] == precision)
-        table = {c: statistics.median(k["rate"] for k in kernels if k["class"] == c and k["precision"] == precision)
+        table = {c: statistics.median(k["rate"] for k in constant if k["class"] == c and k["precision"] == precision)
                  / peaks[precision] for c in classes} | {"elementwise": elementwise / bandwidth}
         return {c: round(min(1.0, value), 4) for c, value in table.items()}
 
@@ -238,8 +261,8 @@ def host_target(measured: dict[str, Any]) -> Target:
         "constraints": {"static_shapes": False},
         "latency": {"node_overhead_us": round(overhead * 1e3, 3), "memory_efficiency": 1.0,
                     "efficiency": efficiencies("fp32"), "int8_efficiency": efficiencies("int8"),
-                    "kernels": [{"op_class": k["class"], "precision": k["precision"], "reduction": k["reduction"],
-                                 "outputs": k["outputs"],
+                    "kernels": [{"op_class": k["class"], "precision": k["precision"], "weights": k["weights"],
+                                 "reduction": k["reduction"], "outputs": k["outputs"],
                                  "efficiency": round(min(1.0, k["rate"] / peaks[k["precision"]]), 4)}
                                 for k in kernels]},
         "sources": {
@@ -247,7 +270,8 @@ def host_target(measured: dict[str, Any]) -> Target:
             "compute.threads": "the threads the estimate is for",
             "compute.fp32_gflops": f"measured: fastest of {counts['conv']} fp32 conv microbenchmarks {where}",
             "compute.int8_gops": f"measured: fastest of {counts['conv']} QLinearConv microbenchmarks {where}",
-            "latency.kernels": f"measured: every microbenchmark kernel's rate over the peak {where}",
+            "latency.kernels": f"measured: every microbenchmark kernel's rate over the peak {where} (fp32, int8, "
+                               "and fp32 on int8 weights dequantized at each run)",
             "memory.bandwidth_gbps": f"measured: elementwise add over {'x'.join(map(str, STREAM))} fp32 {where}",
             "memory.ram_mb": "not used by the estimate",
             "latency.node_overhead_us": f"measured: a tiny conv's time in a chain of {CHAIN} {where}",
