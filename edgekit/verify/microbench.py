@@ -2,8 +2,9 @@
 
 Single-op ONNX graphs run in onnxruntime with the thread count the estimate is for: convolutions
 of the shapes mobile CNNs are built from (dense, pointwise, depthwise, grouped), matrix products
-with many rows and with one (a weight-streaming GEMV), each in fp32 and as INT8 (QLinearConv /
-QLinearMatMul: the kernels onnxruntime runs for edgekit's QDQ artifacts), a large elementwise
+with many rows and with one (a weight-streaming GEMV), each in fp32, as INT8 (QLinearConv /
+QLinearMatMul: the kernels onnxruntime runs for edgekit's QDQ artifacts) and in fp32 on int8 weights
+dequantized at every run (what it runs for QDQ patterns it leaves unfused), a large elementwise
 add for bandwidth and a chain of tiny convs for the per-op overhead. Their rates become a
 target profile (`Target`) whose every number's source names the microbenchmark, the CPU and the
 runtime, so `edgekit estimate --validate` can hold the device model against measured model
