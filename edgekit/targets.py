@@ -130,6 +130,10 @@ class LatencyModel(_Strict):
     int8_efficiency: dict[OpClass, float] = Field(
         default_factory=dict, description="the same for int8 kernels where it differs (default: efficiency)")
     memory_efficiency: float = Field(gt=0, le=1, description="fraction of the bandwidth streaming kernels reach")
+    runtime_efficiency: dict[str, float] = Field(
+        default_factory=dict, description="per runtime of the device, how much faster (>1) or slower (<1) its kernels "
+        "compute than the efficiencies above say (1 where absent): one device's engines differ (on a Raspberry Pi 5 "
+        "onnxruntime runs YOLO11n twice as fast as TF Lite)")
     on_chip_weights_mb: float | None = Field(
         default=None, gt=0, description="weights up to this size stay on the accelerator and are not streamed")
     activations_on_chip: bool = Field(
@@ -142,6 +146,9 @@ class LatencyModel(_Strict):
         bad = [k for k, v in {**self.efficiency, **self.int8_efficiency}.items() if not 0 < v <= 1]
         if bad:
             raise ValueError(f"efficiency of {', '.join(bad)} must be in (0, 1]")
+        unknown = [k for k, v in self.runtime_efficiency.items() if k not in RUNTIME_FORMATS or v <= 0]
+        if unknown:
+            raise ValueError(f"runtime_efficiency of {', '.join(unknown)}: a known runtime and a positive factor")
         return self
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from edgekit.cli import main
@@ -75,6 +77,23 @@ def test_a_per_inference_overhead_is_charged_once_and_fitted_where_the_profile_h
     found = fit(coral, graphs, published, start, prior_weight=1e-4)
     assert {k: found[k] for k in truth if k != "memory_efficiency"} == pytest.approx(
         {k: v for k, v in truth.items() if k != "memory_efficiency"}, rel=0.03)
+
+
+def test_rows_in_two_engines_of_one_device_fit_a_speed_factor_for_the_less_measured() -> None:
+    """On a Raspberry Pi 5 the same graph ran 2x apart in onnxruntime and TF Lite: the estimate takes the runtime of
+    the graph's format, and the fit gives the engine with fewer rows a factor relative to the other."""
+    pi = load_target("raspberry-pi-5")
+    conv = _layer("conv", macs=3_000_000_000)
+    graphs = [dataclasses.replace(_graph(conv), format=fmt) for fmt in ("tflite", "tflite", "onnx")]
+    graphs[1] = dataclasses.replace(graphs[1], layers=[_layer("conv", macs=9_000_000_000)])
+    truth = {"efficiency.conv": 0.3, "runtime_efficiency.onnxruntime": 2.0}
+    published = [estimate(graph, with_values(pi, truth), top=0)["ms"] for graph in graphs]
+    assert published[0] == pytest.approx(2 * published[2], rel=0.01)  # the same graph, twice as fast in onnxruntime
+    start = parameters(pi, graphs)
+    assert start["runtime_efficiency.onnxruntime"] == 1.0 and "runtime_efficiency.litert" not in start
+    assert not any(key.startswith("runtime_efficiency") for key in parameters(pi, graphs[:2]))
+    found = fit(pi, graphs, published, start, prior_weight=1e-4)
+    assert {k: found[k] for k in truth} == pytest.approx(truth, rel=0.03)
 
 
 def test_measurement_tables_name_buildable_models_and_links() -> None:

@@ -42,6 +42,7 @@ class Analysis:
     activation_bytes: int = field(metadata={"doc": "every intermediate tensor, written once"})
     activation_peak_bytes: int = field(metadata={"doc": "most bytes alive at once in graph order"})
     layers: list[LayerStats]
+    format: str = "onnx"  # of the graph analysed: its runtime on a target is the one taking this format
 
     def to_dict(self, layers: bool = True) -> dict[str, Any]:
         data = asdict(self)
@@ -316,7 +317,7 @@ def analyze_tflite(model: bytes) -> Analysis:
         activation_bytes=sum(sizes[i] for i in produced),
         activation_peak_bytes=_activation_peak([(op["inputs"], op["outputs"]) for op in ops], inputs,
                                                [d["index"] for d in interpreter.get_output_details()], sizes),
-        layers=layers,
+        layers=layers, format="tflite",
     )
 
 

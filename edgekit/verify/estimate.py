@@ -22,18 +22,21 @@ from edgekit.targets import Target
 
 def estimate(analysis: Analysis, target: Target, top: int | None = None) -> dict[str, Any]:
     """Estimated milliseconds for one inference on `target`, with every layer's (or the `top` slowest; `index`: its
-    position in `analysis.layers`, so estimates of graphs with the same ops can be compared op by op).
+    position in `analysis.layers`, so estimates of graphs with the same ops can be compared op by op), as the
+    target's runtime for the graph's format runs it.
 
     Compute classes (conv, depthwise, grouped, gemm, gemv) scale the compute peak by their efficiency;
-    elementwise ops, which compute next to nothing, scale the bandwidth by theirs."""
+    elementwise ops, which compute next to nothing, scale the bandwidth by theirs; both times the runtime's
+    factor (`runtime_efficiency`)."""
     model = target.latency
     bandwidth = target.memory.bandwidth_gbps * 1e9 * (model.memory_efficiency if model else 1.0)
     resident = (model.on_chip_weights_mb or 0) * 1e6 if model else 0.0
     reason = unrunnable(analysis, target)
     if reason:
         return {"label": "estimated", "ms": None, "reason": reason}
-    runtime = target.runtime_for("onnx")
-    onnxruntime = runtime is not None and runtime.name == "onnxruntime"
+    engine = runtime_of(analysis, target)
+    onnxruntime = engine == "onnxruntime"
+    speed = model.runtime_efficiency.get(engine, 1.0) if model and engine else 1.0
     rows: list[dict[str, Any]] = []
     compute_total, memory_total = 0.0, 0.0
     for index, stored in enumerate(analysis.layers):
@@ -42,7 +45,7 @@ def estimate(analysis: Analysis, target: Target, top: int | None = None) -> dict
             continue
         peak_precision, peak = _peak(target, layer.precision)
         assert peak is not None or layer.op_class == "data"  # unrunnable() found none missing
-        efficiency = _efficiency(target, layer, dequantized=layer.precision != stored.precision)
+        efficiency = _efficiency(target, layer, dequantized=layer.precision != stored.precision) * speed
         compute_s = 2 * layer.macs / (peak * 1e9 * efficiency) if layer.macs and peak else 0.0
         streamed = max(0.0, layer.weight_bytes - resident)
         resident = max(0.0, resident - layer.weight_bytes)  # the accelerator caches weights in graph order
@@ -76,6 +79,12 @@ def estimate(analysis: Analysis, target: Target, top: int | None = None) -> dict
                    f"numbers from {target.name}'s profile" if model else
                    f"roofline per op (no [latency] section in {target.name}'s profile: no efficiencies, no overhead)"),
     }
+
+
+def runtime_of(analysis: Analysis, target: Target) -> str | None:
+    """The name of the target's runtime (its first) for the analysed graph's format."""
+    runtime = target.runtime_for(analysis.format)  # type: ignore[arg-type]
+    return runtime.name if runtime else None
 
 
 def _as_onnxruntime_runs(layer: LayerStats) -> LayerStats:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import statistics
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from math import exp, log
@@ -25,8 +26,8 @@ from edgekit.cache import ArrayCache, checked_json
 from edgekit.errors import UsageError
 from edgekit.passes.analyze import Analysis, LayerStats
 from edgekit.resources import resource_dir
-from edgekit.targets import Target
-from edgekit.verify.estimate import estimate
+from edgekit.targets import RUNTIME_FORMATS, Target
+from edgekit.verify.estimate import estimate, runtime_of
 
 COLUMNS = ["model", "precision", "runtime", "input", "latency_ms", "source", "quote"]
 CLASSIFIERS = ("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_lite0", "resnet18", "resnet50",
@@ -34,7 +35,8 @@ CLASSIFIERS = ("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "effi
 DETECTORS = ("yolo11n", "yolo11s", "yolo11m", "yolo11l", "yolo11x", "yolov8n")
 MODELS = (*CLASSIFIERS, *DETECTORS)
 PRIOR_WEIGHT = 0.25  # residual per log-unit a number moves from its current value: a 2x move costs like a 17% miss
-BOUNDS = {"node_overhead_us": (0.1, 2000.0), "invoke_overhead_us": (1.0, 1e5), "memory_efficiency": (1e-3, 1.0)}
+BOUNDS = {"node_overhead_us": (0.1, 2000.0), "invoke_overhead_us": (1.0, 1e5), "memory_efficiency": (1e-3, 1.0),
+          "runtime_efficiency": (0.1, 10.0)}
 EFFICIENCY_BOUNDS = (1e-4, 1.0)
 LOG_STEP = 0.01  # the fit's finite-difference step on log numbers: a 1% move
 
@@ -146,13 +148,16 @@ def row_analysis(row: Measurement, target: Target, cache: ArrayCache) -> Analysi
            "torch": torch.__version__, "onnx": onnx.__version__}
     data = checked_json(cache.path(key, ".json"), lambda: analyze(build_graph(
         row.model, row.precision, row.input, activations)).to_dict(), cache.note)
-    return Analysis(**{**data, "layers": [LayerStats(**layer) for layer in data["layers"]]})
+    fmt = RUNTIME_FORMATS.get(row.runtime, row.runtime)  # a row names an engine, or a format ("tflite")
+    return Analysis(**{**data, "layers": [LayerStats(**layer) for layer in data["layers"]], "format": fmt})
 
 
 def parameters(target: Target, graphs: list[Analysis]) -> dict[str, float]:
     """The `[latency]` numbers these graphs' estimates depend on, at their current values (a per-inference overhead
     only where the profile has one). INT8 kernels get their own efficiencies (`int8_efficiency`) when float rows are
-    fitted too; otherwise they are the device's only ones."""
+    fitted too; otherwise they are the device's only ones. Where rows were measured in several of the device's
+    runtimes, each but the most measured gets a speed factor (`runtime_efficiency`): the same graph ran 2x apart
+    in two engines on one board."""
     model = target.latency
     if model is None:
         raise UsageError(f"{target.name} has no [latency] section to fit")
@@ -162,6 +167,10 @@ def parameters(target: Target, graphs: list[Analysis]) -> dict[str, float]:
     values = {"node_overhead_us": model.node_overhead_us, "memory_efficiency": model.memory_efficiency}
     if model.invoke_overhead_us is not None:
         values["invoke_overhead_us"] = model.invoke_overhead_us
+    engines = Counter(name for graph in graphs if (name := runtime_of(graph, target)))
+    order = [runtime.name for runtime in target.runtimes]
+    for name in sorted(engines, key=lambda name: (-engines[name], order.index(name)))[1:]:  # vs the most measured
+        values[f"runtime_efficiency.{name}"] = model.runtime_efficiency.get(name, 1.0)
     for op_class, precision in sorted(used):
         if precision == "int8" and separate_int8:
             values[f"int8_efficiency.{op_class}"] = model.int8_efficiency.get(  # type: ignore[call-overload]
@@ -175,7 +184,8 @@ def with_values(target: Target, values: dict[str, float]) -> Target:
     """`target` with these `[latency]` numbers (keys as `parameters` names them)."""
     assert target.latency is not None
     update: dict[str, Any] = {"efficiency": dict(target.latency.efficiency),
-                              "int8_efficiency": dict(target.latency.int8_efficiency)}
+                              "int8_efficiency": dict(target.latency.int8_efficiency),
+                              "runtime_efficiency": dict(target.latency.runtime_efficiency)}
     for key, value in values.items():
         table, _, name = key.partition(".")
         if name:
@@ -186,7 +196,7 @@ def with_values(target: Target, values: dict[str, float]) -> Target:
 
 
 def _bounds(key: str) -> tuple[float, float]:
-    return BOUNDS.get(key, EFFICIENCY_BOUNDS)
+    return BOUNDS.get(key, BOUNDS.get(key.partition(".")[0], EFFICIENCY_BOUNDS))
 
 
 def fit(target: Target, graphs: list[Analysis], published: list[float], prior: dict[str, float],
