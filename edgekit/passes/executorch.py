@@ -27,7 +27,6 @@ if TYPE_CHECKING:
 INSTALL = "pip install 'edgekit[executorch]'"
 WEIGHTS = "int8, symmetric, per output channel"
 ACTIVATIONS = "int8, asymmetric, per tensor"
-OBSERVERS = {"mean-minmax": "per-image min/max averaged", "minmax": "min/max over the calibration images"}
 HISTOGRAM = "histogram (the XNNPACKQuantizer's own), over the calibration images"
 # an op of the exported graph as a family sees it: (node name, op, class of the innermost module that ran it)
 GraphOp = tuple[str, str, str]
@@ -40,17 +39,56 @@ def require_executorch() -> None:
                          f"{INSTALL}")
 
 
+def _minmax_observer() -> Any:
+    from torchao.quantization.pt2e.observer import MinMaxObserver
+
+    return MinMaxObserver
+
+
+def _mean_minmax_observer() -> Any:
+    import torch
+
+    class MeanMinMax(_minmax_observer()):  # type: ignore[misc]
+        """Each call's (one image's) min and max, averaged over the calls."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.calls = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.numel():
+                low, high = torch.aminmax(x.detach().float())
+                self.calls += 1
+                if self.calls == 1:
+                    self.min_val.copy_(low)
+                    self.max_val.copy_(high)
+                else:
+                    self.min_val.add_((low - self.min_val) / self.calls)
+                    self.max_val.add_((high - self.max_val) / self.calls)
+            return x
+
+    return MeanMinMax
+
+
+# the calibration rules with an observer of their own: what the report calls it, and the observer (imported late);
+# any other rule keeps the quantizer's histogram
+OBSERVERS: dict[str, tuple[str, Callable[[], Any]]] = {
+    "mean-minmax": ("per-image min/max averaged", _mean_minmax_observer),
+    "minmax": ("min/max over the calibration images", _minmax_observer),
+}
+
+
 def observer_of(rule: str) -> str:
     """What observes the activation ranges for a build's calibration rule."""
-    return OBSERVERS.get(rule, HISTOGRAM)
+    return OBSERVERS[rule][0] if rule in OBSERVERS else HISTOGRAM
 
 
 def to_pte(module: torch.nn.Module, input_shape: tuple[int, ...], calibration: np.ndarray | None = None,
            keep_float: Callable[[list[GraphOp]], list[str]] = lambda ops: [],
-           rule: str = "histogram") -> tuple[bytes, list[str]]:
+           rule: str | None = None) -> tuple[bytes, list[str]]:
     """The program of `module` at `input_shape`, XNNPACK-delegated, and the ops kept float: float, or int8 (PT2E)
-    when `calibration` holds the images (model inputs) the activation ranges are observed on under `rule`, but
-    for the ops `keep_float` names."""
+    when `calibration` holds the images (model inputs) the activation ranges are observed on under `rule` (None:
+    the quantizer's histogram), but for the ops `keep_float` names."""
     import torch
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
@@ -71,7 +109,7 @@ def to_pte(module: torch.nn.Module, input_shape: tuple[int, ...], calibration: n
 
 
 def _quantized(graph: Any, calibration: np.ndarray, keep_float: Callable[[list[GraphOp]], list[str]],
-               rule: str) -> tuple[Any, list[str]]:
+               rule: str | None) -> tuple[Any, list[str]]:
     """The exported graph with int8 quantize/dequantize pairs at the ranges the calibration images give, and the
     names of the ops left float."""
     import torch
@@ -109,35 +147,13 @@ def _quantized(graph: Any, calibration: np.ndarray, keep_float: Callable[[list[G
     return convert_pt2e(prepared), kept
 
 
-def _with_observer(config: Any, rule: str) -> Any:
+def _with_observer(config: Any, rule: str | None) -> Any:
     """The quantizer's config with its activation observer set by `rule` (the histogram kept for other rules)."""
     from dataclasses import replace
 
-    import torch
-    from torchao.quantization.pt2e.observer import MinMaxObserver
-
-    class MeanMinMax(MinMaxObserver):
-        """Each call's (one image's) min and max, averaged over the calls."""
-
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self.calls = 0
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            if x.numel():
-                low, high = torch.aminmax(x.detach().float())
-                self.calls += 1
-                if self.calls == 1:
-                    self.min_val.copy_(low)
-                    self.max_val.copy_(high)
-                else:
-                    self.min_val.add_((low - self.min_val) / self.calls)
-                    self.max_val.add_((high - self.max_val) / self.calls)
-            return x
-
-    observer = {"mean-minmax": MeanMinMax, "minmax": MinMaxObserver}.get(rule)
-    if observer is None:
+    if rule not in OBSERVERS:
         return config
+    observer = OBSERVERS[rule][1]()
     activations = replace(config.input_activation, observer_or_fake_quant_ctr=observer.with_args(eps=2**-12))
     return replace(config, input_activation=activations, output_activation=activations)
 
