@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import onnx
 
+    from edgekit.targets import Format
+
 
 @dataclass
 class LayerStats:
@@ -42,7 +44,7 @@ class Analysis:
     activation_bytes: int = field(metadata={"doc": "every intermediate tensor, written once"})
     activation_peak_bytes: int = field(metadata={"doc": "most bytes alive at once in graph order"})
     layers: list[LayerStats]
-    format: str = "onnx"  # of the graph analysed: its runtime on a target is the one taking this format
+    format: Format = "onnx"  # of the graph analysed: its runtime on a target is the one taking this format
 
     def to_dict(self, layers: bool = True) -> dict[str, Any]:
         data = asdict(self)

@@ -71,22 +71,25 @@ class OnnxRuntimeRunner:
         profiler (its kernel times, on the graph as onnxruntime optimized it: fused nodes carry new names), slowest
         first."""
         total: dict[tuple[str, str], float] = defaultdict(float)
-        for call in self.profiled_runs(sample, warmup=1, runs=runs):
+        for call in profiled_runs(self.model_bytes, self.threads, sample, warmup=1, runs=runs):
             for name, op, us in call:
                 total[name, op] += us
         rows = [{"name": name, "op": op, "ms": round(us / 1000 / runs, 4)} for (name, op), us in total.items()]
         return sorted(rows, key=lambda row: -row["ms"])
 
-    def profiled_runs(self, sample: np.ndarray, warmup: int, runs: int) -> list[list[tuple[str, str, float]]]:
-        """Each timed run's kernels as onnxruntime's profiler saw them: (node, op, microseconds), in order."""
-        with tempfile.TemporaryDirectory(prefix="edgekit-profile-") as folder:
-            session = cpu_session(self.model_bytes, self.threads, str(Path(folder) / "ort"))
-            feed = {self.input_name: sample[None]}
-            for _ in range(warmup + runs):
-                session.run(None, feed)
-            events = json.loads(Path(session.end_profiling()).read_text())
-        calls = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
-                       if e.get("cat") == "Session" and e["name"] == "model_run")[warmup:]
-        kernels = sorted((e["ts"], e["name"].removesuffix("_kernel_time"), e["args"].get("op_name", ""), e["dur"])
-                         for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"))
-        return [[(name, op, us) for ts, name, op, us in kernels if start <= ts <= end] for start, end in calls]
+
+def profiled_runs(model: bytes, threads: int, sample: np.ndarray, warmup: int,
+                  runs: int) -> list[list[tuple[str, str, float]]]:
+    """Each timed run's kernels as onnxruntime's profiler saw them: (node, op, microseconds), in order. The session
+    is its own (profiling is set when a session is made)."""
+    with tempfile.TemporaryDirectory(prefix="edgekit-profile-") as folder:
+        session = cpu_session(model, threads, str(Path(folder) / "ort"))
+        feed = {session.get_inputs()[0].name: sample[None]}
+        for _ in range(warmup + runs):
+            session.run(None, feed)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    calls = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
+                   if e.get("cat") == "Session" and e["name"] == "model_run")[warmup:]
+    kernels = sorted((e["ts"], e["name"].removesuffix("_kernel_time"), e["args"].get("op_name", ""), e["dur"])
+                     for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"))
+    return [[(name, op, us) for ts, name, op, us in kernels if start <= ts <= end] for start, end in calls]

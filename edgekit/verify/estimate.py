@@ -83,7 +83,7 @@ def estimate(analysis: Analysis, target: Target, top: int | None = None) -> dict
 
 def runtime_of(analysis: Analysis, target: Target) -> str | None:
     """The name of the target's runtime (its first) for the analysed graph's format."""
-    runtime = target.runtime_for(analysis.format)  # type: ignore[arg-type]
+    runtime = target.runtime_for(analysis.format)
     return runtime.name if runtime else None
 
 

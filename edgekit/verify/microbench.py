@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from edgekit.runtimes.onnxruntime import OnnxRuntimeRunner
+from edgekit.runtimes.onnxruntime import OnnxRuntimeRunner, profiled_runs
 from edgekit.targets import Target
 from edgekit.verify.latency import host_description, steady_ms
 
@@ -175,22 +175,24 @@ def _chain_graph(length: int, shape: tuple[int, ...] = (1, 8, 4, 4)) -> tuple[An
     return _model(nodes, *_io(TensorProto.FLOAT, shape, names[-1]), {"w": weight}), shape
 
 
-def _runner(model: Any, shape: tuple[int, ...], threads: int) -> tuple[OnnxRuntimeRunner, np.ndarray]:
-    runner = OnnxRuntimeRunner(model.SerializeToString(), threads)
-    dtype = np.uint8 if runner.session.get_inputs()[0].type == "tensor(uint8)" else np.float32
-    return runner, np.random.default_rng(0).integers(0, 255, shape[1:]).astype(dtype)
+def _sample(model: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """A random input (without the batch axis) of the graph's input type: uint8 for int8 kernels, else float."""
+    from onnx import TensorProto
+
+    uint8 = model.graph.input[0].type.tensor_type.elem_type == TensorProto.UINT8
+    return np.random.default_rng(0).integers(0, 255, shape[1:]).astype(np.uint8 if uint8 else np.float32)
 
 
 def _milliseconds(model: Any, shape: tuple[int, ...], threads: int, runs: int) -> float:
     """A whole call's time, median of `runs`: the op's work and the runtime's dispatch."""
-    return steady_ms(*_runner(model, shape, threads), warmup=3, runs=runs, repeats=1)
+    runner = OnnxRuntimeRunner(model.SerializeToString(), threads)
+    return steady_ms(runner, _sample(model, shape), warmup=3, runs=runs, repeats=1)
 
 
 def _kernel_ms(model: Any, shape: tuple[int, ...], threads: int, runs: int, skip: Iterable[str] = ()) -> float:
     """The graph's kernels' time as onnxruntime's profiler reports it, without the `skip` ops, median of `runs`."""
-    runner, sample = _runner(model, shape, threads)
-    return statistics.median(sum(us for _, op, us in call if op not in skip) / 1e3
-                             for call in runner.profiled_runs(sample, warmup=3, runs=runs))
+    calls = profiled_runs(model.SerializeToString(), threads, _sample(model, shape), warmup=3, runs=runs)
+    return statistics.median(sum(us for _, op, us in call if op not in skip) / 1e3 for call in calls)
 
 
 def measure_host(threads: int, runs: int = 20, rounds: int = 3,
