@@ -17,7 +17,9 @@ folds' detections together. Telling the float-simulated column from the integer 
 from a runtime's kernels. A rule ending in `+bc` adds empirical bias correction on 16 of the calibration images
 (it runs the model once per layer).
 `--ultralytics` adds Ultralytics' own OpenVINO INT8 export (NNCF) of each fold, calibrated on the same images,
-run in OpenVINO: the peer, under the same folds."""
+run in OpenVINO: the peer, under the same folds. `--nncf` adds `nncf.quantize` (preset MIXED, as Ultralytics calls
+it) on the OpenVINO FP32 model of edgekit's graph, the same decode nodes ignored, calibrated on the same images, with
+its bias correction (NNCF's default) and without: the other way edgekit could quantize for OpenVINO."""
 
 from __future__ import annotations
 
@@ -47,6 +49,8 @@ def main() -> None:
                         "litert (an edgekit TFLite build for raspberry-pi-5, no layer kept in float)")
     parser.add_argument("--ultralytics", action="store_true",
                         help="add Ultralytics' OpenVINO INT8 export of each fold, calibrated on the same images")
+    parser.add_argument("--nncf", action="store_true",
+                        help="add nncf.quantize on the OpenVINO FP32 model, with and without its bias correction")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     if "litert" in args.runtimes and any("+" in setting for setting in args.settings):
@@ -101,6 +105,15 @@ def main() -> None:
             found["ultralytics (nncf)", "openvino"][fold] = _ultralytics(
                 loaded.source, [files[i] for i in others[: args.calib_images]], samples.inputs[fold], args.threads)
             print(f"  ultralytics fold {k}: {time.perf_counter() - start:.0f} s", flush=True)
+
+    for bias_correction in (True, False) if args.nncf else ():
+        label = "nncf.quantize" + ("" if bias_correction else ", no bias corr.")
+        found[label, "openvino"] = np.zeros_like(reference)
+        for k, fold in enumerate(folds):
+            others = np.concatenate([folds[(k + j) % args.folds] for j in range(1, args.folds)])
+            found[label, "openvino"][fold] = _nncf(graph, family.int8_float_nodes(graph),
+                                                   samples.inputs[others[: args.calib_images]], samples.inputs[fold],
+                                                   bias_correction, args.threads)
 
     def drop(outputs: np.ndarray, rows: np.ndarray) -> float:
         truth = samples.labels[np.isin(samples.labels[:, 0], rows)].copy()
@@ -163,6 +176,31 @@ def _ultralytics(checkpoint: str, calib: list[Path], inputs: np.ndarray, threads
         folder = Path(YOLO(str(Path(work) / "yolo11n.pt")).export(format="openvino", imgsz=640, int8=True,
                                                                   data=str(data), fraction=1.0, verbose=False))
         xml = next(folder.glob("*.xml"))
+        return OpenVinoRunner(xml.read_bytes(), xml.with_suffix(".bin").read_bytes(), threads).run(inputs)
+
+
+def _nncf(graph: Any, ignored: list[str], calib: np.ndarray, inputs: np.ndarray, bias_correction: bool,
+          threads: int) -> np.ndarray:
+    """The fold's outputs in OpenVINO from `nncf.quantize` (preset MIXED) on the OpenVINO FP32 model of `graph`,
+    `ignored` (the decode) left float, calibrated on every image of `calib`."""
+    import io
+
+    import nncf
+    import openvino as ov
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+
+    from edgekit.runtimes.openvino import OpenVinoRunner
+
+    model = ov.convert_model(io.BytesIO(graph.SerializeToString()))
+    names = {op.get_friendly_name() for op in model.get_ordered_ops()}
+    quantized = nncf.quantize(model, nncf.Dataset(list(calib), lambda image: image[None]),
+                              preset=nncf.QuantizationPreset.MIXED, subset_size=len(calib),
+                              ignored_scope=nncf.IgnoredScope(names=[n for n in ignored if n in names], validate=False),
+                              advanced_parameters=AdvancedQuantizationParameters(
+                                  disable_bias_correction=not bias_correction))
+    with tempfile.TemporaryDirectory(prefix="edgekit-folds-nncf-") as work:
+        xml = Path(work) / "model.xml"
+        ov.save_model(quantized, str(xml), compress_to_fp16=False)
         return OpenVinoRunner(xml.read_bytes(), xml.with_suffix(".bin").read_bytes(), threads).run(inputs)
 
 
