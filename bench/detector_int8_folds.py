@@ -75,6 +75,9 @@ def main() -> None:
                                     for batch in np.array_split(samples.inputs, 32)])
     graph = export_onnx(loaded.module, tuple(samples.inputs[:1].shape), 17)
     folds = np.array_split(np.arange(len(samples)), args.folds)
+    # each fold's calibration images: the first of the folds after it, cyclically
+    calibrating = [np.concatenate([folds[(k + j) % args.folds] for j in range(1, args.folds)])[: args.calib_images]
+                   for k in range(args.folds)]
     print(f"YOLO11n, coco128: {len(samples)} images, {len(samples.labels)} boxes, {args.folds} folds of "
           f"{[len(f) for f in folds]}; {args.calib_images} calibration images per fold from the folds after it")
 
@@ -84,15 +87,14 @@ def main() -> None:
         for runtime in args.runtimes:
             found[setting, runtime] = np.zeros_like(reference)
         for k, fold in enumerate(folds):
-            others = np.concatenate([folds[(k + j) % args.folds] for j in range(1, args.folds)])
-            calib = samples.inputs[others[: args.calib_images]]
+            calib = samples.inputs[calibrating[k]]
             start = time.perf_counter()
             onnx_runtimes = [spec for spec in args.runtimes if spec != "litert"]
             for runtime, outputs in _run(family, graph, calib, activations, rule, samples.inputs[fold], onnx_runtimes,
                                          args.threads).items():
                 found[setting, runtime][fold] = outputs
             if "litert" in args.runtimes:
-                found[setting, "litert"][fold] = _litert([files[i] for i in others[: args.calib_images]],
+                found[setting, "litert"][fold] = _litert([files[i] for i in calibrating[k]],
                                                          [files[i] for i in fold], rule, samples.inputs[fold],
                                                          args.threads)
             print(f"  {setting} fold {k}: {time.perf_counter() - start:.0f} s", flush=True)
@@ -100,19 +102,17 @@ def main() -> None:
     if args.ultralytics:
         found["ultralytics (nncf)", "openvino"] = np.zeros_like(reference)
         for k, fold in enumerate(folds):
-            others = np.concatenate([folds[(k + j) % args.folds] for j in range(1, args.folds)])
             start = time.perf_counter()
             found["ultralytics (nncf)", "openvino"][fold] = _ultralytics(
-                loaded.source, [files[i] for i in others[: args.calib_images]], samples.inputs[fold], args.threads)
+                loaded.source, [files[i] for i in calibrating[k]], samples.inputs[fold], args.threads)
             print(f"  ultralytics fold {k}: {time.perf_counter() - start:.0f} s", flush=True)
 
+    decode = family.int8_float_nodes(graph)
     for bias_correction in (True, False) if args.nncf else ():
         label = "nncf.quantize" + ("" if bias_correction else ", no bias corr.")
         found[label, "openvino"] = np.zeros_like(reference)
         for k, fold in enumerate(folds):
-            others = np.concatenate([folds[(k + j) % args.folds] for j in range(1, args.folds)])
-            found[label, "openvino"][fold] = _nncf(graph, family.int8_float_nodes(graph),
-                                                   samples.inputs[others[: args.calib_images]], samples.inputs[fold],
+            found[label, "openvino"][fold] = _nncf(graph, decode, samples.inputs[calibrating[k]], samples.inputs[fold],
                                                    bias_correction, args.threads)
 
     def drop(outputs: np.ndarray, rows: np.ndarray) -> float:
