@@ -4,8 +4,9 @@ calibration images, with FP32 and edgekit's ONNX builds in onnxruntime beside th
 
 ImageNet-sample (../shared/data/imagenet-sample), sorted by name: the first 100 images calibrate every
 INT8 variant, the other 400 score it (top-1 against the labels, and agreement with the original PyTorch
-model). Latency is measured on this host with the same thread count for every variant, interleaved: the
-minimum of several medians.
+model). Latency is measured on this host with the same thread count for every variant, interleaved (the
+order reversed every other round): the minimum of several medians. `--yolo11n` also prints edgekit's time over
+Ultralytics' round by round: the median ratio and its quartiles say whether a difference outlives the noise.
 
     .venv/bin/python bench/openvino_int8.py [--threads 1] [--activations uint8 int8-symmetric]
     .venv/bin/python bench/openvino_int8.py --yolo11n   # YOLO11n: edgekit INT8 vs Ultralytics' OpenVINO INT8
@@ -106,7 +107,8 @@ def bench(work: Path, args: argparse.Namespace) -> None:
     built("edgekit onnxruntime", "onnx")
 
     outputs = {label: runner.run(samples.inputs) for label, (runner, _, _) in variants.items()}
-    ms = interleaved({label: runner for label, (runner, _, _) in variants.items()}, samples.inputs[0], args)
+    ms = {label: min(values) for label, values in interleaved(
+        {label: runner for label, (runner, _, _) in variants.items()}, samples.inputs[0], args).items()}
     print(f"MobileNetV2, ImageNet-sample: {len(calibration)} calibration images (first by name), {len(samples)} "
           f"scored; {args.threads} thread(s), host latency measured here, min of {args.rounds} interleaved medians")
     print(f"{'variant':<44}{'top1':>7}{'agree':>8}{'host ms':>9}{'build s':>9}")
@@ -120,7 +122,7 @@ def bench(work: Path, args: argparse.Namespace) -> None:
 def yolo11n(args: argparse.Namespace) -> None:
     """YOLO11n at 640 exported once by edgekit: FP32 in onnxruntime and OpenVINO, edgekit's INT8 QDQ graph (the
     first try of an x86-64 build: mean-minmax ranges, the decode in float, the int16-pair guard; for OpenVINO only
-    the inputs of convs and matmuls quantized) in each, and
+    the inputs of convs and matmuls quantized, each value rounded once above splits and concats) in each, and
     Ultralytics' own OpenVINO INT8 export (NNCF) calibrated on the same images. coco128's first 64 images
     calibrate, the other 64 score (mAP50-95 against the labels); latency interleaved."""
     import os
@@ -175,7 +177,7 @@ def yolo11n(args: argparse.Namespace) -> None:
         runners["ultralytics openvino int8"] = _OpenVino(next(folder.glob("*.xml")), args.threads)
         scores = {label: family.compare(reference, np.concatenate([runner.run(row[None]) for row in samples.inputs]),
                                         samples.labels) for label, runner in runners.items()}
-        ms = interleaved(runners, samples.inputs[0], args)
+        rounds = interleaved(runners, samples.inputs[0], args)
     finally:
         shutil.rmtree(work)
     print(f"YOLO11n 640, coco128: 64 calibration images, {len(samples)} scored ({len(samples.labels)} boxes), "
@@ -183,9 +185,13 @@ def yolo11n(args: argparse.Namespace) -> None:
           f"host latency measured here, min of {args.rounds} interleaved medians of {args.runs}; edgekit int8 "
           f"layers in 7 bits: {sorted(quantizer.seven_bit_layers())}")
     print(f"{'variant':<34}{'mAP50-95':>9}{'drop pt':>8}{'host ms':>9}")
-    for label, value in ms.items():
+    for label, values in rounds.items():
         print(f"{label:<34}{scores[label]['map50_95_artifact']:>9.4f}{scores[label]['map50_95_drop_pt']:>8.2f}"
-              f"{value:>9.2f}")
+              f"{min(values):>9.2f}")
+    ratios = np.array(rounds["edgekit int8 qdq, openvino"]) / np.array(rounds["ultralytics openvino int8"])
+    low, middle, high = np.quantile(ratios, [0.25, 0.5, 0.75])
+    print(f"edgekit / ultralytics in OpenVINO, round by round: median {middle:.3f} (quartiles {low:.3f}-{high:.3f}, "
+          f"{len(ratios)} rounds; below 1: edgekit faster)")
 
 
 def nncf_openvino(fp32: Any, calibration: np.ndarray) -> dict[str, bytes]:
@@ -204,12 +210,14 @@ def nncf_openvino(fp32: Any, calibration: np.ndarray) -> dict[str, bytes]:
         return {name: Path(folder, name).read_bytes() for name in ("model.xml", "model.bin")}
 
 
-def interleaved(runners: dict[str, Any], sample: np.ndarray, args: argparse.Namespace) -> dict[str, float]:
+def interleaved(runners: dict[str, Any], sample: np.ndarray, args: argparse.Namespace) -> dict[str, list[float]]:
+    """Each variant's median per round. Rounds interleave the variants, so drift on a shared machine hits every
+    variant alike, and every other round runs them in reverse, so none always runs first."""
     medians: dict[str, list[float]] = {label: [] for label in runners}
-    for _ in range(args.rounds):  # drift on a shared machine hits every variant alike
-        for label, runner in runners.items():
+    for round_ in range(args.rounds):
+        for label, runner in list(runners.items())[:: 1 if round_ % 2 == 0 else -1]:
             medians[label].append(statistics.median(runner.time(sample, warmup=5, runs=args.runs)))
-    return {label: min(values) for label, values in medians.items()}
+    return medians
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from edgekit.cache import canonical_json, checked_json
+from edgekit.passes.qdq_sharing import hoist, share_ranges, sharing_groups
 from edgekit.runtimes.onnxruntime import OnnxRuntimeRunner
 
 if TYPE_CHECKING:
@@ -165,6 +166,8 @@ class Int8Quantizer:
                 logging.disable(logging.NOTSET)
             quantized = onnx.load(str(target))
         _float_outputs(quantized)
+        if self.scheme.weighted_inputs_only:
+            hoist(quantized)
         return quantized
 
     def _method(self) -> Any:
@@ -185,7 +188,10 @@ class Int8Quantizer:
         Cached ranges are used only if intact: onnxruntime reads a private copy of what was checked."""
         if self.ranges_digest is not None:
             return
-        canonical = canonical_json(checked_json(self.ranges, self._compute_ranges))
+        ranges = checked_json(self.ranges, self._compute_ranges)
+        if self.scheme.weighted_inputs_only:
+            ranges = share_ranges(ranges, sharing_groups(self.prepared, QUANTIZABLE, self.always_float))
+        canonical = canonical_json(ranges)
         self._checked_ranges.write_bytes(canonical)
         self.ranges_digest = hashlib.sha256(canonical).hexdigest()
 
