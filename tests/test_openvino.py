@@ -67,6 +67,7 @@ def test_int8_build_is_edgekit_s_qdq_graph_run_in_openvino(tiny_model: nn.Module
                    and node.input_value(0).get_node().get_type_name() != "Constant"]
     readers = {use.get_node().get_type_name() for node in activations for use in node.output(0).get_target_inputs()}
     assert readers and readers <= {"Convolution", "GroupConvolution", "MatMul"}, readers
+    assert "each value rounded once" in report["quantization"]["scheme"]["quantized_ops"]
     weights = [n for n in model.get_ordered_ops() if n.get_type_name() == "Constant" and n.get_output_size()
                and n.get_output_element_type(0) == ov.Type.i8]
     assert len(weights) >= 3  # both convs and the linear store int8 weights

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from edgekit.cache import canonical_json, checked_json
-from edgekit.passes.qdq_sharing import hoist, share_ranges, sharing_groups
+from edgekit.passes.qdq_sharing import VALUE_MOVERS, hoist, share_ranges, sharing_groups
 from edgekit.runtimes.onnxruntime import OnnxRuntimeRunner
 
 if TYPE_CHECKING:
@@ -52,7 +52,8 @@ class Int8Scheme:
     # activations quantized only where a conv or matmul reads them, and their outputs left float (the next layer's
     # input is quantized after the activation function, not before it as well): OpenVINO fuses those into its int8
     # kernels and runs every other Q/DQ pair as ops of its own (YOLO11n: 90 ms with them, 73 ms without, the same
-    # mAP); a second rounding of each conv's output before its SiLU cost YOLO11n 0.8 mAP50-95 points in OpenVINO
+    # mAP); a second rounding of each conv's output before its SiLU cost YOLO11n 0.8 mAP50-95 points in OpenVINO.
+    # The rounding moves above the ops that only move values, so OpenVINO runs those in int8 (qdq_sharing.py)
     weighted_inputs_only: bool = False
 
     @property
@@ -73,7 +74,9 @@ class Int8Scheme:
             "bias": "int32" if self.int32_bias else "float",
             "calibration": self.calibration,
             "bias_correction": self.bias_correction,
-            "quantized_ops": f"inputs of {', '.join(QUANTIZABLE)}" if self.weighted_inputs_only
+            "quantized_ops": f"inputs of {', '.join(QUANTIZABLE)}, each value rounded once, above the "
+            f"{', '.join(VALUE_MOVERS)} ops between (Resize: nearest only; one scale where they meet)"
+            if self.weighted_inputs_only
             else "every op the quantizer takes",
             "engine": "onnxruntime.quantization",
         }
