@@ -353,7 +353,7 @@ def generate(folder: str | Path, prompt: str, new_tokens: int, threads: int) -> 
     report, _ = _folder(folder)
     if report.get("model", {}).get("family") != "llm":
         raise UsageError(f"{folder} holds a {report.get('model', {}).get('family')} model, not a language model")
-    return continue_text(folder, report, prompt, new_tokens, threads)
+    return continue_text(folder, report, _artifact_files(report), prompt, new_tokens, threads)
 
 
 def estimate(artifacts: list[str], target: str | None, *, validate: bool = False, calibrate_host: str | None = None,

@@ -253,13 +253,14 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--top", type=_count, default=20, help="layers to list, by MACs (0: all; default 20)")
     i.add_argument("--json", action="store_true", help="print the full analysis as JSON")
     g = commands.add_parser(
-        "generate", help="generate text with a built language model, in onnxruntime through its key/value cache",
-        description="Greedy generation from a prompt with a language-model artifact folder (model.onnx and "
-        "tokenizer/), the decode loop an app runs: the prompt once, then one token at a time with the cache.")
+        "generate", help="generate text with a built language model, in its runtime through its key/value cache",
+        description="Greedy generation from a prompt with a language-model artifact folder (model.onnx or "
+        "model.xml + model.bin, and tokenizer/; or model.gguf), in onnxruntime, OpenVINO or llama.cpp: the decode "
+        "loop an app runs, the prompt once, then one token at a time with the cache.")
     g.add_argument("artifact", help="a language-model build folder (dist/<name>-<target>)")
     g.add_argument("prompt", help="the text to continue")
     g.add_argument("--tokens", type=int, default=40, help="tokens to generate (default 40)")
-    g.add_argument("--threads", type=int, default=2, help="onnxruntime threads (default 2)")
+    g.add_argument("--threads", type=int, default=2, help="runtime threads (default 2)")
     e = commands.add_parser(
         "estimate", help="latency of an artifact on a target, from the device model; --validate checks it here",
         description="Estimate an artifact's latency on a target, op by op, from the device model (the target's "

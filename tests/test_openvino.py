@@ -103,8 +103,11 @@ def test_stable_names_make_two_conversions_in_one_process_identical(tiny_model: 
 
     with torch.no_grad():
         expected = tiny_model(torch.from_numpy(sample)).numpy()
-    np.testing.assert_allclose(OpenVinoRunner(first["model.xml"], first["model.bin"], 1).run(sample), expected,
-                               rtol=1e-4, atol=1e-5)
+    runner = OpenVinoRunner(first["model.xml"], first["model.bin"], 1)
+    # the CPU plugin computes float ops in bf16 where the CPU has bf16 instructions (8 significant bits), and the
+    # report's runtime line says so; elsewhere in f32
+    tolerance = 2e-2 if runner.description.endswith("bf16 float ops") else 1e-4
+    np.testing.assert_allclose(runner.run(sample), expected, rtol=tolerance, atol=tolerance / 10)
 
 
 @pytest.mark.parametrize(("target", "expected"), [
@@ -118,10 +121,28 @@ def test_a_target_without_openvino_is_refused(target: str, expected: str, tmp_pa
     assert expected in err and "\n" not in err
 
 
-def test_a_language_model_is_refused(tiny_gguf: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["build", str(tiny_gguf), "--target", "x86-64", "--format", "openvino"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "not openvino" in err and "\n" not in err
+def test_a_language_model_builds_to_an_ir_stepped_through_its_cache_here_and_on_a_device(
+        tiny_lm_folder: Path, loopback_agent: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """The int4 decoder graph converted whole: its MatMulNBits stay 4-bit weights in the IR, OpenVINO computes the
+    perplexity onnxruntime does of the same graph, on this host, on a board and in `edgekit generate`."""
+    text = {"text.calib_windows": 4, "text.calib_length": 32, "text.eval_windows": 3, "text.eval_length": 48,
+            "text.prompts": 2, "text.prompt_length": 8, "text.new_tokens": 5, "weights.group_size": 32}
+    ir = build(tiny_lm_folder, "x86-64", format="openvino", precision="int4", overrides=text, out="ir", quiet=True,
+               device_url=loopback_agent)
+    onnx = build(tiny_lm_folder, "x86-64", precision="int4", overrides=text, out="onnx", quiet=True).report
+    report = ir.report
+    assert report["artifact"]["format"] == "openvino" and report["artifact"]["weights_file"] == "model.bin"
+    assert 'element_type="u4"' in (ir.out / "model.xml").read_text()
+    here = report["accuracy"]
+    assert report["latency_ms"]["measured_host"]["runtime"].startswith("OpenVINO")
+    assert here["eval_tokens"] == onnx["accuracy"]["eval_tokens"] == 3 * 47
+    assert here["ppl_artifact"] == pytest.approx(onnx["accuracy"]["ppl_artifact"], rel=0.01)
+    assert here["ppl_artifact"] != onnx["accuracy"]["ppl_artifact"]  # computed by OpenVINO, not a copied figure
+    device = report["device"]
+    assert device["sha256"] == report["artifact"]["sha256"] and device["latency_ms"]["decode_steps"] == 2 * 4
+    assert device["accuracy"]["ppl_artifact"] == pytest.approx(here["ppl_artifact"], rel=1e-4)
+    assert main(["generate", str(ir.out), "the", "--tokens", "3"]) == 0
+    assert "3 tokens" in capsys.readouterr().err
 
 
 def test_fp16_build_keeps_the_graph_s_fp16_weights(tiny_model: nn.Module, photos: Path) -> None:

@@ -28,12 +28,12 @@ PYTHON_ENV = "EDGEKIT_WORKER_PYTHON"  # the command that starts this Python, whe
 def run_job(job: Job) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """The job's task in the runtime its format names: its output arrays, and the runtime's description with the
     timings the task measures (single inferences; the encoder of a pair; decode steps of a language model)."""
-    from edgekit.runtimes import runner_for
+    from edgekit.runtimes import lm_runner, runner_for
 
     if job.task == "lm":
-        from edgekit.runtimes.onnx_lm import OnnxCausalLM, lm_outputs
+        from edgekit.runtimes.onnx_lm import lm_outputs
 
-        lm = OnnxCausalLM(job.models[0], job.threads)
+        lm = lm_runner(job.models, job.format, job.threads)
         windows, prompts, new_tokens = job.arrays["windows"], job.arrays["prompts"], job.arrays["new_tokens"]
         if new_tokens.shape != (1,) or not 2 <= int(new_tokens[0]) <= 4096:
             raise ValueError("new_tokens must hold one count from 2 to 4096")

@@ -32,6 +32,7 @@ from edgekit.families.base import (
     Section,
     Verification,
 )
+from edgekit.passes.openvino import graph_details, graph_files
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -369,25 +370,13 @@ class ImageFamily(FloatParts):
             analysis, details = at_precision(reference_analysis, ctx.precision), {"delegate": "XNNPACK"}
         else:
             artifact_graph, quantization = self._onnx(model, graph, data, reference, ctx)
-            analysis, files = analyze(artifact_graph), self._onnx_files(artifact_graph, ctx)
-            details = {"opset": opset_of(artifact_graph)} if ctx.format == "onnx" else {
-                "converted_from": f"ONNX opset {opset_of(artifact_graph)}", "weights_file": "model.bin",
-                "weights_size_bytes": len(files["model.bin"])}
+            analysis, files = analyze(artifact_graph), graph_files(artifact_graph, ctx.format)
+            details = graph_details(files, opset_of(artifact_graph))
         if quantization is not None and diagnostics is not None:
             quantization["calibration_diagnostics"] = diagnostics
         return Artifact(files=files, format=ctx.format, precision=ctx.precision, details=details,
                         quantization=quantization, analysis=analysis, reference_analysis=reference_analysis,
                         deploy=tensorrt_deploy(ctx, "model.onnx"))
-
-    @staticmethod
-    def _onnx_files(graph: onnx.ModelProto, ctx: BuildContext) -> dict[str, bytes]:
-        """The files of an artifact made from an ONNX graph: the graph itself, or its OpenVINO IR (model.xml first,
-        model.bin beside it)."""
-        if ctx.format == "openvino":
-            from edgekit.passes.openvino import to_openvino
-
-            return to_openvino(graph)
-        return {"model.onnx": graph.SerializeToString(deterministic=True)}
 
     def _calibration_check(self, graph: onnx.ModelProto, model: LoadedModel, data: ImageData,
                            ctx: BuildContext) -> dict[str, Any] | None:
@@ -461,7 +450,7 @@ class ImageFamily(FloatParts):
 
         def evaluate(candidate: onnx.ModelProto) -> dict[str, Any]:
             """A try judged in the runtime the artifact is verified in (its int8 arithmetic is the one that counts)."""
-            files = self._onnx_files(candidate, ctx)
+            files = graph_files(candidate, ctx.format)
             runner = files_runner(files, ctx.format, ctx.threads)
             metrics = self.compare(reference, runner.run(samples.inputs), samples.labels)
             return {k: metrics[k] for k in self.headline} | {

@@ -30,6 +30,7 @@ from edgekit.passes import export_gguf as gguf_export
 from edgekit.passes.distill import distill, distilled, next_token_kl
 from edgekit.passes.export import set_metadata
 from edgekit.passes.export_llm import export_lm
+from edgekit.passes.openvino import graph_details, graph_files
 from edgekit.passes.prune_llm import block_importance, prune_width
 from edgekit.passes.quantize import to_fp16
 from edgekit.passes.sequential import BATCH, Covariance, SchemeOf, WeightScheme, compress_blocks, compress_linear
@@ -46,8 +47,9 @@ from edgekit.passes.weight_levels import (
 )
 from edgekit.passes.weightonly import by_rows, rtn
 from edgekit.progress import Progress
+from edgekit.runtimes import lm_runner
 from edgekit.runtimes.llama_cpp_lm import LlamaCppLM, gguf_tokenize, require_llama_cpp
-from edgekit.runtimes.onnx_lm import OnnxCausalLM, lm_outputs, window_nll
+from edgekit.runtimes.onnx_lm import KeyValueDecoder, lm_outputs, window_nll
 from edgekit.verify.estimate_lm import estimate_lm, kernels
 from edgekit.verify.latency import host_description
 
@@ -237,9 +239,9 @@ def prune_lm(module: Any, calibration: Any, ratio: float, blocks: int, progress:
             "params_before": params_before, "params_after": sum(p.numel() for p in module.parameters())}
 
 
-def verify_lm(runner: OnnxCausalLM | LlamaCppLM, text: Text, ref: dict[str, np.ndarray],
+def verify_lm(runner: KeyValueDecoder | LlamaCppLM, text: Text, ref: dict[str, np.ndarray],
               progress: Progress) -> tuple[dict[str, Any], dict[str, Any], list[list[int]]]:
-    """Perplexity of the artifact in its runtime (onnxruntime or llama.cpp) against the original's, greedy
+    """Perplexity of the artifact in its runtime (onnxruntime, OpenVINO or llama.cpp) against the original's, greedy
     agreement, host timings, and the artifact's greedy tokens per prompt."""
     outputs = lm_outputs(runner, text.evaluation.numpy(), text.prompts.numpy(), ref["tokens"].shape[1],
                          progress.track)
@@ -301,10 +303,11 @@ def _weight_bytes(graph: Any) -> tuple[int, int]:
     return sum(sizes.values()), max(gathered, default=0)
 
 
-def generate(folder: Path, report: dict[str, Any], prompt: str, new_tokens: int, threads: int) -> dict[str, Any]:
-    """Greedy continuation of `prompt` by a built language-model artifact, through its key/value cache (a GGUF
-    artifact in llama.cpp, with the tokenizer its file carries)."""
-    runner: OnnxCausalLM | LlamaCppLM
+def generate(folder: Path, report: dict[str, Any], files: list[str], prompt: str, new_tokens: int,
+             threads: int) -> dict[str, Any]:
+    """Greedy continuation of `prompt` by a built language-model artifact (its model `files`), through its
+    key/value cache in its runtime (a GGUF artifact in llama.cpp, with the tokenizer its file carries)."""
+    runner: KeyValueDecoder | LlamaCppLM
     if report["artifact"]["format"] == "gguf":
         require_llama_cpp()
         adapter = folder / GGUF_ADAPTER
@@ -316,7 +319,7 @@ def generate(folder: Path, report: dict[str, Any], prompt: str, new_tokens: int,
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
-        runner = OnnxCausalLM((folder / report["artifact"]["file"]).read_bytes(), threads)
+        runner = lm_runner([(folder / name).read_bytes() for name in files], report["artifact"]["format"], threads)
         ids = np.array(tokenizer(prompt, add_special_tokens=False)["input_ids"], dtype=np.int64)
         decode_text = tokenizer.decode
     if ids.size == 0:
@@ -345,7 +348,7 @@ class LanguageModelFamily:
     headline: ClassVar[tuple[str, ...]] = ("ppl_reference", "ppl_artifact", "ppl_ratio", "next_token_agreement",
                                            "generation_agreement")
     precisions: ClassVar[tuple[str, ...]] = ("fp32", "fp16", "int8", "int4")  # int4 and int8 are weight-only
-    formats: ClassVar[tuple[str, ...]] = ("onnx", "gguf")
+    formats: ClassVar[tuple[str, ...]] = ("onnx", "gguf", "openvino")
     # llama.cpp's Q4_0 / Q8_0 blocks: 32 weights, one float16 scale, no zero point
     format_defaults: ClassVar[dict[str, dict[str, Any]]] = {"gguf": {"weights.group_size": 32}}
     trains_on_labels: ClassVar[bool] = False
@@ -369,7 +372,7 @@ class LanguageModelFamily:
             text = load_text(model, ctx.plan, ctx.calib, ctx.eval)
             record["note"] = (f"calibration {tuple(text.calibration.shape)}, held-out {tuple(text.evaluation.shape)} "
                               f"tokens, {len(text.prompts)} prompts: {text.source}")
-        if ctx.runtime not in ("onnxruntime", "llama.cpp") and ctx.precision in BITS:
+        if ctx.runtime not in ("onnxruntime", "llama.cpp", "openvino") and ctx.precision in BITS:
             ctx.notes.append(f"int4/int8 weights are onnxruntime MatMulNBits nodes: on {ctx.target.name} run the "
                              f"artifact in onnxruntime (CPU or CUDA execution provider), not {ctx.runtime}")
         return text
@@ -420,15 +423,17 @@ class LanguageModelFamily:
             raise UsageError("EoRA compensates quantization: set precision int4 or int8 with lowrank.rank")
         if ctx.format == "gguf":
             return _gguf_artifact(module, model, quantization, ctx)
-        with ctx.progress.stage("export", note=f"onnx opset {plan.export.opset}, key/value cache"):
+        with ctx.progress.stage("export", note=f"onnx opset {plan.export.opset}, key/value cache"
+                                + (", OpenVINO IR" if ctx.format == "openvino" else "")):
             graph = _graph(module, model, ctx)
+            files = graph_files(graph, ctx.format)
         config = module.config  # the exported model's: depth pruning leaves fewer blocks (and cache tensors)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         ctx.notes.append("the artifact takes token ids: tokenizer/ holds the tokenizer to encode and decode text")
         return Artifact(
-            files={"model.onnx": graph.SerializeToString(deterministic=True)}, extras=_tokenizer_files(model.tokenizer),
-            format="onnx", precision=_precision(ctx), quantization=quantization, analysis=_costs(graph, module),
-            details={"opset": plan.export.opset,
+            files=files, extras=_tokenizer_files(model.tokenizer),
+            format=ctx.format, precision=_precision(ctx), quantization=quantization, analysis=_costs(graph, module),
+            details={**graph_details(files, ctx.opset),
                      "inputs": ["input_ids [1, tokens] int64", "past_key_i / past_value_i "
                                 f"[1, {config.num_key_value_heads}, past, {head_dim}] float32 per block"],
                      "outputs": ["logits [1, tokens, vocab]", "present_key_i / present_value_i (past + tokens)"]})
@@ -449,7 +454,7 @@ class LanguageModelFamily:
         assert ctx.remote is not None
         arrays = {"windows": data.evaluation.numpy(), "prompts": data.prompts.numpy(),
                   "new_tokens": np.array([reference["tokens"].shape[1]], np.int64)}
-        job = Job("lm", artifact.format, ctx.target_threads, 0, 1, [artifact.main], arrays)
+        job = Job("lm", artifact.format, ctx.target_threads, 0, 1, list(artifact.files.values()), arrays)
         with ctx.progress.stage("device", note=ctx.remote.url) as record:
             answer, info = ctx.remote.run(job)
             accuracy, latency, _ = lm_figures(answer, data, reference, info["latency_ms"])
@@ -536,10 +541,11 @@ def _gguf_costs(files: dict[str, bytes], tensors: list[Any], module: Any) -> dic
             "nodes": 0}
 
 
-def _runner(artifact: Artifact, ctx: BuildContext) -> OnnxCausalLM | LlamaCppLM:
-    """The artifact in its runtime: onnxruntime from its bytes, llama.cpp from the files in the build folder."""
+def _runner(artifact: Artifact, ctx: BuildContext) -> KeyValueDecoder | LlamaCppLM:
+    """The artifact in its runtime: onnxruntime or OpenVINO from its bytes, llama.cpp from the files in the build
+    folder."""
     if artifact.format != "gguf":
-        return OnnxCausalLM(artifact.main, ctx.threads)
+        return lm_runner(list(artifact.files.values()), artifact.format, ctx.threads)
     assert ctx.staging is not None
     text = ctx.plan.text
     adapter = ctx.staging / GGUF_ADAPTER if GGUF_ADAPTER in artifact.files else None

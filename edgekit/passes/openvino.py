@@ -26,6 +26,21 @@ XML, BIN = "model.xml", "model.bin"
 GENERATED_NAME = re.compile(r"[A-Za-z][A-Za-z0-9]*_\d+")  # OpenVINO's `<op type>_<instance counter>`
 
 
+def graph_files(graph: onnx.ModelProto, fmt: str) -> dict[str, bytes]:
+    """An ONNX artifact graph as the files of its format: the graph itself, or (openvino) its IR, model.xml first."""
+    if fmt == "openvino":
+        return to_openvino(graph)
+    return {"model.onnx": graph.SerializeToString(deterministic=True)}
+
+
+def graph_details(files: dict[str, bytes], opset: int) -> dict[str, Any]:
+    """What the report says of `graph_files`: the graph's opset, or where the IR came from and its weights file
+    (which verification on a board and `edgekit verify` send beside the XML)."""
+    if BIN not in files:
+        return {"opset": opset}
+    return {"converted_from": f"ONNX opset {opset}", "weights_file": BIN, "weights_size_bytes": len(files[BIN])}
+
+
 def to_openvino(graph: onnx.ModelProto) -> dict[str, bytes]:
     """The IR of `graph` as {model.xml: …, model.bin: …}; the graph's metadata_props (edgekit's preprocessing,
     quantization) go into the IR's rt_info under `edgekit`, where OpenVINO apps read them."""

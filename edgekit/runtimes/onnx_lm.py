@@ -1,4 +1,5 @@
-"""Run an exported causal LM (edgekit's prefill/decode graph) in onnxruntime: perplexity and greedy decoding.
+"""Run an exported causal LM (edgekit's prefill/decode graph) in onnxruntime: perplexity and greedy decoding (the
+loop is shared with OpenVINO's runner of the same graph).
 
 The decode loop is the one an app writes: feed the prompt with an empty cache, then one token at a time
 with the cache the previous step returned.
@@ -26,23 +27,25 @@ def window_nll(logits: np.ndarray, window: np.ndarray) -> float:
     return float(-logp[np.arange(len(window) - 1), window[1:]].sum())
 
 
-class OnnxCausalLM:
-    def __init__(self, model: bytes | str, threads: int) -> None:
-        self.session = cpu_session(model, threads)
-        self.description = describe(threads)
-        inputs = self.session.get_inputs()
-        self.past_names = [i.name for i in inputs if i.name.startswith("past_")]
-        self.past_shapes = {i.name: i.shape for i in inputs if i.name.startswith("past_")}
-        self.present_names = [o.name for o in self.session.get_outputs() if o.name.startswith("present_")]
+class KeyValueDecoder:
+    """The prefill/decode loop over edgekit's decoder graph (input_ids and past_* in, logits and present_* out),
+    whatever runtime computes one step of it: subclasses give `past_shapes` (the cache inputs' shapes, past length
+    dynamic) and `run`."""
+
+    past_shapes: dict[str, list[Any]]
+    description: str  # the runtime, as the report names it
+
+    def run(self, feed: dict[str, np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The runtime's logits and present_* outputs (in the order of `past_shapes`) for one step's inputs."""
+        raise NotImplementedError
 
     def empty_cache(self) -> dict[str, np.ndarray]:
         return {name: np.zeros((1, shape[1], 0, shape[3]), np.float32) for name, shape in self.past_shapes.items()}
 
     def step(self, ids: np.ndarray, cache: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Logits `[tokens, vocab]` for `ids` following the cached positions, and the extended cache."""
-        outputs = self.session.run(["logits", *self.present_names],
-                                   {"input_ids": ids.reshape(1, -1).astype(np.int64), **cache})
-        return outputs[0][0], dict(zip(self.past_names, outputs[1:], strict=True))
+        logits, presents = self.run({"input_ids": ids.reshape(1, -1).astype(np.int64), **cache})
+        return logits[0], dict(zip(self.past_shapes, presents, strict=True))
 
     def score(self, window: np.ndarray) -> tuple[float, np.ndarray]:
         """Summed negative log-likelihood of a window's tokens after its first, read in one prefill, and the
@@ -64,9 +67,26 @@ class OnnxCausalLM:
         return {"tokens": tokens, "prefill_ms": prefill_ms, "decode_ms": decode_ms}
 
 
+def present_name(past: str) -> str:
+    """The output that returns a cache input extended: past_key_3 -> present_key_3."""
+    return "present_" + past.removeprefix("past_")
+
+
+class OnnxCausalLM(KeyValueDecoder):
+    def __init__(self, model: bytes | str, threads: int) -> None:
+        self.session = cpu_session(model, threads)
+        self.description = describe(threads)
+        self.past_shapes = {i.name: i.shape for i in self.session.get_inputs() if i.name.startswith("past_")}
+        self.outputs = ["logits", *map(present_name, self.past_shapes)]
+
+    def run(self, feed: dict[str, np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        logits, *presents = self.session.run(self.outputs, feed)
+        return logits, presents
+
+
 def lm_outputs(lm: Any, windows: np.ndarray, prompts: np.ndarray, new_tokens: int,
                track: Callable[[Any, int, str], Any] = lambda items, count, what: items) -> dict[str, np.ndarray]:
-    """What verification reads of a language model in its runtime (an `OnnxCausalLM` or llama.cpp's, here or on
+    """What verification reads of a language model in its runtime (a `KeyValueDecoder` or llama.cpp's, here or on
     a board through `edgekit agent`): each held-out window's summed NLL and next-token predictions, and each
     prompt's greedy tokens with its prefill and per-token decode milliseconds."""
     scores = [lm.score(window) for window in track(windows, len(windows), "artifact on held-out text")]

@@ -1,4 +1,5 @@
-"""Run OpenVINO IR artifacts (model.xml + model.bin) in OpenVINO's CPU plugin on this host.
+"""Run OpenVINO IR artifacts (model.xml + model.bin) in OpenVINO's CPU plugin on this host: image models, and
+language models through their key/value cache.
 
 Threads are fixed, the latency hint asks for one stream, and one inference request serves every call: the setting
 a camera box runs one frame at a time in. The model is read from bytes, never from a path.
@@ -12,6 +13,7 @@ import numpy as np
 
 from edgekit.errors import StageError, first_line
 from edgekit.runtimes.base import time_calls
+from edgekit.runtimes.onnx_lm import KeyValueDecoder, present_name
 
 
 def compiled(xml: bytes, weights: bytes, threads: int, profile: bool = False) -> Any:
@@ -28,14 +30,21 @@ def compiled(xml: bytes, weights: bytes, threads: int, profile: bool = False) ->
         raise StageError(f"OpenVINO cannot load the artifact: {first_line(err)}") from err
 
 
+def describe(model: Any, threads: int) -> str:
+    """The runtime as the report names it, with the precision the CPU plugin chose for float ops on this CPU (bf16
+    on x86 CPUs with bf16 instructions, f16 on Arm, else f32): another board may compute the same IR otherwise."""
+    import openvino as ov
+
+    precision = model.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+    return f"OpenVINO {ov.get_version().split('-')[0]} CPU plugin, {threads} threads, {precision} float ops"
+
+
 class OpenVinoRunner:
     def __init__(self, xml: bytes, weights: bytes, threads: int) -> None:
-        import openvino as ov
-
         self.model = compiled(xml, weights, threads)
         self.request = self.model.create_infer_request()
         self.xml, self.weights, self.threads = xml, weights, threads
-        self.description = f"OpenVINO {ov.get_version().split('-')[0]} CPU plugin, {threads} threads"
+        self.description = describe(self.model, threads)
 
     def _infer(self, request: Any, sample: np.ndarray) -> np.ndarray:
         return np.array(request.infer({0: sample[None]}, share_inputs=False)[0], dtype=np.float32)
@@ -69,3 +78,22 @@ class OpenVinoRunner:
                     total[key] = total.get(key, 0.0) + layer.real_time.total_seconds() * 1000
         rows = [{"name": name, "op": op, "ms": round(ms / runs, 4)} for (name, op), ms in total.items()]
         return sorted(rows, key=lambda row: -row["ms"])
+
+
+class OpenVinoCausalLM(KeyValueDecoder):
+    """A language model's IR (edgekit's decoder graph converted, MatMulNBits weights included) stepped through its
+    cache by one inference request: the past length changes every step, which the CPU plugin's dynamic shapes take."""
+
+    def __init__(self, xml: bytes, weights: bytes, threads: int) -> None:
+        model = compiled(xml, weights, threads)
+        self.request = model.create_infer_request()
+        self.past_shapes = {port.get_any_name(): [dim.get_length() if dim.is_static else None
+                                                  for dim in port.get_partial_shape()]
+                            for port in self.request.model_inputs if port.get_any_name().startswith("past_")}
+        self.outputs = ["logits", *map(present_name, self.past_shapes)]
+        self.description = describe(model, threads)
+
+    def run(self, feed: dict[str, np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        result = self.request.infer(feed, share_inputs=False)
+        logits, *presents = (np.array(result[name]) for name in self.outputs)
+        return logits, presents
