@@ -169,6 +169,12 @@ def test_budget_usage_errors(tiny_lm_folder: Path, overrides: dict[str, Any], me
               overrides={**TEXT, "search.budget": "bytes=1MB", **overrides})
 
 
+def test_a_bytes_budget_is_refused_for_an_openvino_ir(tiny_lm_folder: Path) -> None:
+    """Unit bytes are measured in the ONNX graph; the IR widens the group scales, so its bytes would miss."""
+    with pytest.raises(UsageError, match="OpenVINO's IR stores the group scales wider"):
+        build(tiny_lm_folder, "x86-64", format="openvino", quiet=True, overrides={**TEXT, "search.budget": "bytes=1MB"})
+
+
 def test_search_keys_are_refused_where_they_do_not_apply(tiny_lm_folder: Path) -> None:
     with pytest.raises(UsageError, match="search.weight_levels does not apply to classifier models"):
         build(TinyNet(), "x86-64", quiet=True, overrides={"search.weight_levels": ["int8", "int4"]})

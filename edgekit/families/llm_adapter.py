@@ -414,7 +414,7 @@ class LanguageModelFamily:
     def export(self, compressed: Decoder, model: llm.LoadedLM, data: Text, reference: Any,
                ctx: BuildContext) -> Artifact:
         """Weight-only quantization (GPTQ/RTN, EoRA) of the compressed decoder, unless the search already chose each
-        layer's, then one ONNX graph with its key/value cache; the tokenizer travels beside it."""
+        layer's, then one ONNX graph with its key/value cache (or its OpenVINO IR); the tokenizer travels beside it."""
         plan, precision, module = ctx.plan, ctx.precision, compressed.module
         quantization = compressed.quantization
         if quantization is None and precision in BITS:
@@ -569,6 +569,10 @@ def search_lm(model: llm.LoadedLM, text: Text, ctx: BuildContext) -> Decoder:
                          "does not apply; leave it at int4")
     if budget.metric == "macs":
         raise UsageError(f"budget {budget.text}: language models take bytes= (size=), tokens_per_s= or latency=")
+    if budget.metric == "bytes" and ctx.format == "openvino":
+        raise UsageError(f"budget {budget.text}: a search prices each unit's bytes in the ONNX graph, and OpenVINO's "
+                         "IR stores the group scales wider; search with --format onnx, or with tokens_per_s= or "
+                         "latency=")
     if plan.lowrank.rank or any(plan.lowrank.ranks.values()):
         raise UsageError("with search.budget, EoRA ranks are levels (search.weight_levels = [..., 'int4+eora32', "
                          "...]): lowrank.rank and lowrank.ranks do not apply")

@@ -27,6 +27,11 @@ def window_nll(logits: np.ndarray, window: np.ndarray) -> float:
     return float(-logp[np.arange(len(window) - 1), window[1:]].sum())
 
 
+def present_name(past: str) -> str:
+    """The output that returns a cache input extended: past_key_3 -> present_key_3."""
+    return "present_" + past.removeprefix("past_")
+
+
 class KeyValueDecoder:
     """The prefill/decode loop over edgekit's decoder graph (input_ids and past_* in, logits and present_* out),
     whatever runtime computes one step of it: subclasses give `past_shapes` (the cache inputs' shapes, past length
@@ -38,6 +43,11 @@ class KeyValueDecoder:
     def run(self, feed: dict[str, np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         """The runtime's logits and present_* outputs (in the order of `past_shapes`) for one step's inputs."""
         raise NotImplementedError
+
+    @property
+    def outputs(self) -> list[str]:
+        """The step's outputs, in the order `run` returns them."""
+        return ["logits", *map(present_name, self.past_shapes)]
 
     def empty_cache(self) -> dict[str, np.ndarray]:
         return {name: np.zeros((1, shape[1], 0, shape[3]), np.float32) for name, shape in self.past_shapes.items()}
@@ -67,17 +77,11 @@ class KeyValueDecoder:
         return {"tokens": tokens, "prefill_ms": prefill_ms, "decode_ms": decode_ms}
 
 
-def present_name(past: str) -> str:
-    """The output that returns a cache input extended: past_key_3 -> present_key_3."""
-    return "present_" + past.removeprefix("past_")
-
-
 class OnnxCausalLM(KeyValueDecoder):
     def __init__(self, model: bytes | str, threads: int) -> None:
         self.session = cpu_session(model, threads)
         self.description = describe(threads)
         self.past_shapes = {i.name: i.shape for i in self.session.get_inputs() if i.name.startswith("past_")}
-        self.outputs = ["logits", *map(present_name, self.past_shapes)]
 
     def run(self, feed: dict[str, np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         logits, *presents = self.session.run(self.outputs, feed)

@@ -13,7 +13,7 @@ import numpy as np
 
 from edgekit.errors import StageError, first_line
 from edgekit.runtimes.base import time_calls
-from edgekit.runtimes.onnx_lm import KeyValueDecoder, present_name
+from edgekit.runtimes.onnx_lm import KeyValueDecoder
 
 
 def compiled(xml: bytes, weights: bytes, threads: int, profile: bool = False) -> Any:
@@ -90,7 +90,6 @@ class OpenVinoCausalLM(KeyValueDecoder):
         self.past_shapes = {port.get_any_name(): [dim.get_length() if dim.is_static else None
                                                   for dim in port.get_partial_shape()]
                             for port in self.request.model_inputs if port.get_any_name().startswith("past_")}
-        self.outputs = ["logits", *map(present_name, self.past_shapes)]
         self.description = describe(model, threads)
 
     def run(self, feed: dict[str, np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
