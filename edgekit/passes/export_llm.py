@@ -23,6 +23,7 @@ import numpy as np
 
 from edgekit.errors import StageError, first_line
 from edgekit.families.llm import block_inputs, decoder_layers, head
+from edgekit.runtimes.onnx_lm import present_name
 
 if TYPE_CHECKING:
     import onnx
@@ -69,7 +70,7 @@ def _step_module(model: torch.nn.Module) -> torch.nn.Module:
 
 def cache_names(layers: int) -> tuple[list[str], list[str]]:
     past = [f"past_{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
-    return past, [name.replace("past_", "present_") for name in past]
+    return past, [present_name(name) for name in past]
 
 
 def export_lm(model: torch.nn.Module, opset: int, accuracy_level: int = 0) -> onnx.ModelProto:
